@@ -1,0 +1,27 @@
+"""daskdl: train PyTorch models data-parallel on Dask clusters, from lazy Dask data."""
+
+from daskdl import config as _config  # noqa: F401  (loads daskdl.yaml defaults into dask.config)
+from daskdl import datasets, models
+from daskdl.checkpoint import CheckpointError
+from daskdl.cluster import local_cluster
+from daskdl.comm import CollectiveAborted, PeerTimeoutError
+from daskdl.config import TrainConfig
+from daskdl.data import Dataset, plan_shards
+from daskdl.run import Run, RunError, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CollectiveAborted",
+    "Dataset",
+    "PeerTimeoutError",
+    "Run",
+    "RunError",
+    "TrainConfig",
+    "datasets",
+    "fit",
+    "local_cluster",
+    "models",
+    "plan_shards",
+]

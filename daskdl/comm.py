@@ -1,0 +1,215 @@
+"""Gradient averaging between ranks over Dask's own worker-to-worker comms.
+
+Every worker runs :class:`CommPlugin`, which adds one handler, ``daskdl_put``, to the worker's
+comm server (the way Dask's P2P shuffle adds its handlers). A rank sends a piece of its buffer
+to a peer with ``worker.rpc(peer).daskdl_put(...)``; the peer's handler drops it in a mailbox
+that the peer's rank thread reads. The scheduler never sees the bytes: the client-side
+coordinator only tells every rank the addresses of its peers.
+
+The all-reduce is a ring: a reduce-scatter then an all-gather, each rank sending
+``2 (P - 1) / P`` of the buffer, the same volume as gloo's ring. Every wait has a timeout, so a
+dead peer becomes :class:`PeerTimeoutError` instead of a hang, and the coordinator can abort a
+collective at once with :func:`abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+from distributed import WorkerPlugin
+from distributed.protocol import to_serialize
+from distributed.worker import Worker
+
+HANDLER = "daskdl_put"
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not complete."""
+
+
+class PeerTimeoutError(CollectiveError, TimeoutError):
+    """A peer did not deliver its part of a collective in time (it died or is stuck)."""
+
+
+class CollectiveAborted(CollectiveError):
+    """The coordinator aborted the run (another rank failed, or the run was cancelled)."""
+
+
+class Mailbox:
+    """Messages for one run in one worker process, and the run's control flags."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: dict[str, np.ndarray] = {}
+        self.aborted: str | None = None
+        self.stop_requested = False
+
+    def put(self, tag: str, data: np.ndarray) -> None:
+        with self._cond:
+            self._items[tag] = data
+            self._cond.notify_all()
+
+    def abort(self, reason: str) -> None:
+        with self._cond:
+            self.aborted = reason
+            self._cond.notify_all()
+
+    def take(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while tag not in self._items:
+                if self.aborted is not None:
+                    raise CollectiveAborted(self.aborted)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeoutError(
+                        f"waited {timeout:g}s for {describe_peer()} (message {tag}); the peer "
+                        "died or is stuck. Raise comm_timeout= if steps are legitimately slow."
+                    )
+                self._cond.wait(min(left, 1.0))
+            return self._items.pop(tag)
+
+
+# Mailboxes live in the worker process, one per run, created by whichever comes first: the
+# rank that reads or a peer's message.
+_mailboxes: dict[str, Mailbox] = {}
+_mailboxes_lock = threading.Lock()
+
+
+def mailbox(run_id: str) -> Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(run_id)
+        if box is None:
+            box = _mailboxes[run_id] = Mailbox()
+        return box
+
+
+def discard_mailbox(run_id: str) -> None:
+    with _mailboxes_lock:
+        _mailboxes.pop(run_id, None)
+
+
+def abort(run_id: str, reason: str) -> None:
+    """Make every current and future wait of ``run_id`` in this process fail at once.
+
+    Meant for ``client.run(abort, run_id, reason)``.
+    """
+    mailbox(run_id).abort(reason)
+
+
+def request_stop(run_id: str) -> None:
+    """Ask the ranks of ``run_id`` in this process to stop after the current step.
+
+    The flag travels with the next all-reduce, so all ranks stop after the same step.
+    """
+    mailbox(run_id).stop_requested = True
+
+
+async def _put(run_id: str, tag: str, data) -> str:
+    mailbox(run_id).put(tag, data)
+    return "OK"
+
+
+class CommPlugin(WorkerPlugin):
+    """Adds the ``daskdl_put`` handler to each worker's comm server."""
+
+    name = "daskdl-comm"
+    idempotent = True
+
+    def setup(self, worker: Worker) -> None:
+        worker.handlers[HANDLER] = _put
+
+
+def ensure_plugin(client) -> None:
+    client.register_plugin(CommPlugin())
+
+
+class DaskGroup:
+    """The ranks of one run, as seen from one rank, talking through its Dask worker.
+
+    Parameters
+    ----------
+    worker
+        The Dask worker this rank runs in.
+    run_id
+        Distinguishes this run's messages from any other run on the same workers.
+    rank, peers
+        This rank's index into ``peers``, the worker address of every rank.
+    timeout
+        Seconds to wait for any one message before raising :class:`PeerTimeoutError`.
+    """
+
+    def __init__(self, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float):
+        if worker.address.startswith("inproc://"):
+            raise RuntimeError(
+                "daskdl ranks need worker processes: the cluster runs workers as threads "
+                "(processes=False). Use daskdl.local_cluster() or LocalCluster(processes=True)."
+            )
+        self.worker = worker
+        self.run_id = run_id
+        self.rank = rank
+        self.peers = list(peers)
+        self.size = len(peers)
+        self.timeout = timeout
+        self.box = mailbox(run_id)
+        self._seq = 0
+
+    def _send(self, dest: int, tag: str, data: np.ndarray):
+        async def send():
+            await self.worker.rpc(self.peers[dest]).daskdl_put(
+                run_id=self.run_id, tag=tag, data=to_serialize(data)
+            )
+
+        return asyncio.run_coroutine_threadsafe(send(), self.worker.loop.asyncio_loop)
+
+    def _wait_sent(self, fut, dest: int) -> None:
+        try:
+            fut.result(timeout=self.timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise PeerTimeoutError(
+                f"rank {self.rank} could not deliver to rank {dest} ({self.peers[dest]}) "
+                f"within {self.timeout:g}s"
+            ) from None
+        except OSError as e:
+            raise PeerTimeoutError(
+                f"rank {self.rank} lost rank {dest} ({self.peers[dest]}): {e}"
+            ) from e
+
+    def _recv(self, src: int, tag: str) -> np.ndarray:
+        return self.box.take(
+            tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
+        )
+
+    def allreduce_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum the 1-D ``buf`` over all ranks, in place (every rank ends with the same sum)."""
+        if self.size == 1:
+            return buf
+        self._seq += 1
+        p, r = self.size, self.rank
+        right, left = (r + 1) % p, (r - 1) % p
+        chunks = np.array_split(buf, p)
+        # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
+        for s in range(p - 1):
+            send_i, recv_i = (r - s) % p, (r - s - 1) % p
+            sent = self._send(right, f"{self._seq}:rs:{s}", chunks[send_i])
+            chunks[recv_i] += self._recv(left, f"{self._seq}:rs:{s}")
+            self._wait_sent(sent, right)
+        # All-gather: pass the finished chunks around the ring.
+        for s in range(p - 1):
+            send_i, recv_i = (r + 1 - s) % p, (r - s) % p
+            sent = self._send(right, f"{self._seq}:ag:{s}", chunks[send_i])
+            chunks[recv_i][...] = self._recv(left, f"{self._seq}:ag:{s}")
+            self._wait_sent(sent, right)
+        return buf
+
+    def allreduce_mean_(self, buf: np.ndarray) -> np.ndarray:
+        self.allreduce_(buf)
+        buf /= self.size
+        return buf
+
+    def close(self) -> None:
+        discard_mailbox(self.run_id)

@@ -1,0 +1,99 @@
+"""Training configuration: one typed, validated dataclass, turned into a plain dict for events,
+checkpoints and the dashboard."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import dask.config
+import dask.utils
+import yaml
+
+_defaults_file = os.path.join(os.path.dirname(__file__), "daskdl.yaml")
+with open(_defaults_file) as f:
+    dask.config.update_defaults(yaml.safe_load(f))
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes.
+
+    ``batch_size`` is per rank: the global batch is ``batch_size * world_size``, as with
+    PyTorch's DistributedDataParallel.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    precision: str = "fp32"
+    augment: bool | None = None
+    shuffle: bool = True
+    seed: int = 0
+    eval_batch_size: int = 512
+    checkpoint_every: int = 1
+    comm_timeout: float | None = None
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
+            positive_int(name)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}. Try lr=0.05.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
+                f"got {self.warmup_epochs!r}."
+            )
+        if self.comm_timeout is not None and self.comm_timeout <= 0:
+            raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
+        if self.torch_threads is not None:
+            positive_int("torch_threads")
+
+    @property
+    def timeout(self) -> float:
+        if self.comm_timeout is not None:
+            return float(self.comm_timeout)
+        return dask.utils.parse_timedelta(dask.config.get("daskdl.comm-timeout"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown training option(s) {unknown}; known options are {sorted(known)}."
+            )
+        return cls(**values)

@@ -1,0 +1,407 @@
+"""``Dataset``: features ``X`` (n, ...) and integer labels ``y`` (n,) as Dask arrays chunked along
+samples, plus the shard plan that assigns their partitions to training ranks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+from daskdl import preprocess
+
+
+class Dataset:
+    """A labelled data set held as two lazy Dask arrays with the same partitions.
+
+    Partition ``i`` is ``X.blocks[i]`` together with ``y.blocks[i]``: whole samples, never a
+    slice of a sample. Nothing is computed until training (or ``persist``).
+
+    Build one with :meth:`from_numpy`, :meth:`from_dask`, :meth:`from_dataframe` or
+    :meth:`from_xarray`.
+
+    Examples
+    --------
+    >>> import numpy as np, daskdl
+    >>> ds = daskdl.Dataset.from_numpy(np.zeros((100, 4)), np.arange(100) % 2, chunks=25)
+    >>> ds.npartitions, ds.n_classes
+    (4, 2)
+    """
+
+    def __init__(self, X: da.Array, y: da.Array, n_classes: int | None = None):
+        if not isinstance(X, da.Array) or not isinstance(y, da.Array):
+            raise TypeError(
+                f"Dataset needs Dask arrays, got X={type(X).__name__}, y={type(y).__name__}. "
+                "Use Dataset.from_numpy(...) for numpy arrays."
+            )
+        if X.ndim < 2:
+            raise ValueError(
+                f"X must have a sample axis and at least one feature axis, got shape {X.shape}. "
+                "For one feature per sample, use X.reshape(-1, 1)."
+            )
+        if y.ndim != 1:
+            raise ValueError(f"y must be one label per sample (1-D), got shape {y.shape}.")
+        if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            raise TypeError(
+                f"X must hold real numbers, got dtype {X.dtype}. Encode categorical or text "
+                "features as numbers first."
+            )
+        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise TypeError(
+                f"y must hold integer class labels, got dtype {y.dtype}. Encode labels as "
+                "integers 0..n_classes-1 (for a pandas category: .cat.codes)."
+            )
+        for axis, chunks in enumerate(X.chunks[1:], start=1):
+            if len(chunks) > 1:
+                raise ValueError(
+                    f"X is chunked along axis {axis} (chunks {chunks}); every partition must "
+                    f"hold whole samples. Fix: X = X.rechunk({{{axis}: -1}})."
+                )
+        n_x, n_y = X.shape[0], y.shape[0]
+        if not (math.isnan(n_x) or math.isnan(n_y)) and n_x != n_y:
+            raise ValueError(f"X has {n_x} samples but y has {n_y}; they must be equal.")
+        if n_x == 0:
+            raise ValueError("The dataset is empty (0 samples).")
+        if X.numblocks[0] != y.numblocks[0]:
+            y = y.rechunk((X.chunks[0],))
+        if n_classes is not None and (isinstance(n_classes, bool) or n_classes < 2):
+            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
+        self.X = X.astype(np.float32) if X.dtype != np.float32 else X
+        self.y = y
+        self._n_classes = n_classes
+
+    # ---------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_numpy(
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        chunks: int | str = "auto",
+        n_classes: int | None = None,
+    ) -> Dataset:
+        """From in-memory arrays, split into partitions of ``chunks`` samples.
+
+        ``chunks="auto"`` picks partitions of about 64 MB (and at least 4 of them where there
+        are enough samples, so that two ranks each get work).
+        """
+        X, y = np.asarray(X), np.asarray(y)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} samples but y has {len(y)}; they must be equal.")
+        if chunks == "auto":
+            per_sample = max(1, X[:1].nbytes)
+            chunks = max(1, min(64 * 2**20 // per_sample, math.ceil(len(X) / 4)))
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}.")
+        X_chunks = (chunks,) + tuple(-1 for _ in X.shape[1:])
+        return cls(da.from_array(X, chunks=X_chunks), da.from_array(y, chunks=chunks), n_classes)
+
+    @classmethod
+    def from_dask(cls, X: da.Array, y: da.Array, n_classes: int | None = None) -> Dataset:
+        """From Dask arrays chunked along the first (sample) axis only."""
+        return cls(X, y, n_classes)
+
+    @classmethod
+    def from_dataframe(
+        cls,
+        ddf,
+        features: Sequence[str],
+        label: str,
+        n_classes: int | None = None,
+    ) -> Dataset:
+        """From a Dask dataframe: ``features`` columns become X (n, len(features)), ``label`` y.
+
+        One partition per dataframe partition; their lengths are found at training time.
+        """
+        features = list(features)
+        missing = [c for c in [*features, label] if c not in ddf.columns]
+        if missing:
+            raise KeyError(
+                f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}."
+            )
+        if not features:
+            raise ValueError("features is empty: name at least one feature column.")
+        bad = [c for c in features if not np.issubdtype(ddf[c].dtype, np.number)]
+        if bad:
+            raise TypeError(
+                f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
+                "Encode them as numbers first (for categories: ddf[col].cat.codes)."
+            )
+        label_dtype = ddf[label].dtype
+        if not np.issubdtype(label_dtype, np.number):
+            raise TypeError(
+                f"Label column {label!r} has dtype {label_dtype}; it must hold integer class "
+                f"ids. For a category column use ddf[{label!r}].cat.codes."
+            )
+        X = ddf[features].astype(np.float32).to_dask_array()
+        y = ddf[label].to_dask_array()
+        return cls(X, y, n_classes)
+
+    @classmethod
+    def from_xarray(
+        cls,
+        ds,
+        sample_dim: str,
+        features: Sequence[str],
+        label: str,
+        n_classes: int | None = None,
+    ) -> Dataset:
+        """From an xarray Dataset whose variables share the dimension ``sample_dim``.
+
+        One feature variable may have more dimensions (an image ``(sample, channel, y, x)``
+        becomes X of that shape); several feature variables are flattened per sample and
+        concatenated. The partitions follow the chunks of ``sample_dim`` (or one partition per
+        about 64 MB when the dataset is not chunked).
+        """
+        features = list(features)
+        missing = [v for v in [*features, label] if v not in ds.variables]
+        if missing:
+            raise KeyError(
+                f"Variables {missing} are not in the xarray dataset; it has "
+                f"{sorted(map(str, ds.data_vars))}."
+            )
+        if sample_dim not in ds.dims:
+            raise ValueError(
+                f"sample_dim={sample_dim!r} is not a dimension; dimensions are {list(ds.dims)}."
+            )
+        arrays = []
+        for name in features:
+            var = ds[name]
+            if sample_dim not in var.dims:
+                raise ValueError(
+                    f"Feature {name!r} has dims {var.dims}, without sample_dim {sample_dim!r}."
+                )
+            var = var.transpose(sample_dim, ...)
+            data = var.data if isinstance(var.data, da.Array) else _chunk_numpy(var.values)
+            arrays.append(data)
+        X = arrays[0] if len(arrays) == 1 else _flat_concat(arrays)
+        if X.ndim == 1:
+            X = X[:, None]
+        y_var = ds[label]
+        if y_var.dims != (sample_dim,):
+            raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
+        y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
+        X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+        return cls(X, y.rechunk((X.chunks[0],)), n_classes)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def n_classes(self) -> int:
+        """The number of classes; when not given, ``max(y) + 1`` (computed once)."""
+        if self._n_classes is None:
+            self._n_classes = max(2, int(self.y.max().compute()) + 1)
+        return self._n_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.X.shape[1:])
+
+    @property
+    def npartitions(self) -> int:
+        return self.X.numblocks[0]
+
+    @property
+    def is_image(self) -> bool:
+        """Images are (n, channels, height, width)."""
+        return self.X.ndim == 4
+
+    def __len__(self) -> int:
+        n = self.X.shape[0]
+        if math.isnan(n):
+            raise TypeError("The number of samples is not known yet; call .persist() first.")
+        return int(n)
+
+    def __repr__(self) -> str:
+        n = self.X.shape[0]
+        n = "?" if math.isnan(n) else int(n)
+        return (
+            f"<daskdl.Dataset: {n} samples of shape {self.sample_shape}, "
+            f"{self.npartitions} partitions, n_classes={self._n_classes or '?'}>"
+        )
+
+    def _like(self, X: da.Array, y: da.Array) -> Dataset:
+        return Dataset(X, y, self._n_classes)
+
+    # ---------------------------------------------------------------- transforms
+
+    def split(self, test_size: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Split lazily into (train, test) at random, reproducibly for a given ``seed``.
+
+        Each partition gives ``round(test_size * len(partition))`` of its samples, chosen with
+        a generator seeded by ``(seed, partition index)``, to the test set: no data moves and
+        the result does not depend on the cluster.
+        """
+        if not 0 < test_size < 1:
+            raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}.")
+        masks = _split_masks(self.y, test_size, seed)
+        n_test = tuple(round(test_size * m) if not math.isnan(m) else m for m in self.y.chunks[0])
+        n_train = tuple(m - t for m, t in zip(self.y.chunks[0], n_test))
+        test = self._like(_take_rows(self.X, masks, n_test), _take_rows(self.y, masks, n_test))
+        train_masks = masks.map_blocks(np.logical_not, dtype=bool)
+        train = self._like(
+            _take_rows(self.X, train_masks, n_train), _take_rows(self.y, train_masks, n_train)
+        )
+        return train, test
+
+    def standardize(self, like: Dataset | None = None) -> Dataset:
+        """Scale features to zero mean and unit variance (lazily).
+
+        The mean and standard deviation are Dask reductions over all samples: per feature for
+        tabular data, per channel for images. Pass ``like=train`` to apply the training set's
+        statistics to a test set.
+        """
+        mean, std = (like or self).stats()
+        return self._like(preprocess.standardize(self.X, mean, std), self.y)
+
+    def stats(self) -> tuple[da.Array, da.Array]:
+        """Lazy (mean, std) used by :meth:`standardize`."""
+        return preprocess.moments(self.X)
+
+    def dropna(self) -> Dataset:
+        """Drop (lazily) every sample with a NaN or infinite feature or a NaN label."""
+        keep = preprocess.finite_rows(self.X, self.y)
+        return self._like(_take_rows(self.X, keep), _take_rows(self.y, keep))
+
+    def persist(self, client=None) -> Dataset:
+        """Compute the partitions and keep them in the cluster's memory (on the workers)."""
+        if client is None:
+            X, y = dask.persist(self.X, self.y)
+        else:
+            X, y = client.persist([self.X, self.y])
+        return self._persisted(X, y)
+
+    def _persisted(self, X: da.Array, y: da.Array) -> Dataset:
+        if math.isnan(X.shape[0]):
+            # Lengths of partitions made by dropna or a dataframe are now cheap to find.
+            X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
+        return Dataset(X, y, self._n_classes)
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) as numpy arrays in this process; only for data that fits in memory."""
+        return dask.compute(self.X, self.y)
+
+
+def _chunk_numpy(values: np.ndarray) -> da.Array:
+    per_sample = max(1, values[:1].nbytes)
+    rows = max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
+    return da.from_array(values, chunks=(rows,) + values.shape[1:])
+
+
+def _flat_concat(arrays: list[da.Array]) -> da.Array:
+    flat = [a.reshape(a.shape[0], -1) if a.ndim > 1 else a[:, None] for a in arrays]
+    return da.concatenate([f.rechunk((flat[0].chunks[0], -1)) for f in flat], axis=1)
+
+
+def _split_masks(y: da.Array, test_size: float, seed: int) -> da.Array:
+    def block_mask(block: np.ndarray, block_id=None) -> np.ndarray:
+        n = len(block)
+        rng = np.random.default_rng([seed, block_id[0]])
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.permutation(n)[: round(test_size * n)]] = True
+        return mask
+
+    return y.map_blocks(block_mask, dtype=bool)
+
+
+def _take_rows(arr: da.Array, masks: da.Array, counts: tuple | None = None) -> da.Array:
+    """Rows of ``arr`` where the per-partition boolean ``masks`` is true, partition by partition.
+
+    ``counts`` are the resulting partition lengths where they are known in advance.
+    """
+    counts = counts or tuple(np.nan for _ in arr.chunks[0])
+    chunks = (counts,) + arr.chunks[1:]
+    masks = masks.reshape((-1,) + (1,) * (arr.ndim - 1)) if arr.ndim > 1 else masks
+    return da.map_blocks(_select_rows, arr, masks, dtype=arr.dtype, chunks=chunks)
+
+
+def _select_rows(block: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return block[mask.reshape(-1)]
+
+
+# -------------------------------------------------------------------- shard plan
+
+
+def plan_shards(
+    sizes: Sequence[int],
+    locations: Sequence[Sequence[str]],
+    workers: Sequence[str],
+) -> list[list[int]]:
+    """Assign partitions to ranks: balanced by sample count, preferring data already in place.
+
+    Parameters
+    ----------
+    sizes
+        Number of samples in each partition.
+    locations
+        For each partition, the workers that hold it now (``Client.who_has``); may be empty.
+    workers
+        Worker address of each rank, in rank order.
+
+    Returns
+    -------
+    For each rank, the indices of its partitions, in increasing order.
+
+    A rank may take partitions held elsewhere only when the partitions on its own worker are
+    not enough to give it its share (``sum(sizes) / n_ranks``); the largest partitions are
+    placed first so that the shards come out as even as the partition sizes allow.
+
+    Examples
+    --------
+    >>> plan_shards([10, 10, 10, 10], [["a"], ["a"], ["a"], ["b"]], ["a", "b"])
+    [[0, 1], [2, 3]]
+    """
+    if len(sizes) != len(locations):
+        raise ValueError(f"{len(sizes)} partition sizes but {len(locations)} location lists.")
+    if not workers:
+        raise ValueError("No ranks to plan for: the cluster has no workers.")
+    if len(sizes) < len(workers):
+        raise ValueError(
+            f"{len(sizes)} partitions cannot feed {len(workers)} ranks: every rank needs at "
+            f"least one partition. Use fewer workers or repartition the data (for example "
+            f"Dataset.from_numpy(..., chunks=len(X) // {len(workers)}))."
+        )
+    target = sum(sizes) / len(workers)
+    loads = [0] * len(workers)
+    plan: list[list[int]] = [[] for _ in workers]
+    rank_of = {addr: r for r, addr in enumerate(workers)}
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    unplaced = []
+    # First pass: keep a partition where it lives while that rank is below its share.
+    for i in order:
+        local = [rank_of[w] for w in locations[i] if w in rank_of]
+        local = [r for r in local if loads[r] + sizes[i] <= target + 0.5 * sizes[i]]
+        if local:
+            r = min(local, key=lambda r: (loads[r], r))
+            plan[r].append(i)
+            loads[r] += sizes[i]
+        else:
+            unplaced.append(i)
+    # Second pass: everything else to the least loaded rank; ranks without data come first.
+    for i in unplaced:
+        r = min(range(len(workers)), key=lambda r: (bool(plan[r]), loads[r], r))
+        plan[r].append(i)
+        loads[r] += sizes[i]
+    for r in range(len(workers)):
+        if not plan[r]:
+            # Every rank needs data; take the smallest partition from the richest rank.
+            donor = max(range(len(workers)), key=lambda d: (len(plan[d]) > 1, loads[d]))
+            i = min(plan[donor], key=lambda i: sizes[i])
+            plan[donor].remove(i)
+            loads[donor] -= sizes[i]
+            plan[r].append(i)
+            loads[r] += sizes[i]
+    return [sorted(p) for p in plan]
+
+
+def shard_sizes(plan: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:
+    return [sum(sizes[i] for i in part) for part in plan]
+
+
+def who_has_to_locations(
+    keys: Sequence[str], who_has: Mapping[str, Sequence[str]]
+) -> list[list[str]]:
+    """``Client.who_has()`` output, in partition order."""
+    return [list(who_has.get(k, ())) for k in keys]

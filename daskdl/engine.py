@@ -1,0 +1,309 @@
+"""The rank loop: what one long-lived task on one Dask worker does for a whole run.
+
+Every rank builds the same model from the same seed, trains on the partitions the shard plan
+gave it, and averages gradients with its peers after every backward pass. Rank 0 also reports
+epochs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import dask
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from distributed import get_worker
+
+from daskdl import checkpoint, events, models
+from daskdl.comm import DaskGroup
+from daskdl.config import TrainConfig
+from daskdl.preprocess import augment_images
+
+
+@dataclass
+class RankSpec:
+    """Everything one rank needs besides its data: small, so it travels with the task."""
+
+    run_id: str
+    rank: int
+    peers: list[str]
+    model: models.ModelSpec
+    input_shape: tuple[int, ...]
+    n_classes: int
+    config: dict
+    n_train_parts: int
+    steps_per_epoch: int
+    start_epoch: int = 0
+    out: str | None = None
+    manifest: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class RankContext:
+    """What rank code can ask about where it runs; logging is gated on ``is_main`` by callers."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    run_id: str
+    worker: object
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, kind: str, **fields) -> None:
+        events.emit(self.worker, self.run_id, kind, rank=self.rank, **fields)
+
+
+class GradBuffer:
+    """All gradients as views into one flat buffer, plus a few control slots at its end.
+
+    Backward accumulates straight into the buffer (as DDP's ``gradient_as_bucket_view``), so
+    the all-reduce needs no packing copy; the control slots let the ranks agree on the loss,
+    accuracy and a stop request in the same message.
+    """
+
+    LOSS, CORRECT, STOP = range(3)
+
+    def __init__(self, model: torch.nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in params)
+        self.flat = torch.zeros(total + 3, dtype=torch.float32)
+        self.control = self.flat[total:]
+        offset = 0
+        for p in params:
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.array = self.flat.numpy()
+
+    def zero(self) -> None:
+        self.flat.zero_()
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate for a global step: linear warm-up, then the chosen schedule."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "onecycle":
+        # Up for the first 30% (when no explicit warm-up), then cosine annealing to 0.
+        if warmup == 0 and progress < 0.3:
+            return cfg.lr * (0.1 + 0.9 * progress / 0.3)
+        start = 0.0 if warmup else 0.3
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - start) / (1 - start)))
+    return cfg.lr
+
+
+def epoch_order(n: int, steps: int, batch: int, seed: int, epoch: int, rank: int, shuffle: bool):
+    """Sample indices for one epoch of one rank: ``steps * batch`` of them.
+
+    A shard shorter than that wraps around (with a fresh permutation), so every rank runs the
+    same number of full batches even when shards are uneven.
+    """
+    need = steps * batch
+    if not shuffle:
+        return np.arange(need) % n
+    rng = np.random.default_rng([seed, epoch, rank])
+    perms = [rng.permutation(n) for _ in range(math.ceil(need / n))]
+    return np.concatenate(perms)[:need]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def train_step(model, opt, xb, yb, grads: GradBuffer, group: DaskGroup, autocast, stop: bool):
+    """Forward, backward, average gradients across ranks, update. Returns mean loss, accuracy
+    and whether any rank asked to stop."""
+    grads.zero()
+    with autocast:
+        logits = model(xb)
+    loss = F.cross_entropy(logits.float(), yb)
+    loss.backward()
+    grads.control[GradBuffer.LOSS] = loss.detach()
+    grads.control[GradBuffer.CORRECT] = (logits.argmax(1) == yb).float().mean()
+    grads.control[GradBuffer.STOP] = float(stop)
+    # One message averages the gradients and the control values across all ranks.
+    group.allreduce_mean_(grads.array)
+    opt.step()
+    c = grads.control
+    return float(c[GradBuffer.LOSS]), float(c[GradBuffer.CORRECT]), bool(c[GradBuffer.STOP] > 0)
+
+
+@torch.no_grad()
+def evaluate_shard(model, X, y, batch_size: int, autocast) -> np.ndarray:
+    """Summed loss, correct predictions and count over one shard (to be summed over ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = np.zeros(3, dtype=np.float64)
+    for start in range(0, len(X), batch_size):
+        xb, yb = X[start : start + batch_size], y[start : start + batch_size]
+        with autocast:
+            logits = model(xb)
+        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        sums[1] += (logits.argmax(1) == yb).sum().item()
+        sums[2] += len(yb)
+    model.train(was_training)
+    return sums
+
+
+def _concat(parts: list[np.ndarray], dtype) -> torch.Tensor:
+    if not parts:
+        return torch.empty(0)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts), dtype=dtype))
+
+
+def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
+    """Batch-norm statistics differ per rank; average them so every replica evaluates alike."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers or group.size == 1:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers]).numpy()
+    group.allreduce_mean_(flat)
+    offset = 0
+    for b in buffers:
+        b.copy_(torch.from_numpy(flat[offset : offset + b.numel()]).view_as(b))
+        offset += b.numel()
+
+
+def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
+    """The body of one rank task. ``parts`` are (X, y) blocks: the training partitions first,
+    then the validation partitions; Dask delivered them to this worker before the task started.
+    """
+    worker = get_worker()
+    cfg = TrainConfig.from_dict(spec.config)
+    torch.set_num_threads(cfg.torch_threads or max(1, worker.state.nthreads))
+    device = torch.device("cpu")
+    ctx = RankContext(spec.rank, len(spec.peers), device, spec.run_id, worker)
+    n_train = spec.n_train_parts
+    X = _concat(list(parts[0 : 2 * n_train : 2]), np.float32)
+    y = _concat(list(parts[1 : 2 * n_train : 2]), np.int64)
+    Xv = _concat(list(parts[2 * n_train :: 2]), np.float32)
+    yv = _concat(list(parts[2 * n_train + 1 :: 2]), np.int64)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = models.build(spec.model, spec.input_shape, spec.n_classes).to(device)
+    opt = make_optimizer(model, cfg)
+    if resume is not None:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
+        opt.load_state_dict(resume["optimizer"])
+    grads = GradBuffer(model)
+    group = DaskGroup(worker, spec.run_id, spec.rank, spec.peers, cfg.timeout)
+    augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.precision == "bf16"
+        else nullcontext()
+    )
+    steps = spec.steps_per_epoch
+    total_steps = steps * cfg.epochs
+    log_interval = dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval"))
+    process = psutil.Process(os.getpid())
+    history = list(spec.history)
+    stopped = False
+    try:
+        for epoch in range(spec.start_epoch, cfg.epochs):
+            model.train()
+            order = epoch_order(len(X), steps, cfg.batch_size, cfg.seed, epoch, spec.rank,
+                                cfg.shuffle)
+            gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, spec.rank)) % 2**63)
+            t_epoch = last_log = time.perf_counter()
+            loss_sum = acc_sum = 0.0
+            logged_steps = 0
+            for s in range(steps):
+                global_step = epoch * steps + s
+                lr = lr_at(global_step, total_steps, cfg, steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                idx = torch.from_numpy(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+                xb, yb = X[idx].to(device), y[idx].to(device)
+                if augment:
+                    xb = augment_images(xb, gen)
+                loss, acc, stopped = train_step(
+                    model, opt, xb, yb, grads, group, autocast, group.box.stop_requested
+                )
+                loss_sum += loss
+                acc_sum += acc
+                now = time.perf_counter()
+                if now - last_log >= log_interval or s == steps - 1 or stopped:
+                    n_steps = s + 1 - logged_steps
+                    ctx.log(
+                        "step",
+                        epoch=epoch + 1,
+                        step=global_step + 1,
+                        loss=loss,
+                        samples_per_s=n_steps * cfg.batch_size / (now - last_log),
+                        step_time=(now - last_log) / n_steps,
+                        rss=process.memory_info().rss,
+                        lr=lr,
+                    )
+                    last_log, logged_steps = now, s + 1
+                if stopped:
+                    break
+            if stopped:
+                break
+            train_time = time.perf_counter() - t_epoch
+            metrics = {
+                "epoch": epoch + 1,
+                "step": (epoch + 1) * steps,
+                "train_loss": loss_sum / steps,
+                "train_accuracy": acc_sum / steps,
+                "samples_per_s": ctx.world_size * cfg.batch_size * steps / train_time,
+                "epoch_time": train_time,
+                "lr": lr,
+                "val_loss": None,
+                "val_accuracy": None,
+            }
+            average_buffers(model, group)
+            if spec.n_train_parts * 2 < len(parts):
+                sums = evaluate_shard(model, Xv, yv, cfg.eval_batch_size, autocast)
+                group.allreduce_(sums)
+                metrics["val_loss"] = float(sums[0] / sums[2])
+                metrics["val_accuracy"] = float(sums[1] / sums[2])
+            history.append(metrics)
+            if ctx.is_main:
+                ctx.log("epoch", **metrics)
+                last = epoch + 1 == cfg.epochs
+                if spec.out and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+                    path = checkpoint.save(
+                        os.path.join(spec.out, "checkpoints"),
+                        epoch + 1,
+                        checkpoint.model_tensors(model),
+                        checkpoint.optimizer_tensors(opt),
+                        {**spec.manifest, "step": (epoch + 1) * steps, "history": history},
+                        keep=dask.config.get("daskdl.keep-checkpoints"),
+                    )
+                    ctx.log("checkpoint", epoch=epoch + 1, path=str(path))
+    finally:
+        group.close()
+    if not ctx.is_main:
+        return None
+    return {
+        "model": checkpoint.model_tensors(model),
+        "history": history,
+        "stopped": stopped,
+    }
+
+
+def _auto_augment(input_shape: tuple[int, ...]) -> bool:
+    # Crops and flips suit natural colour images (CIFAR-like), not digits or tabular data.
+    return len(input_shape) == 3 and input_shape[0] == 3 and min(input_shape[1:]) >= 16

@@ -1,0 +1,107 @@
+"""Metric events: ranks publish with ``Worker.log_event`` on a per-run topic; the client (and the
+dashboard, and anyone else) receives them with ``Client.subscribe_topic`` or replays them with
+``Client.get_events``.
+
+Every event is a flat dict with at least ``run`` and ``kind``:
+
+- ``start``   (client) the config, world size, steps per epoch, model name.
+- ``step``    (every rank, at most every ``daskdl.log-interval``) rank, epoch, step, loss,
+  samples_per_s, step_time, comm_time, rss.
+- ``epoch``   (rank 0) epoch, step, train_loss, train_accuracy, val_loss, val_accuracy,
+  samples_per_s, epoch_time, lr.
+- ``checkpoint`` (rank 0) epoch, path.
+- ``end``     (client) status (``finished``, ``stopped`` or ``failed``), and the error if any.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+
+TOPIC_PREFIX = "daskdl-run-"
+RUNS_TOPIC = "daskdl-runs"
+
+
+def topic(run_id: str) -> str:
+    return TOPIC_PREFIX + run_id
+
+
+def emit(worker, run_id: str, kind: str, **fields) -> None:
+    """Publish one event from a worker (thread-safe)."""
+    worker.log_event(topic(run_id), {"run": run_id, "kind": kind, **fields})
+
+
+class Recorder:
+    """Collects a run's events on the client and drives its progress bar.
+
+    ``handle`` is called on the client's event loop for every event on the run's topic.
+    """
+
+    def __init__(self, run_id: str, total_steps: int, initial_step: int, progress: bool):
+        self.run_id = run_id
+        self._lock = threading.Lock()
+        self.epochs: list[dict] = []
+        self.steps: list[dict] = []
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=initial_step, unit="step", desc=f"daskdl {run_id}"
+            )
+
+    def handle(self, event: tuple[float, dict]) -> None:
+        _, msg = event
+        kind = msg.get("kind")
+        with self._lock:
+            if kind == "epoch":
+                self.epochs.append(msg)
+            elif kind == "step":
+                self.steps.append(msg)
+        if self.bar is None:
+            return
+        if kind == "step" and msg.get("rank") == 0:
+            self.bar.n = msg["step"]
+            self.bar.set_postfix(epoch=msg["epoch"], loss=f"{msg['loss']:.4f}", refresh=False)
+            self.bar.refresh()
+        elif kind == "epoch":
+            self.bar.n = msg["step"]
+            postfix = {"epoch": msg["epoch"], "loss": f"{msg['train_loss']:.4f}"}
+            if msg.get("val_accuracy") is not None:
+                postfix["val_accuracy"] = f"{msg['val_accuracy']:.4f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def history(self) -> pd.DataFrame:
+        with self._lock:
+            return history_frame(self.epochs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "samples_per_s",
+    "epoch_time",
+    "lr",
+]
+
+
+def history_frame(epoch_events: list[dict]) -> pd.DataFrame:
+    """One row per epoch (the latest event wins if an epoch was reported twice, after resume)."""
+    rows = {e["epoch"]: {c: e.get(c) for c in HISTORY_COLUMNS} for e in epoch_events}
+    frame = pd.DataFrame([rows[k] for k in sorted(rows)], columns=HISTORY_COLUMNS)
+    return frame.astype({"epoch": "int64", "step": "int64"})
+
+
+def replay(client, run_id: str) -> list[dict]:
+    """All events the scheduler still holds for a run, oldest first."""
+    return [msg for _, msg in client.get_events(topic(run_id))]

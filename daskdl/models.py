@@ -1,0 +1,164 @@
+"""Reference models by name. Input shape and class count come from the data; any callable
+``factory(input_shape, n_classes) -> nn.Module`` works wherever a name does."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ModelSpec = str | Callable[..., nn.Module]
+
+
+def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: int = 128) -> nn.Module:
+    """Two hidden layers on the flattened input."""
+    d = math.prod(input_shape)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, n_classes),
+    )
+
+
+def small_cnn(input_shape: tuple[int, ...], n_classes: int, width: int = 32) -> nn.Module:
+    """Three 3x3 convolutions and a linear head; no batch norm, so 1 rank and N ranks agree."""
+    channels = _image_channels("small_cnn", input_shape)
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * width, n_classes),
+    )
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs: a 3x3 stem without max pooling (11,173,962 parameters for
+    CIFAR-10)."""
+
+    def __init__(self, channels: int = 3, n_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        layers, c_in = [], 64
+        for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers += [_BasicBlock(c_in, c_out, stride), _BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+def resnet18(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    return ResNet18(_image_channels("resnet18", input_shape), n_classes)
+
+
+_VGG = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+}
+
+
+def _vgg(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """VGG with batch norm; pooling stops once the feature map is 1x1, so small images work."""
+    c_in = _image_channels(name, input_shape)
+    size = min(input_shape[1:])
+    layers: list[nn.Module] = []
+    for v in _VGG[name]:
+        if v == "M":
+            if size > 1:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            continue
+        layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+        c_in = v
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg11(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    return _vgg("vgg11", input_shape, n_classes)
+
+
+def vgg16(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    return _vgg("vgg16", input_shape, n_classes)
+
+
+def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"{name} needs images shaped (channels, height, width) per sample, got "
+            f"{tuple(input_shape)}. Use model='mlp' for tabular data, or reshape X to "
+            "(n, C, H, W)."
+        )
+    return input_shape[0]
+
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "small_cnn": small_cnn,
+    "resnet18": resnet18,
+    "vgg11": vgg11,
+    "vgg16": vgg16,
+}
+
+
+def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Instantiate a model by name, or call a user factory.
+
+    A factory may take ``(input_shape, n_classes)`` or no arguments.
+    """
+    if isinstance(spec, str):
+        if spec not in REGISTRY:
+            raise ValueError(f"Unknown model {spec!r}; choose one of {sorted(REGISTRY)}.")
+        return REGISTRY[spec](tuple(input_shape), n_classes)
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            "Pass a function that builds the model, not a model instance: every rank builds "
+            "its own replica. HINT: daskdl.fit(client, lambda: MyNet(), ...)."
+        )
+    if not callable(spec):
+        raise TypeError(f"model must be a name or a callable returning nn.Module, got {spec!r}.")
+    params = inspect.signature(spec).parameters
+    model = spec() if not params else spec(tuple(input_shape), n_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"The model factory returned {type(model).__name__}, not nn.Module.")
+    return model
+
+
+def describe(spec: ModelSpec) -> str:
+    return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))

@@ -1,0 +1,447 @@
+"""The client side of a run: validate, plan shards, start one rank task per worker, watch them,
+and hand back a :class:`Run`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import torch
+from distributed import Client, futures_of, wait
+
+from daskdl import checkpoint, comm, events, models
+from daskdl.config import TrainConfig
+from daskdl.data import Dataset, plan_shards, shard_sizes, who_has_to_locations
+from daskdl.engine import RankSpec, evaluate_shard, rank_main
+
+
+class RunError(RuntimeError):
+    """A rank failed; the message names the rank and its worker."""
+
+
+class Run:
+    """A training run on a Dask cluster.
+
+    ``fit(..., block=False)`` returns one at once; ``wait()`` blocks until it ends.
+    ``history`` has one row per finished epoch, ``model`` is the trained module (on the CPU).
+    """
+
+    def __init__(self, client: Client, run_id: str, spec: dict, futures: list, recorder,
+                 workers: list[str], out: Path | None):
+        self.client = client
+        self.run_id = run_id
+        self.spec = spec
+        self.workers = workers
+        self.out = out
+        self._futures = futures
+        self._recorder = recorder
+        self._result: dict | None = None
+        self._error: BaseException | None = None
+        self._model: torch.nn.Module | None = None
+
+    def __repr__(self) -> str:
+        return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
+
+    @property
+    def done(self) -> bool:
+        if self._result is not None or self._error is not None:
+            return True
+        return all(f.done() for f in self._futures)
+
+    @property
+    def status(self) -> str:
+        if self._error is not None:
+            return "failed"
+        if self._result is not None:
+            return "stopped" if self._result["stopped"] else "finished"
+        return "running"
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per finished epoch: epoch, step, train_loss, train_accuracy, val_loss,
+        val_accuracy, samples_per_s, epoch_time, lr."""
+        if self._result is not None:
+            return events.history_frame(self._result["history"])
+        return self._recorder.history()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model on the CPU (waits for the run to end)."""
+        if self._model is None:
+            self.wait()
+            model = models.build(
+                self.spec["model"], self.spec["input_shape"], self.spec["n_classes"]
+            )
+            state = {k: torch.from_numpy(v) for k, v in self._result["model"].items()}
+            model.load_state_dict(state)
+            self._model = model.eval()
+        return self._model
+
+    def wait(self, timeout: float | None = None) -> Run:
+        """Block until every rank has finished; raise the first rank's error if one failed."""
+        if self._error is not None:
+            raise self._error
+        if self._result is not None:
+            return self
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    wait(self._futures, timeout=1.0)
+                except TimeoutError:
+                    pass
+                failed = [i for i, f in enumerate(self._futures) if f.status == "error"]
+                if failed:
+                    self._fail(self._rank_error(failed))
+                gone = [i for i, w in enumerate(self.workers) if w not in self._live_workers()]
+                if gone and not self.done:
+                    names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
+                    self._fail(RunError(f"run {self.run_id}: worker of {names} left the cluster."))
+                if self.done:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run {self.run_id} still running after {timeout}s")
+            self._result = self._futures[0].result()
+            # Let the scheduler forget the rank tasks and, with them, the training partitions.
+            for f in self._futures:
+                f.release()
+            self._finish("stopped" if self._result["stopped"] else "finished")
+        except KeyboardInterrupt:
+            self._fail(RunError(f"run {self.run_id} interrupted"))
+        return self
+
+    def stop(self) -> Run:
+        """Ask every rank to stop after the current step, and wait for them."""
+        self.client.run(comm.request_stop, self.run_id, workers=self.workers, on_error="ignore")
+        return self.wait()
+
+    def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float]:
+        """Loss and accuracy of the trained model on ``data``, computed on the cluster.
+
+        Each partition is scored where it lives; only three numbers per partition come back.
+        """
+        _check_compatible(data, self.spec["input_shape"], name="data")
+        state = self.client.scatter(self._result_model(), broadcast=True, hash=False)
+        X_parts = data.X.to_delayed(optimize_graph=False).ravel()
+        y_parts = data.y.to_delayed(optimize_graph=False).ravel()
+        score = dask.delayed(_score_partition, pure=True)
+        spec = {k: self.spec[k] for k in ("model", "input_shape", "n_classes")}
+        sums = [score(spec, state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
+        total = np.sum(self.client.compute(sums, sync=True), axis=0)
+        return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+
+    def _result_model(self) -> dict:
+        self.wait()
+        return self._result["model"]
+
+    def _live_workers(self) -> set[str]:
+        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def _rank_error(self, failed: list[int]) -> BaseException:
+        errors = [(i, self._futures[i].exception()) for i in failed]
+        # A rank that merely saw its collective aborted is a symptom; report the cause.
+        errors.sort(key=lambda e: isinstance(e[1], comm.CollectiveAborted))
+        i, exc = errors[0]
+        err = RunError(f"run {self.run_id}: rank {i} on {self.workers[i]} failed: "
+                       f"{type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self.client.run(
+            comm.abort, self.run_id, str(error), workers=list(self._live_workers() &
+                                                               set(self.workers)),
+            on_error="ignore",
+        )
+        self.client.cancel(self._futures, force=True)
+        self._finish("failed", error=str(error))
+        raise error
+
+    def _finish(self, status: str, **fields) -> None:
+        self._recorder.close()
+        self.client.log_event(events.topic(self.run_id),
+                              {"run": self.run_id, "kind": "end", "status": status, **fields})
+        self.client.unsubscribe_topic(events.topic(self.run_id))
+        if self.out is not None and status != "failed":
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.history.to_csv(self.out / "metrics.csv", index=False)
+
+
+def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batch_size: int):
+    model = models.build(spec["model"], spec["input_shape"], spec["n_classes"])
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return evaluate_shard(model, X, y, batch_size, autocast=torch.autocast("cpu", enabled=False))
+
+
+def _check_compatible(data, input_shape, name: str) -> None:
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"{name} must be a daskdl.Dataset, got {type(data).__name__}. "
+            "Wrap arrays with daskdl.Dataset.from_numpy(X, y) or Dataset.from_dask(X, y)."
+        )
+    if tuple(data.sample_shape) != tuple(input_shape):
+        raise ValueError(
+            f"{name} has samples of shape {data.sample_shape}, but the model takes "
+            f"{tuple(input_shape)}."
+        )
+
+
+def _validate_labels(train: Dataset, val: Dataset | None, n_classes: int | None) -> int:
+    """Check labels and features on the cluster (only a few numbers come back)."""
+    checks = []
+    for ds in [train] + ([val] if val is not None else []):
+        y = ds.y
+        checks += [
+            y.min(),
+            y.max(),
+            (y != y.astype(np.int64)).sum() if np.issubdtype(y.dtype, np.floating) else 0,
+            (~dask.array.isfinite(ds.X)).sum(),
+        ]
+    values = dask.compute(*checks)
+    lo = min(values[0::4])
+    hi = max(values[1::4])
+    n_classes = n_classes or max(2, int(hi) + 1)
+    for which, (_, _, fractional, bad) in zip(("train", "val"), np.reshape(values, (-1, 4))):
+        if bad:
+            raise ValueError(
+                f"The {which} features contain {int(bad)} NaN or infinite values. Clean them, "
+                "or drop those samples with dataset.dropna()."
+            )
+        if fractional:
+            raise ValueError(f"The {which} labels contain {int(fractional)} non-integer values.")
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(
+            f"Labels must be in [0, {n_classes}) but range over [{lo:g}, {hi:g}]. "
+            "Map class labels to 0..n_classes-1, or pass n_classes to the Dataset."
+        )
+    return n_classes
+
+
+def _block_futures(arr) -> list:
+    by_key = {f.key: f for f in futures_of(arr)}
+    return [by_key[k] for k in dask.core.flatten(arr.__dask_keys__())]
+
+
+def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
+    """Persist the data sets in one graph (they share keys, such as standardisation stats)."""
+    arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)])
+    out = []
+    for i, ds in enumerate(datasets):
+        persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
+        out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
+    return out
+
+
+def _plan(client, x_futs, sizes, workers) -> list[list[int]]:
+    who_has = client.who_has(x_futs)
+    return plan_shards(sizes, who_has_to_locations([f.key for f in x_futs], who_has), workers)
+
+
+def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str]:
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        client.wait_for_workers(1, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        info = client.scheduler_info(n_workers=-1)["workers"]
+    available = sorted(info)
+    if workers is None:
+        return available
+    if isinstance(workers, int):
+        if not 1 <= workers <= len(available):
+            raise ValueError(
+                f"workers={workers}, but the cluster has {len(available)} workers. Start more "
+                "workers or ask for fewer ranks."
+            )
+        return available[:workers]
+    unknown = [w for w in workers if w not in info]
+    if unknown:
+        raise ValueError(f"Workers {unknown} are not in the cluster; it has {available}.")
+    return list(workers)
+
+
+def fit(
+    client: Client,
+    model: models.ModelSpec,
+    train: Dataset,
+    val: Dataset | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    precision: str = "fp32",
+    augment: bool | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    checkpoint_every: int = 1,
+    comm_timeout: float | None = None,
+    torch_threads: int | None = None,
+    workers: list[str] | int | None = None,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    block: bool = True,
+    progress: bool = True,
+) -> Run:
+    """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
+
+    Parameters
+    ----------
+    client
+        Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
+    model
+        A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
+        ``"vgg11"``, ``"vgg16"``) or a factory ``f(input_shape, n_classes) -> nn.Module``.
+    train, val
+        :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
+        evaluates its share of ``val`` after every epoch.
+    batch_size
+        Per rank; the global batch is ``batch_size * number of ranks``.
+    workers
+        Which workers get a rank (addresses, or a count); default all.
+    out
+        Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
+        Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
+    resume
+        A run directory or checkpoint to continue from (the newest checkpoint that verifies).
+    block
+        ``False`` returns the :class:`Run` at once; call ``run.wait()``.
+
+    The remaining options are :class:`daskdl.config.TrainConfig`'s.
+
+    Examples
+    --------
+    >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
+    >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
+    >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
+    >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
+    """
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+        nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
+        warmup_epochs=warmup_epochs, precision=precision, augment=augment, shuffle=shuffle,
+        seed=seed, checkpoint_every=checkpoint_every, comm_timeout=comm_timeout,
+        torch_threads=torch_threads,
+    )
+    if not isinstance(client, Client):
+        raise TypeError(
+            f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
+            " HINT: client = daskdl.local_cluster(n_workers=2)."
+        )
+    _check_compatible(train, train.sample_shape, name="train")
+    if val is not None:
+        _check_compatible(val, train.sample_shape, name="val")
+    if cfg.augment and not train.is_image:
+        raise ValueError(
+            f"augment=True needs images (n, C, H, W); the data's samples are {train.sample_shape}."
+        )
+    resume_state, manifest, history = None, None, []
+    if resume is not None:
+        path, model_t, opt_state, manifest = checkpoint.load_latest(resume)
+        if manifest["epoch"] >= cfg.epochs:
+            raise ValueError(
+                f"Checkpoint {path} has already finished epoch {manifest['epoch']}; ask for more "
+                f"than {manifest['epoch']} epochs to continue it."
+            )
+        resume_state = {"model": model_t, "optimizer": opt_state}
+        history = manifest.get("history", [])
+
+    ranks = _choose_workers(client, workers)
+    persisted = _persist(client, train, *([val] if val is not None else []))
+    train, x_futs, y_futs = persisted[0]
+    if val is not None:
+        val, xv_futs, yv_futs = persisted[1]
+    n_classes = _validate_labels(train, val, train._n_classes)
+    # Build one replica here: a bad model or shape fails now, not on every worker.
+    probe = models.build(model, train.sample_shape, n_classes)
+    n_params = sum(p.numel() for p in probe.parameters())
+    del probe
+
+    sizes = [int(c) for c in train.X.chunks[0]]
+    if len(sizes) < len(ranks):
+        raise ValueError(
+            f"The training data has {len(sizes)} partitions for {len(ranks)} ranks; each rank "
+            "needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) or use "
+            f"workers={len(sizes)}."
+        )
+    if manifest is not None and len(manifest["plan"]) == len(ranks) and \
+            manifest["partition_sizes"] == sizes:
+        plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
+    else:
+        plan = _plan(client, x_futs, sizes, ranks)
+    shards = shard_sizes(plan, sizes)
+    if cfg.batch_size > min(shards):
+        r = int(np.argmin(shards))
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is larger than rank {r}'s shard ({shards[r]} samples). "
+            f"Use batch_size <= {min(shards)}, or fewer workers."
+        )
+    steps = math.ceil(max(shards) / cfg.batch_size)
+    val_plan = [[] for _ in ranks]
+    if val is not None:
+        val_sizes = [int(c) for c in val.X.chunks[0]]
+        if len(val_sizes) >= len(ranks):
+            val_plan = _plan(client, xv_futs, val_sizes, ranks)
+        else:
+            val_plan[0] = list(range(len(val_sizes)))
+
+    run_id = uuid.uuid4().hex[:8]
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+    start_epoch = manifest["epoch"] if manifest else 0
+    spec = {"model": model, "input_shape": train.sample_shape, "n_classes": n_classes}
+    config = cfg.to_dict()
+    public = {
+        "run": run_id, "model": models.describe(model), "config": config, "world_size": len(ranks),
+        "workers": ranks, "steps_per_epoch": steps, "n_params": n_params,
+        "n_train": sum(sizes), "input_shape": list(train.sample_shape), "n_classes": n_classes,
+        "start_epoch": start_epoch, "out": str(out_path) if out_path else None,
+    }
+    if out_path is not None:
+        (out_path / "config.json").write_text(json.dumps(public, indent=1))
+
+    recorder = events.Recorder(run_id, steps * cfg.epochs, start_epoch * steps, progress)
+    recorder.epochs.extend(history)
+    client.subscribe_topic(events.topic(run_id), recorder.handle)
+    client.log_event(events.topic(run_id), {"kind": "start", **public})
+    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
+    comm.ensure_plugin(client)
+
+    manifest_out = {
+        "run": run_id, "model": models.describe(model), "config": config,
+        "input_shape": list(train.sample_shape), "n_classes": n_classes,
+        "plan": plan, "partition_sizes": sizes, "world_size": len(ranks),
+    }
+    futures = []
+    for r, addr in enumerate(ranks):
+        rank_spec = RankSpec(
+            run_id=run_id, rank=r, peers=ranks, model=model,
+            input_shape=train.sample_shape, n_classes=n_classes, config=config,
+            n_train_parts=len(plan[r]), steps_per_epoch=steps, start_epoch=start_epoch,
+            out=str(out_path.resolve()) if out_path else None, manifest=manifest_out,
+            history=history,
+        )
+        parts = [f for i in plan[r] for f in (x_futs[i], y_futs[i])]
+        parts += [f for i in val_plan[r] for f in (xv_futs[i], yv_futs[i])]
+        futures.append(client.submit(
+            rank_main, rank_spec, resume_state, *parts, key=f"daskdl-rank-{r}-{run_id}",
+            workers=[addr], allow_other_workers=False, pure=False, retries=0,
+        ))
+    run = Run(client, run_id, spec, futures, recorder, ranks, out_path)
+    if block:
+        run.wait()
+    return run
