@@ -16,14 +16,18 @@ def _train_parser(sub) -> None:
         description="Train a model data-parallel, one rank per Dask worker. Without "
         "--scheduler, a local cluster of --workers worker processes is started.",
     )
-    p.add_argument("--dataset", default="digits",
-                   help="digits, cifar10 (with --data-path) or synthetic_images")
+    p.add_argument(
+        "--dataset", default="digits", help="digits, cifar10 (with --data-path) or synthetic_images"
+    )
     p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
-    p.add_argument("--model", default="small_cnn",
-                   help="mlp, small_cnn, resnet18, vgg11 or vgg16")
+    p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet18, vgg11 or vgg16")
     p.add_argument("--scheduler", help="address of a running scheduler, e.g. tcp://host:8786")
-    p.add_argument("--workers", type=int, default=None,
-                   help="ranks to use (a local cluster gets this many workers); default all")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="ranks to use (a local cluster gets this many workers); default all",
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
@@ -32,13 +36,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-size", type=float, default=0.2,
-                   help="fraction held out for validation")
-    p.add_argument("--no-standardize", dest="standardize", action="store_false",
-                   help="skip per-channel standardisation of the features")
+    p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
+    p.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        help="skip per-channel standardisation of the features",
+    )
     p.add_argument("--out", default=None, help="run directory for checkpoints and metrics")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -87,19 +95,35 @@ def train(args) -> int:
     train_ds, test_ds = _load_dataset(args)
     with ExitStack() as stack:
         client = _client(args, stack)
-        print(f"daskdl: cluster {client.scheduler.address}, dashboard {client.dashboard_link}",
-              file=sys.stderr)
+        print(
+            f"daskdl: cluster {client.scheduler.address}, dashboard {client.dashboard_link}",
+            file=sys.stderr,
+        )
         run = daskdl.fit(
-            client, args.model, train_ds, val=test_ds, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            schedule=args.schedule, warmup_epochs=args.warmup_epochs, precision=args.precision,
-            seed=args.seed, workers=args.workers if args.scheduler else None, out=args.out,
-            resume=args.out if args.resume else None, progress=args.progress,
+            client,
+            args.model,
+            train_ds,
+            val=test_ds,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            precision=args.precision,
+            seed=args.seed,
+            workers=args.workers if args.scheduler else None,
+            out=args.out,
+            resume=args.out if args.resume else None,
+            progress=args.progress,
         )
         last = run.history.iloc[-1]
         fields = [
-            f"run={run.run_id}", f"status={run.status}", f"epochs={int(last['epoch'])}",
-            f"train_loss={last['train_loss']:.4f}", f"val_loss={last['val_loss']:.4f}",
+            f"run={run.run_id}",
+            f"status={run.status}",
+            f"epochs={int(last['epoch'])}",
+            f"train_loss={last['train_loss']:.4f}",
+            f"val_loss={last['val_loss']:.4f}",
             f"val_accuracy={last['val_accuracy']:.4f}",
             f"samples_per_s={run.history['samples_per_s'].mean():.0f}",
         ]
@@ -121,8 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": train}[args.command](args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ConnectionError,
-            CheckpointError, RunError) as e:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        FileNotFoundError,
+        ConnectionError,
+        CheckpointError,
+        RunError,
+    ) as e:
         print(f"daskdl: error: {e}", file=sys.stderr)
         return 2
 

@@ -64,9 +64,7 @@ def cifar10(path: str | os.PathLike, split: str = "train") -> Dataset:
             )
         n = size // CIFAR10_RECORD
         records = dask.delayed(_read_records, pure=True)(str(f))
-        parts_x.append(
-            da.from_delayed(records[0], shape=(n, 3, 32, 32), dtype=np.float32)
-        )
+        parts_x.append(da.from_delayed(records[0], shape=(n, 3, 32, 32), dtype=np.float32))
         parts_y.append(da.from_delayed(records[1], shape=(n,), dtype=np.int64))
     return Dataset(da.concatenate(parts_x), da.concatenate(parts_y), n_classes=10)
 

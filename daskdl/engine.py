@@ -223,8 +223,9 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
     try:
         for epoch in range(spec.start_epoch, cfg.epochs):
             model.train()
-            order = epoch_order(len(X), steps, cfg.batch_size, cfg.seed, epoch, spec.rank,
-                                cfg.shuffle)
+            order = epoch_order(
+                len(X), steps, cfg.batch_size, cfg.seed, epoch, spec.rank, cfg.shuffle
+            )
             gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, spec.rank)) % 2**63)
             t_epoch = last_log = time.perf_counter()
             loss_sum = acc_sum = 0.0

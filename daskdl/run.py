@@ -33,8 +33,16 @@ class Run:
     ``history`` has one row per finished epoch, ``model`` is the trained module (on the CPU).
     """
 
-    def __init__(self, client: Client, run_id: str, spec: dict, futures: list, recorder,
-                 workers: list[str], out: Path | None):
+    def __init__(
+        self,
+        client: Client,
+        run_id: str,
+        spec: dict,
+        futures: list,
+        recorder,
+        workers: list[str],
+        out: Path | None,
+    ):
         self.client = client
         self.run_id = run_id
         self.spec = spec
@@ -149,16 +157,19 @@ class Run:
         # A rank that merely saw its collective aborted is a symptom; report the cause.
         errors.sort(key=lambda e: isinstance(e[1], comm.CollectiveAborted))
         i, exc = errors[0]
-        err = RunError(f"run {self.run_id}: rank {i} on {self.workers[i]} failed: "
-                       f"{type(exc).__name__}: {exc}")
+        err = RunError(
+            f"run {self.run_id}: rank {i} on {self.workers[i]} failed: {type(exc).__name__}: {exc}"
+        )
         err.__cause__ = exc
         return err
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self.client.run(
-            comm.abort, self.run_id, str(error), workers=list(self._live_workers() &
-                                                               set(self.workers)),
+            comm.abort,
+            self.run_id,
+            str(error),
+            workers=list(self._live_workers() & set(self.workers)),
             on_error="ignore",
         )
         self.client.cancel(self._futures, force=True)
@@ -167,8 +178,10 @@ class Run:
 
     def _finish(self, status: str, **fields) -> None:
         self._recorder.close()
-        self.client.log_event(events.topic(self.run_id),
-                              {"run": self.run_id, "kind": "end", "status": status, **fields})
+        self.client.log_event(
+            events.topic(self.run_id),
+            {"run": self.run_id, "kind": "end", "status": status, **fields},
+        )
         self.client.unsubscribe_topic(events.topic(self.run_id))
         if self.out is not None and status != "failed":
             self.out.mkdir(parents=True, exist_ok=True)
@@ -330,10 +343,21 @@ def fit(
     >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
     """
     cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-        nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
-        warmup_epochs=warmup_epochs, precision=precision, augment=augment, shuffle=shuffle,
-        seed=seed, checkpoint_every=checkpoint_every, comm_timeout=comm_timeout,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        precision=precision,
+        augment=augment,
+        shuffle=shuffle,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        comm_timeout=comm_timeout,
         torch_threads=torch_threads,
     )
     if not isinstance(client, Client):
@@ -377,8 +401,11 @@ def fit(
             "needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) or use "
             f"workers={len(sizes)}."
         )
-    if manifest is not None and len(manifest["plan"]) == len(ranks) and \
-            manifest["partition_sizes"] == sizes:
+    if (
+        manifest is not None
+        and len(manifest["plan"]) == len(ranks)
+        and manifest["partition_sizes"] == sizes
+    ):
         plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
     else:
         plan = _plan(client, x_futs, sizes, ranks)
@@ -406,10 +433,18 @@ def fit(
     spec = {"model": model, "input_shape": train.sample_shape, "n_classes": n_classes}
     config = cfg.to_dict()
     public = {
-        "run": run_id, "model": models.describe(model), "config": config, "world_size": len(ranks),
-        "workers": ranks, "steps_per_epoch": steps, "n_params": n_params,
-        "n_train": sum(sizes), "input_shape": list(train.sample_shape), "n_classes": n_classes,
-        "start_epoch": start_epoch, "out": str(out_path) if out_path else None,
+        "run": run_id,
+        "model": models.describe(model),
+        "config": config,
+        "world_size": len(ranks),
+        "workers": ranks,
+        "steps_per_epoch": steps,
+        "n_params": n_params,
+        "n_train": sum(sizes),
+        "input_shape": list(train.sample_shape),
+        "n_classes": n_classes,
+        "start_epoch": start_epoch,
+        "out": str(out_path) if out_path else None,
     }
     if out_path is not None:
         (out_path / "config.json").write_text(json.dumps(public, indent=1))
@@ -422,25 +457,47 @@ def fit(
     comm.ensure_plugin(client)
 
     manifest_out = {
-        "run": run_id, "model": models.describe(model), "config": config,
-        "input_shape": list(train.sample_shape), "n_classes": n_classes,
-        "plan": plan, "partition_sizes": sizes, "world_size": len(ranks),
+        "run": run_id,
+        "model": models.describe(model),
+        "config": config,
+        "input_shape": list(train.sample_shape),
+        "n_classes": n_classes,
+        "plan": plan,
+        "partition_sizes": sizes,
+        "world_size": len(ranks),
     }
     futures = []
     for r, addr in enumerate(ranks):
         rank_spec = RankSpec(
-            run_id=run_id, rank=r, peers=ranks, model=model,
-            input_shape=train.sample_shape, n_classes=n_classes, config=config,
-            n_train_parts=len(plan[r]), steps_per_epoch=steps, start_epoch=start_epoch,
-            out=str(out_path.resolve()) if out_path else None, manifest=manifest_out,
+            run_id=run_id,
+            rank=r,
+            peers=ranks,
+            model=model,
+            input_shape=train.sample_shape,
+            n_classes=n_classes,
+            config=config,
+            n_train_parts=len(plan[r]),
+            steps_per_epoch=steps,
+            start_epoch=start_epoch,
+            out=str(out_path.resolve()) if out_path else None,
+            manifest=manifest_out,
             history=history,
         )
         parts = [f for i in plan[r] for f in (x_futs[i], y_futs[i])]
         parts += [f for i in val_plan[r] for f in (xv_futs[i], yv_futs[i])]
-        futures.append(client.submit(
-            rank_main, rank_spec, resume_state, *parts, key=f"daskdl-rank-{r}-{run_id}",
-            workers=[addr], allow_other_workers=False, pure=False, retries=0,
-        ))
+        futures.append(
+            client.submit(
+                rank_main,
+                rank_spec,
+                resume_state,
+                *parts,
+                key=f"daskdl-rank-{r}-{run_id}",
+                workers=[addr],
+                allow_other_workers=False,
+                pure=False,
+                retries=0,
+            )
+        )
     run = Run(client, run_id, spec, futures, recorder, ranks, out_path)
     if block:
         run.wait()
