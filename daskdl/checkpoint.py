@@ -74,7 +74,7 @@ def optimizer_state(tensors: dict[str, np.ndarray], param_groups: list) -> dict:
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
-    return {"state": state, "param_groups": param_groups}
+    return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
 
 def save(

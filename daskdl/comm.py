@@ -30,7 +30,7 @@ class CollectiveError(RuntimeError):
     """A collective could not complete."""
 
 
-class PeerTimeoutError(CollectiveError, TimeoutError):
+class PeerTimeoutError(CollectiveError):
     """A peer did not deliver its part of a collective in time (it died or is stuck)."""
 
 

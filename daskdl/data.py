@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import dask
 import dask.array as da
 import numpy as np
+from pandas.api.types import is_numeric_dtype
 
 from daskdl import preprocess
 
@@ -123,14 +124,14 @@ class Dataset:
             )
         if not features:
             raise ValueError("features is empty: name at least one feature column.")
-        bad = [c for c in features if not np.issubdtype(ddf[c].dtype, np.number)]
+        bad = [c for c in features if not is_numeric_dtype(ddf[c].dtype)]
         if bad:
             raise TypeError(
                 f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
                 "Encode them as numbers first (for categories: ddf[col].cat.codes)."
             )
         label_dtype = ddf[label].dtype
-        if not np.issubdtype(label_dtype, np.number):
+        if not is_numeric_dtype(label_dtype):
             raise TypeError(
                 f"Label column {label!r} has dtype {label_dtype}; it must hold integer class "
                 f"ids. For a category column use ddf[{label!r}].cat.codes."
@@ -312,13 +313,21 @@ def _take_rows(arr: da.Array, masks: da.Array, counts: tuple | None = None) -> d
     ``counts`` are the resulting partition lengths where they are known in advance.
     """
     counts = counts or tuple(np.nan for _ in arr.chunks[0])
-    chunks = (counts,) + arr.chunks[1:]
-    masks = masks.reshape((-1,) + (1,) * (arr.ndim - 1)) if arr.ndim > 1 else masks
-    return da.map_blocks(_select_rows, arr, masks, dtype=arr.dtype, chunks=chunks)
+    axes = "abcdefgh"[: arr.ndim]
+    return da.blockwise(
+        _select_rows,
+        axes,
+        arr,
+        axes,
+        masks,
+        axes[0],
+        dtype=arr.dtype,
+        adjust_chunks={axes[0]: counts},
+    )
 
 
 def _select_rows(block: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return block[mask.reshape(-1)]
+    return block[mask]
 
 
 # -------------------------------------------------------------------- shard plan

@@ -13,7 +13,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import dask
 import numpy as np
 import psutil
 import torch
@@ -43,6 +42,9 @@ class RankSpec:
     out: str | None = None
     manifest: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    # Resolved from the client's dask.config: workers may have other settings.
+    log_interval: float = 0.5
+    keep_checkpoints: int | None = 3
 
 
 @dataclass
@@ -216,7 +218,6 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
     )
     steps = spec.steps_per_epoch
     total_steps = steps * cfg.epochs
-    log_interval = dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval"))
     process = psutil.Process(os.getpid())
     history = list(spec.history)
     stopped = False
@@ -245,7 +246,7 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
                 loss_sum += loss
                 acc_sum += acc
                 now = time.perf_counter()
-                if now - last_log >= log_interval or s == steps - 1 or stopped:
+                if now - last_log >= spec.log_interval or s == steps - 1 or stopped:
                     n_steps = s + 1 - logged_steps
                     ctx.log(
                         "step",
@@ -291,7 +292,7 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
                         checkpoint.model_tensors(model),
                         checkpoint.optimizer_tensors(opt),
                         {**spec.manifest, "step": (epoch + 1) * steps, "history": history},
-                        keep=dask.config.get("daskdl.keep-checkpoints"),
+                        keep=spec.keep_checkpoints,
                     )
                     ctx.log("checkpoint", epoch=epoch + 1, path=str(path))
     finally:

@@ -360,12 +360,14 @@ def fit(
         comm_timeout=comm_timeout,
         torch_threads=torch_threads,
     )
+    # Settings from the client's dask.config travel with the run: workers may differ.
+    cfg.comm_timeout = cfg.timeout
     if not isinstance(client, Client):
         raise TypeError(
             f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
             " HINT: client = daskdl.local_cluster(n_workers=2)."
         )
-    _check_compatible(train, train.sample_shape, name="train")
+    _check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
         _check_compatible(val, train.sample_shape, name="val")
     if cfg.augment and not train.is_image:
@@ -482,6 +484,8 @@ def fit(
             out=str(out_path.resolve()) if out_path else None,
             manifest=manifest_out,
             history=history,
+            log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
+            keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
         )
         parts = [f for i in plan[r] for f in (x_futs[i], y_futs[i])]
         parts += [f for i in val_plan[r] for f in (xv_futs[i], yv_futs[i])]

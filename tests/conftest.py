@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import daskdl
+
+# Ranks and the test process share two cores; one torch thread each keeps them from fighting.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def poll_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+    """Wait until ``predicate()`` is true (instead of sleeping a guessed time)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """Two worker processes with one thread each, shared by the tests that do not break it."""
+    with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as c:
+        yield c
+
+
+@pytest.fixture
+def fresh_client():
+    """A cluster of its own, for tests that kill or exhaust workers."""
+    with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as c:
+        yield c

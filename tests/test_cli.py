@@ -1,0 +1,184 @@
+"""The command line, as a user types it, against local clusters and a cluster started with
+``dask scheduler`` / ``dask worker``."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from daskdl import checkpoint
+
+DASKDL = [sys.executable, "-m", "daskdl.cli"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([*DASKDL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _val_accuracy(stdout: str) -> float:
+    last = stdout.strip().splitlines()[-1]
+    match = re.search(r"val_accuracy=([0-9.]+)", last)
+    assert match, f"no val_accuracy in the last line: {last!r}"
+    return float(match.group(1))
+
+
+def test_train_digits_reaches_097(tmp_path):
+    out = tmp_path / "runs" / "digits"
+    proc = _run(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "small_cnn",
+        "--workers",
+        "2",
+        "--epochs",
+        "15",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _val_accuracy(proc.stdout) >= 0.97
+    assert "345/345" in proc.stderr  # the progress bar reached the end
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(1, 16))
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    path, _, _, manifest = checkpoint.load_latest(out)
+    assert path.name == "epoch-0015" and manifest["epoch"] == 15
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A scheduler and two workers started with the `dask` command, as on a real cluster."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m", "dask"]
+    procs = [
+        subprocess.Popen(
+            [
+                *dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    for _ in range(2):
+        procs.append(
+            subprocess.Popen(
+                [
+                    *dask,
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(tmp_path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as c:
+                    c.wait_for_workers(2, timeout=60)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_train_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(
+        "train",
+        "--scheduler",
+        dask_cluster,
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _val_accuracy(proc.stdout) > 0.8
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    # And it continues from its checkpoint.
+    proc = _run(
+        "train",
+        "--scheduler",
+        dask_cluster,
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "4",
+        "--out",
+        str(out),
+        "--resume",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train", "--scheduler", "tcp://127.0.0.1:9", "--epochs", "1"],
+            "could not reach the scheduler at tcp://127.0.0.1:9",
+        ),
+        (
+            ["train", "--model", "resnet50", "--workers", "1", "--epochs", "1"],
+            "Unknown model 'resnet50'",
+        ),
+        (["train", "--dataset", "mnist", "--epochs", "1"], "Unknown dataset 'mnist'"),
+        (["train", "--dataset", "cifar10", "--epochs", "1"], "--dataset cifar10 needs --data-path"),
+        (["train", "--resume", "--epochs", "1"], "--resume continues the run in --out"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args, message):
+    proc = _run(*args, timeout=120)
+    assert proc.returncode == 2
+    assert f"daskdl: error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr

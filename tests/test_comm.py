@@ -1,0 +1,72 @@
+"""The Dask all-reduce: exact sums for any number of ranks and buffer size, and timeouts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+from distributed import get_worker
+
+import daskdl
+from daskdl import comm
+
+
+def _allreduce(run_id, rank, peers, n, timeout, rounds=3):
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout)
+    try:
+        out = []
+        for k in range(rounds):
+            buf = np.random.default_rng([rank, k]).normal(size=n)
+            out.append(group.allreduce_(buf).copy())
+        return out
+    finally:
+        group.close()
+
+
+@pytest.fixture(scope="module")
+def three():
+    with daskdl.local_cluster(n_workers=3, threads_per_worker=1) as c:
+        comm.ensure_plugin(c)
+        yield c
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
+def test_allreduce_sums_exactly_like_numpy(three, ranks, n):
+    peers = sorted(three.scheduler_info()["workers"])[:ranks]
+    run_id = uuid.uuid4().hex
+    futures = [
+        three.submit(_allreduce, run_id, r, peers, n, 20, workers=[w], pure=False)
+        for r, w in enumerate(peers)
+    ]
+    results = three.gather(futures)
+    for k in range(3):
+        expected = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(ranks))
+        for r in range(ranks):
+            np.testing.assert_allclose(results[r][k], expected, rtol=1e-12, atol=1e-12)
+        # Every rank holds bit-identical sums, so replicas never drift apart.
+        for r in range(1, ranks):
+            np.testing.assert_array_equal(results[r][k], results[0][k])
+
+
+def test_a_missing_peer_times_out(three):
+    peers = sorted(three.scheduler_info()["workers"])[:2]
+    run_id = uuid.uuid4().hex
+    start = time.monotonic()
+    # Rank 1 never joins: rank 0 must give up after its timeout, naming the peer.
+    future = three.submit(_allreduce, run_id, 0, peers, 10, 2, workers=[peers[0]], pure=False)
+    with pytest.raises(comm.PeerTimeoutError, match=f"rank 1 \\({peers[1]}\\)"):
+        future.result()
+    assert time.monotonic() - start < 15
+
+
+def test_abort_wakes_a_waiting_rank(three):
+    peers = sorted(three.scheduler_info()["workers"])[:2]
+    run_id = uuid.uuid4().hex
+    future = three.submit(_allreduce, run_id, 0, peers, 10, 60, workers=[peers[0]], pure=False)
+    time.sleep(0.5)
+    three.run(comm.abort, run_id, "cancelled by test", workers=[peers[0]])
+    with pytest.raises(comm.CollectiveAborted, match="cancelled by test"):
+        future.result(timeout=20)

@@ -1,0 +1,206 @@
+"""Training end to end on real LocalClusters with worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from conftest import poll_for
+
+import daskdl
+from daskdl import Dataset, checkpoint, events
+
+
+def blobs(n=600, d=6, classes=3, seed=0):
+    """Separable Gaussian blobs: any working trainer gets them nearly all right."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=4, size=(classes, d))
+    y = rng.integers(0, classes, n)
+    X = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)
+    return X, y
+
+
+QUICK = dict(epochs=3, batch_size=16, lr=0.05, progress=False)
+
+
+def test_digits_quickstart_api(client):
+    data = daskdl.datasets.digits()
+    train, test = data.split(test_size=0.2, seed=0)
+    train, test = train.standardize(), test.standardize(like=train)
+    run = daskdl.fit(
+        client,
+        "small_cnn",
+        train,
+        val=test,
+        epochs=8,
+        batch_size=32,
+        lr=0.05,
+        seed=0,
+        progress=False,
+    )
+    h = run.history
+    assert list(h["epoch"]) == list(range(1, 9))
+    for column in ["train_loss", "val_loss", "val_accuracy", "samples_per_s"]:
+        assert h[column].notna().all()
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] / 5
+    assert h["val_accuracy"].iloc[-1] >= 0.95
+    assert isinstance(run.model, torch.nn.Module)
+    assert next(run.model.parameters()).device.type == "cpu"
+    scores = run.evaluate(test)
+    assert scores["accuracy"] == pytest.approx(h["val_accuracy"].iloc[-1], abs=1e-6)
+    assert scores["loss"] == pytest.approx(h["val_loss"].iloc[-1], rel=1e-4)
+    assert run.status == "finished" and run.done
+
+
+def _params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(client):
+    """The all-reduce averages correctly: 2 x B per step is the same SGD as 1 x 2B."""
+    B, steps, d = 8, 6, 12
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2 * B * steps, d)).astype(np.float32)
+    y = rng.integers(0, 4, len(X))
+    half = B * steps
+    # One rank with batch 2B must see, at step s, rank 0's and rank 1's step-s batches.
+    order = np.concatenate(
+        [np.r_[s * B : (s + 1) * B, half + s * B : half + (s + 1) * B] for s in range(steps)]
+    )
+    opts = dict(
+        epochs=2,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+        schedule="cosine",
+        shuffle=False,
+        seed=7,
+        progress=False,
+    )
+    two = daskdl.fit(
+        client,
+        "mlp",
+        Dataset.from_numpy(X, y, chunks=half, n_classes=4),
+        batch_size=B,
+        workers=2,
+        **opts,
+    )
+    one = daskdl.fit(
+        client,
+        "mlp",
+        Dataset.from_numpy(X[order], y[order], chunks=2 * half, n_classes=4),
+        batch_size=2 * B,
+        workers=1,
+        **opts,
+    )
+    a, b = _params(two.model), _params(one.model)
+    assert not torch.equal(a, _params(daskdl.models.mlp((d,), 4)))  # it trained
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(two.history["train_loss"], one.history["train_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["numpy", "dask", "dataframe", "xarray"])
+def test_each_constructor_trains(client, source):
+    X, y = blobs()
+    if source == "numpy":
+        ds = Dataset.from_numpy(X, y, chunks=150)
+    elif source == "dask":
+        ds = Dataset.from_dask(da.from_array(X, chunks=(150, -1)), da.from_array(y, chunks=150))
+    elif source == "dataframe":
+        cols = [f"f{i}" for i in range(X.shape[1])]
+        pdf = pd.DataFrame(X, columns=cols).assign(label=y)
+        ds = Dataset.from_dataframe(dd.from_pandas(pdf, npartitions=4), cols, "label")
+    else:
+        xds = xr.Dataset({"x": (("sample", "feature"), X), "label": (("sample",), y)}).chunk(
+            {"sample": 150}
+        )
+        ds = Dataset.from_xarray(xds, sample_dim="sample", features=["x"], label="label")
+    train, test = ds.split(0.25, seed=0)
+    run = daskdl.fit(client, "mlp", train, val=test, **QUICK)
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_uneven_shards_do_not_hang(client):
+    X, y = blobs(n=300)
+    ds = Dataset.from_dask(
+        da.from_array(X, chunks=((200, 60, 40), (6,))), da.from_array(y, chunks=((200, 60, 40),))
+    )
+    run = daskdl.fit(client, "mlp", ds, val=ds, comm_timeout=20, **QUICK)
+    steps = run.history["step"].diff().dropna()
+    assert (steps == steps.iloc[0]).all()
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_events_and_nonblocking_stop(client):
+    X, y = blobs(n=2000)
+    ds = Dataset.from_numpy(X, y, chunks=500)
+    with dask.config.set({"daskdl.log-interval": "0.05s"}):
+        run = daskdl.fit(
+            client, "mlp", ds, val=ds, epochs=200, batch_size=8, progress=False, block=False
+        )
+    assert not run.done
+    poll_for(lambda: len(run.history) >= 2, timeout=60)
+    run.stop()
+    assert run.done and run.status == "stopped"
+    assert 2 <= len(run.history) < 200
+    log = events.replay(client, run.run_id)
+    kinds = [e["kind"] for e in log]
+    assert kinds[0] == "start" and kinds[-1] == "end" and log[-1]["status"] == "stopped"
+    steps = [e for e in log if e["kind"] == "step"]
+    assert {e["rank"] for e in steps} == {0, 1}
+    assert all(e["rss"] > 0 and e["samples_per_s"] > 0 and e["step_time"] > 0 for e in steps)
+    assert [e["epoch"] for e in log if e["kind"] == "epoch"] == list(run.history["epoch"])
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(client, tmp_path):
+    X, y = blobs(n=400)
+    train, val = Dataset.from_numpy(X, y, chunks=100).split(0.25, seed=0)
+    opts = dict(epochs=4, batch_size=16, lr=0.05, seed=3, progress=False)
+    with dask.config.set({"daskdl.keep-checkpoints": None}):
+        full = daskdl.fit(client, "mlp", train, val=val, out=tmp_path / "full", **opts)
+    ckpts = checkpoint.list_checkpoints(tmp_path / "full" / "checkpoints")
+    assert [p.name for p in ckpts] == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
+    # A run that crashed after epoch 2: only its first two checkpoints exist.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for p in ckpts[2:]:
+        shutil.rmtree(crashed / "checkpoints" / p.name)
+    resumed = daskdl.fit(client, "mlp", train, val=val, out=crashed, resume=crashed, **opts)
+    torch.testing.assert_close(_params(resumed.model), _params(full.model), rtol=0, atol=0)
+    pd.testing.assert_frame_equal(
+        resumed.history.drop(columns=["samples_per_s", "epoch_time"]),
+        full.history.drop(columns=["samples_per_s", "epoch_time"]),
+    )
+    assert (crashed / "metrics.csv").exists()
+
+
+def test_a_dead_peer_becomes_an_error_not_a_hang(fresh_client):
+    X, y = blobs(n=2000)
+    ds = Dataset.from_numpy(X, y, chunks=500)
+    run = daskdl.fit(
+        fresh_client,
+        "mlp",
+        ds,
+        epochs=500,
+        batch_size=8,
+        comm_timeout=5,
+        progress=False,
+        block=False,
+    )
+    poll_for(lambda: len(run.history) >= 1, timeout=60)
+    victim = run.workers[1]
+    pid = fresh_client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(daskdl.RunError, match="rank 1|left the cluster|rank 0") as info:
+        run.wait(timeout=60)
+    assert run.status == "failed"
+    assert victim in str(info.value) or "rank 1" in str(info.value)
