@@ -7,10 +7,12 @@ epochs and writes checkpoints.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,10 +189,41 @@ def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
         offset += b.numel()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@contextmanager
+def torch_friendly_malloc(threshold: int = 32 * 2**20):
+    """Let glibc serve tensor-sized allocations from the heap while a rank runs.
+
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` so that workers hand memory back to the OS;
+    as a side effect glibc's mmap threshold is pinned at 128 KiB, so every activation and
+    gradient tensor becomes a fresh ``mmap`` plus page faults. That cost a small CNN about a
+    third of its throughput on a worker (benchmarks/overhead.py).
+    """
+    libc = None
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is not None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        except (OSError, AttributeError):
+            libc = None  # not glibc: nothing to tune
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
     """The body of one rank task. ``parts`` are (X, y) blocks: the training partitions first,
     then the validation partitions; Dask delivered them to this worker before the task started.
     """
+    with torch_friendly_malloc():
+        return _rank_main(spec, resume, *parts)
+
+
+def _rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
     worker = get_worker()
     cfg = TrainConfig.from_dict(spec.config)
     torch.set_num_threads(cfg.torch_threads or max(1, worker.state.nthreads))

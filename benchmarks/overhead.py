@@ -1,0 +1,98 @@
+"""What daskdl costs over a plain PyTorch loop: the same model, data, optimizer and thread
+count, trained (a) by a hand-written loop in this process and (b) by ``daskdl.fit`` with one
+rank on a one-worker LocalCluster.
+
+    python benchmarks/overhead.py [--model small_cnn] [--threads 1] [--epochs 4]
+
+Throughput is samples per second over the training steps of every epoch after the first
+(warm-up); (a) and (b) alternate twice. Ends with ``overhead ratio=<b/a> target=0.95``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _report import report
+
+import daskdl
+from daskdl import models
+
+
+def plain_loop(X, y, model_name, epochs, batch, lr, seed):
+    """The loop a PyTorch user would write: shuffle, index a batch, step."""
+    torch.manual_seed(seed)
+    model = models.build(model_name, X.shape[1:], int(y.max()) + 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
+    steps = len(X) // batch
+    rates = []
+    for epoch in range(epochs):
+        perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(X)))
+        t = time.perf_counter()
+        for s in range(steps):
+            idx = perm[s * batch : (s + 1) * batch]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            loss.item()
+        rates.append(steps * batch / (time.perf_counter() - t))
+    return rates[1:]
+
+
+def daskdl_fit(client, ds, model_name, epochs, batch, lr, seed, threads):
+    run = daskdl.fit(
+        client,
+        model_name,
+        ds,
+        epochs=epochs,
+        batch_size=batch,
+        lr=lr,
+        schedule="constant",
+        augment=False,
+        seed=seed,
+        torch_threads=threads,
+        progress=False,
+    )
+    return list(run.history["samples_per_s"].iloc[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n", type=int, default=2048)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = daskdl.datasets.synthetic_images(args.n, (3, 32, 32), 10, seed=0)
+    X, y = data.compute()
+    common = (args.model, args.epochs, args.batch_size, 0.05, 0)
+    plain, dl = [], []
+    with daskdl.local_cluster(n_workers=1, threads_per_worker=args.threads) as client:
+        for _ in range(2):
+            plain += plain_loop(X, y, *common)
+            dl += daskdl_fit(client, data, *common, args.threads)
+    a, b = statistics.median(plain), statistics.median(dl)
+    report(
+        "overhead",
+        f"{args.model} on {args.n} synthetic 3x32x32 images, batch {args.batch_size}, "
+        f"{args.threads} torch thread(s); samples/s per epoch after the first, two alternating "
+        "sessions each.",
+        ["trainer", "median samples/s", "min", "max", "epochs timed"],
+        [
+            ["plain PyTorch loop", a, min(plain), max(plain), len(plain)],
+            ["daskdl.fit, 1 rank", b, min(dl), max(dl), len(dl)],
+        ],
+        f"overhead ratio={b / a:.3f} target=0.95",
+    )
+
+
+if __name__ == "__main__":
+    main()
