@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -34,3 +35,8 @@ def fresh_client():
     """A cluster of its own, for tests that kill or exhaust workers."""
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as c:
         yield c
+
+
+# Dask's threads log while the session cluster shuts down, after pytest has closed its capture
+# streams; without this every such line prints a "Logging error" traceback.
+logging.raiseExceptions = False

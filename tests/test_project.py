@@ -1,0 +1,42 @@
+"""The README's set-up is what CI runs."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_readme_setup_is_two_commands_and_ci_runs_the_test_one():
+    install_and_train, install_and_test = _setup_commands()
+    assert "daskdl train --dataset digits" in install_and_train
+    assert "pytest" in install_and_test
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install_and_test in ci
+    assert any(line.startswith(".venv/bin/ruff check") for line in ci)
+
+
+def test_environment_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = {re.split(r"[<>=\[ ]", d)[0] for d in env["dependencies"] if isinstance(d, str)}
+    conda = {"torch" if d == "pytorch" else d for d in conda}
+    wanted = project["dependencies"] + [
+        d
+        for deps in project["optional-dependencies"].values()
+        for d in deps
+        if not d.startswith("dask-cuda")
+    ]
+    names = {re.split(r"[<>=\[ ]", d)[0] for d in wanted}
+    assert names - conda == set(), f"missing from environment.yml: {names - conda}"
+    assert set(project["optional-dependencies"]) == {"cuda", "app", "dev"}
