@@ -95,14 +95,19 @@ def synthetic_images(
 ) -> Dataset:
     """``n`` random images, generated lazily per partition, that a model can learn.
 
-    Each class has a fixed random template; a sample is its class template plus Gaussian
-    noise of scale ``noise``. The result depends only on the arguments (not on the cluster).
+    Each class has a fixed random template, smooth at the scale of 8 pixels so that crops and
+    flips keep it recognisable; a sample is its class template plus Gaussian noise of scale
+    ``noise``. The result depends only on the arguments (not on the cluster).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
     chunks = chunks or max(1, math.ceil(n / 4))
     starts = range(0, n, chunks)
-    templates = np.random.default_rng([seed, 2**31]).normal(size=(n_classes, *shape))
+    c, h, w = shape
+    coarse = np.random.default_rng([seed, 2**31]).normal(
+        size=(n_classes, c, math.ceil(h / 8), math.ceil(w / 8))
+    )
+    templates = coarse.repeat(8, axis=2).repeat(8, axis=3)[:, :, :h, :w]
     xs, ys = [], []
     for b, start in enumerate(starts):
         m = min(chunks, n - start)

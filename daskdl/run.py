@@ -458,16 +458,8 @@ def fit(
     client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
     comm.ensure_plugin(client)
 
-    manifest_out = {
-        "run": run_id,
-        "model": models.describe(model),
-        "config": config,
-        "input_shape": list(train.sample_shape),
-        "n_classes": n_classes,
-        "plan": plan,
-        "partition_sizes": sizes,
-        "world_size": len(ranks),
-    }
+    # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
+    manifest_out = {**public, "plan": plan, "partition_sizes": sizes}
     futures = []
     for r, addr in enumerate(ranks):
         rank_spec = RankSpec(

@@ -204,3 +204,48 @@ def test_a_dead_peer_becomes_an_error_not_a_hang(fresh_client):
         run.wait(timeout=60)
     assert run.status == "failed"
     assert victim in str(info.value) or "rank 1" in str(info.value)
+
+
+def test_bf16_adamw_onecycle(client):
+    X, y = blobs()
+    train, val = Dataset.from_numpy(X, y, chunks=150).split(0.25, seed=0)
+    run = daskdl.fit(
+        client,
+        "mlp",
+        train,
+        val=val,
+        precision="bf16",
+        optimizer="adamw",
+        lr=0.01,
+        schedule="onecycle",
+        epochs=3,
+        batch_size=16,
+        progress=False,
+    )
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_images_with_augmentation_and_batch_norm(client):
+    data = daskdl.datasets.synthetic_images(256, (3, 16, 16), n_classes=4, seed=0, noise=0.5)
+    train, val = data.split(0.25, seed=0)
+    run = daskdl.fit(
+        client,
+        "vgg11",
+        train,
+        val=val,
+        augment=True,
+        epochs=3,
+        batch_size=8,
+        lr=0.05,
+        progress=False,
+    )
+    assert run.history["val_accuracy"].iloc[-1] > 0.5  # 4 classes: chance is 0.25
+    # Batch-norm statistics were averaged and travel with the model.
+    bn = next(m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.num_batches_tracked > 0 and not torch.all(bn.running_mean == 0)
+
+
+def test_local_cluster_listens_on_loopback_only(client):
+    assert client.dashboard_link.startswith("http://127.0.0.1:")
+    assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    assert all(w.startswith("tcp://127.0.0.1:") for w in client.scheduler_info()["workers"])

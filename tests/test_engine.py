@@ -1,0 +1,73 @@
+"""The pieces of the rank loop, without a cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daskdl import models
+from daskdl.config import TrainConfig
+from daskdl.engine import GradBuffer, epoch_order, lr_at
+from daskdl.preprocess import augment_images
+
+
+def test_epoch_order_is_seeded_reshuffled_and_wraps():
+    a = epoch_order(10, steps=3, batch=4, seed=0, epoch=0, rank=0, shuffle=True)
+    assert len(a) == 12
+    assert set(a[:10]) == set(range(10))  # a whole permutation before any repeat
+    np.testing.assert_array_equal(a, epoch_order(10, 3, 4, 0, 0, 0, True))
+    assert not np.array_equal(a, epoch_order(10, 3, 4, 0, 1, 0, True))  # a new epoch
+    assert not np.array_equal(a, epoch_order(10, 3, 4, 0, 0, 1, True))  # another rank
+    np.testing.assert_array_equal(epoch_order(5, 2, 4, 0, 0, 0, False), [0, 1, 2, 3, 4, 0, 1, 2])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules(schedule):
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule=schedule, warmup_epochs=1)
+    lrs = [lr_at(s, 100, cfg, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01)  # warm-up starts at lr / warmup steps
+    assert lrs[9] == pytest.approx(0.1)
+    assert max(lrs) == pytest.approx(0.1)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(0.1)
+    else:
+        assert lrs[-1] < 0.005 and all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_onecycle_without_warmup_rises_then_falls():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="onecycle")
+    lrs = [lr_at(s, 100, cfg, 10) for s in range(100)]
+    peak = int(np.argmax(lrs))
+    assert lrs[0] < 0.02 and 25 <= peak <= 35 and lrs[-1] < 0.005
+
+
+def test_grad_buffer_is_what_backward_writes():
+    torch.manual_seed(0)
+    model = models.mlp((4,), 3)
+    buf = GradBuffer(model)
+    torch.nn.functional.cross_entropy(model(torch.randn(5, 4)), torch.arange(5) % 3).backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert flat.abs().sum() > 0
+    torch.testing.assert_close(buf.flat[: flat.numel()], flat)
+    buf.array[:] *= 2  # the numpy view the all-reduce writes into is the gradient
+    torch.testing.assert_close(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), 2 * flat
+    )
+
+
+def test_augmentation_crops_and_flips_on_the_device():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
+    gen = torch.Generator().manual_seed(0)
+    outs = [augment_images(x, gen, pad=2) for _ in range(20)]
+    assert all(o.shape == x.shape for o in outs)
+    # Some crops are shifted (zeros from the padding come in), some images are flipped.
+    assert any((o == 0).any() for o in outs)
+    flips = [augment_images(x, gen, pad=0)[0] for _ in range(20)]
+    assert any(torch.equal(f, x[0].flip(2)) for f in flips)
+    assert any(torch.equal(f, x[0]) for f in flips)
+    # Every output pixel is a padding zero or a pixel of the same channel of the same image.
+    for o in outs:
+        for i in range(2):
+            for c in range(3):
+                assert set(o[i, c].unique().tolist()) <= set(x[i, c].unique().tolist()) | {0.0}
