@@ -37,9 +37,9 @@ def small_cnn(input_shape: tuple[int, ...], n_classes: int, width: int = 32) -> 
         nn.MaxPool2d(2),
         nn.Conv2d(2 * width, 2 * width, 3, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
         nn.Flatten(),
-        nn.Linear(8 * width, n_classes),
+        nn.Linear(32 * width, n_classes),
     )
 
 
