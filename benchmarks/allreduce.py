@@ -30,8 +30,8 @@ from daskdl import comm
 RESNET18 = 11_173_962
 
 
-def _daskdl_rank(run_id, rank, peers, size, iters, warmup):
-    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=60)
+def _daskdl_rank(run_id, rank, peers, size, iters, warmup, piece_bytes):
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=60, piece_bytes=piece_bytes)
     buf = np.full(size, rank + 1, dtype=np.float32)
     try:
         for _ in range(warmup):
@@ -46,13 +46,24 @@ def _daskdl_rank(run_id, rank, peers, size, iters, warmup):
         group.close()
 
 
-def bench_daskdl(size, iters, warmup):
+def bench_daskdl(size, iters, warmup, piece_bytes=8 * 2**20):
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as c:
         comm.ensure_plugin(c)
         peers = sorted(c.scheduler_info()["workers"])
         run_id = uuid.uuid4().hex
         futures = [
-            c.submit(_daskdl_rank, run_id, r, peers, size, iters, warmup, workers=[w], pure=False)
+            c.submit(
+                _daskdl_rank,
+                run_id,
+                r,
+                peers,
+                size,
+                iters,
+                warmup,
+                piece_bytes,
+                workers=[w],
+                pure=False,
+            )
             for r, w in enumerate(peers)
         ]
         times = c.gather(futures)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 
 def local_cluster(
@@ -31,7 +31,8 @@ def local_cluster(
     if n_workers < 1:
         raise ValueError(f"n_workers must be at least 1, got {n_workers}.")
     threads_per_worker = threads_per_worker or max(1, cores // n_workers)
-    cluster = LocalCluster(
+    # The client starts the LocalCluster itself, so closing the client shuts the cluster down.
+    return Client(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
@@ -40,4 +41,3 @@ def local_cluster(
         memory_limit=memory_limit,
         **kwargs,
     )
-    return Client(cluster)

@@ -140,9 +140,19 @@ class DaskGroup:
         This rank's index into ``peers``, the worker address of every rank.
     timeout
         Seconds to wait for any one message before raising :class:`PeerTimeoutError`.
+    piece_bytes
+        Messages are cut to about this size so that reducing overlaps with transfer.
     """
 
-    def __init__(self, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float):
+    def __init__(
+        self,
+        worker: Worker,
+        run_id: str,
+        rank: int,
+        peers: list[str],
+        timeout: float,
+        piece_bytes: int = 8 * 2**20,
+    ):
         if worker.address.startswith("inproc://"):
             raise RuntimeError(
                 "daskdl ranks need worker processes: the cluster runs workers as threads "
@@ -155,6 +165,7 @@ class DaskGroup:
         self.size = len(peers)
         self.timeout = timeout
         self.box = mailbox(run_id)
+        self.piece_bytes = piece_bytes
         self._seq = 0
 
     def _send(self, dest: int, tag: str, data: np.ndarray):
@@ -190,21 +201,40 @@ class DaskGroup:
             return buf
         self._seq += 1
         p, r = self.size, self.rank
-        right, left = (r + 1) % p, (r - 1) % p
         chunks = np.array_split(buf, p)
         # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
         for s in range(p - 1):
-            send_i, recv_i = (r - s) % p, (r - s - 1) % p
-            sent = self._send(right, f"{self._seq}:rs:{s}", chunks[send_i])
-            chunks[recv_i] += self._recv(left, f"{self._seq}:rs:{s}")
-            self._wait_sent(sent, right)
+            self._ring_step(
+                f"{self._seq}:rs:{s}", chunks[(r - s) % p], chunks[(r - s - 1) % p], reduce=True
+            )
         # All-gather: pass the finished chunks around the ring.
         for s in range(p - 1):
-            send_i, recv_i = (r + 1 - s) % p, (r - s) % p
-            sent = self._send(right, f"{self._seq}:ag:{s}", chunks[send_i])
-            chunks[recv_i][...] = self._recv(left, f"{self._seq}:ag:{s}")
-            self._wait_sent(sent, right)
+            self._ring_step(
+                f"{self._seq}:ag:{s}", chunks[(r + 1 - s) % p], chunks[(r - s) % p], reduce=False
+            )
         return buf
+
+    def _ring_step(self, tag: str, out: np.ndarray, into: np.ndarray, reduce: bool) -> None:
+        """Send ``out`` to the right neighbour while receiving the left one's ``into``.
+
+        Both travel in pieces of about ``piece_bytes``, all sent at once, so adding the first
+        piece overlaps with the transfer of the next ones. Sender and receiver cut the same
+        chunk index, so they agree on the pieces.
+        """
+        right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        n_pieces = max(1, -(-out.nbytes // self.piece_bytes))
+        sent = [
+            self._send(right, f"{tag}:{k}", piece)
+            for k, piece in enumerate(np.array_split(out, n_pieces))
+        ]
+        for k, piece in enumerate(np.array_split(into, n_pieces)):
+            incoming = self._recv(left, f"{tag}:{k}")
+            if reduce:
+                piece += incoming
+            else:
+                piece[...] = incoming
+        for fut in sent:
+            self._wait_sent(fut, right)
 
     def allreduce_mean_(self, buf: np.ndarray) -> np.ndarray:
         self.allreduce_(buf)

@@ -246,8 +246,13 @@ def _block_futures(arr) -> list:
 
 
 def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
-    """Persist the data sets in one graph (they share keys, such as standardisation stats)."""
-    arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)])
+    """Persist the data sets in one graph (they share keys, such as standardisation stats).
+
+    Unoptimised, so that each key keeps the task it has in the user's collections: a later
+    computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
+    every shared key instead of resubmitting it fused differently.
+    """
+    arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)], optimize_graph=False)
     out = []
     for i, ds in enumerate(datasets):
         persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
