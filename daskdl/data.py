@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import dask
 import dask.array as da
@@ -333,12 +334,83 @@ def _select_rows(block: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------- shard plan
 
 
+class ShardPlan(NamedTuple):
+    """Partitions per rank, and the worker each rank runs on."""
+
+    shards: list[list[int]]
+    workers: list[str]
+
+
+def balanced_shards(sizes: Sequence[int], n_ranks: int) -> list[list[int]]:
+    """Group partitions into ``n_ranks`` shards of nearly equal sample counts.
+
+    Largest partitions first, each to the lightest shard (ties to the lower index): a pure
+    function of the sizes, so the same data always gives the same shards, wherever Dask happens
+    to keep it, and a seeded run is reproducible.
+
+    Examples
+    --------
+    >>> balanced_shards([300, 100, 100, 100], 2)
+    [[0], [1, 2, 3]]
+    """
+    if n_ranks < 1:
+        raise ValueError("No ranks to plan for: the cluster has no workers.")
+    if len(sizes) < n_ranks:
+        raise ValueError(
+            f"{len(sizes)} partitions cannot feed {n_ranks} ranks: every rank needs at "
+            f"least one partition. Use fewer workers or repartition the data (for example "
+            f"Dataset.from_numpy(..., chunks=len(X) // {n_ranks}))."
+        )
+    shards: list[list[int]] = [[] for _ in range(n_ranks)]
+    loads = [0] * n_ranks
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        # A shard without any partition yet goes first, so no rank is left empty.
+        r = min(range(n_ranks), key=lambda r: (bool(shards[r]), loads[r], r))
+        shards[r].append(i)
+        loads[r] += sizes[i]
+    return [sorted(s) for s in shards]
+
+
+def match_workers(
+    shards: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    locations: Sequence[Sequence[str]],
+    workers: Sequence[str],
+) -> list[int]:
+    """For each shard, the index of the worker that should hold it: one shard per worker,
+    chosen so that as many samples as possible are already where they are needed.
+
+    Greedy on the (shard, worker) pairs with the most samples in place; ties go to the lower
+    shard and worker indices, so the answer depends only on the arguments.
+    """
+    if len(shards) != len(workers):
+        raise ValueError(f"{len(shards)} shards for {len(workers)} workers.")
+    index = {w: j for j, w in enumerate(workers)}
+    local = [[0] * len(workers) for _ in shards]
+    for r, shard in enumerate(shards):
+        for i in shard:
+            for w in set(locations[i]):
+                if w in index:
+                    local[r][index[w]] += sizes[i]
+    pairs = sorted(
+        ((local[r][j], r, j) for r in range(len(shards)) for j in range(len(workers))),
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    chosen: list[int | None] = [None] * len(shards)
+    taken: set[int] = set()
+    for _, r, j in pairs:
+        if chosen[r] is None and j not in taken:
+            chosen[r] = j
+            taken.add(j)
+    return chosen
+
+
 def plan_shards(
     sizes: Sequence[int],
     locations: Sequence[Sequence[str]],
     workers: Sequence[str],
-) -> list[list[int]]:
-    """Assign partitions to ranks: balanced by sample count, preferring data already in place.
+) -> ShardPlan:
+    """Assign partitions to ranks and ranks to workers.
 
     Parameters
     ----------
@@ -347,62 +419,25 @@ def plan_shards(
     locations
         For each partition, the workers that hold it now (``Client.who_has``); may be empty.
     workers
-        Worker address of each rank, in rank order.
+        The workers that get a rank.
 
     Returns
     -------
-    For each rank, the indices of its partitions, in increasing order.
+    ``ShardPlan(shards, workers)``: rank ``r`` trains on partitions ``shards[r]`` on worker
+    ``workers[r]``.
 
-    A rank may take partitions held elsewhere only when the partitions on its own worker are
-    not enough to give it its share (``sum(sizes) / n_ranks``); the largest partitions are
-    placed first so that the shards come out as even as the partition sizes allow.
+    The shards depend only on the partition sizes (:func:`balanced_shards`), so a seeded run
+    computes the same thing wherever Dask placed the data; the data's location decides which
+    worker runs which shard (:func:`match_workers`), so as little as possible moves.
 
     Examples
     --------
-    >>> plan_shards([10, 10, 10, 10], [["a"], ["a"], ["a"], ["b"]], ["a", "b"])
-    [[0, 1], [2, 3]]
+    >>> plan_shards([10, 10, 10, 10], [["b"], ["a"], ["b"], ["a"]], ["a", "b"])
+    ShardPlan(shards=[[0, 2], [1, 3]], workers=['b', 'a'])
     """
-    if len(sizes) != len(locations):
-        raise ValueError(f"{len(sizes)} partition sizes but {len(locations)} location lists.")
-    if not workers:
-        raise ValueError("No ranks to plan for: the cluster has no workers.")
-    if len(sizes) < len(workers):
-        raise ValueError(
-            f"{len(sizes)} partitions cannot feed {len(workers)} ranks: every rank needs at "
-            f"least one partition. Use fewer workers or repartition the data (for example "
-            f"Dataset.from_numpy(..., chunks=len(X) // {len(workers)}))."
-        )
-    target = sum(sizes) / len(workers)
-    loads = [0] * len(workers)
-    plan: list[list[int]] = [[] for _ in workers]
-    rank_of = {addr: r for r, addr in enumerate(workers)}
-    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
-    unplaced = []
-    # First pass: keep a partition where it lives while that rank is below its share.
-    for i in order:
-        local = [rank_of[w] for w in locations[i] if w in rank_of]
-        local = [r for r in local if loads[r] + sizes[i] <= target + 0.5 * sizes[i]]
-        if local:
-            r = min(local, key=lambda r: (loads[r], r))
-            plan[r].append(i)
-            loads[r] += sizes[i]
-        else:
-            unplaced.append(i)
-    # Second pass: everything else to the least loaded rank; ranks without data come first.
-    for i in unplaced:
-        r = min(range(len(workers)), key=lambda r: (bool(plan[r]), loads[r], r))
-        plan[r].append(i)
-        loads[r] += sizes[i]
-    for r in range(len(workers)):
-        if not plan[r]:
-            # Every rank needs data; take the smallest partition from the richest rank.
-            donor = max(range(len(workers)), key=lambda d: (len(plan[d]) > 1, loads[d]))
-            i = min(plan[donor], key=lambda i: sizes[i])
-            plan[donor].remove(i)
-            loads[donor] -= sizes[i]
-            plan[r].append(i)
-            loads[r] += sizes[i]
-    return [sorted(p) for p in plan]
+    shards = balanced_shards(sizes, len(workers))
+    matched = match_workers(shards, sizes, locations, workers)
+    return ShardPlan(shards, [workers[j] for j in matched])
 
 
 def shard_sizes(plan: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:

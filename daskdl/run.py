@@ -18,7 +18,13 @@ from distributed import Client, futures_of, wait
 
 from daskdl import checkpoint, comm, events, models
 from daskdl.config import TrainConfig
-from daskdl.data import Dataset, plan_shards, shard_sizes, who_has_to_locations
+from daskdl.data import (
+    Dataset,
+    balanced_shards,
+    match_workers,
+    shard_sizes,
+    who_has_to_locations,
+)
 from daskdl.engine import RankSpec, evaluate_shard, rank_main
 
 
@@ -260,9 +266,8 @@ def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, li
     return out
 
 
-def _plan(client, x_futs, sizes, workers) -> list[list[int]]:
-    who_has = client.who_has(x_futs)
-    return plan_shards(sizes, who_has_to_locations([f.key for f in x_futs], who_has), workers)
+def _locations(client: Client, futures: list) -> list[list[str]]:
+    return who_has_to_locations([f.key for f in futures], client.who_has(futures))
 
 
 def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str]:
@@ -415,7 +420,9 @@ def fit(
     ):
         plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
     else:
-        plan = _plan(client, x_futs, sizes, ranks)
+        plan = balanced_shards(sizes, len(ranks))
+    # Rank r always trains on shard r; where the data lives only decides which worker is rank r.
+    ranks = [ranks[j] for j in match_workers(plan, sizes, _locations(client, x_futs), ranks)]
     shards = shard_sizes(plan, sizes)
     if cfg.batch_size > min(shards):
         r = int(np.argmin(shards))
@@ -428,9 +435,13 @@ def fit(
     if val is not None:
         val_sizes = [int(c) for c in val.X.chunks[0]]
         if len(val_sizes) >= len(ranks):
-            val_plan = _plan(client, xv_futs, val_sizes, ranks)
-        else:
-            val_plan[0] = list(range(len(val_sizes)))
+            val_shards = balanced_shards(val_sizes, len(ranks))
+        else:  # some ranks evaluate nothing
+            val_shards = [[i] for i in range(len(val_sizes))]
+            val_shards += [[] for _ in range(len(ranks) - len(val_sizes))]
+        matched = match_workers(val_shards, val_sizes, _locations(client, xv_futs), ranks)
+        for shard, r in zip(val_shards, matched):
+            val_plan[r] = shard
 
     run_id = uuid.uuid4().hex[:8]
     out_path = Path(out) if out is not None else None

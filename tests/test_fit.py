@@ -129,6 +129,20 @@ def test_each_constructor_trains(client, source):
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
 
 
+def test_seeded_runs_repeat_wherever_the_data_lives(client):
+    X, y = blobs(n=400)
+    w0, w1 = sorted(client.scheduler_info()["workers"])
+    params = []
+    for holder in (w0, w1):
+        Xd, yd = client.persist(
+            [da.from_array(X, chunks=(100, -1)), da.from_array(y, chunks=100)], workers=[holder]
+        )
+        run = daskdl.fit(client, "mlp", Dataset.from_dask(Xd, yd), seed=5, **QUICK)
+        assert set(run.workers) == {w0, w1}
+        params.append(_params(run.model))
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=0)
+
+
 def test_uneven_shards_do_not_hang(client):
     X, y = blobs(n=300)
     ds = Dataset.from_dask(

@@ -1,51 +1,89 @@
-"""The shard plan is a pure function: tested with plain lists and dicts, no cluster."""
+"""The shard plan is pure functions: tested with plain lists and dicts, no cluster."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from daskdl.data import plan_shards, shard_sizes, who_has_to_locations
+from daskdl.data import (
+    ShardPlan,
+    balanced_shards,
+    match_workers,
+    plan_shards,
+    shard_sizes,
+    who_has_to_locations,
+)
 
 
-def test_keeps_partitions_where_they_live():
-    sizes = [100, 100, 100, 100]
-    locations = [["w0"], ["w1"], ["w0"], ["w1"]]
-    plan = plan_shards(sizes, locations, ["w0", "w1"])
-    assert plan == [[0, 2], [1, 3]]
-
-
-def test_balances_by_sample_count_not_partition_count():
-    # w0 holds everything; the big partition alone is a fair share.
+def test_shards_balance_sample_counts_not_partition_counts():
     sizes = [300, 100, 100, 100]
-    plan = plan_shards(sizes, [["w0"]] * 4, ["w0", "w1"])
-    assert shard_sizes(plan, sizes) == [300, 300]
-    assert sorted(i for part in plan for i in part) == [0, 1, 2, 3]
+    shards = balanced_shards(sizes, 2)
+    assert shard_sizes(shards, sizes) == [300, 300]
+    assert sorted(itertools.chain(*shards)) == [0, 1, 2, 3]
 
 
-def test_moves_data_only_when_a_rank_would_otherwise_be_short():
-    sizes = [50] * 6
-    locations = [["w0"], ["w0"], ["w0"], ["w0"], ["w1"], ["w0"]]
+def test_shards_are_as_even_as_the_partitions_allow():
+    sizes = [57, 3, 91, 44, 44, 80, 12, 9, 60, 33]
+    for n in [2, 3, 4]:
+        loads = shard_sizes(balanced_shards(sizes, n), sizes)
+        assert sum(loads) == sum(sizes)
+        # Greedy largest-first is within the largest partition of the ideal.
+        assert max(loads) - min(loads) <= max(sizes)
+
+
+def test_every_rank_gets_a_partition():
+    sizes = [1000, 1, 1]
+    assert [len(s) for s in balanced_shards(sizes, 3)] == [1, 1, 1]
+
+
+def test_workers_are_matched_to_the_data_they_hold():
+    sizes = [100] * 4
+    locations = [["w1"], ["w0"], ["w1"], ["w0"]]
     plan = plan_shards(sizes, locations, ["w0", "w1"])
-    assert shard_sizes(plan, sizes) == [150, 150]
-    assert 4 in plan[1]  # w1's own partition stays on w1
-    moved = [i for i in plan[1] if locations[i] != ["w1"]]
-    assert len(moved) == 2
+    assert plan == ShardPlan([[0, 2], [1, 3]], ["w1", "w0"])  # nothing moves
 
 
-def test_unknown_locations_and_replicas():
-    sizes = [10, 20, 30, 40, 50, 60]
-    locations = [[], ["w1", "w2"], [], ["gone"], ["w2"], []]
-    plan = plan_shards(sizes, locations, ["w0", "w1", "w2"])
-    loads = shard_sizes(plan, sizes)
-    assert sum(loads) == 210
-    assert max(loads) - min(loads) <= 60
-    assert all(plan)
+def test_the_shards_do_not_depend_on_where_the_data_is():
+    """Wherever Dask put the partitions, rank r trains on the same samples: seeded runs repeat."""
+    sizes = [50, 70, 20, 90, 40, 10]
+    workers = ["a", "b", "c"]
+    placements = [
+        [["a"], ["b"], ["c"], ["a"], ["b"], ["c"]],
+        [["c"], ["c"], ["a"], ["b"], [], ["a", "b"]],
+        [[]] * 6,
+    ]
+    plans = [plan_shards(sizes, where, workers) for where in placements]
+    assert all(p.shards == plans[0].shards for p in plans)
+    assert all(sorted(p.workers) == workers for p in plans)
 
 
-def test_every_rank_gets_data_even_if_one_worker_holds_all():
-    sizes = [10, 10, 10]
-    plan = plan_shards(sizes, [["a"], ["a"], ["a"]], ["a", "b", "c"])
-    assert [len(p) for p in plan] == [1, 1, 1]
+def test_matching_maximises_samples_in_place():
+    shards = [[0, 1], [2], [3]]
+    sizes = [10, 10, 30, 5]
+    locations = [["x"], ["y"], ["y"], ["z"]]
+    # Shard 1 (30 samples on y) gets y; shard 0 then goes to x (10 in place), shard 2 to z.
+    workers = ["x", "y", "z"]
+    matched = match_workers(shards, sizes, locations, workers)
+    assert matched == [0, 1, 2]
+
+    def in_place(assignment):
+        return sum(
+            sizes[i]
+            for r, j in enumerate(assignment)
+            for i in shards[r]
+            if workers[j] in locations[i]
+        )
+
+    assert in_place(matched) == max(map(in_place, itertools.permutations(range(3)))) == 45
+
+
+def test_unknown_holders_and_replicas_are_fine():
+    sizes = [10, 20, 30, 40]
+    locations = [[], ["w1", "w0"], ["gone"], ["w1"]]
+    plan = plan_shards(sizes, locations, ["w0", "w1"])
+    assert sorted(plan.workers) == ["w0", "w1"]
+    assert sorted(itertools.chain(*plan.shards)) == [0, 1, 2, 3]
 
 
 def test_is_deterministic():
