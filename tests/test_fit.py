@@ -263,3 +263,34 @@ def test_local_cluster_listens_on_loopback_only(client):
     assert client.dashboard_link.startswith("http://127.0.0.1:")
     assert client.scheduler.address.startswith("tcp://127.0.0.1:")
     assert all(w.startswith("tcp://127.0.0.1:") for w in client.scheduler_info()["workers"])
+
+
+def test_partitions_never_pass_through_the_client(client, monkeypatch):
+    from distributed import Client
+    from distributed.utils_comm import unpack_remotedata
+
+    gathered = []
+    original = Client._gather
+
+    async def spy(self, futures, *args, **kwargs):
+        gathered.extend(f.key for f in unpack_remotedata(futures, byte_keys=True)[1])
+        return await original(self, futures, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_gather", spy)
+    X, y = blobs(n=400)
+    ds = Dataset.from_numpy(X, y, chunks=100)
+    run = daskdl.fit(client, "mlp", ds, val=ds, **QUICK)
+    assert run.status == "finished"
+    names = {ds.X.name, ds.y.name}
+    data_keys = [k for k in gathered if isinstance(k, tuple) and k[0] in names]
+    assert gathered and not data_keys
+    assert any(str(k).startswith("daskdl-rank-0") for k in gathered)  # the spy saw the result
+
+
+def test_dropna_then_train(client):
+    X, y = blobs(n=400)
+    X[::7, 2] = np.nan
+    ds = Dataset.from_numpy(X, y, chunks=100).dropna()
+    train, val = ds.split(0.25, seed=0)
+    run = daskdl.fit(client, "mlp", train, val=val, **QUICK)
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
