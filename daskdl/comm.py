@@ -151,7 +151,7 @@ class DaskGroup:
         rank: int,
         peers: list[str],
         timeout: float,
-        piece_bytes: int = 8 * 2**20,
+        piece_bytes: int = 4 * 2**20,
     ):
         if worker.address.startswith("inproc://"):
             raise RuntimeError(

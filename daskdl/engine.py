@@ -189,23 +189,27 @@ def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
         offset += b.numel()
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @contextmanager
-def torch_friendly_malloc(threshold: int = 32 * 2**20):
-    """Let glibc serve tensor-sized allocations from the heap while a rank runs.
+def torch_friendly_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20):
+    """Let glibc reuse tensor-sized allocations while a rank runs, instead of asking the OS.
 
-    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` so that workers hand memory back to the OS;
-    as a side effect glibc's mmap threshold is pinned at 128 KiB, so every activation and
-    gradient tensor becomes a fresh ``mmap`` plus page faults. That cost a small CNN about a
-    third of its throughput on a worker (benchmarks/overhead.py).
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand memory back to the
+    OS; as a side effect glibc's mmap threshold is pinned at 128 KiB, so every activation,
+    gradient and received message becomes a fresh ``mmap`` plus page faults. That cost a small
+    CNN about a third of its throughput on a worker (benchmarks/overhead.py) and the all-reduce
+    a fifth of its speed. The worker's settings come back, and free memory is returned to the
+    OS, when the rank ends.
     """
     libc = None
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is not None:
+    dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    if dask_trim is not None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, threshold)
+            libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+            libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
         except (OSError, AttributeError):
             libc = None  # not glibc: nothing to tune
     try:
@@ -213,6 +217,8 @@ def torch_friendly_malloc(threshold: int = 32 * 2**20):
     finally:
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+            libc.mallopt(M_TRIM_THRESHOLD, int(dask_trim))
+            libc.malloc_trim(0)
 
 
 def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
