@@ -124,39 +124,13 @@ def dask_cluster(tmp_path):
 
 def test_train_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
     out = tmp_path / "run"
-    proc = _run(
-        "train",
-        "--scheduler",
-        dask_cluster,
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "3",
-        "--out",
-        str(out),
-        "--no-progress",
-    )
+    args = f"train --scheduler {dask_cluster} --dataset digits --model mlp --out {out}".split()
+    proc = _run(*args, "--epochs", "3", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _val_accuracy(proc.stdout) > 0.8
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     # And it continues from its checkpoint.
-    proc = _run(
-        "train",
-        "--scheduler",
-        dask_cluster,
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "4",
-        "--out",
-        str(out),
-        "--resume",
-        "--no-progress",
-    )
+    proc = _run(*args, "--epochs", "4", "--resume", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3, 4]
 
