@@ -40,6 +40,7 @@ class RankSpec:
     config: dict
     n_train_parts: int
     steps_per_epoch: int
+    has_val: bool = False
     start_epoch: int = 0
     out: str | None = None
     manifest: dict = field(default_factory=dict)
@@ -170,7 +171,7 @@ def evaluate_shard(model, X, y, batch_size: int, autocast) -> np.ndarray:
     return sums
 
 
-def _concat(parts: list[np.ndarray], dtype) -> torch.Tensor:
+def _concat(parts: tuple[np.ndarray, ...], dtype) -> torch.Tensor:
     if not parts:
         return torch.empty(0)
     return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts), dtype=dtype))
@@ -230,119 +231,147 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
 
 
 def _rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
-    worker = get_worker()
-    cfg = TrainConfig.from_dict(spec.config)
-    torch.set_num_threads(cfg.torch_threads or max(1, worker.state.nthreads))
-    device = torch.device("cpu")
-    ctx = RankContext(spec.rank, len(spec.peers), device, spec.run_id, worker)
-    n_train = spec.n_train_parts
-    X = _concat(list(parts[0 : 2 * n_train : 2]), np.float32)
-    y = _concat(list(parts[1 : 2 * n_train : 2]), np.int64)
-    Xv = _concat(list(parts[2 * n_train :: 2]), np.float32)
-    yv = _concat(list(parts[2 * n_train + 1 :: 2]), np.int64)
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = models.build(spec.model, spec.input_shape, spec.n_classes).to(device)
-    opt = make_optimizer(model, cfg)
-    if resume is not None:
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
-        opt.load_state_dict(resume["optimizer"])
-    grads = GradBuffer(model)
-    group = DaskGroup(worker, spec.run_id, spec.rank, spec.peers, cfg.timeout)
-    augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.precision == "bf16"
-        else nullcontext()
-    )
-    steps = spec.steps_per_epoch
-    total_steps = steps * cfg.epochs
-    process = psutil.Process(os.getpid())
-    history = list(spec.history)
-    stopped = False
+    rank = Rank(spec, resume, parts)
     try:
-        for epoch in range(spec.start_epoch, cfg.epochs):
-            model.train()
-            order = epoch_order(
-                len(X), steps, cfg.batch_size, cfg.seed, epoch, spec.rank, cfg.shuffle
-            )
-            gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, spec.rank)) % 2**63)
-            t_epoch = last_log = time.perf_counter()
-            loss_sum = acc_sum = 0.0
-            logged_steps = 0
-            for s in range(steps):
-                global_step = epoch * steps + s
-                lr = lr_at(global_step, total_steps, cfg, steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                idx = torch.from_numpy(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
-                xb, yb = X[idx].to(device), y[idx].to(device)
-                if augment:
-                    xb = augment_images(xb, gen)
-                loss, acc, stopped = train_step(
-                    model, opt, xb, yb, grads, group, autocast, group.box.stop_requested
-                )
-                loss_sum += loss
-                acc_sum += acc
-                now = time.perf_counter()
-                if now - last_log >= spec.log_interval or s == steps - 1 or stopped:
-                    n_steps = s + 1 - logged_steps
-                    ctx.log(
-                        "step",
-                        epoch=epoch + 1,
-                        step=global_step + 1,
-                        loss=loss,
-                        samples_per_s=n_steps * cfg.batch_size / (now - last_log),
-                        step_time=(now - last_log) / n_steps,
-                        rss=process.memory_info().rss,
-                        lr=lr,
-                    )
-                    last_log, logged_steps = now, s + 1
-                if stopped:
-                    break
-            if stopped:
+        for epoch in range(spec.start_epoch, rank.cfg.epochs):
+            metrics = rank.train_epoch(epoch)
+            if metrics is None:  # every rank agreed to stop
                 break
-            train_time = time.perf_counter() - t_epoch
-            metrics = {
-                "epoch": epoch + 1,
-                "step": (epoch + 1) * steps,
-                "train_loss": loss_sum / steps,
-                "train_accuracy": acc_sum / steps,
-                "samples_per_s": ctx.world_size * cfg.batch_size * steps / train_time,
-                "epoch_time": train_time,
-                "lr": lr,
-                "val_loss": None,
-                "val_accuracy": None,
-            }
-            average_buffers(model, group)
-            if spec.n_train_parts * 2 < len(parts):
-                sums = evaluate_shard(model, Xv, yv, cfg.eval_batch_size, autocast)
-                group.allreduce_(sums)
-                metrics["val_loss"] = float(sums[0] / sums[2])
-                metrics["val_accuracy"] = float(sums[1] / sums[2])
-            history.append(metrics)
-            if ctx.is_main:
-                ctx.log("epoch", **metrics)
-                last = epoch + 1 == cfg.epochs
-                if spec.out and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-                    path = checkpoint.save(
-                        os.path.join(spec.out, "checkpoints"),
-                        epoch + 1,
-                        checkpoint.model_tensors(model),
-                        checkpoint.optimizer_tensors(opt),
-                        {**spec.manifest, "step": (epoch + 1) * steps, "history": history},
-                        keep=spec.keep_checkpoints,
-                    )
-                    ctx.log("checkpoint", epoch=epoch + 1, path=str(path))
+            rank.finish_epoch(epoch, metrics)
     finally:
-        group.close()
-    if not ctx.is_main:
+        rank.group.close()
+    if not rank.ctx.is_main:
         return None
     return {
-        "model": checkpoint.model_tensors(model),
-        "history": history,
-        "stopped": stopped,
+        "model": checkpoint.model_tensors(rank.model),
+        "history": rank.history,
+        "stopped": rank.stopped,
     }
+
+
+class Rank:
+    """The state of one rank: its shard, its replica, its optimizer and its peers."""
+
+    def __init__(self, spec: RankSpec, resume: dict | None, parts: tuple[np.ndarray, ...]):
+        worker = get_worker()
+        self.spec = spec
+        self.cfg = cfg = TrainConfig.from_dict(spec.config)
+        torch.set_num_threads(cfg.torch_threads or max(1, worker.state.nthreads))
+        self.device = torch.device("cpu")
+        self.ctx = RankContext(spec.rank, len(spec.peers), self.device, spec.run_id, worker)
+        n = 2 * spec.n_train_parts
+        self.X, self.y = _concat(parts[0:n:2], np.float32), _concat(parts[1:n:2], np.int64)
+        self.Xv, self.yv = _concat(parts[n::2], np.float32), _concat(parts[n + 1 :: 2], np.int64)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = models.build(spec.model, spec.input_shape, spec.n_classes).to(self.device)
+        self.opt = make_optimizer(self.model, cfg)
+        if resume is not None:
+            self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
+            self.opt.load_state_dict(resume["optimizer"])
+        self.grads = GradBuffer(self.model)
+        self.group = DaskGroup(worker, spec.run_id, spec.rank, spec.peers, cfg.timeout)
+        self.augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else nullcontext()
+        )
+        self.process = psutil.Process(os.getpid())
+        self.history = list(spec.history)
+        self.stopped = False
+
+    def train_epoch(self, epoch: int) -> dict | None:
+        """One pass over this rank's shard; ``None`` if the run was stopped part-way."""
+        cfg, steps, B = self.cfg, self.spec.steps_per_epoch, self.cfg.batch_size
+        self.model.train()
+        order = epoch_order(len(self.X), steps, B, cfg.seed, epoch, self.spec.rank, cfg.shuffle)
+        gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, self.spec.rank)) % 2**63)
+        t_epoch = self._last_log = time.perf_counter()
+        self._logged_steps = 0
+        loss_sum = acc_sum = 0.0
+        for s in range(steps):
+            global_step = epoch * steps + s
+            lr = lr_at(global_step, steps * cfg.epochs, cfg, steps)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            idx = torch.from_numpy(order[s * B : (s + 1) * B])
+            xb, yb = self.X[idx].to(self.device), self.y[idx].to(self.device)
+            if self.augment:
+                xb = augment_images(xb, gen)
+            loss, acc, self.stopped = train_step(
+                self.model,
+                self.opt,
+                xb,
+                yb,
+                self.grads,
+                self.group,
+                self.autocast,
+                self.group.box.stop_requested,
+            )
+            loss_sum += loss
+            acc_sum += acc
+            self._log_step(epoch, s, global_step, loss, lr)
+            if self.stopped:
+                return None
+        train_time = time.perf_counter() - t_epoch
+        return {
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps,
+            "train_loss": loss_sum / steps,
+            "train_accuracy": acc_sum / steps,
+            "samples_per_s": self.ctx.world_size * B * steps / train_time,
+            "epoch_time": train_time,
+            "lr": lr,
+            "val_loss": None,
+            "val_accuracy": None,
+        }
+
+    def _log_step(self, epoch: int, s: int, global_step: int, loss: float, lr: float) -> None:
+        # Throttled: an event per step would cost more than a small model's step.
+        now = time.perf_counter()
+        last_step = s == self.spec.steps_per_epoch - 1
+        if now - self._last_log < self.spec.log_interval and not last_step and not self.stopped:
+            return
+        n_steps = s + 1 - self._logged_steps
+        self.ctx.log(
+            "step",
+            epoch=epoch + 1,
+            step=global_step + 1,
+            loss=loss,
+            samples_per_s=n_steps * self.cfg.batch_size / (now - self._last_log),
+            step_time=(now - self._last_log) / n_steps,
+            rss=self.process.memory_info().rss,
+            lr=lr,
+        )
+        self._last_log, self._logged_steps = now, s + 1
+
+    def finish_epoch(self, epoch: int, metrics: dict) -> None:
+        """Agree on batch-norm statistics, evaluate, and (rank 0) report and checkpoint."""
+        average_buffers(self.model, self.group)
+        if self.spec.has_val:
+            # Every rank joins the sum, including one without validation partitions.
+            sums = evaluate_shard(
+                self.model, self.Xv, self.yv, self.cfg.eval_batch_size, self.autocast
+            )
+            self.group.allreduce_(sums)
+            metrics["val_loss"] = float(sums[0] / sums[2])
+            metrics["val_accuracy"] = float(sums[1] / sums[2])
+        self.history.append(metrics)
+        if not self.ctx.is_main:
+            return
+        self.ctx.log("epoch", **metrics)
+        done = epoch + 1
+        if self.spec.out and (done % self.cfg.checkpoint_every == 0 or done == self.cfg.epochs):
+            path = checkpoint.save(
+                os.path.join(self.spec.out, "checkpoints"),
+                done,
+                checkpoint.model_tensors(self.model),
+                checkpoint.optimizer_tensors(self.opt),
+                {**self.spec.manifest, "step": metrics["step"], "history": self.history},
+                keep=self.spec.keep_checkpoints,
+            )
+            self.ctx.log("checkpoint", epoch=done, path=str(path))
 
 
 def _auto_augment(input_shape: tuple[int, ...]) -> bool:

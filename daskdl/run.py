@@ -487,6 +487,7 @@ def fit(
             n_classes=n_classes,
             config=config,
             n_train_parts=len(plan[r]),
+            has_val=val is not None,
             steps_per_epoch=steps,
             start_epoch=start_epoch,
             out=str(out_path.resolve()) if out_path else None,

@@ -294,3 +294,11 @@ def test_dropna_then_train(client):
     train, val = ds.split(0.25, seed=0)
     run = daskdl.fit(client, "mlp", train, val=val, **QUICK)
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_validation_with_fewer_partitions_than_ranks(client):
+    X, y = blobs(n=500)
+    train = Dataset.from_numpy(X[:400], y[:400], chunks=100)
+    val = Dataset.from_numpy(X[400:], y[400:], chunks=100)  # one partition, two ranks
+    run = daskdl.fit(client, "mlp", train, val=val, comm_timeout=20, **QUICK)
+    assert run.evaluate(val)["accuracy"] == pytest.approx(run.history["val_accuracy"].iloc[-1])
