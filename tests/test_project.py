@@ -40,3 +40,28 @@ def test_environment_matches_pyproject():
     names = {re.split(r"[<>=\[ ]", d)[0] for d in wanted}
     assert names - conda == set(), f"missing from environment.yml: {names - conda}"
     assert set(project["optional-dependencies"]) == {"cuda", "app", "dev"}
+
+
+def test_readme_python_example_runs_as_written(tmp_path):
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## In Python", 1)[1]
+    code = re.search(r"```python\n(.+?)\n```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    checks = (
+        "\nassert run.history['val_accuracy'].iloc[-1] >= 0.97, run.history"
+        "\nassert abs(run.evaluate(test)['accuracy'] - run.history['val_accuracy'].iloc[-1])"
+        " < 1e-9\nprint('ok')\n"
+    )
+    script.write_text(
+        'if __name__ == "__main__":\n'
+        + "\n".join("    " + line for line in (code + checks).splitlines())
+        + "\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
