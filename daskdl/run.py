@@ -114,7 +114,8 @@ class Run:
                 failed = [i for i, f in enumerate(self._futures) if f.status == "error"]
                 if failed:
                     self._fail(self._rank_error(failed))
-                gone = [i for i, w in enumerate(self.workers) if w not in self._live_workers()]
+                live = self._live_workers()
+                gone = [i for i, w in enumerate(self.workers) if w not in live]
                 if gone and not self.done:
                     names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
                     self._fail(RunError(f"run {self.run_id}: worker of {names} left the cluster."))
