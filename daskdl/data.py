@@ -66,7 +66,14 @@ class Dataset:
             raise ValueError(f"X has {n_x} samples but y has {n_y}; they must be equal.")
         if n_x == 0:
             raise ValueError("The dataset is empty (0 samples).")
-        if X.numblocks[0] != y.numblocks[0]:
+        if any(math.isnan(c) for c in X.chunks[0] + y.chunks[0]):
+            if X.numblocks[0] != y.numblocks[0]:
+                raise ValueError(
+                    f"X has {X.numblocks[0]} partitions and y {y.numblocks[0]}, with unknown "
+                    "lengths, so they cannot be aligned. Call X.compute_chunk_sizes() and "
+                    "y.compute_chunk_sizes() first."
+                )
+        elif X.chunks[0] != y.chunks[0]:
             y = y.rechunk((X.chunks[0],))
         if n_classes is not None and (isinstance(n_classes, bool) or n_classes < 2):
             raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")

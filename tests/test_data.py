@@ -33,6 +33,15 @@ def test_constructors_keep_samples_and_partitions(tabular):
     assert ds.n_classes == 2
 
 
+def test_labels_follow_the_feature_partitions():
+    X = da.from_array(np.arange(100, dtype=np.float32).reshape(-1, 1), chunks=(50, 1))
+    y = da.from_array(np.arange(100) % 2, chunks=((30, 70),))  # as many blocks, other sizes
+    ds = Dataset.from_dask(X, y)
+    assert ds.y.chunks == ds.X.chunks[:1]
+    Xc, yc = ds.compute()
+    np.testing.assert_array_equal(yc, Xc[:, 0].astype(int) % 2)
+
+
 def test_from_dataframe():
     pdf = pd.DataFrame({"a": np.arange(100.0), "b": np.ones(100), "label": np.arange(100) % 3})
     ds = Dataset.from_dataframe(dd.from_pandas(pdf, npartitions=4), ["a", "b"], "label")

@@ -1,0 +1,5 @@
+import sys
+
+from daskdl.cli import main
+
+sys.exit(main())
