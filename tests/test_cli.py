@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -156,3 +157,31 @@ def test_cli_errors_are_one_clear_line(args, message):
     assert proc.returncode == 2
     assert f"daskdl: error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_on_cifar10_binary_files(tmp_path):
+    from daskdl.datasets import synthetic_images, write_cifar10_binary
+
+    images = synthetic_images(300, (3, 32, 32), n_classes=10, seed=0, chunks=100, noise=0.3)
+    X, y = images.compute()
+    pixels = np.clip((X - X.min()) / (X.max() - X.min()) * 255, 0, 255)
+    for i, name in enumerate(["data_batch_1.bin", "data_batch_2.bin", "test_batch.bin"]):
+        write_cifar10_binary(tmp_path / name, pixels[i * 100 : (i + 1) * 100], y[i * 100 :][:100])
+    proc = _run(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-path",
+        str(tmp_path),
+        "--model",
+        "small_cnn",
+        "--workers",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _val_accuracy(proc.stdout) > 0.2  # 10 classes: chance is 0.1
