@@ -29,6 +29,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST = "manifest.json"
 PREFIX = "epoch-"
+OUTER = "outer"
 
 
 class CheckpointError(ValueError):
@@ -58,10 +59,15 @@ def model_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray], list]:
-    """Split an optimizer's state into tensors (for safetensors) and JSON-able param groups."""
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, outer: dict[str, np.ndarray] | None = None
+) -> tuple[dict[str, np.ndarray], list]:
+    """Split an optimizer's state into tensors (for safetensors) and JSON-able param groups.
+
+    ``outer`` is the state of a local-SGD outer optimizer, kept under ``outer.<name>``.
+    """
     state = optimizer.state_dict()
-    tensors = {}
+    tensors = {f"{OUTER}.{name}": value for name, value in (outer or {}).items()}
     for index, slots in state["state"].items():
         for name, value in slots.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
@@ -70,11 +76,16 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, np.nd
 
 
 def optimizer_state(tensors: dict[str, np.ndarray], param_groups: list) -> dict:
+    """The inverse of :func:`optimizer_tensors`: a torch optimizer state dict, plus ``outer``."""
     state: dict[int, dict] = {}
+    outer = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
-    return {"state": dict(sorted(state.items())), "param_groups": param_groups}
+        if index == OUTER:
+            outer[name] = value
+        else:
+            state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
+    return {"state": dict(sorted(state.items())), "param_groups": param_groups, "outer": outer}
 
 
 def save(

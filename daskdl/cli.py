@@ -35,6 +35,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--sync-every",
+        type=int,
+        default=1,
+        help="1: average gradients every step; H > 1: local SGD, average every H",
+    )
+    p.add_argument(
+        "--outer-optimizer",
+        choices=["nesterov"],
+        default=None,
+        help="DiLoCo-style outer step at each local-SGD synchronisation",
+    )
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
     p.add_argument(
@@ -111,6 +125,10 @@ def train(args) -> int:
             schedule=args.schedule,
             warmup_epochs=args.warmup_epochs,
             precision=args.precision,
+            sync_every=args.sync_every,
+            outer_optimizer=args.outer_optimizer,
+            outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
             seed=args.seed,
             workers=args.workers if args.scheduler else None,
             out=args.out,

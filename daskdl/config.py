@@ -18,6 +18,7 @@ with open(_defaults_file) as f:
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16")
+OUTER_OPTIMIZERS = (None, "nesterov")
 
 
 @dataclass
@@ -25,7 +26,10 @@ class TrainConfig:
     """Everything that decides what a training run computes.
 
     ``batch_size`` is per rank: the global batch is ``batch_size * world_size``, as with
-    PyTorch's DistributedDataParallel.
+    PyTorch's DistributedDataParallel. ``sync_every=H > 1`` is local SGD: parameters and
+    optimizer state are averaged every H steps instead of gradients every step;
+    ``outer_optimizer="nesterov"`` adds a DiLoCo-style outer step (``outer_lr``,
+    ``outer_momentum``) on the averaged change.
     """
 
     epochs: int = 10
@@ -43,6 +47,10 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 512
     checkpoint_every: int = 1
+    sync_every: int = 1
+    outer_optimizer: str | None = None
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     comm_timeout: float | None = None
     torch_threads: int | None = None
 
@@ -55,7 +63,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every"):
             positive_int(name)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}. Try lr=0.05.")
@@ -74,6 +82,14 @@ class TrainConfig:
                 f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
                 f"got {self.warmup_epochs!r}."
             )
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ValueError(
+                f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}."
+            )
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}.")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}.")
         if self.comm_timeout is not None and self.comm_timeout <= 0:
             raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
         if self.torch_threads is not None:

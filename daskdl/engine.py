@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from distributed import get_worker
 
-from daskdl import checkpoint, events, models
+from daskdl import averaging, checkpoint, events, models
 from daskdl.comm import DaskGroup
 from daskdl.config import TrainConfig
 from daskdl.preprocess import augment_images
@@ -68,31 +68,6 @@ class RankContext:
         events.emit(self.worker, self.run_id, kind, rank=self.rank, **fields)
 
 
-class GradBuffer:
-    """All gradients as views into one flat buffer, plus a few control slots at its end.
-
-    Backward accumulates straight into the buffer (as DDP's ``gradient_as_bucket_view``), so
-    the all-reduce needs no packing copy; the control slots let the ranks agree on the loss,
-    accuracy and a stop request in the same message.
-    """
-
-    LOSS, CORRECT, STOP = range(3)
-
-    def __init__(self, model: torch.nn.Module):
-        params = [p for p in model.parameters() if p.requires_grad]
-        total = sum(p.numel() for p in params)
-        self.flat = torch.zeros(total + 3, dtype=torch.float32)
-        self.control = self.flat[total:]
-        offset = 0
-        for p in params:
-            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.array = self.flat.numpy()
-
-    def zero(self) -> None:
-        self.flat.zero_()
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """The learning rate for a global step: linear warm-up, then the chosen schedule."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -136,22 +111,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     )
 
 
-def train_step(model, opt, xb, yb, grads: GradBuffer, group: DaskGroup, autocast, stop: bool):
-    """Forward, backward, average gradients across ranks, update. Returns mean loss, accuracy
-    and whether any rank asked to stop."""
-    grads.zero()
+def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
+    """Forward, backward, agree with the other ranks, update. Returns this rank's loss and
+    accuracy on the batch."""
+    sync.zero_grad()
     with autocast:
         logits = model(xb)
     loss = F.cross_entropy(logits.float(), yb)
     loss.backward()
-    grads.control[GradBuffer.LOSS] = loss.detach()
-    grads.control[GradBuffer.CORRECT] = (logits.argmax(1) == yb).float().mean()
-    grads.control[GradBuffer.STOP] = float(stop)
-    # One message averages the gradients and the control values across all ranks.
-    group.allreduce_mean_(grads.array)
+    # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request).
+    sync.backward_done(stop_requested)
     opt.step()
-    c = grads.control
-    return float(c[GradBuffer.LOSS]), float(c[GradBuffer.CORRECT]), bool(c[GradBuffer.STOP] > 0)
+    return loss.item(), (logits.argmax(1) == yb).float().mean().item()
 
 
 @torch.no_grad()
@@ -268,9 +239,12 @@ class Rank:
         self.opt = make_optimizer(self.model, cfg)
         if resume is not None:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
-            self.opt.load_state_dict(resume["optimizer"])
-        self.grads = GradBuffer(self.model)
+            opt_state = resume["optimizer"]
+            self.opt.load_state_dict({k: opt_state[k] for k in ("state", "param_groups")})
         self.group = DaskGroup(worker, spec.run_id, spec.rank, spec.peers, cfg.timeout)
+        self.sync = averaging.make(self.model, self.opt, self.group, cfg)
+        if resume is not None:
+            self.sync.load_state(resume["optimizer"].get("outer", {}))
         self.augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -299,16 +273,16 @@ class Rank:
             xb, yb = self.X[idx].to(self.device), self.y[idx].to(self.device)
             if self.augment:
                 xb = augment_images(xb, gen)
-            loss, acc, self.stopped = train_step(
+            loss, acc = train_step(
                 self.model,
                 self.opt,
                 xb,
                 yb,
-                self.grads,
-                self.group,
+                self.sync,
                 self.autocast,
                 self.group.box.stop_requested,
             )
+            self.stopped = self.sync.step_done(global_step, end_of_epoch=s == steps - 1)
             loss_sum += loss
             acc_sum += acc
             self._log_step(epoch, s, global_step, loss, lr)
@@ -349,14 +323,20 @@ class Rank:
     def finish_epoch(self, epoch: int, metrics: dict) -> None:
         """Agree on batch-norm statistics, evaluate, and (rank 0) report and checkpoint."""
         average_buffers(self.model, self.group)
+        # One small all-reduce: this rank's training means, then its validation sums (zeros
+        # on a rank without validation partitions; every rank joins either way).
+        sums = np.zeros(5)
+        sums[:2] = metrics["train_loss"], metrics["train_accuracy"]
         if self.spec.has_val:
-            # Every rank joins the sum, including one without validation partitions.
-            sums = evaluate_shard(
+            sums[2:] = evaluate_shard(
                 self.model, self.Xv, self.yv, self.cfg.eval_batch_size, self.autocast
             )
-            self.group.allreduce_(sums)
-            metrics["val_loss"] = float(sums[0] / sums[2])
-            metrics["val_accuracy"] = float(sums[1] / sums[2])
+        self.group.allreduce_(sums)
+        metrics["train_loss"] = float(sums[0] / self.ctx.world_size)
+        metrics["train_accuracy"] = float(sums[1] / self.ctx.world_size)
+        if self.spec.has_val:
+            metrics["val_loss"] = float(sums[2] / sums[4])
+            metrics["val_accuracy"] = float(sums[3] / sums[4])
         self.history.append(metrics)
         if not self.ctx.is_main:
             return
@@ -367,7 +347,7 @@ class Rank:
                 os.path.join(self.spec.out, "checkpoints"),
                 done,
                 checkpoint.model_tensors(self.model),
-                checkpoint.optimizer_tensors(self.opt),
+                checkpoint.optimizer_tensors(self.opt, outer=self.sync.state_tensors()),
                 {**self.spec.manifest, "step": metrics["step"], "history": self.history},
                 keep=self.spec.keep_checkpoints,
             )

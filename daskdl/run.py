@@ -45,6 +45,7 @@ class Run:
         run_id: str,
         spec: dict,
         futures: list,
+        data: list,
         recorder,
         workers: list[str],
         out: Path | None,
@@ -55,10 +56,12 @@ class Run:
         self.workers = workers
         self.out = out
         self._futures = futures
+        self._data = data
         self._recorder = recorder
         self._result: dict | None = None
         self._error: BaseException | None = None
         self._model: torch.nn.Module | None = None
+        self._state = None  # the trained weights, scattered to the workers by evaluate()
 
     def __repr__(self) -> str:
         return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
@@ -124,9 +127,6 @@ class Run:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"run {self.run_id} still running after {timeout}s")
             self._result = self._futures[0].result()
-            # Let the scheduler forget the rank tasks and, with them, the training partitions.
-            for f in self._futures:
-                f.release()
             self._finish("stopped" if self._result["stopped"] else "finished")
         except KeyboardInterrupt:
             self._fail(RunError(f"run {self.run_id} interrupted"))
@@ -143,7 +143,12 @@ class Run:
         Each partition is scored where it lives; only three numbers per partition come back.
         """
         _check_compatible(data, self.spec["input_shape"], name="data")
-        state = self.client.scatter(self._result_model(), broadcast=True, hash=False)
+        if self._state is None:
+            # One future for the whole state dict, under a fresh key: scattering the dict itself
+            # would key each tensor by its bare name, and a content hash would reuse a key that
+            # an earlier call may be releasing at this very moment.
+            [self._state] = self.client.scatter([self._result_model()], broadcast=True, hash=False)
+        state = self._state
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
         score = dask.delayed(_score_partition, pure=True)
@@ -184,6 +189,12 @@ class Run:
         raise error
 
     def _finish(self, status: str, **fields) -> None:
+        # Release the rank tasks and this run's hold on the partitions now, in order with what
+        # the client sends next (say an evaluate() on the same data), not whenever the garbage
+        # collector gets to the futures. Data the user persisted stays: they hold it too.
+        for f in self._futures + self._data:
+            f.release()
+        self._data = []
         self._recorder.close()
         self.client.log_event(
             events.topic(self.run_id),
@@ -312,6 +323,10 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     checkpoint_every: int = 1,
+    sync_every: int = 1,
+    outer_optimizer: str | None = None,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
     comm_timeout: float | None = None,
     torch_threads: int | None = None,
     workers: list[str] | int | None = None,
@@ -344,6 +359,13 @@ def fit(
     block
         ``False`` returns the :class:`Run` at once; call ``run.wait()``.
 
+    sync_every
+        1 averages gradients after every backward pass; ``H > 1`` is local SGD: each rank
+        takes H steps on its own, then parameters and optimizer momentum are averaged.
+    outer_optimizer
+        ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
+        synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
+
     The remaining options are :class:`daskdl.config.TrainConfig`'s.
 
     Examples
@@ -368,6 +390,10 @@ def fit(
         shuffle=shuffle,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        sync_every=sync_every,
+        outer_optimizer=outer_optimizer,
+        outer_lr=outer_lr,
+        outer_momentum=outer_momentum,
         comm_timeout=comm_timeout,
         torch_threads=torch_threads,
     )
@@ -512,7 +538,8 @@ def fit(
                 retries=0,
             )
         )
-    run = Run(client, run_id, spec, futures, recorder, ranks, out_path)
+    data = x_futs + y_futs + (xv_futs + yv_futs if val is not None else [])
+    run = Run(client, run_id, spec, futures, data, recorder, ranks, out_path)
     if block:
         run.wait()
     return run

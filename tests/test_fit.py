@@ -58,6 +58,9 @@ def test_digits_quickstart_api(client):
     scores = run.evaluate(test)
     assert scores["accuracy"] == pytest.approx(h["val_accuracy"].iloc[-1], abs=1e-6)
     assert scores["loss"] == pytest.approx(h["val_loss"].iloc[-1], rel=1e-4)
+    # Again at once: the weights stay on the workers, no key of the first call is reused.
+    assert run.evaluate(test) == scores
+    assert run.evaluate(train)["accuracy"] > 0.95
     assert run.status == "finished" and run.done
 
 
@@ -175,10 +178,13 @@ def test_events_and_nonblocking_stop(client):
     assert [e["epoch"] for e in log if e["kind"] == "epoch"] == list(run.history["epoch"])
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(client, tmp_path):
+@pytest.mark.parametrize(
+    "averaging", [{}, {"sync_every": 3, "outer_optimizer": "nesterov"}], ids=["grads", "diloco"]
+)
+def test_resume_ends_where_an_uninterrupted_run_ends(client, tmp_path, averaging):
     X, y = blobs(n=400)
     train, val = Dataset.from_numpy(X, y, chunks=100).split(0.25, seed=0)
-    opts = dict(epochs=4, batch_size=16, lr=0.05, seed=3, progress=False)
+    opts = dict(epochs=4, batch_size=16, lr=0.05, seed=3, progress=False, **averaging)
     with dask.config.set({"daskdl.keep-checkpoints": None}):
         full = daskdl.fit(client, "mlp", train, val=val, out=tmp_path / "full", **opts)
     ckpts = checkpoint.list_checkpoints(tmp_path / "full" / "checkpoints")

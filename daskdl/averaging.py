@@ -1,0 +1,146 @@
+"""How the replicas on different ranks stay in agreement.
+
+- :class:`GradientAveraging`: average the gradients after every backward pass (synchronous
+  data-parallel SGD, what DDP does). ``sync_every=1``.
+- :class:`LocalSGD`: every rank takes ``sync_every`` optimizer steps on its own, then the
+  parameters and the optimizer's momentum are averaged. An optional outer optimizer
+  (DiLoCo-style Nesterov momentum on the averaged change) makes long intervals work.
+
+Both carry the stop request in their all-reduce, so every rank stops after the same step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from daskdl.comm import DaskGroup
+
+
+def _float_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer's per-parameter tensors (momentum, Adam moments); not step counters."""
+    return [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+
+
+class GradientAveraging:
+    """All gradients live in one flat buffer that backward writes into (as DDP's
+    ``gradient_as_bucket_view``), so the all-reduce needs no packing copy. One extra slot at
+    its end carries the stop request."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, group: DaskGroup):
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in params)
+        self.flat = torch.zeros(total + 1, dtype=torch.float32)
+        offset = 0
+        for p in params:
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.array = self.flat.numpy()
+        self.group = group
+        self._stop = False
+
+    def zero_grad(self) -> None:
+        self.flat.zero_()
+
+    def backward_done(self, stop_requested: bool) -> None:
+        self.array[-1] = float(stop_requested)
+        self.group.allreduce_mean_(self.array)
+        self._stop = bool(self.array[-1] > 0)
+
+    def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
+        """Whether every rank agreed to stop after this step."""
+        return self._stop
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state(self, tensors: dict[str, np.ndarray]) -> None:
+        pass
+
+
+class LocalSGD:
+    """Local steps, then an average of parameters and optimizer state every ``every`` steps
+    and at the end of every epoch (so evaluation and checkpoints see one model).
+
+    With ``outer="nesterov"`` the averaged change since the last synchronisation is treated as
+    a gradient for an outer SGD with Nesterov momentum (DiLoCo): ``delta = global - average``,
+    ``v = momentum * v + delta``, ``global -= outer_lr * (delta + momentum * v)``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        group: DaskGroup,
+        every: int,
+        outer: str | None = None,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+    ):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.opt, self.group = model, opt, group
+        self.every, self.outer = every, outer
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
+        self._stop_requested = False
+        if outer is not None:
+            self.global_params = torch.cat([p.detach().reshape(-1) for p in self.params])
+            self.velocity = torch.zeros_like(self.global_params)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=False)
+
+    def backward_done(self, stop_requested: bool) -> None:
+        self._stop_requested |= stop_requested
+
+    def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
+        if (global_step + 1) % self.every and not end_of_epoch:
+            return False
+        return self.synchronise()
+
+    @torch.no_grad()
+    def synchronise(self) -> bool:
+        """Average parameters and optimizer state over all ranks; returns the agreed stop."""
+        tensors = [p.data for p in self.params]
+        tensors += [s for p in self.params for s in _float_state(self.opt, p)]
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([0.0])])
+        flat[-1] = float(self._stop_requested)
+        array = flat.numpy()
+        self.group.allreduce_mean_(array)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        if self.outer == "nesterov":
+            self._outer_step()
+        return bool(array[-1] > 0)
+
+    def _outer_step(self) -> None:
+        average = torch.cat([p.detach().reshape(-1) for p in self.params])
+        delta = self.global_params - average
+        self.velocity.mul_(self.outer_momentum).add_(delta)
+        self.global_params -= self.outer_lr * (delta + self.outer_momentum * self.velocity)
+        offset = 0
+        for p in self.params:
+            p.data.copy_(self.global_params[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        if self.outer is None:
+            return {}
+        return {
+            "global": self.global_params.numpy().copy(),
+            "velocity": self.velocity.numpy().copy(),
+        }
+
+    def load_state(self, tensors: dict[str, np.ndarray]) -> None:
+        if self.outer is not None and tensors:
+            self.global_params = torch.from_numpy(tensors["global"].copy())
+            self.velocity = torch.from_numpy(tensors["velocity"].copy())
+
+
+def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
+    if cfg.sync_every == 1 and cfg.outer_optimizer is None:
+        return GradientAveraging(model, opt, group)
+    return LocalSGD(
+        model, opt, group, cfg.sync_every, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum
+    )
