@@ -193,11 +193,26 @@ def torch_friendly_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int 
             libc.malloc_trim(0)
 
 
+@contextmanager
+def flush_denormals():
+    """Treat denormal floats as zero while a rank runs.
+
+    Once a model fits its data, gradients and activations drift into the denormal range, where
+    a CPU computes up to a hundred times slower: a small CNN on easy synthetic images went
+    from 550 to 87 samples/s. Flushing them changes results by less than float32's epsilon.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
     """The body of one rank task. ``parts`` are (X, y) blocks: the training partitions first,
     then the validation partitions; Dask delivered them to this worker before the task started.
     """
-    with torch_friendly_malloc():
+    with torch_friendly_malloc(), flush_denormals():
         return _rank_main(spec, resume, *parts)
 
 
