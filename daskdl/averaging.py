@@ -27,7 +27,13 @@ class GradientAveraging:
     ``gradient_as_bucket_view``), so the all-reduce needs no packing copy. One extra slot at
     its end carries the stop request."""
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, group: DaskGroup):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        group: DaskGroup,
+        wire: str = "fp32",
+    ):
         params = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in params)
         self.flat = torch.zeros(total + 1, dtype=torch.float32)
@@ -37,6 +43,7 @@ class GradientAveraging:
             offset += p.numel()
         self.array = self.flat.numpy()
         self.group = group
+        self.wire = wire
         self._stop = False
 
     def zero_grad(self) -> None:
@@ -44,7 +51,7 @@ class GradientAveraging:
 
     def backward_done(self, stop_requested: bool) -> None:
         self.array[-1] = float(stop_requested)
-        self.group.allreduce_mean_(self.array)
+        self.group.allreduce_mean_(self.array, self.wire)
         self._stop = bool(self.array[-1] > 0)
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
@@ -140,7 +147,8 @@ class LocalSGD:
 
 def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
     if cfg.sync_every == 1 and cfg.outer_optimizer is None:
-        return GradientAveraging(model, opt, group)
+        return GradientAveraging(model, opt, group, cfg.wire_dtype)
+    # Parameters are averaged in float32: bfloat16 would round them (not just their change).
     return LocalSGD(
         model, opt, group, cfg.sync_every, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from contextlib import ExitStack
 
-from daskdl.config import OPTIMIZERS, PRECISIONS, SCHEDULES
+from daskdl.config import OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
 
 
 def _train_parser(sub) -> None:
@@ -40,6 +40,12 @@ def _train_parser(sub) -> None:
         type=int,
         default=1,
         help="1: average gradients every step; H > 1: local SGD, average every H",
+    )
+    p.add_argument(
+        "--wire-dtype",
+        choices=WIRE_DTYPES,
+        default="fp32",
+        help="precision of the gradients sent between ranks",
     )
     p.add_argument(
         "--outer-optimizer",
@@ -126,6 +132,7 @@ def train(args) -> int:
             warmup_epochs=args.warmup_epochs,
             precision=args.precision,
             sync_every=args.sync_every,
+            wire_dtype=args.wire_dtype,
             outer_optimizer=args.outer_optimizer,
             outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum,

@@ -19,11 +19,28 @@ import threading
 import time
 
 import numpy as np
+import torch
 from distributed import WorkerPlugin
 from distributed.protocol import to_serialize
 from distributed.worker import Worker
 
 HANDLER = "daskdl_put"
+
+
+WIRE_DTYPES = ("fp32", "bf16")
+
+
+def _to_wire(piece: np.ndarray, wire: str) -> np.ndarray:
+    if wire == "fp32":
+        return piece
+    # numpy has no bfloat16: torch converts, and the bits travel as int16.
+    return torch.from_numpy(piece).to(torch.bfloat16).view(torch.int16).numpy()
+
+
+def _from_wire(data: np.ndarray, wire: str) -> np.ndarray:
+    if wire == "fp32":
+        return data
+    return torch.from_numpy(data).view(torch.bfloat16).float().numpy()
 
 
 class CollectiveError(RuntimeError):
@@ -195,26 +212,40 @@ class DaskGroup:
             tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
         )
 
-    def allreduce_(self, buf: np.ndarray) -> np.ndarray:
-        """Sum the 1-D ``buf`` over all ranks, in place (every rank ends with the same sum)."""
+    def allreduce_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+        """Sum the 1-D ``buf`` over all ranks, in place (every rank ends with the same sum).
+
+        ``wire="bf16"`` sends a float32 buffer as bfloat16, half the bytes; sums are still
+        formed in float32, and every rank ends with the same (bf16-rounded) values.
+        """
         if self.size == 1:
             return buf
+        if wire not in WIRE_DTYPES:
+            raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
+        if wire == "bf16" and buf.dtype != np.float32:
+            raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
         self._seq += 1
         p, r = self.size, self.rank
         chunks = np.array_split(buf, p)
         # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
         for s in range(p - 1):
             self._ring_step(
-                f"{self._seq}:rs:{s}", chunks[(r - s) % p], chunks[(r - s - 1) % p], reduce=True
+                f"{self._seq}:rs:{s}", chunks[(r - s) % p], chunks[(r - s - 1) % p], True, wire
             )
+        if wire == "bf16":
+            # Round the finished chunk as its copies on the wire will be: replicas stay equal.
+            owned = chunks[(r + 1) % p]
+            owned[...] = _from_wire(_to_wire(owned, wire), wire)
         # All-gather: pass the finished chunks around the ring.
         for s in range(p - 1):
             self._ring_step(
-                f"{self._seq}:ag:{s}", chunks[(r + 1 - s) % p], chunks[(r - s) % p], reduce=False
+                f"{self._seq}:ag:{s}", chunks[(r + 1 - s) % p], chunks[(r - s) % p], False, wire
             )
         return buf
 
-    def _ring_step(self, tag: str, out: np.ndarray, into: np.ndarray, reduce: bool) -> None:
+    def _ring_step(
+        self, tag: str, out: np.ndarray, into: np.ndarray, reduce: bool, wire: str
+    ) -> None:
         """Send ``out`` to the right neighbour while receiving the left one's ``into``.
 
         Both travel in pieces of about ``piece_bytes``, all sent at once, so adding the first
@@ -224,11 +255,11 @@ class DaskGroup:
         right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         n_pieces = max(1, -(-out.nbytes // self.piece_bytes))
         sent = [
-            self._send(right, f"{tag}:{k}", piece)
+            self._send(right, f"{tag}:{k}", _to_wire(piece, wire))
             for k, piece in enumerate(np.array_split(out, n_pieces))
         ]
         for k, piece in enumerate(np.array_split(into, n_pieces)):
-            incoming = self._recv(left, f"{tag}:{k}")
+            incoming = _from_wire(self._recv(left, f"{tag}:{k}"), wire)
             if reduce:
                 piece += incoming
             else:
@@ -236,8 +267,8 @@ class DaskGroup:
         for fut in sent:
             self._wait_sent(fut, right)
 
-    def allreduce_mean_(self, buf: np.ndarray) -> np.ndarray:
-        self.allreduce_(buf)
+    def allreduce_mean_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+        self.allreduce_(buf, wire)
         buf /= self.size
         return buf
 

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16")
 OUTER_OPTIMIZERS = (None, "nesterov")
+WIRE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     checkpoint_every: int = 1
     sync_every: int = 1
+    wire_dtype: str = "fp32"
     outer_optimizer: str | None = None
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -82,6 +84,8 @@ class TrainConfig:
                 f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
                 f"got {self.warmup_epochs!r}."
             )
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}.")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ValueError(
                 f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}."

@@ -324,6 +324,7 @@ def fit(
     seed: int = 0,
     checkpoint_every: int = 1,
     sync_every: int = 1,
+    wire_dtype: str = "fp32",
     outer_optimizer: str | None = None,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
@@ -362,6 +363,8 @@ def fit(
     sync_every
         1 averages gradients after every backward pass; ``H > 1`` is local SGD: each rank
         takes H steps on its own, then parameters and optimizer momentum are averaged.
+    wire_dtype
+        ``"bf16"`` sends gradients as bfloat16 between ranks: half the bytes.
     outer_optimizer
         ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
         synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
@@ -391,6 +394,7 @@ def fit(
         seed=seed,
         checkpoint_every=checkpoint_every,
         sync_every=sync_every,
+        wire_dtype=wire_dtype,
         outer_optimizer=outer_optimizer,
         outer_lr=outer_lr,
         outer_momentum=outer_momentum,

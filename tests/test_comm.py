@@ -13,13 +13,13 @@ import daskdl
 from daskdl import comm
 
 
-def _allreduce(run_id, rank, peers, n, timeout, rounds=3):
+def _allreduce(run_id, rank, peers, n, timeout, rounds=3, wire="fp32", dtype=np.float64):
     group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout)
     try:
         out = []
         for k in range(rounds):
-            buf = np.random.default_rng([rank, k]).normal(size=n)
-            out.append(group.allreduce_(buf).copy())
+            buf = np.random.default_rng([rank, k]).normal(size=n).astype(dtype)
+            out.append(group.allreduce_(buf, wire).copy())
         return out
     finally:
         group.close()
@@ -47,6 +47,35 @@ def test_allreduce_sums_exactly_like_numpy(three, ranks, n):
         for r in range(ranks):
             np.testing.assert_allclose(results[r][k], expected, rtol=1e-12, atol=1e-12)
         # Every rank holds bit-identical sums, so replicas never drift apart.
+        for r in range(1, ranks):
+            np.testing.assert_array_equal(results[r][k], results[0][k])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_bf16_on_the_wire(three, ranks):
+    peers = sorted(three.scheduler_info()["workers"])[:ranks]
+    run_id = uuid.uuid4().hex
+    futures = [
+        three.submit(
+            _allreduce,
+            run_id,
+            r,
+            peers,
+            10_001,
+            20,
+            wire="bf16",
+            dtype=np.float32,
+            workers=[w],
+            pure=False,
+        )
+        for r, w in enumerate(peers)
+    ]
+    results = three.gather(futures)
+    for k in range(3):
+        expected = sum(np.random.default_rng([r, k]).normal(size=10_001) for r in range(ranks))
+        # bfloat16 keeps 8 bits of mantissa; each partial sum is rounded once per hop.
+        np.testing.assert_allclose(results[0][k], expected, rtol=2e-2, atol=2e-2)
+        assert results[0][k].dtype == np.float32
         for r in range(1, ranks):
             np.testing.assert_array_equal(results[r][k], results[0][k])
 

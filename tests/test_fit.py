@@ -245,6 +245,13 @@ def test_bf16_adamw_onecycle(client):
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
 
 
+def test_bf16_gradients_on_the_wire(client):
+    X, y = blobs()
+    train, val = Dataset.from_numpy(X, y, chunks=150).split(0.25, seed=0)
+    run = daskdl.fit(client, "mlp", train, val=val, wire_dtype="bf16", **QUICK)
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
 def test_images_with_augmentation_and_batch_norm(client):
     data = daskdl.datasets.synthetic_images(256, (3, 16, 16), n_classes=4, seed=0, noise=0.5)
     train, val = data.split(0.25, seed=0)
