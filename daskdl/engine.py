@@ -165,7 +165,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @contextmanager
-def torch_friendly_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20):
+def torch_friendly_malloc(
+    mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20, force: bool = False
+):
     """Let glibc reuse tensor-sized allocations while a rank runs, instead of asking the OS.
 
     Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand memory back to the
@@ -173,10 +175,10 @@ def torch_friendly_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int 
     gradient and received message becomes a fresh ``mmap`` plus page faults. That cost a small
     CNN about a third of its throughput on a worker (benchmarks/overhead.py) and the all-reduce
     a fifth of its speed. The worker's settings come back, and free memory is returned to the
-    OS, when the rank ends.
+    OS, when the rank ends. ``force`` applies the settings outside a Dask worker too.
     """
     libc = None
-    dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "131072" if force else None)
     if dask_trim is not None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
