@@ -6,7 +6,7 @@ import argparse
 import sys
 from contextlib import ExitStack
 
-from daskdl.config import OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
+from daskdl.config import BACKENDS, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
 
 
 def _train_parser(sub) -> None:
@@ -40,6 +40,12 @@ def _train_parser(sub) -> None:
         type=int,
         default=1,
         help="1: average gradients every step; H > 1: local SGD, average every H",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="dask",
+        help="dask: all-reduce over Dask comms; torch: torch.distributed (gloo)",
     )
     p.add_argument(
         "--wire-dtype",
@@ -131,6 +137,7 @@ def train(args) -> int:
             schedule=args.schedule,
             warmup_epochs=args.warmup_epochs,
             precision=args.precision,
+            backend=args.backend,
             sync_every=args.sync_every,
             wire_dtype=args.wire_dtype,
             outer_optimizer=args.outer_optimizer,

@@ -274,3 +274,81 @@ class DaskGroup:
 
     def close(self) -> None:
         discard_mailbox(self.run_id)
+
+
+class TorchGroup:
+    """The same ranks as :class:`DaskGroup`, averaging through a ``torch.distributed`` gloo
+    process group instead of Dask's comms (``backend="torch"``).
+
+    Rank 0 opens a ``TCPStore`` on a port the OS picks and publishes its address through the
+    scheduler (a ``distributed.Variable``); the others read it there and connect. The process
+    group is private to this run (no global default group), so several runs can share workers.
+    Stop requests still arrive through the worker's mailbox.
+    """
+
+    def __init__(self, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float):
+        import datetime
+
+        import torch.distributed as dist
+        from distributed import Variable, get_client
+        from distributed.comm import get_address_host
+
+        self.run_id, self.rank, self.size, self.timeout = run_id, rank, len(peers), timeout
+        self.box = mailbox(run_id)
+        self._variable = Variable(f"daskdl-torch-{run_id}", client=get_client())
+        wait = datetime.timedelta(seconds=timeout)
+        if rank == 0:
+            host = get_address_host(worker.address)
+            self._store = dist.TCPStore(
+                host, 0, self.size, True, timeout=wait, wait_for_workers=False
+            )
+            self._variable.set(f"{host}:{self._store.port}")
+        else:
+            try:
+                address = self._variable.get(timeout=timeout)
+            except TimeoutError:
+                raise PeerTimeoutError(
+                    f"rank {rank} waited {timeout:g}s for rank 0 ({peers[0]}) to publish its "
+                    "torch.distributed address"
+                ) from None
+            host, port = address.rsplit(":", 1)
+            self._store = dist.TCPStore(host, int(port), self.size, False, timeout=wait)
+        self._pg = dist.ProcessGroupGloo(self._store, rank, self.size, wait)
+
+    def allreduce_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+        if self.size == 1:
+            return buf
+        if self.box.aborted is not None:
+            raise CollectiveAborted(self.box.aborted)
+        tensor = torch.from_numpy(buf)
+        if wire == "bf16":
+            sent = tensor.to(torch.bfloat16)
+            self._pg.allreduce([sent]).wait()
+            tensor.copy_(sent)
+        else:
+            self._pg.allreduce([tensor]).wait()
+        return buf
+
+    def allreduce_mean_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+        self.allreduce_(buf, wire)
+        buf /= self.size
+        return buf
+
+    def close(self) -> None:
+        # Tear down in order: the group, then the store; rank 0 removes the published address.
+        self._pg = None
+        self._store = None
+        if self.rank == 0:
+            try:
+                self._variable.delete()
+            except Exception:  # the scheduler may already be gone at shutdown
+                pass
+        discard_mailbox(self.run_id)
+
+
+def make_group(
+    backend: str, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float
+) -> DaskGroup | TorchGroup:
+    if backend == "torch":
+        return TorchGroup(worker, run_id, rank, peers, timeout)
+    return DaskGroup(worker, run_id, rank, peers, timeout)

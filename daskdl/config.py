@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16")
 OUTER_OPTIMIZERS = (None, "nesterov")
 WIRE_DTYPES = ("fp32", "bf16")
+BACKENDS = ("dask", "torch")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 512
     checkpoint_every: int = 1
+    backend: str = "dask"
     sync_every: int = 1
     wire_dtype: str = "fp32"
     outer_optimizer: str | None = None
@@ -84,6 +86,8 @@ class TrainConfig:
                 f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
                 f"got {self.warmup_epochs!r}."
             )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}.")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from distributed import get_worker
 
 from daskdl import averaging, checkpoint, events, models
-from daskdl.comm import DaskGroup
+from daskdl.comm import DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.preprocess import augment_images
 
@@ -258,7 +258,9 @@ class Rank:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
             opt_state = resume["optimizer"]
             self.opt.load_state_dict({k: opt_state[k] for k in ("state", "param_groups")})
-        self.group = DaskGroup(worker, spec.run_id, spec.rank, spec.peers, cfg.timeout)
+        self.group = make_group(
+            cfg.backend, worker, spec.run_id, spec.rank, spec.peers, cfg.timeout
+        )
         self.sync = averaging.make(self.model, self.opt, self.group, cfg)
         if resume is not None:
             self.sync.load_state(resume["optimizer"].get("outer", {}))

@@ -323,6 +323,7 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     checkpoint_every: int = 1,
+    backend: str = "dask",
     sync_every: int = 1,
     wire_dtype: str = "fp32",
     outer_optimizer: str | None = None,
@@ -360,6 +361,10 @@ def fit(
     block
         ``False`` returns the :class:`Run` at once; call ``run.wait()``.
 
+    backend
+        ``"dask"``: the all-reduce over Dask's worker-to-worker comms (encrypted with the
+        cluster's TLS); ``"torch"``: a ``torch.distributed`` gloo process group over the same
+        ranks.
     sync_every
         1 averages gradients after every backward pass; ``H > 1`` is local SGD: each rank
         takes H steps on its own, then parameters and optimizer momentum are averaged.
@@ -393,6 +398,7 @@ def fit(
         shuffle=shuffle,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        backend=backend,
         sync_every=sync_every,
         wire_dtype=wire_dtype,
         outer_optimizer=outer_optimizer,

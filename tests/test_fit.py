@@ -315,3 +315,21 @@ def test_validation_with_fewer_partitions_than_ranks(client):
     val = Dataset.from_numpy(X[400:], y[400:], chunks=100)  # one partition, two ranks
     run = daskdl.fit(client, "mlp", train, val=val, comm_timeout=20, **QUICK)
     assert run.evaluate(val)["accuracy"] == pytest.approx(run.history["val_accuracy"].iloc[-1])
+
+
+def test_torch_backend_matches_the_dask_backend(client):
+    X, y = blobs(n=400)
+    train, val = Dataset.from_numpy(X, y, chunks=100).split(0.25, seed=0)
+    runs = {
+        backend: daskdl.fit(client, "mlp", train, val=val, backend=backend, seed=2, **QUICK)
+        for backend in ("dask", "torch")
+    }
+    torch.testing.assert_close(
+        _params(runs["torch"].model), _params(runs["dask"].model), rtol=1e-5, atol=1e-6
+    )
+    assert runs["torch"].history["val_accuracy"].iloc[-1] >= 0.9
+    # The published rendezvous address is gone with the run.
+    variables = client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.extensions["variables"].variables)
+    )
+    assert not any(name.startswith("daskdl-torch-") for name in variables)
