@@ -24,7 +24,7 @@ from distributed import get_worker
 from daskdl import averaging, checkpoint, events, models
 from daskdl.comm import DaskGroup, make_group
 from daskdl.config import TrainConfig
-from daskdl.preprocess import augment_images
+from daskdl.loader import ShardLoader, concat
 
 
 @dataclass
@@ -85,20 +85,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> floa
     return cfg.lr
 
 
-def epoch_order(n: int, steps: int, batch: int, seed: int, epoch: int, rank: int, shuffle: bool):
-    """Sample indices for one epoch of one rank: ``steps * batch`` of them.
-
-    A shard shorter than that wraps around (with a fresh permutation), so every rank runs the
-    same number of full batches even when shards are uneven.
-    """
-    need = steps * batch
-    if not shuffle:
-        return np.arange(need) % n
-    rng = np.random.default_rng([seed, epoch, rank])
-    perms = [rng.permutation(n) for _ in range(math.ceil(need / n))]
-    return np.concatenate(perms)[:need]
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -140,12 +126,6 @@ def evaluate_shard(model, X, y, batch_size: int, autocast) -> np.ndarray:
         sums[2] += len(yb)
     model.train(was_training)
     return sums
-
-
-def _concat(parts: tuple[np.ndarray, ...], dtype) -> torch.Tensor:
-    if not parts:
-        return torch.empty(0)
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts), dtype=dtype))
 
 
 def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
@@ -248,8 +228,19 @@ class Rank:
         self.device = torch.device("cpu")
         self.ctx = RankContext(spec.rank, len(spec.peers), self.device, spec.run_id, worker)
         n = 2 * spec.n_train_parts
-        self.X, self.y = _concat(parts[0:n:2], np.float32), _concat(parts[1:n:2], np.int64)
-        self.Xv, self.yv = _concat(parts[n::2], np.float32), _concat(parts[n + 1 :: 2], np.int64)
+        augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
+        self.loader = ShardLoader(
+            parts[0:n:2],
+            parts[1:n:2],
+            cfg.batch_size,
+            spec.steps_per_epoch,
+            cfg.seed,
+            spec.rank,
+            cfg.shuffle,
+            augment,
+            self.device,
+        )
+        self.Xv, self.yv = concat(parts[n::2], np.float32), concat(parts[n + 1 :: 2], np.int64)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = models.build(spec.model, spec.input_shape, spec.n_classes).to(self.device)
@@ -264,7 +255,6 @@ class Rank:
         self.sync = averaging.make(self.model, self.opt, self.group, cfg)
         if resume is not None:
             self.sync.load_state(resume["optimizer"].get("outer", {}))
-        self.augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -278,20 +268,14 @@ class Rank:
         """One pass over this rank's shard; ``None`` if the run was stopped part-way."""
         cfg, steps, B = self.cfg, self.spec.steps_per_epoch, self.cfg.batch_size
         self.model.train()
-        order = epoch_order(len(self.X), steps, B, cfg.seed, epoch, self.spec.rank, cfg.shuffle)
-        gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, self.spec.rank)) % 2**63)
         t_epoch = self._last_log = time.perf_counter()
         self._logged_steps = 0
         loss_sum = acc_sum = 0.0
-        for s in range(steps):
+        for s, (xb, yb) in enumerate(self.loader.epoch(epoch)):
             global_step = epoch * steps + s
             lr = lr_at(global_step, steps * cfg.epochs, cfg, steps)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            idx = torch.from_numpy(order[s * B : (s + 1) * B])
-            xb, yb = self.X[idx].to(self.device), self.y[idx].to(self.device)
-            if self.augment:
-                xb = augment_images(xb, gen)
             loss, acc = train_step(
                 self.model,
                 self.opt,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from daskdl.config import TrainConfig
-from daskdl.engine import epoch_order, lr_at
+from daskdl.engine import lr_at
+from daskdl.loader import epoch_order
 from daskdl.preprocess import augment_images
 
 
