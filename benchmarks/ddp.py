@@ -1,0 +1,126 @@
+"""Two ranks on this CPU machine: daskdl with its Dask backend, daskdl with its torch backend,
+and plain PyTorch DistributedDataParallel started with ``torch.multiprocessing`` (the ceiling).
+
+    python benchmarks/ddp.py [--n 2048] [--epochs 3]
+
+Same model (small_cnn), data (synthetic 3x32x32), batch (64 per rank), optimizer, one torch
+thread per rank; denormals flushed and glibc's allocator tuned as in daskdl's ranks, for all
+three. Samples/s over the epochs after the first, two alternating sessions.
+Ends with ``ddp ratio=<daskdl dask backend / DDP> target=0.9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from _report import report
+
+import daskdl
+from daskdl import models
+from daskdl.engine import torch_friendly_malloc
+
+BATCH = 64
+
+
+def _ddp_rank(rank, port, X, y, epochs, out):
+    # The ceiling gets the allocator settings daskdl's ranks get (see daskdl.engine).
+    with torch_friendly_malloc(force=True):
+        _ddp_loop(rank, port, X, y, epochs, out)
+
+
+def _ddp_loop(rank, port, X, y, epochs, out):
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(models.small_cnn(X.shape[1:], 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        shard_X, shard_y = torch.from_numpy(X[rank::2]), torch.from_numpy(y[rank::2])
+        steps = len(shard_X) // BATCH
+        rates = []
+        for epoch in range(epochs):
+            perm = torch.from_numpy(np.random.default_rng([epoch, rank]).permutation(len(shard_X)))
+            dist.barrier()
+            t = time.perf_counter()
+            for s in range(steps):
+                idx = perm[s * BATCH : (s + 1) * BATCH]
+                opt.zero_grad()
+                loss = F.cross_entropy(model(shard_X[idx]), shard_y[idx])
+                loss.backward()
+                opt.step()
+                loss.item()
+            rates.append(2 * steps * BATCH / (time.perf_counter() - t))
+        out[rank] = rates[1:]
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp(X, y, epochs) -> list[float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_rank, args=(port, X, y, epochs, out), nprocs=2)
+    return [min(a, b) for a, b in zip(out[0], out[1])]
+
+
+def daskdl_fit(client, data, epochs, backend) -> list[float]:
+    run = daskdl.fit(
+        client,
+        "small_cnn",
+        data,
+        epochs=epochs,
+        batch_size=BATCH,
+        lr=0.05,
+        schedule="constant",
+        augment=False,
+        backend=backend,
+        torch_threads=1,
+        progress=False,
+    )
+    return list(run.history["samples_per_s"].iloc[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    data = daskdl.datasets.synthetic_images(args.n, (3, 32, 32), 10, seed=0, chunks=args.n // 8)
+    X, y = data.compute()
+    rates: dict[str, list[float]] = {"DDP": [], "daskdl dask": [], "daskdl torch": []}
+    with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
+        data = data.persist(client)
+        for _ in range(2):
+            rates["DDP"] += ddp(X, y, args.epochs)
+            rates["daskdl dask"] += daskdl_fit(client, data, args.epochs, "dask")
+            rates["daskdl torch"] += daskdl_fit(client, data, args.epochs, "torch")
+    ceiling = statistics.median(rates["DDP"])
+    rows = [
+        [name, statistics.median(r), min(r), max(r), statistics.median(r) / ceiling]
+        for name, r in rates.items()
+    ]
+    report(
+        "ddp",
+        f"small_cnn on {args.n} synthetic 3x32x32 images, 2 ranks, batch {BATCH} per rank, one "
+        "torch thread per rank; global samples/s over the epochs after the first, two "
+        "alternating sessions.",
+        ["trainer", "median samples/s", "min", "max", "ratio to DDP"],
+        rows,
+        f"ddp ratio={rows[1][-1]:.3f} target=0.9",
+    )
+
+
+if __name__ == "__main__":
+    main()
