@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _report import report
+from _workload import fit_throughput, synthetic
 
 import daskdl
 from daskdl import models
@@ -74,38 +75,23 @@ def ddp(X, y, epochs) -> list[float]:
     return [min(a, b) for a, b in zip(out[0], out[1])]
 
 
-def daskdl_fit(client, data, epochs, backend) -> list[float]:
-    run = daskdl.fit(
-        client,
-        "small_cnn",
-        data,
-        epochs=epochs,
-        batch_size=BATCH,
-        lr=0.05,
-        schedule="constant",
-        augment=False,
-        backend=backend,
-        torch_threads=1,
-        progress=False,
-    )
-    return list(run.history["samples_per_s"].iloc[1:])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    data = daskdl.datasets.synthetic_images(args.n, (3, 32, 32), 10, seed=0, chunks=args.n // 8)
+    data = synthetic(args.n)
     X, y = data.compute()
     rates: dict[str, list[float]] = {"DDP": [], "daskdl dask": [], "daskdl torch": []}
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
         data = data.persist(client)
         for _ in range(2):
             rates["DDP"] += ddp(X, y, args.epochs)
-            rates["daskdl dask"] += daskdl_fit(client, data, args.epochs, "dask")
-            rates["daskdl torch"] += daskdl_fit(client, data, args.epochs, "torch")
+            rates["daskdl dask"] += fit_throughput(client, data, args.epochs, BATCH, backend="dask")
+            rates["daskdl torch"] += fit_throughput(
+                client, data, args.epochs, BATCH, backend="torch"
+            )
     ceiling = statistics.median(rates["DDP"])
     rows = [
         [name, statistics.median(r), min(r), max(r), statistics.median(r) / ceiling]

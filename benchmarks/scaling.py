@@ -15,26 +15,9 @@ import argparse
 import statistics
 
 from _report import report
+from _workload import fit_throughput, synthetic
 
 import daskdl
-
-
-def throughput(client, data, ranks: int, sync_every: int, epochs: int) -> list[float]:
-    run = daskdl.fit(
-        client,
-        "small_cnn",
-        data,
-        epochs=epochs,
-        batch_size=64,
-        lr=0.05,
-        schedule="constant",
-        augment=False,
-        sync_every=sync_every,
-        torch_threads=1,
-        workers=ranks,
-        progress=False,
-    )
-    return list(run.history["samples_per_s"].iloc[1:])
 
 
 def main():
@@ -42,7 +25,7 @@ def main():
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
-    data = daskdl.datasets.synthetic_images(args.n, (3, 32, 32), 10, seed=0, chunks=args.n // 8)
+    data = synthetic(args.n)
     rates: dict[tuple[int, int], list[float]] = {}
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
         data = data.persist(client)
@@ -51,7 +34,9 @@ def main():
                 for ranks in (1, 2):
                     key = (sync_every, ranks)
                     rates.setdefault(key, []).extend(
-                        throughput(client, data, ranks, sync_every, args.epochs)
+                        fit_throughput(
+                            client, data, args.epochs, sync_every=sync_every, workers=ranks
+                        )
                     )
     rows, ratios = [], {}
     for sync_every in (1, 8):

@@ -40,3 +40,10 @@ def fresh_client():
 # Dask's threads log while the session cluster shuts down, after pytest has closed its capture
 # streams; without this every such line prints a "Logging error" traceback.
 logging.raiseExceptions = False
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """scikit-learn's digits, split 80/20 with seed 0 and standardised with the train stats."""
+    train, test = daskdl.datasets.digits().split(test_size=0.2, seed=0)
+    return train.standardize(), test.standardize(like=train)

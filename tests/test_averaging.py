@@ -94,9 +94,8 @@ def test_outer_nesterov_step():
     assert model.weight.item() == pytest.approx(0.634)
 
 
-def test_digits_with_local_sgd_every_8_steps(client):
-    train, test = daskdl.datasets.digits().split(test_size=0.2, seed=0)
-    train, test = train.standardize(), test.standardize(like=train)
+def test_digits_with_local_sgd_every_8_steps(client, digits_split):
+    train, test = digits_split
     run = daskdl.fit(
         client,
         "small_cnn",

@@ -32,10 +32,8 @@ def blobs(n=600, d=6, classes=3, seed=0):
 QUICK = dict(epochs=3, batch_size=16, lr=0.05, progress=False)
 
 
-def test_digits_quickstart_api(client):
-    data = daskdl.datasets.digits()
-    train, test = data.split(test_size=0.2, seed=0)
-    train, test = train.standardize(), test.standardize(like=train)
+def test_digits_quickstart_api(client, digits_split):
+    train, test = digits_split
     run = daskdl.fit(
         client,
         "small_cnn",
