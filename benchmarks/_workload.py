@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 import daskdl
 
 
@@ -29,3 +35,26 @@ def fit_throughput(client, data, epochs: int, batch_size: int = 64, **options) -
         **options,
     )
     return list(run.history["samples_per_s"].iloc[1:])
+
+
+def plain_epochs(model, X, y, epochs: int, batch: int, lr: float, seed, before_epoch=None):
+    """The loop a PyTorch user would write: shuffle, index a batch, step. Samples/s of this
+    process per epoch after the first; ``before_epoch()`` runs untimed (a DDP barrier, say)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    steps = len(X) // batch
+    rates = []
+    for epoch in range(epochs):
+        perm = torch.from_numpy(np.random.default_rng([*seed, epoch]).permutation(len(X)))
+        if before_epoch is not None:
+            before_epoch()
+        t = time.perf_counter()
+        for s in range(steps):
+            idx = perm[s * batch : (s + 1) * batch]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            loss.item()
+        rates.append(steps * batch / (time.perf_counter() - t))
+    return rates[1:]

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from _report import report
+from _workload import plain_epochs
 
 import daskdl
 from daskdl import models
@@ -27,25 +25,9 @@ from daskdl.engine import torch_friendly_malloc
 
 
 def plain_loop(X, y, model_name, epochs, batch, lr, seed):
-    """The loop a PyTorch user would write: shuffle, index a batch, step."""
     torch.manual_seed(seed)
     model = models.build(model_name, X.shape[1:], int(y.max()) + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    X, y = torch.from_numpy(X), torch.from_numpy(y)
-    steps = len(X) // batch
-    rates = []
-    for epoch in range(epochs):
-        perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(X)))
-        t = time.perf_counter()
-        for s in range(steps):
-            idx = perm[s * batch : (s + 1) * batch]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            loss.item()
-        rates.append(steps * batch / (time.perf_counter() - t))
-    return rates[1:]
+    return plain_epochs(model, X, y, epochs, batch, lr, seed=[seed])
 
 
 def daskdl_fit(client, ds, model_name, epochs, batch, lr, seed, threads):
