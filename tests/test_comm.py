@@ -13,8 +13,11 @@ import daskdl
 from daskdl import comm
 
 
-def _allreduce(run_id, rank, peers, n, timeout, rounds=3, wire="fp32", dtype=np.float64):
-    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout)
+def _allreduce(
+    run_id, rank, peers, n, timeout, rounds=3, wire="fp32", dtype=np.float64, algorithm="ring"
+):
+    direct_bytes = 2**40 if algorithm == "direct" else 0
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout, direct_bytes=direct_bytes)
     try:
         out = []
         for k in range(rounds):
@@ -32,13 +35,16 @@ def three():
         yield c
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "direct"])
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
-def test_allreduce_sums_exactly_like_numpy(three, ranks, n):
+def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
     peers = sorted(three.scheduler_info()["workers"])[:ranks]
     run_id = uuid.uuid4().hex
     futures = [
-        three.submit(_allreduce, run_id, r, peers, n, 20, workers=[w], pure=False)
+        three.submit(
+            _allreduce, run_id, r, peers, n, 20, algorithm=algorithm, workers=[w], pure=False
+        )
         for r, w in enumerate(peers)
     ]
     results = three.gather(futures)
@@ -51,8 +57,9 @@ def test_allreduce_sums_exactly_like_numpy(three, ranks, n):
             np.testing.assert_array_equal(results[r][k], results[0][k])
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "direct"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_bf16_on_the_wire(three, ranks):
+def test_bf16_on_the_wire(three, ranks, algorithm):
     peers = sorted(three.scheduler_info()["workers"])[:ranks]
     run_id = uuid.uuid4().hex
     futures = [
@@ -65,6 +72,7 @@ def test_bf16_on_the_wire(three, ranks):
             20,
             wire="bf16",
             dtype=np.float32,
+            algorithm=algorithm,
             workers=[w],
             pure=False,
         )
