@@ -11,6 +11,8 @@ Both carry the stop request in their all-reduce, so every rank stops after the s
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -23,9 +25,16 @@ def _float_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tens
 
 
 class GradientAveraging:
-    """All gradients live in one flat buffer that backward writes into (as DDP's
-    ``gradient_as_bucket_view``), so the all-reduce needs no packing copy. One extra slot at
-    its end carries the stop request."""
+    """Synchronous data-parallel SGD: gradients averaged over all ranks after every backward.
+
+    As in DDP, all gradients live in one flat buffer that backward writes into (parameters in
+    reverse order, the order backward produces them), cut into buckets of about
+    ``bucket_bytes`` (the first one smaller, so communication starts early). A bucket's
+    all-reduce starts on a communication thread as soon as its last gradient is accumulated,
+    overlapping with the rest of the backward pass; ``backward_done`` waits for all of them.
+    Buckets are reduced in the same order on every rank whatever order backward finishes them
+    in. One extra slot at the end of the last bucket carries the stop request.
+    """
 
     def __init__(
         self,
@@ -33,26 +42,72 @@ class GradientAveraging:
         opt: torch.optim.Optimizer,
         group: DaskGroup,
         wire: str = "fp32",
+        bucket_bytes: int = 25 * 2**20,
+        first_bucket_bytes: int = 2**20,
     ):
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
         total = sum(p.numel() for p in params)
-        self.flat = torch.zeros(total + 1, dtype=torch.float32)
-        offset = 0
-        for p in params:
-            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.array = self.flat.numpy()
+        self.flat = torch.zeros(total + 1, dtype=torch.float32, device=params[0].device)
         self.group = group
         self.wire = wire
         self._stop = False
+        # Bucket b covers flat[bounds[b]:bounds[b + 1]]; a parameter never straddles two.
+        bounds, bucket_of, offset, cap = [0], [], 0, first_bucket_bytes
+        for p in params:
+            if offset > bounds[-1] and (offset - bounds[-1]) * 4 >= cap:
+                bounds.append(offset)
+                cap = bucket_bytes
+            bucket_of.append(len(bounds) - 1)
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        bounds.append(total + 1)
+        self.buckets = [self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self._sizes = np.bincount(bucket_of, minlength=len(self.buckets))
+        self._hooks, self._executor = [], None
+        if len(self.buckets) > 1 and group.size > 1:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="daskdl-allreduce")
+            for p, b in zip(params, bucket_of):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(b)))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._missing = self._sizes.copy()
+        self._launched = 0
+        self._pending: list[Future] = []
+
+    def _hook(self, bucket: int):
+        def ready(_param: torch.Tensor) -> None:
+            self._missing[bucket] -= 1
+            self._launch_ready()
+
+        return ready
+
+    def _launch_ready(self) -> None:
+        # The last bucket holds the stop slot: it goes in backward_done.
+        while self._launched < len(self.buckets) - 1 and self._missing[self._launched] == 0:
+            bucket = self.buckets[self._launched]
+            self._pending.append(self._executor.submit(self._reduce, bucket))
+            self._launched += 1
+
+    def _reduce(self, bucket: torch.Tensor) -> None:
+        self.group.allreduce_mean_(bucket, self.wire)
 
     def zero_grad(self) -> None:
         self.flat.zero_()
+        self._reset()
 
     def backward_done(self, stop_requested: bool) -> None:
-        self.array[-1] = float(stop_requested)
-        self.group.allreduce_mean_(self.array, self.wire)
-        self._stop = bool(self.array[-1] > 0)
+        self.flat[-1] = float(stop_requested)
+        if self._executor is None:
+            self._reduce(self.flat)
+        else:
+            # Parameters that took no part in this backward keep zero gradients.
+            self._missing[:] = 0
+            self._launch_ready()
+            self._pending.append(self._executor.submit(self._reduce, self.buckets[-1]))
+            for fut in self._pending:
+                fut.result()  # re-raises a peer timeout or an abort from the comm thread
+        self._stop = bool(self.flat[-1] > 0)
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
         """Whether every rank agreed to stop after this step."""
@@ -63,6 +118,12 @@ class GradientAveraging:
 
     def load_state(self, tensors: dict[str, np.ndarray]) -> None:
         pass
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class LocalSGD:
@@ -131,6 +192,9 @@ class LocalSGD:
             p.data.copy_(self.global_params[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
+    def close(self) -> None:
+        pass
+
     def state_tensors(self) -> dict[str, np.ndarray]:
         if self.outer is None:
             return {}
@@ -147,7 +211,9 @@ class LocalSGD:
 
 def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
     if cfg.sync_every == 1 and cfg.outer_optimizer is None:
-        return GradientAveraging(model, opt, group, cfg.wire_dtype)
+        return GradientAveraging(
+            model, opt, group, cfg.wire_dtype, bucket_bytes=int(cfg.bucket_mb * 2**20)
+        )
     # Parameters are averaged in float32: bfloat16 would round them (not just their change).
     return LocalSGD(
         model, opt, group, cfg.sync_every, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum

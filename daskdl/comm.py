@@ -331,8 +331,8 @@ class DaskGroup:
 
 
 class TorchGroup:
-    """The same ranks as :class:`DaskGroup`, averaging through a ``torch.distributed`` gloo
-    process group instead of Dask's comms (``backend="torch"``).
+    """The same ranks as :class:`DaskGroup`, averaging through ``torch.distributed`` process
+    groups instead of Dask's comms (``backend="torch"``): gloo, and NCCL for CUDA tensors.
 
     Rank 0 opens a ``TCPStore`` on a port the OS picks and publishes its address through the
     scheduler (a ``distributed.Variable``); the others read it there and connect. The process
@@ -367,21 +367,36 @@ class TorchGroup:
                 ) from None
             host, port = address.rsplit(":", 1)
             self._store = dist.TCPStore(host, int(port), self.size, False, timeout=wait)
-        self._pg = dist.ProcessGroupGloo(self._store, rank, self.size, wait)
+        self._pg = dist.ProcessGroupGloo(
+            dist.PrefixStore("gloo", self._store), rank, self.size, wait
+        )
+        self._nccl_pg = None
 
-    def allreduce_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+    def allreduce_(self, buf, wire: str = "fp32"):
+        """Sum ``buf`` (numpy array or torch tensor) over all ranks in place: CUDA tensors
+        through NCCL, everything else through gloo."""
         if self.size == 1:
             return buf
         if self.box.aborted is not None:
             raise CollectiveAborted(self.box.aborted)
-        tensor = torch.from_numpy(buf)
+        tensor = buf if torch.is_tensor(buf) else torch.from_numpy(buf)
+        group = self._nccl() if tensor.is_cuda else self._pg
         if wire == "bf16":
             sent = tensor.to(torch.bfloat16)
-            self._pg.allreduce([sent]).wait()
+            group.allreduce([sent]).wait()
             tensor.copy_(sent)
         else:
-            self._pg.allreduce([tensor]).wait()
+            group.allreduce([tensor]).wait()
         return buf
+
+    def _nccl(self):
+        # Made on first use: every rank reaches its first CUDA all-reduce at the same point.
+        if self._nccl_pg is None:
+            import torch.distributed as dist
+
+            store = dist.PrefixStore("nccl", self._store)
+            self._nccl_pg = dist.ProcessGroupNCCL(store, self.rank, self.size)
+        return self._nccl_pg
 
     def allreduce_mean_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
         self.allreduce_(buf, wire)
@@ -390,7 +405,7 @@ class TorchGroup:
 
     def close(self) -> None:
         # Tear down in order: the group, then the store; rank 0 removes the published address.
-        self._pg = None
+        self._pg = self._nccl_pg = None
         self._store = None
         if self.rank == 0:
             try:

@@ -52,6 +52,7 @@ class TrainConfig:
     backend: str = "dask"
     sync_every: int = 1
     wire_dtype: str = "fp32"
+    bucket_mb: float = 25.0
     outer_optimizer: str | None = None
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}.")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}.")
+        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be a positive number, got {self.bucket_mb!r}.")
         if self.comm_timeout is not None and self.comm_timeout <= 0:
             raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
         if self.torch_threads is not None:

@@ -207,6 +207,7 @@ def _rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict 
                 break
             rank.finish_epoch(epoch, metrics)
     finally:
+        rank.sync.close()
         rank.group.close()
     if not rank.ctx.is_main:
         return None

@@ -326,6 +326,7 @@ def fit(
     backend: str = "dask",
     sync_every: int = 1,
     wire_dtype: str = "fp32",
+    bucket_mb: float = 25.0,
     outer_optimizer: str | None = None,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
@@ -370,6 +371,9 @@ def fit(
         takes H steps on its own, then parameters and optimizer momentum are averaged.
     wire_dtype
         ``"bf16"`` sends gradients as bfloat16 between ranks: half the bytes.
+    bucket_mb
+        Gradients are all-reduced in buckets of about this many MB (the first is 1 MB), each
+        starting as soon as backward has produced it, as in DDP (``bucket_cap_mb``).
     outer_optimizer
         ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
         synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
@@ -401,6 +405,7 @@ def fit(
         backend=backend,
         sync_every=sync_every,
         wire_dtype=wire_dtype,
+        bucket_mb=bucket_mb,
         outer_optimizer=outer_optimizer,
         outer_lr=outer_lr,
         outer_momentum=outer_momentum,

@@ -109,3 +109,49 @@ def test_digits_with_local_sgd_every_8_steps(client, digits_split):
         progress=False,
     )
     assert run.history["val_accuracy"].iloc[-1] >= 0.97
+
+
+class _LoopbackGroup:
+    """Two ranks that happen to hold the same gradients: their mean is the gradient itself.
+    Records the size of each all-reduced buffer."""
+
+    size = 2
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def allreduce_mean_(self, buf, wire="fp32"):
+        self.calls.append(buf.numel())
+        return buf
+
+
+def test_buckets_start_reducing_during_backward():
+    torch.manual_seed(0)
+    model = models.mlp((64,), 10, hidden=512)
+    n_params = sum(p.numel() for p in model.parameters())
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    group = _LoopbackGroup()
+    # 4 KB buckets: each layer's weight and bias make one.
+    sync = averaging.GradientAveraging(
+        model, None, group, bucket_bytes=4096, first_bucket_bytes=4096
+    )
+    try:
+        assert len(sync.buckets) == 3
+        sync.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        launched_during_backward = len(sync._pending)
+        sync.backward_done(stop_requested=False)
+    finally:
+        sync.close()
+    # All but the last bucket (it carries the stop flag) went before backward returned.
+    assert launched_during_backward == len(sync.buckets) - 1
+    # Every bucket once, in order (last layers first), covering every gradient and the stop slot.
+    assert group.calls == [b.numel() for b in sync.buckets]
+    assert sum(group.calls) == n_params + 1
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+    assert sync.step_done(0, end_of_epoch=False) is False

@@ -66,7 +66,10 @@ def _params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def test_two_ranks_batch_b_equal_one_rank_batch_2b(client):
+# bucket_mb=0.001 cuts the MLP's gradients into several buckets, reduced on the communication
+# thread while backward still runs.
+@pytest.mark.parametrize("bucket_mb", [25, 0.001])
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(client, bucket_mb):
     """The all-reduce averages correctly: 2 x B per step is the same SGD as 1 x 2B."""
     B, steps, d = 8, 6, 12
     rng = np.random.default_rng(1)
@@ -93,6 +96,7 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(client):
         Dataset.from_numpy(X, y, chunks=half, n_classes=4),
         batch_size=B,
         workers=2,
+        bucket_mb=bucket_mb,
         **opts,
     )
     one = daskdl.fit(
@@ -318,9 +322,12 @@ def test_validation_with_fewer_partitions_than_ranks(client):
 def test_torch_backend_matches_the_dask_backend(client):
     X, y = blobs(n=400)
     train, val = Dataset.from_numpy(X, y, chunks=100).split(0.25, seed=0)
+    # The torch run also reduces several buckets on its communication thread.
     runs = {
-        backend: daskdl.fit(client, "mlp", train, val=val, backend=backend, seed=2, **QUICK)
-        for backend in ("dask", "torch")
+        backend: daskdl.fit(
+            client, "mlp", train, val=val, backend=backend, bucket_mb=mb, seed=2, **QUICK
+        )
+        for backend, mb in (("dask", 25), ("torch", 0.001))
     }
     torch.testing.assert_close(
         _params(runs["torch"].model), _params(runs["dask"].model), rtol=1e-5, atol=1e-6
