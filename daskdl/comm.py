@@ -37,6 +37,13 @@ def _to_wire(piece: np.ndarray, wire: str) -> np.ndarray:
     return torch.from_numpy(piece).to(torch.bfloat16).view(torch.int16).numpy()
 
 
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    """The bfloat16 tensor whose bits ``bits`` (int16) holds, sharing its memory."""
+    if not bits.flags.writeable:  # a received message: torch wants writable memory
+        bits = bits.copy()
+    return torch.from_numpy(bits).view(torch.bfloat16)
+
+
 def _from_wire(data: np.ndarray, wire: str) -> np.ndarray:
     if wire == "fp32":
         return data
@@ -192,6 +199,7 @@ class DaskGroup:
         self.direct_bytes = direct_bytes
         self._seq = 0
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._wire_buffers: dict[int, np.ndarray] = {}
 
     def _send(self, dest: int, tag: str, data: np.ndarray):
         async def send():
@@ -222,14 +230,15 @@ class DaskGroup:
             tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
         )
 
-    def allreduce_(self, buf, wire: str = "fp32"):
+    def allreduce_(self, buf, wire: str = "fp32", divide_by: int = 1):
         """Sum the 1-D ``buf`` (numpy array or torch tensor) over all ranks, in place; every
         rank ends with bit-identical sums.
 
         ``wire="bf16"`` sends a float32 buffer as bfloat16, half the bytes; sums are still
         formed in float32, and every rank ends with the same (bf16-rounded) values. A CUDA
         tensor is staged through a pinned host buffer (a copy into pageable memory is about
-        30 times slower).
+        30 times slower). ``divide_by`` divides the sums (``allreduce_mean_``), each rank
+        dividing only the part it finished.
         """
         if self.size == 1:
             return buf
@@ -237,35 +246,56 @@ class DaskGroup:
             raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
         if torch.is_tensor(buf):
             if buf.device.type == "cpu":
-                self.allreduce_(buf.numpy(), wire)
+                self.allreduce_(buf.numpy(), wire, divide_by)
                 return buf
             host = self._pinned_like(buf)
             host.copy_(buf)  # synchronous: waits for the kernels that produced buf
-            self.allreduce_(host.numpy(), wire)
+            self.allreduce_(host.numpy(), wire, divide_by)
             buf.copy_(host, non_blocking=True)  # ordered before later kernels on the stream
             return buf
         if wire == "bf16" and buf.dtype != np.float32:
             raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
         self._seq += 1
         if buf.nbytes <= self.direct_bytes:
-            return self._direct(buf, wire)
-        p, r = self.size, self.rank
+            return self._direct(buf, wire, divide_by)
+        p, r, tag = self.size, self.rank, self._seq
         chunks = np.array_split(buf, p)
+        # With bf16, each chunk's wire form is written into a buffer kept between calls, piece
+        # by piece just before it is sent, and the all-gather forwards received bytes as they
+        # are.
+        wired = np.array_split(self._scratch(buf.size), p) if wire == "bf16" else chunks
         # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
         for s in range(p - 1):
-            self._ring_step(
-                f"{self._seq}:rs:{s}", chunks[(r - s) % p], chunks[(r - s - 1) % p], True, wire
-            )
+            out, into = (r - s) % p, (r - s - 1) % p
+            outgoing = self._cut(wired[out], chunks[out])
+            convert = self._cut(chunks[out], chunks[out]) if wire == "bf16" else None
+            self._ring_step(f"{tag}:rs:{s}", outgoing, chunks[into], True, wire, convert)
+        owned = chunks[(r + 1) % p]
+        if divide_by != 1:
+            owned /= divide_by  # once, here, rather than on the whole buffer after
         if wire == "bf16":
             # Round the finished chunk as its copies on the wire will be: replicas stay equal.
-            owned = chunks[(r + 1) % p]
-            owned[...] = _from_wire(_to_wire(owned, wire), wire)
+            owned_wire = _bf16(wired[(r + 1) % p])
+            owned_wire.copy_(torch.from_numpy(owned))
+            torch.from_numpy(owned).copy_(owned_wire)
         # All-gather: pass the finished chunks around the ring.
+        outgoing = self._cut(wired[(r + 1) % p], owned)
         for s in range(p - 1):
-            self._ring_step(
-                f"{self._seq}:ag:{s}", chunks[(r + 1 - s) % p], chunks[(r - s) % p], False, wire
-            )
+            outgoing = self._ring_step(f"{tag}:ag:{s}", outgoing, chunks[(r - s) % p], False, wire)
         return buf
+
+    def _cut(self, data: np.ndarray, chunk: np.ndarray) -> list[np.ndarray]:
+        """``data`` (a chunk or its wire form) in pieces of about ``piece_bytes`` of the chunk.
+
+        Sender and receiver cut the same chunk index of equal-sized buffers, so they agree.
+        """
+        return np.array_split(data, max(1, -(-chunk.nbytes // self.piece_bytes)))
+
+    def _scratch(self, n: int) -> np.ndarray:
+        # One per buffer size: gradient buckets of different sizes each keep theirs.
+        if n not in self._wire_buffers:
+            self._wire_buffers[n] = np.empty(n, dtype=np.int16)
+        return self._wire_buffers[n]
 
     def _pinned_like(self, tensor: torch.Tensor) -> torch.Tensor:
         key = (tensor.numel(), tensor.dtype)
@@ -274,7 +304,7 @@ class DaskGroup:
             host = self._pinned[key] = torch.empty(key[0], dtype=key[1], pin_memory=True)
         return host
 
-    def _direct(self, buf: np.ndarray, wire: str) -> np.ndarray:
+    def _direct(self, buf: np.ndarray, wire: str, divide_by: int) -> np.ndarray:
         """Everyone sends everything to everyone; the sum is formed in rank order, so every
         rank computes the same float additions and ends bit-identical."""
         tag = f"{self._seq}:d"
@@ -294,37 +324,52 @@ class DaskGroup:
         total = parts[0].copy()
         for part in parts[1:]:
             total += part
+        if divide_by != 1:
+            total /= divide_by
         buf[...] = total
         return buf
 
     def _ring_step(
-        self, tag: str, out: np.ndarray, into: np.ndarray, reduce: bool, wire: str
-    ) -> None:
-        """Send ``out`` to the right neighbour while receiving the left one's ``into``.
+        self,
+        tag: str,
+        outgoing: list[np.ndarray],
+        into: np.ndarray,
+        reduce: bool,
+        wire: str,
+        convert: list[np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """Send ``outgoing`` pieces to the right neighbour while receiving the left one's
+        pieces of ``into``, adding them (``reduce``) or copying them in. Returns what arrived.
 
-        Both travel in pieces of about ``piece_bytes``, all sent at once, so adding the first
-        piece overlaps with the transfer of the next ones. Sender and receiver cut the same
-        chunk index, so they agree on the pieces.
+        ``convert``: float32 pieces to write into the bfloat16 ``outgoing`` ones first, each
+        just before it is sent, so the transfer of one overlaps with converting the next.
+        Pieces go out as soon as they are ready, so adding the first one overlaps with the
+        transfer of the next ones.
         """
         right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        n_pieces = max(1, -(-out.nbytes // self.piece_bytes))
-        sent = [
-            self._send(right, f"{tag}:{k}", _to_wire(piece, wire))
-            for k, piece in enumerate(np.array_split(out, n_pieces))
-        ]
-        for k, piece in enumerate(np.array_split(into, n_pieces)):
-            incoming = _from_wire(self._recv(left, f"{tag}:{k}"), wire)
-            if reduce:
+        sent = []
+        for k, piece in enumerate(outgoing):
+            if convert is not None:
+                _bf16(piece).copy_(torch.from_numpy(convert[k]))
+            sent.append(self._send(right, f"{tag}:{k}", piece))
+        received = []
+        for k, piece in enumerate(self._cut(into, into)):
+            incoming = self._recv(left, f"{tag}:{k}")
+            received.append(incoming)
+            if wire == "bf16":
+                # torch converts while it adds: no float32 temporary.
+                target, incoming = torch.from_numpy(piece), _bf16(incoming)
+                target.add_(incoming) if reduce else target.copy_(incoming)
+            elif reduce:
                 piece += incoming
             else:
                 piece[...] = incoming
         for fut in sent:
             self._wait_sent(fut, right)
+        return received
 
-    def allreduce_mean_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
-        self.allreduce_(buf, wire)
-        buf /= self.size
-        return buf
+    def allreduce_mean_(self, buf, wire: str = "fp32"):
+        return self.allreduce_(buf, wire, divide_by=self.size)
 
     def close(self) -> None:
         discard_mailbox(self.run_id)
@@ -372,7 +417,7 @@ class TorchGroup:
         )
         self._nccl_pg = None
 
-    def allreduce_(self, buf, wire: str = "fp32"):
+    def allreduce_(self, buf, wire: str = "fp32", divide_by: int = 1):
         """Sum ``buf`` (numpy array or torch tensor) over all ranks in place: CUDA tensors
         through NCCL, everything else through gloo."""
         if self.size == 1:

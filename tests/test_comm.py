@@ -17,7 +17,12 @@ def _allreduce(
     run_id, rank, peers, n, timeout, rounds=3, wire="fp32", dtype=np.float64, algorithm="ring"
 ):
     direct_bytes = 2**40 if algorithm == "direct" else 0
-    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout, direct_bytes=direct_bytes)
+    # "pieces": 1001 float64 on 3 ranks are chunks of 2672, 2672 and 2664 bytes, and pieces of
+    # 2668 bytes cut them into 2, 2 and 1 pieces: sender and receiver must still agree.
+    piece_bytes = 2668 if algorithm == "pieces" else 4 * 2**20
+    group = comm.DaskGroup(
+        get_worker(), run_id, rank, peers, timeout, piece_bytes, direct_bytes=direct_bytes
+    )
     try:
         out = []
         for k in range(rounds):
@@ -35,7 +40,7 @@ def three():
         yield c
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "direct"])
+@pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
 def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
@@ -57,7 +62,7 @@ def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
             np.testing.assert_array_equal(results[r][k], results[0][k])
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "direct"])
+@pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_bf16_on_the_wire(three, ranks, algorithm):
     peers = sorted(three.scheduler_info()["workers"])[:ranks]
