@@ -6,7 +6,8 @@ daskdl's all-reduce over Dask worker comms against torch.distributed gloo ``all_
 Cases, each run twice, interleaved, in this one process run, one process per rank with one
 thread each: gloo and daskdl with 2 ranks, daskdl with bfloat16 on the wire, gloo and daskdl
 with 4 ranks. The figure is the median time per all-reduce after warm-up.
-Ends with ``allreduce ratio=<daskdl fp32 time / gloo time, 2 ranks> target=1.5``.
+Ends with ``allreduce ratio=<daskdl fp32 time / gloo time, 2 ranks> target=1.2`` (the table
+also has bf16 on the wire against gloo fp32, target 0.7).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ CASES = [  # (backend, ranks, wire), and the gloo case each is compared with
     ("gloo", 4, "fp32"),
     ("daskdl", 4, "fp32"),
 ]
-TARGETS = {("daskdl", 2, "fp32"): 1.5, ("daskdl", 2, "bf16"): 0.7, ("daskdl", 4, "fp32"): 1.5}
+TARGETS = {("daskdl", 2, "fp32"): 1.2, ("daskdl", 2, "bf16"): 0.7}
 
 
 def main():
@@ -149,7 +150,7 @@ def main():
         "interleaved sessions. Ratio: time against gloo fp32 with as many ranks.",
         ["backend", "ranks", "wire", "median ms", "min ms", "GB/s", "ratio to gloo", "target"],
         rows,
-        f"allreduce ratio={ratio:.3f} target=1.5",
+        f"allreduce ratio={ratio:.3f} target=1.2",
     )
 
 

@@ -58,7 +58,9 @@ class GradientAveraging:
                 bounds.append(offset)
                 cap = bucket_bytes
             bucket_of.append(len(bounds) - 1)
-            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            # The parameter's own strides (channels_last conv weights too), so that backward
+            # accumulates into the bucket without a layout change.
+            p.grad = self.flat.as_strided(p.shape, p.stride(), offset)
             offset += p.numel()
         bounds.append(total + 1)
         self.buckets = [self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -97,6 +99,9 @@ class GradientAveraging:
         self._reset()
 
     def backward_done(self, stop_requested: bool) -> None:
+        if self.group.size == 1:  # nothing to agree on; reading the flag would wait for a GPU
+            self._stop = stop_requested
+            return
         self.flat[-1] = float(stop_requested)
         if self._executor is None:
             self._reduce(self.flat)
@@ -170,17 +175,16 @@ class LocalSGD:
         """Average parameters and optimizer state over all ranks; returns the agreed stop."""
         tensors = [p.data for p in self.params]
         tensors += [s for p in self.params for s in _float_state(self.opt, p)]
-        flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([0.0])])
-        flat[-1] = float(self._stop_requested)
-        array = flat.numpy()
-        self.group.allreduce_mean_(array)
+        stop = torch.tensor([float(self._stop_requested)], device=tensors[0].device)
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [stop])
+        self.group.allreduce_mean_(flat)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         if self.outer == "nesterov":
             self._outer_step()
-        return bool(array[-1] > 0)
+        return bool(flat[-1] > 0)
 
     def _outer_step(self) -> None:
         average = torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -199,14 +203,15 @@ class LocalSGD:
         if self.outer is None:
             return {}
         return {
-            "global": self.global_params.numpy().copy(),
-            "velocity": self.velocity.numpy().copy(),
+            "global": self.global_params.cpu().numpy().copy(),
+            "velocity": self.velocity.cpu().numpy().copy(),
         }
 
     def load_state(self, tensors: dict[str, np.ndarray]) -> None:
         if self.outer is not None and tensors:
-            self.global_params = torch.from_numpy(tensors["global"].copy())
-            self.velocity = torch.from_numpy(tensors["velocity"].copy())
+            device = self.params[0].device
+            self.global_params = torch.from_numpy(tensors["global"].copy()).to(device)
+            self.velocity = torch.from_numpy(tensors["velocity"].copy()).to(device)
 
 
 def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:

@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16")
 OUTER_OPTIMIZERS = (None, "nesterov")
 WIRE_DTYPES = ("fp32", "bf16")
 BACKENDS = ("dask", "torch")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class TrainConfig:
     optimizer state are averaged every H steps instead of gradients every step;
     ``outer_optimizer="nesterov"`` adds a DiLoCo-style outer step (``outer_lr``,
     ``outer_momentum``) on the averaged change.
+
+    ``device="auto"`` trains on the worker's GPU where it sees one (``cuda:0``: dask-cuda
+    gives each worker its own GPU first in ``CUDA_VISIBLE_DEVICES``), else on the CPU.
+    ``channels_last`` (default: on for images on CUDA) and ``compile`` (``torch.compile``)
+    only change speed, not results beyond float rounding.
     """
 
     epochs: int = 10
@@ -58,6 +64,9 @@ class TrainConfig:
     outer_momentum: float = 0.9
     comm_timeout: float | None = None
     torch_threads: int | None = None
+    device: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +114,11 @@ class TrainConfig:
             raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
         if self.torch_threads is not None:
             positive_int("torch_threads")
+        if self.device not in DEVICES:
+            raise ValueError(
+                f"device must be one of {DEVICES}, got {self.device!r}. Each rank uses its "
+                "worker's GPU (cuda:0 under dask-cuda) or the CPU."
+            )
 
     @property
     def timeout(self) -> float:

@@ -99,7 +99,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
     """Forward, backward, agree with the other ranks, update. Returns this rank's loss and
-    accuracy on the batch."""
+    number of correct predictions on the batch, as tensors on the device: reading them
+    (``.item()``) would make the host wait for a GPU every step."""
     sync.zero_grad()
     with autocast:
         logits = model(xb)
@@ -108,24 +109,29 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
     # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request).
     sync.backward_done(stop_requested)
     opt.step()
-    return loss.item(), (logits.argmax(1) == yb).float().mean().item()
+    return loss.detach(), (logits.argmax(1) == yb).sum()
 
 
 @torch.no_grad()
-def evaluate_shard(model, X, y, batch_size: int, autocast) -> np.ndarray:
+def evaluate_shard(
+    model, X, y, batch_size: int, autocast, device=None, channels_last: bool = False
+) -> np.ndarray:
     """Summed loss, correct predictions and count over one shard (to be summed over ranks)."""
     was_training = model.training
     model.eval()
-    sums = np.zeros(3, dtype=np.float64)
+    device = device or X.device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, len(X), batch_size):
-        xb, yb = X[start : start + batch_size], y[start : start + batch_size]
+        xb = X[start : start + batch_size].to(device, non_blocking=True)
+        yb = y[start : start + batch_size].to(device, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(xb)
-        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        sums[1] += (logits.argmax(1) == yb).sum().item()
-        sums[2] += len(yb)
+        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum")
+        sums[1] += (logits.argmax(1) == yb).sum()
     model.train(was_training)
-    return sums
+    return np.array([*sums.tolist(), len(X)], dtype=np.float64)
 
 
 def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
@@ -133,12 +139,24 @@ def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     if not buffers or group.size == 1:
         return
-    flat = torch.cat([b.reshape(-1) for b in buffers]).numpy()
+    flat = torch.cat([b.reshape(-1) for b in buffers])
     group.allreduce_mean_(flat)
     offset = 0
     for b in buffers:
-        b.copy_(torch.from_numpy(flat[offset : offset + b.numel()]).view_as(b))
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the worker's GPU if it sees one, else the CPU. dask-cuda puts each worker's
+    own GPU first in ``CUDA_VISIBLE_DEVICES``, so that is always ``cuda:0``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda', but this worker sees no CUDA GPU.")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -226,7 +244,14 @@ class Rank:
         self.spec = spec
         self.cfg = cfg = TrainConfig.from_dict(spec.config)
         torch.set_num_threads(cfg.torch_threads or max(1, worker.state.nthreads))
-        self.device = torch.device("cpu")
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
+        images = len(spec.input_shape) == 3
+        self.channels_last = images and (
+            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        )
         self.ctx = RankContext(spec.rank, len(spec.peers), self.device, spec.run_id, worker)
         n = 2 * spec.n_train_parts
         augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
@@ -240,11 +265,16 @@ class Rank:
             cfg.shuffle,
             augment,
             self.device,
+            self.channels_last,
         )
         self.Xv, self.yv = concat(parts[n::2], np.float32), concat(parts[n + 1 :: 2], np.int64)
+        if self.loader.on_device:  # room for the training shard: the validation one goes too
+            self.Xv, self.yv = self.Xv.to(self.device), self.yv.to(self.device)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = models.build(spec.model, spec.input_shape, spec.n_classes).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = make_optimizer(self.model, cfg)
         if resume is not None:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
@@ -261,6 +291,8 @@ class Rank:
             if cfg.precision == "bf16"
             else nullcontext()
         )
+        # Compiled for speed only: checkpoints and results come from the plain module.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.process = psutil.Process(os.getpid())
         self.history = list(spec.history)
         self.stopped = False
@@ -271,14 +303,15 @@ class Rank:
         self.model.train()
         t_epoch = self._last_log = time.perf_counter()
         self._logged_steps = 0
-        loss_sum = acc_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for s, (xb, yb) in enumerate(self.loader.epoch(epoch)):
             global_step = epoch * steps + s
             lr = lr_at(global_step, steps * cfg.epochs, cfg, steps)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            loss, acc = train_step(
-                self.model,
+            loss, n_correct = train_step(
+                self.forward,
                 self.opt,
                 xb,
                 yb,
@@ -288,16 +321,17 @@ class Rank:
             )
             self.stopped = self.sync.step_done(global_step, end_of_epoch=s == steps - 1)
             loss_sum += loss
-            acc_sum += acc
+            correct += n_correct
             self._log_step(epoch, s, global_step, loss, lr)
             if self.stopped:
                 return None
+        loss_sum, correct = loss_sum.item(), correct.item()
         train_time = time.perf_counter() - t_epoch
         return {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps,
             "train_loss": loss_sum / steps,
-            "train_accuracy": acc_sum / steps,
+            "train_accuracy": correct / (steps * B),
             "samples_per_s": self.ctx.world_size * B * steps / train_time,
             "epoch_time": train_time,
             "lr": lr,
@@ -305,13 +339,21 @@ class Rank:
             "val_accuracy": None,
         }
 
-    def _log_step(self, epoch: int, s: int, global_step: int, loss: float, lr: float) -> None:
+    def _log_step(
+        self, epoch: int, s: int, global_step: int, loss: torch.Tensor, lr: float
+    ) -> None:
         # Throttled: an event per step would cost more than a small model's step.
         now = time.perf_counter()
         last_step = s == self.spec.steps_per_epoch - 1
         if now - self._last_log < self.spec.log_interval and not last_step and not self.stopped:
             return
+        loss = loss.item()  # waits for the device: once per log interval, not per step
+        now = time.perf_counter()
         n_steps = s + 1 - self._logged_steps
+        extra = {}
+        if self.device.type == "cuda":
+            extra["gpu_memory"] = torch.cuda.memory_allocated(self.device)
+            extra["gpu_utilization"] = _gpu_utilization(self.device)
         self.ctx.log(
             "step",
             epoch=epoch + 1,
@@ -321,6 +363,7 @@ class Rank:
             step_time=(now - self._last_log) / n_steps,
             rss=self.process.memory_info().rss,
             lr=lr,
+            **extra,
         )
         self._last_log, self._logged_steps = now, s + 1
 
@@ -333,7 +376,13 @@ class Rank:
         sums[:2] = metrics["train_loss"], metrics["train_accuracy"]
         if self.spec.has_val:
             sums[2:] = evaluate_shard(
-                self.model, self.Xv, self.yv, self.cfg.eval_batch_size, self.autocast
+                self.forward,
+                self.Xv,
+                self.yv,
+                self.cfg.eval_batch_size,
+                self.autocast,
+                self.device,
+                self.channels_last,
             )
         self.group.allreduce_(sums)
         metrics["train_loss"] = float(sums[0] / self.ctx.world_size)
@@ -356,6 +405,13 @@ class Rank:
                 keep=self.spec.keep_checkpoints,
             )
             self.ctx.log("checkpoint", epoch=done, path=str(path))
+
+
+def _gpu_utilization(device: torch.device) -> float | None:
+    try:  # needs nvidia-ml-py; a missing library only costs the dashboard one number
+        return float(torch.cuda.utilization(device))
+    except Exception:
+        return None
 
 
 def _auto_augment(input_shape: tuple[int, ...]) -> bool:

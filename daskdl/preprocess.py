@@ -44,15 +44,17 @@ def augment_images(x: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
     """Random crop with zero padding and random horizontal flip, on ``x``'s device.
 
     One crop offset per batch position is drawn from ``generator``; the whole batch is cropped
-    with a single gather, so this costs one pass over the batch instead of a Python loop.
+    with a single gather, so this costs one pass over the batch instead of a Python loop. Give
+    a generator on ``x``'s device: drawing on the CPU and copying to a GPU would make the host
+    wait for the GPU at every batch.
     """
     n, _, h, w = x.shape
-    device = x.device
-    flip = torch.rand(n, generator=generator, device="cpu").to(device) < 0.5
+    device, where = x.device, generator.device
+    flip = torch.rand(n, generator=generator, device=where).to(device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=where).to(device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=where).to(device)
     rows = (dy[:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :]
     batch = torch.arange(n, device=device)[:, None, None, None]

@@ -303,6 +303,21 @@ def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str
     return list(workers)
 
 
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count()
+
+
+def _check_gpus(client: Client, ranks: list[str]) -> None:
+    counts = client.run(_cuda_device_count, workers=ranks)
+    missing = sorted(w for w, n in counts.items() if n == 0)
+    if missing:
+        raise RuntimeError(
+            f"device='cuda', but workers {missing} see no CUDA GPU. Start GPU workers "
+            "(daskdl.local_cluster(gpus=True), or `dask cuda worker`), or use device='auto', "
+            "which trains on the CPU where there is no GPU."
+        )
+
+
 def fit(
     client: Client,
     model: models.ModelSpec,
@@ -332,6 +347,9 @@ def fit(
     outer_momentum: float = 0.9,
     comm_timeout: float | None = None,
     torch_threads: int | None = None,
+    device: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -377,6 +395,13 @@ def fit(
     outer_optimizer
         ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
         synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
+    device
+        ``"auto"`` (each rank on its worker's GPU where it has one, else the CPU), ``"cpu"``
+        or ``"cuda"`` (an error before training if a worker has no GPU). Use
+        ``daskdl.local_cluster(gpus=True)`` for one worker per GPU.
+    channels_last, compile
+        CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
+        CUDA) and ``torch.compile``.
 
     The remaining options are :class:`daskdl.config.TrainConfig`'s.
 
@@ -411,6 +436,9 @@ def fit(
         outer_momentum=outer_momentum,
         comm_timeout=comm_timeout,
         torch_threads=torch_threads,
+        device=device,
+        channels_last=channels_last,
+        compile=compile,
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
@@ -438,6 +466,8 @@ def fit(
         history = manifest.get("history", [])
 
     ranks = _choose_workers(client, workers)
+    if cfg.device == "cuda":
+        _check_gpus(client, ranks)
     persisted = _persist(client, train, *([val] if val is not None else []))
     train, x_futs, y_futs = persisted[0]
     if val is not None:

@@ -47,3 +47,12 @@ def digits_split():
     """scikit-learn's digits, split 80/20 with seed 0 and standardised with the train stats."""
     train, test = daskdl.datasets.digits().split(test_size=0.2, seed=0)
     return train.standardize(), test.standardize(like=train)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
