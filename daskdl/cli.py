@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
-from daskdl.config import BACKENDS, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
+from daskdl.config import BACKENDS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
 
 
 def _train_parser(sub) -> None:
@@ -61,6 +62,19 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="local cluster on GPUs (dask-cuda), one worker each: 'all', a count or '0,2'",
+    )
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where each rank trains")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format for conv nets (default: on for images on CUDA)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on each rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
     p.add_argument(
@@ -108,6 +122,13 @@ def _client(args, stack: ExitStack):
                 "`dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
                 "to use a local cluster."
             ) from None
+    elif args.gpus:
+        gpus = args.gpus
+        if gpus == "all":
+            gpus = True
+        elif gpus.isdigit():
+            gpus = int(gpus)
+        client = local_cluster(gpus=gpus)
     else:
         client = local_cluster(n_workers=args.workers)
     return stack.enter_context(client)
@@ -143,6 +164,9 @@ def train(args) -> int:
             outer_optimizer=args.outer_optimizer,
             outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum,
+            device=args.device,
+            channels_last=args.channels_last,
+            compile=args.compile,
             seed=args.seed,
             workers=args.workers if args.scheduler else None,
             out=args.out,
@@ -165,24 +189,105 @@ def train(args) -> int:
     return 0
 
 
+# Small settings for ``daskdl bench``: a few minutes on 2 cores in all. The scripts' own
+# defaults (``--full``) are what benchmarks/RESULTS.md records.
+BENCHMARKS = {
+    "overhead": ["--n", "1024", "--epochs", "2"],
+    "allreduce": ["--size", "2000000", "--iters", "10", "--warmup", "2"],
+    "scaling": ["--n", "1024", "--epochs", "2"],
+    "dataload": ["--n", "4096", "--epochs", "3"],
+    "ddp": ["--n", "1024", "--epochs", "2"],
+}
+LOWER_IS_BETTER = {"allreduce"}  # a time ratio; the others are throughput ratios
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the CPU benchmarks with small settings and print one summary table",
+        description="Run the benchmark scripts of this checkout's benchmarks/ folder, each in "
+        "its own process, and summarise their '<name> ratio=<value> target=<value>' lines.",
+    )
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run just these")
+    p.add_argument("--full", action="store_true", help="the scripts' own (larger) settings")
+    p.add_argument(
+        "--record", action="store_true", help="append the tables to benchmarks/RESULTS.md"
+    )
+    p.add_argument("--benchmarks", help="the benchmarks folder (default: the checkout's)")
+
+
+def _benchmarks_dir(args) -> Path:
+    import daskdl
+
+    folder = Path(args.benchmarks or Path(daskdl.__file__).resolve().parent.parent / "benchmarks")
+    if not (folder / "_report.py").is_file():
+        raise FileNotFoundError(
+            f"no benchmark scripts in {folder}: daskdl bench runs those of a daskdl checkout "
+            "(pip install -e .), or pass --benchmarks DIR."
+        )
+    return folder
+
+
+def bench(args) -> int:
+    import os
+    import re
+    import subprocess
+    import tempfile
+    import time
+
+    folder = _benchmarks_dir(args)
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        if not args.record:
+            env["DASKDL_BENCH_RESULTS"] = os.path.join(tmp, "RESULTS.md")
+        for name in args.only or list(BENCHMARKS):
+            command = [sys.executable, f"{name}.py", *([] if args.full else BENCHMARKS[name])]
+            print(f"daskdl bench: {' '.join(command[1:])} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            found = re.search(
+                rf"^{name} ratio=([-\d.e]+) target=([-\d.e]+)$", done.stdout, re.MULTILINE
+            )
+            if done.returncode != 0 or found is None:
+                failed.append(name)
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                print(f"daskdl bench: {name} failed:\n  " + "\n  ".join(tail), file=sys.stderr)
+                continue
+            ratio, target = float(found[1]), float(found[2])
+            met = ratio <= target if name in LOWER_IS_BETTER else ratio >= target
+            sense = "<=" if name in LOWER_IS_BETTER else ">="
+            rows.append((name, ratio, f"{sense} {target:g}", "yes" if met else "no", seconds))
+    print(f"{'benchmark':<10} {'ratio':>7} {'target':>8} {'met':>4} {'seconds':>8}")
+    for name, ratio, target, met, seconds in rows:
+        print(f"{name:<10} {ratio:>7.3f} {target:>8} {met:>4} {seconds:>8.0f}")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="daskdl", description="Distributed deep learning on Dask clusters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
 
     try:
-        return {"train": train}[args.command](args)
+        return {"train": train, "bench": bench}[args.command](args)
     except (
         ValueError,
         TypeError,
         KeyError,
         FileNotFoundError,
         ConnectionError,
+        ImportError,
+        RuntimeError,
         CheckpointError,
         RunError,
     ) as e:
