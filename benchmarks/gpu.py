@@ -96,11 +96,12 @@ def main():
         where = "CPU fallback (no CUDA)"
     data = daskdl.datasets.synthetic_images(n, (3, 32, 32), 10, seed=0, chunks=n // 4)
     X, y = (torch.from_numpy(a) for a in data.compute())
-    X, y = X.to(device), y.to(device)
     epochs = args.epochs or (3 if cuda else 2)
     cases = [("fp32", False), ("bf16", True)]
     rows, ratios = [], {}
+    # The cluster first: dask-cuda wants its workers started before this process uses CUDA.
     with daskdl.local_cluster(**cluster) as client:
+        X, y = X.to(device), y.to(device)
         data = data.persist(client)
         for precision, channels_last in cases:
             options = (model_name, epochs, batch, precision, channels_last, device)

@@ -93,19 +93,13 @@ def _train_parser(sub) -> None:
 def _load_dataset(args):
     from daskdl import datasets
 
-    if args.dataset == "cifar10":
-        if not args.data_path:
-            raise ValueError("--dataset cifar10 needs --data-path FOLDER with the .bin files.")
-        train = datasets.cifar10(args.data_path, "train")
-        test = datasets.cifar10(args.data_path, "test")
-    else:
-        if args.data_path:
-            raise ValueError(f"--data-path is only for --dataset cifar10, not {args.dataset}.")
-        kwargs = {"n": 4096} if args.dataset == "synthetic_images" else {}
-        train, test = datasets.load(args.dataset, **kwargs).split(args.test_size, args.seed)
-    if args.standardize:
-        train, test = train.standardize(), test.standardize(like=train)
-    return train, test
+    if args.dataset == "cifar10" and not args.data_path:
+        raise ValueError("--dataset cifar10 needs --data-path FOLDER with the .bin files.")
+    if args.data_path and args.dataset != "cifar10":
+        raise ValueError(f"--data-path is only for --dataset cifar10, not {args.dataset}.")
+    return datasets.train_test(
+        args.dataset, args.data_path, args.test_size, args.seed, args.standardize
+    )
 
 
 def _client(args, stack: ExitStack):
@@ -172,6 +166,7 @@ def train(args) -> int:
             out=args.out,
             resume=args.out if args.resume else None,
             progress=args.progress,
+            meta={"dataset": args.dataset, "data_path": args.data_path, "launched_by": "cli"},
         )
         last = run.history.iloc[-1]
         fields = [

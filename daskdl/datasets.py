@@ -136,3 +136,36 @@ def load(name: str, **kwargs) -> Dataset:
             f"Unknown dataset {name!r}; choose one of {sorted([*REGISTRY, 'cifar10'])}."
         )
     return REGISTRY[name](**kwargs)
+
+
+def train_test(
+    name: str,
+    path: str | os.PathLike | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> tuple[Dataset, Dataset]:
+    """Training and validation sets of a named data set, standardised with the training
+    statistics: what ``daskdl train`` and the dashboard train on.
+
+    ``cifar10`` needs ``path`` (its own train and test files); the others are split with
+    ``test_size`` and ``seed``; ``synthetic_images`` makes 4,096 images.
+
+    Examples
+    --------
+    >>> train, val = train_test("digits")
+    >>> len(train) + len(val)
+    1797
+    """
+    if name == "cifar10":
+        if not path:
+            raise ValueError("cifar10 needs the folder of its binary files (--data-path FOLDER).")
+        train, test = cifar10(path, "train"), cifar10(path, "test")
+    else:
+        if path:
+            raise ValueError(f"A data path is only for cifar10, not {name!r}.")
+        kwargs = {"n": 4096} if name == "synthetic_images" else {}
+        train, test = load(name, **kwargs).split(test_size, seed)
+    if standardize:
+        train, test = train.standardize(), test.standardize(like=train)
+    return train, test

@@ -27,6 +27,40 @@ def topic(run_id: str) -> str:
     return TOPIC_PREFIX + run_id
 
 
+_handlers_lock = threading.Lock()
+
+
+def subscribe(client, topic_name: str, handler) -> None:
+    """Call ``handler((timestamp, msg))`` for every event on ``topic_name``.
+
+    ``Client.subscribe_topic`` keeps one handler per topic and client; this keeps a list, so
+    that a run's recorder and a dashboard on the same client (in one notebook) both listen.
+    """
+    with _handlers_lock:
+        table = client.__dict__.setdefault("_daskdl_handlers", {})
+        handlers = table.get(topic_name)
+        if handlers is None:
+            handlers = table[topic_name] = []
+
+            def fan_out(event, handlers=handlers):
+                for h in list(handlers):
+                    h(event)
+
+            client.subscribe_topic(topic_name, fan_out)
+        handlers.append(handler)
+
+
+def unsubscribe(client, topic_name: str, handler) -> None:
+    with _handlers_lock:
+        table = client.__dict__.get("_daskdl_handlers", {})
+        handlers = table.get(topic_name, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers and topic_name in table:
+            del table[topic_name]
+            client.unsubscribe_topic(topic_name)
+
+
 def emit(worker, run_id: str, kind: str, **fields) -> None:
     """Publish one event from a worker (thread-safe)."""
     worker.log_event(topic(run_id), {"run": run_id, "kind": kind, **fields})

@@ -200,7 +200,7 @@ class Run:
             events.topic(self.run_id),
             {"run": self.run_id, "kind": "end", "status": status, **fields},
         )
-        self.client.unsubscribe_topic(events.topic(self.run_id))
+        events.unsubscribe(self.client, events.topic(self.run_id), self._recorder.handle)
         if self.out is not None and status != "failed":
             self.out.mkdir(parents=True, exist_ok=True)
             self.history.to_csv(self.out / "metrics.csv", index=False)
@@ -355,6 +355,7 @@ def fit(
     resume: str | os.PathLike | None = None,
     block: bool = True,
     progress: bool = True,
+    meta: dict | None = None,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
 
@@ -379,6 +380,9 @@ def fit(
         A run directory or checkpoint to continue from (the newest checkpoint that verifies).
     block
         ``False`` returns the :class:`Run` at once; call ``run.wait()``.
+    meta
+        JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
+        checkpoints), such as the name of the data set; the dashboard reads them.
 
     backend
         ``"dask"``: the all-reduce over Dask's worker-to-worker comms (encrypted with the
@@ -442,6 +446,10 @@ def fit(
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
+    try:
+        json.dumps(meta or {})
+    except TypeError as e:
+        raise TypeError(f"meta must be JSON-able (str, numbers, lists, dicts): {e}") from None
     if not isinstance(client, Client):
         raise TypeError(
             f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
@@ -535,13 +543,14 @@ def fit(
         "n_classes": n_classes,
         "start_epoch": start_epoch,
         "out": str(out_path) if out_path else None,
+        "meta": meta or {},
     }
     if out_path is not None:
         (out_path / "config.json").write_text(json.dumps(public, indent=1))
 
     recorder = events.Recorder(run_id, steps * cfg.epochs, start_epoch * steps, progress)
     recorder.epochs.extend(history)
-    client.subscribe_topic(events.topic(run_id), recorder.handle)
+    events.subscribe(client, events.topic(run_id), recorder.handle)
     client.log_event(events.topic(run_id), {"kind": "start", **public})
     client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
     comm.ensure_plugin(client)
