@@ -5,7 +5,8 @@ daskdl's all-reduce over Dask worker comms against torch.distributed gloo ``all_
 
 Cases, each run twice, interleaved, in this one process run, one process per rank with one
 thread each: gloo and daskdl with 2 ranks, daskdl with bfloat16 on the wire, gloo and daskdl
-with 4 ranks. The figure is the median time per all-reduce after warm-up.
+with 4 ranks, and both with 2 ranks on a small (latency-bound) buffer. The figure is the median
+time per all-reduce after warm-up.
 Ends with ``allreduce ratio=<daskdl fp32 time / gloo time, 2 ranks> target=1.2`` (the table
 also has bf16 on the wire against gloo fp32, target 0.7).
 """
@@ -101,40 +102,52 @@ def bench_gloo(size, iters, warmup, ranks=2, wire="fp32"):
     return [max(per_rank) for per_rank in zip(*(out[r] for r in range(ranks)))]
 
 
-CASES = [  # (backend, ranks, wire), and the gloo case each is compared with
-    ("gloo", 2, "fp32"),
-    ("daskdl", 2, "fp32"),
-    ("daskdl", 2, "bf16"),
-    ("gloo", 4, "fp32"),
-    ("daskdl", 4, "fp32"),
+SMALL_CNN = 66_571  # small_cnn's gradient on 3x32x32 images, plus the stop slot
+
+CASES = [  # (backend, ranks, wire, buffer); each is compared with gloo fp32 on as many ranks
+    ("gloo", 2, "fp32", "large"),
+    ("daskdl", 2, "fp32", "large"),
+    ("daskdl", 2, "bf16", "large"),
+    ("gloo", 4, "fp32", "large"),
+    ("daskdl", 4, "fp32", "large"),
+    ("gloo", 2, "fp32", "small"),
+    ("daskdl", 2, "fp32", "small"),
 ]
-TARGETS = {("daskdl", 2, "fp32"): 1.2, ("daskdl", 2, "bf16"): 0.7}
+TARGETS = {("daskdl", 2, "fp32", "large"): 1.2, ("daskdl", 2, "bf16", "large"): 0.7}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=RESNET18)
+    parser.add_argument("--small-size", type=int, default=SMALL_CNN)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     bench = {"gloo": bench_gloo, "daskdl": bench_daskdl}
+    sizes = {"large": args.size, "small": args.small_size}
+    # Latency-bound small buffers get more rounds for the same measuring time.
+    iters = {"large": args.iters, "small": 10 * args.iters}
     results: dict[tuple, list[float]] = {}
     # Two sessions of every case, interleaved, so that a noisy neighbour hurts all alike.
     for _ in range(2):
         for case in CASES:
-            backend, ranks, wire = case
+            backend, ranks, wire, buffer = case
             results.setdefault(case, []).extend(
-                bench[backend](args.size, args.iters, args.warmup, ranks=ranks, wire=wire)
+                bench[backend](sizes[buffer], iters[buffer], args.warmup, ranks=ranks, wire=wire)
             )
-    mb = args.size * 4 / 1e6
     rows = []
     for case in CASES:
+        backend, ranks, wire, buffer = case
         t = statistics.median(results[case])
-        gloo = statistics.median(results[("gloo", case[1], "fp32")])
+        gloo = statistics.median(results[("gloo", ranks, "fp32", buffer)])
+        mb = sizes[buffer] * 4 / 1e6
         rows.append(
             [
-                *case,
+                backend,
+                ranks,
+                wire,
+                f"{mb:.3g} MB",
                 t * 1e3,
                 min(results[case]) * 1e3,
                 mb / (t * 1e3),
@@ -145,10 +158,22 @@ def main():
     ratio = rows[1][-2]
     report(
         "allreduce",
-        f"Ranks average a {args.size:,}-float32 buffer ({mb:.1f} MB, a ResNet-18 gradient); "
-        f"{2 * args.iters} timed rounds per case after {args.warmup} warm-up, in two "
-        "interleaved sessions. Ratio: time against gloo fp32 with as many ranks.",
-        ["backend", "ranks", "wire", "median ms", "min ms", "GB/s", "ratio to gloo", "target"],
+        f"Ranks average a {args.size:,}-float32 buffer ({args.size * 4 / 1e6:.1f} MB, a "
+        f"ResNet-18 gradient) and a {args.small_size:,}-float32 one (a small_cnn gradient, "
+        f"latency-bound); {2 * args.iters} (small: {20 * args.iters}) timed rounds per case "
+        f"after {args.warmup} warm-up, in two interleaved sessions. Ratio: time against gloo "
+        "fp32 with as many ranks and the same buffer.",
+        [
+            "backend",
+            "ranks",
+            "wire",
+            "buffer",
+            "median ms",
+            "min ms",
+            "GB/s",
+            "ratio to gloo",
+            "target",
+        ],
         rows,
         f"allreduce ratio={ratio:.3f} target=1.2",
     )

@@ -8,6 +8,7 @@ from daskdl.comm import CollectiveAborted, PeerTimeoutError
 from daskdl.config import TrainConfig
 from daskdl.data import Dataset, plan_shards
 from daskdl.run import Run, RunError, fit
+from daskdl.webapp import dashboard
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "Run",
     "RunError",
     "TrainConfig",
+    "dashboard",
     "datasets",
     "fit",
     "local_cluster",

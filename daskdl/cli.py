@@ -211,6 +211,42 @@ def _bench_parser(sub) -> None:
     p.add_argument("--benchmarks", help="the benchmarks folder (default: the checkout's)")
 
 
+def _dashboard_parser(sub) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="serve the live dashboard for the runs on a cluster",
+        description="Serve daskdl's Panel dashboard: watch, start, stop and resume runs. "
+        "Without --scheduler, a local cluster of --workers worker processes is started.",
+    )
+    p.add_argument("--scheduler", help="address of a running scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, default=None, help="workers of the local cluster")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=5006, help="port (0: any free one)")
+    p.add_argument("--runs-dir", default="runs", help="where runs started from the page write")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+
+
+def dashboard(args) -> int:
+    from daskdl.webapp.serve import serve, shared_client
+
+    client = shared_client(args.scheduler, args.workers)
+
+    def ready(url: str) -> None:
+        print(
+            f"daskdl dashboard: {url} (cluster {client.scheduler.address}, Dask dashboard "
+            f"{client.dashboard_link})",
+            flush=True,
+        )
+
+    try:
+        serve(client, args.address, args.port, args.runs_dir, args.show, on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    return 0
+
+
 def _benchmarks_dir(args) -> Path:
     import daskdl
 
@@ -269,12 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    _dashboard_parser(sub)
     args = parser.parse_args(argv)
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
 
     try:
-        return {"train": train, "bench": bench}[args.command](args)
+        return {"train": train, "bench": bench, "dashboard": dashboard}[args.command](args)
     except (
         ValueError,
         TypeError,

@@ -262,7 +262,7 @@ class Dataset:
         tabular data, per channel for images. Pass ``like=train`` to apply the training set's
         statistics to a test set.
         """
-        mean, std = (like or self).stats()
+        mean, std = (like if like is not None else self).stats()
         return self._like(preprocess.standardize(self.X, mean, std), self.y)
 
     def stats(self) -> tuple[da.Array, da.Array]:

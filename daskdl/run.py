@@ -132,6 +132,18 @@ class Run:
             self._fail(RunError(f"run {self.run_id} interrupted"))
         return self
 
+    def dashboard(self):
+        """A live dashboard of this run (and the others on the cluster), for a notebook.
+
+        Needs ``pip install "daskdl[app]"``; see :func:`daskdl.dashboard`.
+        """
+        from daskdl.webapp import dashboard
+
+        app = dashboard(self.client)
+        if self.run_id in app.store.runs:
+            app.store.selected = self.run_id
+        return app
+
     def stop(self) -> Run:
         """Ask every rank to stop after the current step, and wait for them."""
         self.client.run(comm.request_stop, self.run_id, workers=self.workers, on_error="ignore")

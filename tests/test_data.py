@@ -51,6 +51,18 @@ def test_from_dataframe():
     np.testing.assert_array_equal(y, np.arange(100) % 3)
 
 
+def test_standardize_like_a_set_of_unknown_length():
+    # A dataframe's partition lengths are unknown until computed; using the training set's
+    # statistics must not ask for its length.
+    pdf = pd.DataFrame({"a": np.arange(100.0), "b": np.arange(100.0) ** 2, "label": 0})
+    ds = Dataset.from_dataframe(dd.from_pandas(pdf, npartitions=4), ["a", "b"], "label")
+    train, test = ds.split(0.2, seed=0)
+    Xs, _ = test.standardize(like=train).compute()
+    Xt, _ = train.compute()
+    Xv, _ = test.compute()
+    np.testing.assert_allclose(Xs, (Xv - Xt.mean(0)) / Xt.std(0), rtol=1e-5)
+
+
 def test_from_xarray_images_and_columns():
     imgs = np.random.default_rng(0).normal(size=(60, 1, 4, 4)).astype(np.float32)
     ds = xr.Dataset(

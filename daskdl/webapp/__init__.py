@@ -1,0 +1,27 @@
+"""daskdl's Panel dashboard (needs ``pip install "daskdl[app]"``).
+
+``daskdl.dashboard(client)`` and ``run.dashboard()`` show it in a notebook; ``daskdl dashboard``
+and ``panel serve app/dashboard.py`` serve it.
+
+- :mod:`daskdl.webapp.store`: the runs as their events describe them (no Panel).
+- :mod:`daskdl.webapp.views`: curves, workers, status and the run list.
+- :mod:`daskdl.webapp.app`: the ``App`` that puts them together with run controls.
+"""
+
+from __future__ import annotations
+
+
+def dashboard(client, runs_dir: str = "runs"):
+    """The dashboard for ``client``'s cluster, to display in a notebook.
+
+    Examples
+    --------
+    >>> client = daskdl.local_cluster(n_workers=2)     # doctest: +SKIP
+    >>> daskdl.dashboard(client)                       # doctest: +SKIP
+    """
+    import panel as pn
+
+    from daskdl.webapp.app import App
+
+    pn.extension("tabulator")
+    return App(client, runs_dir)

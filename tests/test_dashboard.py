@@ -1,0 +1,314 @@
+"""The dashboard: store logic with plain pytest, the event feed against a real cluster, and
+the served page in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import daskdl
+from daskdl.webapp.store import DashboardStore, RunState, feed
+from tests.conftest import poll_for
+
+pytest.importorskip("panel")
+
+
+def _start(run="r1", epochs=2, steps=10, workers=("tcp://a:1", "tcp://b:2")):
+    return {
+        "run": run,
+        "kind": "start",
+        "model": "mlp",
+        "config": {"epochs": epochs, "lr": 0.1},
+        "world_size": len(workers),
+        "workers": list(workers),
+        "steps_per_epoch": steps,
+        "meta": {"dataset": "digits"},
+    }
+
+
+def _step(run="r1", rank=0, step=1, loss=1.0, step_time=0.01, sps=100.0):
+    return {
+        "run": run,
+        "kind": "step",
+        "rank": rank,
+        "epoch": 1,
+        "step": step,
+        "loss": loss,
+        "samples_per_s": sps,
+        "step_time": step_time,
+        "rss": 300 * 2**20,
+        "lr": 0.1,
+    }
+
+
+def _epoch(run="r1", epoch=1, steps=10, val=0.9):
+    return {
+        "run": run,
+        "kind": "epoch",
+        "epoch": epoch,
+        "step": epoch * steps,
+        "train_loss": 0.5 / epoch,
+        "train_accuracy": 0.8,
+        "val_loss": 0.4,
+        "val_accuracy": val,
+        "samples_per_s": 200.0,
+        "epoch_time": 1.0,
+        "lr": 0.1,
+    }
+
+
+def test_run_state_follows_its_events():
+    run = RunState("r1")
+    run.ingest(100.0, _start())
+    assert (run.status, run.total_steps, run.step) == ("running", 20, 0)
+    run.ingest(101.0, _step(rank=0, step=4, step_time=0.02, sps=150.0))
+    run.ingest(101.1, _step(rank=1, step=4, step_time=0.05, sps=60.0))  # a straggler
+    assert run.step == 4
+    assert run.eta() == pytest.approx(16 * 0.02)  # rank 0's pace for the 16 steps left
+    assert run.throughput() == pytest.approx(210.0)
+    table = run.worker_table()
+    assert list(table["worker"]) == ["tcp://a:1", "tcp://b:2"]
+    assert list(table["step_time_ms"]) == [20.0, 50.0]
+    assert list(table["rss_mb"]) == [300, 300]
+    run.ingest(102.0, _epoch(epoch=1))
+    run.ingest(102.5, {"run": "r1", "kind": "checkpoint", "epoch": 1, "path": "/x/epoch-0001"})
+    assert run.checkpoint_path == "/x/epoch-0001"
+    assert run.elapsed(now=103.0) == pytest.approx(3.0)
+    # The last epoch ends the run even if no "end" event ever comes.
+    run.ingest(104.0, _epoch(epoch=2, val=0.95))
+    assert run.status == "finished" and run.eta() is None
+    assert list(run.history()["val_accuracy"]) == [0.9, 0.95]
+    summary = run.summary()
+    assert summary["epochs"] == "2/2" and summary["dataset"] == "digits"
+    assert summary["val_accuracy"] == 0.95
+
+
+def test_end_event_reports_failures_and_a_restart_clears_them():
+    run = RunState("r1")
+    run.ingest(1.0, _start())
+    run.ingest(2.0, {"run": "r1", "kind": "end", "status": "failed", "error": "rank 1 died"})
+    assert (run.status, run.error) == ("failed", "rank 1 died")
+    run.ingest(3.0, _start())  # resumed under the same id
+    assert (run.status, run.error) == ("running", None)
+
+
+def test_store_follows_the_newest_run_until_one_is_picked():
+    store = DashboardStore()
+    seen = []
+    store.param.watch(lambda e: seen.append(e.new), "selected")
+    assert store.ingest([(1.0, _start("a")), (1.5, _step("a"))])
+    assert store.selected == "a"
+    store.ingest([(2.0, _start("b"))])
+    assert store.selected == "a"  # the user's view does not jump
+    assert store.param.compare.objects == [None, "a", "b"]
+    store.compare = "b"
+    assert list(store.runs_table()["run"]) == ["b", "a"]  # newest first
+    assert not store.ingest([])
+    assert seen == ["a"]
+
+
+def test_feed_sees_past_and_live_runs(client, digits_split):
+    train, test = digits_split
+    before = daskdl.fit(client, "mlp", train, val=test, epochs=2, progress=False)
+    store = DashboardStore(feed(client))
+    store.refresh()
+    past = store.runs[before.run_id]
+    assert past.status == "finished"
+    assert list(past.history()["val_accuracy"]) == list(before.history["val_accuracy"])
+    assert {e["rank"] for e in past.steps} == {0, 1}
+
+    # A run started after the feed: announced live, replayed on the client's loop.
+    after = daskdl.fit(client, "mlp", train, val=test, epochs=3, progress=False, block=False)
+    revision = store.revision
+
+    def three_epochs_seen():
+        store.refresh()
+        return after.run_id in store.runs and len(store.runs[after.run_id].epochs) == 3
+
+    poll_for(three_epochs_seen, timeout=60)
+    after.wait()
+    assert store.revision > revision
+    assert list(store.runs[after.run_id].history()["epoch"]) == [1, 2, 3]
+    # The run's own history is unaffected by the dashboard listening on the same client.
+    assert list(after.history["epoch"]) == [1, 2, 3]
+    assert store.runs[after.run_id].spec["meta"] == {}
+
+
+def test_notebook_views_render(client, digits_split):
+    import panel as pn
+
+    train, test = digits_split
+    run = daskdl.fit(client, "small_cnn", train, val=test, epochs=2, progress=False)
+    app = run.dashboard()
+    assert app.store.selected == run.run_id
+    app.store.refresh()
+    app.curves._update()
+    assert len(app.curves.epochs.data["epoch"]) == 2
+    assert len(app.curves.steps.data["step"]) >= 1
+    assert "finished" in app.status.text.object
+    layout = pn.panel(app)
+    assert isinstance(layout, pn.layout.Row)
+    html = pn.panel(app).get_root()  # builds the Bokeh models, as a notebook display does
+    assert html is not None
+
+
+# --- the served page, in a real browser -------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """``daskdl dashboard`` on a free localhost port with its own 2-worker cluster."""
+    from daskdl.webapp.serve import free_port
+
+    port = free_port("127.0.0.1")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "2", "--port", str(port)]
+        + ["--runs-dir", str(tmp_path / "runs")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        poll_for(lambda: "daskdl dashboard: " + url in (tmp_path / "server.log").read_text(), 60)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _steps_drawn(page) -> int:
+    return page.evaluate(
+        """() => {
+            const doc = window.Bokeh && Bokeh.documents[0];
+            const source = doc && doc.get_model_by_name('daskdl-loss-steps');
+            return source ? source.data.step.length : -1;
+        }"""
+    )
+
+
+def _status(page) -> str | None:
+    status = page.locator(".daskdl-run-status")
+    return status.first.text_content() if status.count() else None
+
+
+# In CI (.ci/run installs Chromium) a missing browser is a failure, not a skip.
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)",
+)
+def test_start_watch_stop_and_resume_from_the_page(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served)
+        # A short digits run with the form's defaults (small_cnn, 5 epochs, 2 workers).
+        page.get_by_role("button", name="Start run").click(timeout=60_000)
+        counts = []
+
+        def finished():
+            counts.append(_steps_drawn(page))
+            return _status(page) == "finished"
+
+        poll_for(finished, timeout=120, interval=0.25)
+        assert counts[-1] > 0
+        assert len({c for c in counts if c > 0}) >= 2, f"the curve never grew: {counts}"
+        assert page.locator(".daskdl-checkpoint").first.text_content().endswith("epoch-0005")
+        page.screenshot(path=str(tmp_path / "dashboard-finished.png"), full_page=True)
+        if os.environ.get("DASKDL_SCREENSHOTS"):
+            shutil.copy(tmp_path / "dashboard-finished.png", os.environ["DASKDL_SCREENSHOTS"])
+
+        # A long run, stopped from the page, then resumed from its checkpoint.
+        epochs = page.locator("input").nth(1)  # after the data path (selects are not inputs)
+        epochs.fill("400")
+        epochs.press("Enter")
+        page.get_by_role("button", name="Start run").click()
+        poll_for(lambda: _status(page) == "running" and _steps_drawn(page) > 2, timeout=60)
+        first = page.locator(".daskdl-run-id").first.text_content()
+        poll_for(lambda: list((tmp_path / "runs").glob("*-2/checkpoints/epoch-*")), timeout=60)
+        page.get_by_role("button", name="Stop").click()
+        poll_for(lambda: _status(page) == "stopped", timeout=60)
+        page.get_by_role("button", name="Resume").click()
+        poll_for(
+            lambda: (
+                _status(page) == "running"
+                and page.locator(".daskdl-run-id").first.text_content() != first
+            ),
+            timeout=60,
+        )
+        page.get_by_role("button", name="Stop").click()
+        poll_for(lambda: _status(page) == "stopped", timeout=60)
+        page.screenshot(path=str(tmp_path / "dashboard-resumed.png"), full_page=True)
+        browser.close()
+    resumed = Path(tmp_path / "runs").glob("*-2/config.json")
+    assert any('"start_epoch": 0' not in f.read_text() for f in resumed)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)",
+)
+def test_panel_serve_runs_the_app_script(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from daskdl.webapp.serve import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port("127.0.0.1")
+    log = open(tmp_path / "panel.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "panel", "serve", str(root / "app" / "dashboard.py")]
+        + ["--address", "127.0.0.1", "--port", str(port), "--allow-websocket-origin"]
+        + [f"127.0.0.1:{port}", "--args", "--workers", "1", "--runs-dir", str(tmp_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+
+            def page_served():
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/dashboard", timeout=5000)
+                    return True
+                except Exception:
+                    return False
+
+            poll_for(page_served, timeout=60, interval=1)
+            page.get_by_role("button", name="Start run").wait_for(timeout=60_000)
+            assert page.title() == "daskdl"
+            assert _steps_drawn(page) == 0  # the views are there, with no run yet
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
