@@ -152,6 +152,15 @@ def test_notebook_views_render(client, digits_split):
     assert len(app.curves.epochs.data["epoch"]) == 2
     assert len(app.curves.steps.data["step"]) >= 1
     assert "finished" in app.status.text.object
+    # Overlay an earlier run's epoch curves (dashed) for comparison.
+    other = daskdl.fit(client, "mlp", train, val=test, epochs=3, progress=False)
+    app.store.refresh()
+    assert app.store.selected == run.run_id  # a new run does not steal the view
+    app.store.compare = other.run_id
+    assert list(app.curves.other.data["epoch"]) == [1.0, 2.0, 3.0]
+    assert list(app.curves.other.data["val_accuracy"]) == list(other.history["val_accuracy"])
+    app.store.compare = None
+    assert list(app.curves.other.data["epoch"]) == []
     layout = pn.panel(app)
     assert isinstance(layout, pn.layout.Row)
     html = pn.panel(app).get_root()  # builds the Bokeh models, as a notebook display does
