@@ -192,6 +192,7 @@ BENCHMARKS = {
     "scaling": ["--n", "1024", "--epochs", "2"],
     "dataload": ["--n", "4096", "--epochs", "3"],
     "ddp": ["--n", "1024", "--epochs", "2"],
+    "words": ["--mb", "40", "--files", "4"],
 }
 LOWER_IS_BETTER = {"allreduce"}  # a time ratio; the others are throughput ratios
 
@@ -209,6 +210,65 @@ def _bench_parser(sub) -> None:
         "--record", action="store_true", help="append the tables to benchmarks/RESULTS.md"
     )
     p.add_argument("--benchmarks", help="the benchmarks folder (default: the checkout's)")
+
+
+def _words_parser(sub) -> None:
+    p = sub.add_parser(
+        "words",
+        help="count the words of text files on a Dask cluster",
+        description="Word frequencies over text files (paths or globs), counted per block on "
+        "the workers and added up by Dask. Prints the most frequent words.",
+    )
+    p.add_argument("paths", nargs="+", help="text files or globs, e.g. 'corpus/*.txt'")
+    p.add_argument("--top", type=int, default=20, help="how many words to print")
+    p.add_argument("--stop-words", choices=["english"], help="leave out English stop words")
+    p.add_argument("--min-length", type=int, default=1, help="leave out shorter words")
+    p.add_argument(
+        "--errors",
+        choices=["strict", "replace", "ignore"],
+        default="strict",
+        help="what to do with bytes that are not UTF-8 (strict: stop, naming the file)",
+    )
+    p.add_argument("--plot", help="also save a bar chart of the top words (PNG, SVG, PDF)")
+    p.add_argument("--scheduler", help="address of a running scheduler")
+    p.add_argument("--workers", type=int, default=None, help="workers of the local cluster")
+
+
+def words(args) -> int:
+    from daskdl import text
+
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+    with ExitStack() as stack:
+        args.gpus = None
+        client = _client(args, stack)
+        freqs = text.word_frequencies(
+            args.paths,
+            stop_words=args.stop_words,
+            min_length=args.min_length,
+            top=args.top,
+            errors=args.errors,
+            client=client,
+        )
+    width = max([len("word"), *map(len, freqs.index)])
+    print(f"{'word':<{width}} {'count':>10}")
+    for word, count in freqs.items():
+        print(f"{word:<{width}} {count:>10}")
+    if args.plot:
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(freqs) + 1))
+        ax.barh(freqs.index[::-1], freqs.values[::-1])
+        ax.set_xlabel("count")
+        ax.set_title(f"top {len(freqs)} words")
+        fig.tight_layout()
+        fig.savefig(args.plot)
+        print(f"saved {args.plot}", file=sys.stderr)
+    return 0
 
 
 def _dashboard_parser(sub) -> None:
@@ -306,12 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _bench_parser(sub)
     _dashboard_parser(sub)
+    _words_parser(sub)
     args = parser.parse_args(argv)
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
 
     try:
-        return {"train": train, "bench": bench, "dashboard": dashboard}[args.command](args)
+        commands = {"train": train, "bench": bench, "dashboard": dashboard, "words": words}
+        return commands[args.command](args)
     except (
         ValueError,
         TypeError,

@@ -32,6 +32,8 @@ class Dataset:
     (4, 2)
     """
 
+    classes: list | None = None  # label names, where labels were names (from_text)
+
     def __init__(self, X: da.Array, y: da.Array, n_classes: int | None = None):
         if not isinstance(X, da.Array) or not isinstance(y, da.Array):
             raise TypeError(
@@ -149,6 +151,43 @@ class Dataset:
         return cls(X, y, n_classes)
 
     @classmethod
+    def from_text(cls, ddf, text: str, label: str, vocab, seq_len: int = 64) -> Dataset:
+        """Labelled text: the ``text`` column of a Dask dataframe as ``seq_len`` token ids per
+        row (:func:`daskdl.text.encode`: padded with 0, cut at ``seq_len``), lazily.
+
+        Labels that are not integers (topic names, say) get ids in sorted order; the names
+        are in ``dataset.classes``.
+
+        Examples
+        --------
+        >>> freqs = daskdl.text.word_frequencies(ddf["text"])              # doctest: +SKIP
+        >>> vocab = daskdl.text.build_vocab(freqs, max_size=20_000)         # doctest: +SKIP
+        >>> ds = Dataset.from_text(ddf, "text", "topic", vocab, seq_len=64)  # doctest: +SKIP
+        """
+        from daskdl import text as text_
+
+        frame, classes = text_.labelled_frame(ddf, text, label, vocab, seq_len)
+        n_classes = len(classes) if classes else None
+        ds = cls.from_dataframe(frame, text_.token_columns(seq_len), label, n_classes=n_classes)
+        ds.classes = classes
+        return ds
+
+    @classmethod
+    def from_corpus(cls, bag, vocab, seq_len: int = 32, stride: int = 1) -> Dataset:
+        """Next-word prediction: windows of ``seq_len`` token ids from a ``dask.bag`` of texts,
+        each labelled with the id of the word that follows (``n_classes = len(vocab)``).
+
+        Split the texts first (:func:`daskdl.text.split_corpus`), not the windows: windows
+        overlap.
+        """
+        from daskdl import text as text_
+
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+        frame = text_.corpus_frame(bag, vocab, seq_len, stride)
+        return cls.from_dataframe(frame, text_.token_columns(seq_len), "next", len(vocab))
+
+    @classmethod
     def from_xarray(
         cls,
         ds,
@@ -232,7 +271,9 @@ class Dataset:
         )
 
     def _like(self, X: da.Array, y: da.Array) -> Dataset:
-        return Dataset(X, y, self._n_classes)
+        ds = Dataset(X, y, self._n_classes)
+        ds.classes = self.classes
+        return ds
 
     # ---------------------------------------------------------------- transforms
 

@@ -124,6 +124,32 @@ def _synthetic_block(templates: np.ndarray, m: int, seed: int, block: int, noise
     return images.astype(np.float32), labels.astype(np.int64)
 
 
+def python_docs(npartitions: int = 8):
+    """The English documentation that ships inside Python (``pydoc_data.topics``: the
+    language reference's topics, about 465 KB) as a ``dask.bag`` of paragraphs.
+
+    Real text with nothing to download, for word counts and language models.
+
+    Examples
+    --------
+    >>> paragraphs = python_docs()
+    >>> paragraphs.count().compute() > 1000
+    True
+    """
+    import re
+    from pydoc_data.topics import topics
+
+    import dask.bag as db
+
+    paragraphs = [
+        " ".join(p.split())
+        for name in sorted(topics)
+        for p in re.split(r"\n\s*\n", topics[name])
+        if p.strip()
+    ]
+    return db.from_sequence(paragraphs, npartitions=npartitions)
+
+
 REGISTRY = {"digits": digits, "synthetic_images": synthetic_images}
 
 

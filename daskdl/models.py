@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-ModelSpec = str | Callable[..., nn.Module]
+ModelSpec = str | tuple[str, dict] | Callable[..., nn.Module]
 
 
 def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: int = 128) -> nn.Module:
@@ -146,20 +146,119 @@ def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
     return input_shape[0]
 
 
+def _token_length(name: str, input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) != 1:
+        raise ValueError(
+            f"{name} needs token ids shaped (seq_len,) per sample, got {tuple(input_shape)}. "
+            "Make them with Dataset.from_text or Dataset.from_corpus."
+        )
+    return input_shape[0]
+
+
+def _needs_vocab(name: str, vocab_size: int | None) -> int:
+    if not vocab_size or vocab_size < 3:
+        raise ValueError(
+            f"{name} needs the vocabulary size: model=({name!r}, {{'vocab_size': len(vocab)}})."
+        )
+    return vocab_size
+
+
+def fasttext(
+    input_shape: tuple[int, ...], n_classes: int, vocab_size: int | None = None, dim: int = 64
+) -> nn.Module:
+    """fastText: the mean of the words' embeddings (padding left out), then a linear layer."""
+    _token_length("fasttext", input_shape)
+    return _FastText(_needs_vocab("fasttext", vocab_size), dim, n_classes)
+
+
+class _FastText(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, n_classes: int):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x.long()))
+
+
+class _TransformerClassifier(nn.Module):
+    def __init__(self, vocab_size, seq_len, n_classes, dim, heads, layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.zeros(seq_len, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        pad = ids == 0
+        h = self.encoder(self.embed(ids) + self.position, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+def transformer(
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    vocab_size: int | None = None,
+    dim: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+) -> nn.Module:
+    """A small Transformer encoder over token ids, mean-pooled (padding left out), classifying."""
+    seq_len = _token_length("transformer", input_shape)
+    return _TransformerClassifier(
+        _needs_vocab("transformer", vocab_size), seq_len, n_classes, dim, heads, layers
+    )
+
+
+class _GRULanguageModel(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, n_classes: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.rnn = nn.GRU(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(x.long()))
+        return self.head(out[:, -1])
+
+
+def gru_lm(
+    input_shape: tuple[int, ...], n_classes: int, vocab_size: int | None = None, dim: int = 128
+) -> nn.Module:
+    """A next-word language model: a GRU over the window, the next word from its last state.
+    ``n_classes`` is the vocabulary size; its validation loss gives the perplexity."""
+    _token_length("gru_lm", input_shape)
+    return _GRULanguageModel(vocab_size or n_classes, dim, n_classes)
+
+
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "small_cnn": small_cnn,
     "resnet18": resnet18,
     "vgg11": vgg11,
     "vgg16": vgg16,
+    "fasttext": fasttext,
+    "transformer": transformer,
+    "gru_lm": gru_lm,
 }
 
 
 def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """Instantiate a model by name, or call a user factory.
+    """Instantiate a model by name, ``(name, options)``, or call a user factory.
 
-    A factory may take ``(input_shape, n_classes)`` or no arguments.
+    A factory may take ``(input_shape, n_classes)`` or no arguments. Options are keyword
+    arguments of the named model, such as ``("fasttext", {"vocab_size": len(vocab)})``.
     """
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+        name, options = spec
+        if name not in REGISTRY:
+            raise ValueError(f"Unknown model {name!r}; choose one of {sorted(REGISTRY)}.")
+        return REGISTRY[name](tuple(input_shape), n_classes, **dict(options))
     if isinstance(spec, str):
         if spec not in REGISTRY:
             raise ValueError(f"Unknown model {spec!r}; choose one of {sorted(REGISTRY)}.")
@@ -179,4 +278,6 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
 
 
 def describe(spec: ModelSpec) -> str:
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+        return f"{spec[0]}({', '.join(f'{k}={v!r}' for k, v in dict(spec[1]).items())})"
     return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))

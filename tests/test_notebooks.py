@@ -20,6 +20,7 @@ def test_the_notebooks_are_there():
         "03_cifar10_resnet_vgg",
         "04_gpu_dask_cuda",
         "05_dashboard",
+        "06_text",
     ]
 
 
