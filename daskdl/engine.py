@@ -337,6 +337,7 @@ class Rank:
             "lr": lr,
             "val_loss": None,
             "val_accuracy": None,
+            "val_perplexity": None,
         }
 
     def _log_step(
@@ -390,6 +391,8 @@ class Rank:
         if self.spec.has_val:
             metrics["val_loss"] = float(sums[2] / sums[4])
             metrics["val_accuracy"] = float(sums[3] / sums[4])
+            # exp(mean cross-entropy): the language models' metric, defined for any classifier.
+            metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 700.0))
         self.history.append(metrics)
         if not self.ctx.is_main:
             return

@@ -8,6 +8,7 @@ Every event is a flat dict with at least ``run`` and ``kind``:
 - ``step``    (every rank, at most every ``daskdl.log-interval``) rank, epoch, step, loss,
   samples_per_s, step_time, comm_time, rss.
 - ``epoch``   (rank 0) epoch, step, train_loss, train_accuracy, val_loss, val_accuracy,
+  val_perplexity,
   samples_per_s, epoch_time, lr.
 - ``checkpoint`` (rank 0) epoch, path.
 - ``end``     (client) status (``finished``, ``stopped`` or ``failed``), and the error if any.
@@ -123,6 +124,7 @@ HISTORY_COLUMNS = [
     "train_accuracy",
     "val_loss",
     "val_accuracy",
+    "val_perplexity",
     "samples_per_s",
     "epoch_time",
     "lr",

@@ -83,7 +83,7 @@ class Run:
     @property
     def history(self) -> pd.DataFrame:
         """One row per finished epoch: epoch, step, train_loss, train_accuracy, val_loss,
-        val_accuracy, samples_per_s, epoch_time, lr."""
+        val_accuracy, val_perplexity, samples_per_s, epoch_time, lr."""
         if self._result is not None:
             return events.history_frame(self._result["history"])
         return self._recorder.history()

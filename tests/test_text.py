@@ -159,6 +159,23 @@ def test_fasttext_classifies_topics(client):
     assert run.evaluate(val)["accuracy"] >= 0.95
 
 
+def test_text_runs_checkpoint_resume_and_average_like_any_other(client, tmp_path):
+    ddf = dd.from_pandas(_topics(400, seed=2), npartitions=4)
+    vocab = text.build_vocab(text.word_frequencies(ddf["text"]))
+    train, val = Dataset.from_text(ddf, "text", "topic", vocab, seq_len=12).split(0.25, seed=0)
+    model = ("fasttext", {"vocab_size": len(vocab), "dim": 16})
+    # A constant rate: a 2-epoch run then follows the same schedule as a 4-epoch one.
+    opts = dict(batch_size=16, lr=0.5, schedule="constant", sync_every=3, seed=1, progress=False)
+    whole = daskdl.fit(client, model, train, val=val, epochs=4, **opts)
+    daskdl.fit(client, model, train, val=val, epochs=2, out=tmp_path, **opts)
+    resumed = daskdl.fit(
+        client, model, train, val=val, epochs=4, out=tmp_path, resume=tmp_path, **opts
+    )
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert a.detach().equal(b.detach())
+    assert resumed.history["epoch"].tolist() == [1, 2, 3, 4]
+
+
 def test_transformer_classifier_trains(client):
     ddf = dd.from_pandas(_topics(400, seed=1), npartitions=4)
     vocab = text.build_vocab(text.word_frequencies(ddf["text"]))
@@ -195,7 +212,8 @@ def test_language_model_beats_unigram_perplexity(client):
         schedule="constant",
         progress=False,
     )
-    perplexity = float(np.exp(run.history["val_loss"].iloc[-1]))
+    perplexity = run.history["val_perplexity"].iloc[-1]
+    assert perplexity == pytest.approx(np.exp(run.history["val_loss"].iloc[-1]))
     unigram = text.unigram_perplexity(train.y.compute(), val.y.compute(), len(vocab))
     print(f"validation perplexity {perplexity:.1f}, unigram {unigram:.1f}")
     assert perplexity < 0.6 * unigram
