@@ -47,10 +47,14 @@ class GradientAveraging:
     ):
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         total = sum(p.numel() for p in params)
-        self.flat = torch.zeros(total + 1, dtype=torch.float32, device=params[0].device)
+        # Two slots after the gradients: the stop request, and which ranks saw a non-finite
+        # loss or gradient (bit r for rank r), summed by the same all-reduce.
+        self.flat = torch.zeros(total + 2, dtype=torch.float32, device=params[0].device)
+        self.grads = self.flat[:total]
         self.group = group
         self.wire = wire
         self._stop = False
+        self.bad_ranks: list[int] = []
         # Bucket b covers flat[bounds[b]:bounds[b + 1]]; a parameter never straddles two.
         bounds, bucket_of, offset, cap = [0], [], 0, first_bucket_bytes
         for p in params:
@@ -62,7 +66,7 @@ class GradientAveraging:
             # accumulates into the bucket without a layout change.
             p.grad = self.flat.as_strided(p.shape, p.stride(), offset)
             offset += p.numel()
-        bounds.append(total + 1)
+        bounds.append(total + 2)
         self.buckets = [self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self._sizes = np.bincount(bucket_of, minlength=len(self.buckets))
         self._hooks, self._executor = [], None
@@ -76,6 +80,12 @@ class GradientAveraging:
         self._missing = self._sizes.copy()
         self._launched = 0
         self._pending: list[Future] = []
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.flat.device)
+
+    def _check(self, grads: torch.Tensor) -> None:
+        # Before the bucket leaves this rank, so that the flag names the rank it came from;
+        # a device-side test, with no wait for a GPU.
+        self._bad |= ~torch.isfinite(grads).all()
 
     def _hook(self, bucket: int):
         def ready(_param: torch.Tensor) -> None:
@@ -88,6 +98,7 @@ class GradientAveraging:
         # The last bucket holds the stop slot: it goes in backward_done.
         while self._launched < len(self.buckets) - 1 and self._missing[self._launched] == 0:
             bucket = self.buckets[self._launched]
+            self._check(bucket)
             self._pending.append(self._executor.submit(self._reduce, bucket))
             self._launched += 1
 
@@ -98,21 +109,35 @@ class GradientAveraging:
         self.flat.zero_()
         self._reset()
 
-    def backward_done(self, stop_requested: bool) -> None:
-        if self.group.size == 1:  # nothing to agree on; reading the flag would wait for a GPU
+    def backward_done(self, stop_requested: bool, loss: torch.Tensor | None = None) -> None:
+        """Average the gradients; afterwards ``bad_ranks`` lists the ranks whose loss or
+        gradients were not finite (every rank gets the same list, so all skip alike)."""
+        if loss is not None:
+            self._bad |= ~torch.isfinite(loss)
+        if self.group.size == 1:
             self._stop = stop_requested
+            self._check(self.grads)
+            self.bad_ranks = [0] if bool(self._bad) else []
             return
-        self.flat[-1] = float(stop_requested)
+        rank = getattr(self.group, "rank", 0)
+        self.flat[-2] = float(stop_requested)
         if self._executor is None:
+            self._check(self.grads)
+            self.flat[-1] = self._bad.float() * 2.0 ** min(rank, 23)
             self._reduce(self.flat)
         else:
             # Parameters that took no part in this backward keep zero gradients.
             self._missing[:] = 0
             self._launch_ready()
-            self._pending.append(self._executor.submit(self._reduce, self.buckets[-1]))
+            last = self.buckets[-1]
+            self._check(last[:-2])
+            self.flat[-1] = self._bad.float() * 2.0 ** min(rank, 23)
+            self._pending.append(self._executor.submit(self._reduce, last))
             for fut in self._pending:
                 fut.result()  # re-raises a peer timeout or an abort from the comm thread
-        self._stop = bool(self.flat[-1] > 0)
+        self._stop = bool(self.flat[-2] > 0)
+        flags = round(float(self.flat[-1]) * self.group.size)
+        self.bad_ranks = [r for r in range(self.group.size) if flags >> min(r, 23) & 1]
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
         """Whether every rank agreed to stop after this step."""
@@ -153,6 +178,7 @@ class LocalSGD:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.opt, self.group = model, opt, group
         self.every, self.outer = every, outer
+        self.bad_ranks: list[int] = []
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self._stop_requested = False
         if outer is not None:
@@ -162,8 +188,15 @@ class LocalSGD:
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=False)
 
-    def backward_done(self, stop_requested: bool) -> None:
+    def backward_done(self, stop_requested: bool, loss: torch.Tensor | None = None) -> None:
+        """Note a stop request; ``bad_ranks`` is this rank if its loss or gradients are not
+        finite (ranks step on their own between synchronisations, so each decides alone)."""
         self._stop_requested |= stop_requested
+        bad = ~torch.isfinite(loss) if loss is not None else torch.zeros((), dtype=torch.bool)
+        for p in self.params:
+            if p.grad is not None:
+                bad = bad | ~torch.isfinite(p.grad).all()
+        self.bad_ranks = [getattr(self.group, "rank", 0)] if bool(bad) else []
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
         if (global_step + 1) % self.every and not end_of_epoch:

@@ -75,6 +75,12 @@ def _train_parser(sub) -> None:
         help="channels-last memory format for conv nets (default: on for images on CUDA)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model on each rank")
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a NaN or infinite loss or gradient: stop with an error, or skip that step",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
     p.add_argument(
@@ -161,6 +167,7 @@ def train(args) -> int:
             device=args.device,
             channels_last=args.channels_last,
             compile=args.compile,
+            on_nonfinite=args.on_nonfinite,
             seed=args.seed,
             workers=args.workers if args.scheduler else None,
             out=args.out,

@@ -22,6 +22,7 @@ OUTER_OPTIMIZERS = (None, "nesterov")
 WIRE_DTYPES = ("fp32", "bf16")
 BACKENDS = ("dask", "torch")
 DEVICES = ("auto", "cpu", "cuda")
+ON_NONFINITE = ("raise", "skip")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
         if self.torch_threads is not None:
             positive_int("torch_threads")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}."
+            )
         if self.device not in DEVICES:
             raise ValueError(
                 f"device must be one of {DEVICES}, got {self.device!r}. Each rank uses its "

@@ -106,9 +106,11 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
         logits = model(xb)
     loss = F.cross_entropy(logits.float(), yb)
     loss.backward()
-    # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request).
-    sync.backward_done(stop_requested)
-    opt.step()
+    # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request);
+    # either way it checks the loss and gradients, and no rank steps on non-finite ones.
+    sync.backward_done(stop_requested, loss.detach())
+    if not sync.bad_ranks:
+        opt.step()
     return loss.detach(), (logits.argmax(1) == yb).sum()
 
 
@@ -303,6 +305,7 @@ class Rank:
         self.model.train()
         t_epoch = self._last_log = time.perf_counter()
         self._logged_steps = 0
+        skipped = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for s, (xb, yb) in enumerate(self.loader.epoch(epoch)):
@@ -319,19 +322,25 @@ class Rank:
                 self.autocast,
                 self.group.box.stop_requested,
             )
+            if self.sync.bad_ranks:
+                self._nonfinite(epoch, s, global_step)
+                skipped += 1
+            else:
+                loss_sum += loss
+                correct += n_correct
             self.stopped = self.sync.step_done(global_step, end_of_epoch=s == steps - 1)
-            loss_sum += loss
-            correct += n_correct
             self._log_step(epoch, s, global_step, loss, lr)
             if self.stopped:
                 return None
         loss_sum, correct = loss_sum.item(), correct.item()
         train_time = time.perf_counter() - t_epoch
+        applied = max(1, steps - skipped)
         return {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps,
-            "train_loss": loss_sum / steps,
-            "train_accuracy": correct / (steps * B),
+            "train_loss": loss_sum / applied,
+            "train_accuracy": correct / (applied * B),
+            "skipped_steps": skipped,
             "samples_per_s": self.ctx.world_size * B * steps / train_time,
             "epoch_time": train_time,
             "lr": lr,
@@ -339,6 +348,20 @@ class Rank:
             "val_accuracy": None,
             "val_perplexity": None,
         }
+
+    def _nonfinite(self, epoch: int, s: int, global_step: int) -> None:
+        ranks = self.sync.bad_ranks
+        where = f"step {global_step + 1} (epoch {epoch + 1}, batch {s + 1} of the epoch)"
+        if self.cfg.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"Non-finite loss or gradient on rank(s) {ranks} at {where}; the step was not "
+                "applied. Lower lr, train in fp32, check the data, or pass "
+                "on_nonfinite='skip' to skip such steps."
+            )
+        if self.ctx.rank == ranks[0]:  # one event per skipped step, from a rank that saw it
+            self.ctx.log(
+                "nonfinite", epoch=epoch + 1, step=global_step + 1, batch=s + 1, ranks=ranks
+            )
 
     def _log_step(
         self, epoch: int, s: int, global_step: int, loss: torch.Tensor, lr: float
@@ -371,12 +394,13 @@ class Rank:
     def finish_epoch(self, epoch: int, metrics: dict) -> None:
         """Agree on batch-norm statistics, evaluate, and (rank 0) report and checkpoint."""
         average_buffers(self.model, self.group)
-        # One small all-reduce: this rank's training means, then its validation sums (zeros
-        # on a rank without validation partitions; every rank joins either way).
-        sums = np.zeros(5)
+        # One small all-reduce: this rank's training means, its validation sums (zeros on a
+        # rank without validation partitions; every rank joins either way), its skipped steps.
+        sums = np.zeros(6)
         sums[:2] = metrics["train_loss"], metrics["train_accuracy"]
+        sums[5] = metrics["skipped_steps"]
         if self.spec.has_val:
-            sums[2:] = evaluate_shard(
+            sums[2:5] = evaluate_shard(
                 self.forward,
                 self.Xv,
                 self.yv,
@@ -388,6 +412,10 @@ class Rank:
         self.group.allreduce_(sums)
         metrics["train_loss"] = float(sums[0] / self.ctx.world_size)
         metrics["train_accuracy"] = float(sums[1] / self.ctx.world_size)
+        # Per-step averaging skips a step on every rank at once: count it once. Local SGD
+        # ranks skip on their own: count every rank's.
+        shared = isinstance(self.sync, averaging.GradientAveraging)
+        metrics["skipped_steps"] = int(round(sums[5] / (self.ctx.world_size if shared else 1)))
         if self.spec.has_val:
             metrics["val_loss"] = float(sums[2] / sums[4])
             metrics["val_accuracy"] = float(sums[3] / sums[4])

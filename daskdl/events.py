@@ -11,6 +11,8 @@ Every event is a flat dict with at least ``run`` and ``kind``:
   val_perplexity,
   samples_per_s, epoch_time, lr.
 - ``checkpoint`` (rank 0) epoch, path.
+- ``nonfinite`` (a rank that saw it) epoch, step, batch, ranks: a step skipped for a NaN or
+  infinite loss or gradient (``on_nonfinite="skip"``).
 - ``end``     (client) status (``finished``, ``stopped`` or ``failed``), and the error if any.
 """
 
@@ -125,6 +127,7 @@ HISTORY_COLUMNS = [
     "val_loss",
     "val_accuracy",
     "val_perplexity",
+    "skipped_steps",
     "samples_per_s",
     "epoch_time",
     "lr",

@@ -362,6 +362,7 @@ def fit(
     device: str = "auto",
     channels_last: bool | None = None,
     compile: bool = False,
+    on_nonfinite: str = "raise",
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -415,6 +416,10 @@ def fit(
         ``"auto"`` (each rank on its worker's GPU where it has one, else the CPU), ``"cpu"``
         or ``"cuda"`` (an error before training if a worker has no GPU). Use
         ``daskdl.local_cluster(gpus=True)`` for one worker per GPU.
+    on_nonfinite
+        A NaN or infinite loss or gradient on any rank is caught before the optimizer step
+        (on every rank alike): ``"raise"`` ends the run with an error naming the rank(s), step
+        and batch; ``"skip"`` skips that step everywhere and logs a ``nonfinite`` event.
     channels_last, compile
         CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
         CUDA) and ``torch.compile``.
@@ -455,6 +460,7 @@ def fit(
         device=device,
         channels_last=channels_last,
         compile=compile,
+        on_nonfinite=on_nonfinite,
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout

@@ -122,3 +122,51 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     tensors, _, _ = checkpoint.load(path)
     checkpoint.load_latest(tmp_path)
     assert set(tensors) == set(model.state_dict())
+
+
+_WRITER = """
+import sys
+import numpy as np
+from daskdl import checkpoint
+
+root, start = sys.argv[1], int(sys.argv[2])
+model = {"w": np.random.default_rng(0).normal(size=25_000_000).astype(np.float32)}  # 100 MB
+for epoch in range(start, start + 1000):
+    model["w"][0] = epoch
+    checkpoint.save(root, epoch, model, ({}, []), {"epoch_marker": epoch}, keep=2)
+    print("saved", epoch, flush=True)
+"""
+
+
+def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    root = tmp_path / "checkpoints"
+    rng = random.Random(0)
+    start = 1
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(root), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for line in proc.stdout:  # wait for two complete checkpoints from this writer
+            if line.split()[1] == str(start + 1):
+                break
+        # Writers save back to back, so a kill now lands in the middle of the next write.
+        time.sleep(rng.uniform(0.05, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        path, model, _, manifest = checkpoint.load_latest(root)
+        assert manifest["epoch"] >= start + 1 and model["w"][0] == manifest["epoch"]
+        start = manifest["epoch"] + 1
+    # The killed writes left their temporary directories, never a half checkpoint.
+    assert any(p.name.startswith(".tmp-") for p in root.iterdir())
+    for ckpt in checkpoint.list_checkpoints(root):
+        checkpoint.load(ckpt)  # every checkpoint under a real name verifies

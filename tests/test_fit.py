@@ -338,3 +338,60 @@ def test_torch_backend_matches_the_dask_backend(client):
         lambda dask_scheduler: list(dask_scheduler.extensions["variables"].variables)
     )
     assert not any(name.startswith("daskdl-torch-") for name in variables)
+
+
+class _Cube(torch.nn.Module):
+    """x ** 3: a feature of 1e20 overflows float32 to infinity, and the loss becomes NaN."""
+
+    def forward(self, x):
+        return x * x * x
+
+
+def _poisoned(n=400):
+    X, y = blobs(n=n)
+    X = X / np.abs(X).max()  # cubes stay small...
+    X[250, 0] = 1e20  # ...except one sample's, in the third of four partitions
+    return Dataset.from_numpy(X, y, chunks=100)
+
+
+def _cube_mlp(input_shape, n_classes):
+    return torch.nn.Sequential(_Cube(), daskdl.models.mlp(input_shape, n_classes))
+
+
+# (1, 0.001): gradient buckets, each checked on its rank before it is reduced.
+@pytest.mark.parametrize("sync_every, bucket_mb", [(1, 25), (1, 0.001), (2, 25)])
+def test_a_nonfinite_step_is_skipped_on_every_rank(client, sync_every, bucket_mb):
+    run = daskdl.fit(
+        client,
+        _cube_mlp,
+        _poisoned(),
+        epochs=3,
+        batch_size=10,
+        shuffle=False,
+        on_nonfinite="skip",
+        sync_every=sync_every,
+        bucket_mb=bucket_mb,
+        progress=False,
+    )
+    assert torch.isfinite(_params(run.model)).all()
+    log = [e for e in events.replay(client, run.run_id) if e["kind"] == "nonfinite"]
+    # Sample 250 (partition 2, offset 50) is in batch 6 or 16 of its rank's 20, depending on
+    # where the shard plan put partition 2: the same batch every epoch, on one rank.
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    batch = log[0]["batch"]
+    assert batch in (6, 16) and all(e["batch"] == batch for e in log)
+    assert [e["step"] for e in log] == [batch, 20 + batch, 40 + batch]
+    assert all(len(e["ranks"]) == 1 and e["rank"] == e["ranks"][0] for e in log)
+    assert list(run.history["skipped_steps"]) == [1, 1, 1]
+    assert np.isfinite(run.history["train_loss"]).all()
+
+
+def test_a_nonfinite_step_raises_naming_rank_step_and_batch(client):
+    with pytest.raises(
+        daskdl.RunError,
+        match=r"Non-finite loss or gradient on rank\(s\) \[\d\] at step (6|16) \(epoch 1, "
+        r"batch \1 ",
+    ):
+        daskdl.fit(
+            client, _cube_mlp, _poisoned(), epochs=2, batch_size=10, shuffle=False, progress=False
+        )
