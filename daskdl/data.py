@@ -316,11 +316,16 @@ class Dataset:
         return self._like(_take_rows(self.X, keep), _take_rows(self.y, keep))
 
     def persist(self, client=None) -> Dataset:
-        """Compute the partitions and keep them in the cluster's memory (on the workers)."""
+        """Compute the partitions and keep them in the cluster's memory (on the workers).
+
+        Unoptimised, as ``fit`` persists: keys shared with other data sets (the statistics
+        that ``test.standardize(like=train)`` uses) keep the same tasks everywhere, so a later
+        computation does not resubmit them fused differently (Dask warns of deadlocks then).
+        """
         if client is None:
-            X, y = dask.persist(self.X, self.y)
+            X, y = dask.persist(self.X, self.y, optimize_graph=False)
         else:
-            X, y = client.persist([self.X, self.y])
+            X, y = client.persist([self.X, self.y], optimize_graph=False)
         return self._persisted(X, y)
 
     def _persisted(self, X: da.Array, y: da.Array) -> Dataset:

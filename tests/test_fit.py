@@ -395,3 +395,14 @@ def test_a_nonfinite_step_raises_naming_rank_step_and_batch(client):
         daskdl.fit(
             client, _cube_mlp, _poisoned(), epochs=2, batch_size=10, shuffle=False, progress=False
         )
+
+
+def test_persisted_train_and_a_val_set_standardised_like_it(fresh_client, digits_split):
+    # Persisting the training set, then fitting with a validation set that shares its
+    # statistics, must not resubmit shared keys with other tasks (Dask warns of deadlocks).
+    train, test = daskdl.datasets.train_test("digits")
+    train = train.persist(fresh_client)
+    run = daskdl.fit(fresh_client, "mlp", train, val=test, epochs=1, progress=False)
+    assert run.status == "finished"
+    logs = "\n".join(msg for _, msg in fresh_client.get_scheduler_logs(n=1000))
+    assert "Detected different `run_spec`" not in logs
