@@ -296,6 +296,7 @@ class Rank:
         # Compiled for speed only: checkpoints and results come from the plain module.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.process = psutil.Process(os.getpid())
+        self.worker, self.task_key = worker, worker.get_current_task()
         self.history = list(spec.history)
         self.stopped = False
 
@@ -349,6 +350,11 @@ class Rank:
             "val_perplexity": None,
         }
 
+    def _orphaned(self) -> bool:
+        """Whether the scheduler released this rank's task: its client is gone."""
+        task = self.worker.state.tasks.get(self.task_key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
     def _nonfinite(self, epoch: int, s: int, global_step: int) -> None:
         ranks = self.sync.bad_ranks
         where = f"step {global_step + 1} (epoch {epoch + 1}, batch {s + 1} of the epoch)"
@@ -371,6 +377,10 @@ class Rank:
         last_step = s == self.spec.steps_per_epoch - 1
         if now - self._last_log < self.spec.log_interval and not last_step and not self.stopped:
             return
+        if self._orphaned():
+            # Nobody wants the result any more (the client that started the run died, or
+            # released it): stop after the next step, on every rank alike, as run.stop() does.
+            self.group.box.stop_requested = True
         loss = loss.item()  # waits for the device: once per log interval, not per step
         now = time.perf_counter()
         n_steps = s + 1 - self._logged_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import dask
 import dask.array as da
@@ -406,3 +407,52 @@ def test_persisted_train_and_a_val_set_standardised_like_it(fresh_client, digits
     assert run.status == "finished"
     logs = "\n".join(msg for _, msg in fresh_client.get_scheduler_logs(n=1000))
     assert "Detected different `run_spec`" not in logs
+
+
+_ORPHAN_CLIENT = """
+import sys
+from distributed import Client
+import daskdl
+
+client = Client(sys.argv[1])
+train, test = daskdl.datasets.train_test("digits")
+run = daskdl.fit(client, "mlp", train, val=test, epochs=10_000, batch_size=8, block=False,
+                 progress=False)
+print(run.run_id, flush=True)
+import time
+time.sleep(600)
+"""
+
+
+def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "client.py"
+    script.write_text(_ORPHAN_CLIENT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), fresh_client.scheduler.address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = proc.stdout.readline().strip()
+        poll_for(lambda: any(e["kind"] == "epoch" for e in events.replay(fresh_client, run_id)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        start = time.monotonic()
+
+        def ranks_gone():
+            running = fresh_client.run(lambda dask_worker: len(dask_worker.state.executing))
+            return not any(running.values())
+
+        poll_for(ranks_gone, timeout=60, interval=0.5)
+        assert time.monotonic() - start < 30
+    finally:
+        proc.kill()
+    # The cluster is clean (no mailbox left behind) and trains the next run.
+    boxes = fresh_client.run(lambda: len(daskdl.comm._mailboxes))
+    assert not any(boxes.values())
+    train, test = daskdl.datasets.train_test("digits")
+    assert daskdl.fit(fresh_client, "mlp", train, epochs=1, progress=False).status == "finished"
