@@ -76,6 +76,12 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model on each rank")
     p.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="workers the run may lose and go on with the rest (0: stop at the first)",
+    )
+    p.add_argument(
         "--on-nonfinite",
         choices=["raise", "skip"],
         default="raise",
@@ -168,6 +174,7 @@ def train(args) -> int:
             channels_last=args.channels_last,
             compile=args.compile,
             on_nonfinite=args.on_nonfinite,
+            max_failures=args.max_failures,
             seed=args.seed,
             workers=args.workers if args.scheduler else None,
             out=args.out,

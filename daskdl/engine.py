@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from distributed import get_worker
 
 from daskdl import averaging, checkpoint, events, models
-from daskdl.comm import DaskGroup, make_group
+from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
 
@@ -48,6 +48,11 @@ class RankSpec:
     # Resolved from the client's dask.config: workers may have other settings.
     log_interval: float = 0.5
     keep_checkpoints: int | None = 3
+    # Elastic training: the ranks of one membership talk under their own comm id, and a
+    # regrouped run starts part-way through an epoch.
+    comm_id: str = ""
+    start_step: int = 0
+    elastic: bool = False
 
 
 @dataclass
@@ -222,10 +227,19 @@ def _rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict 
     rank = Rank(spec, resume, parts)
     try:
         for epoch in range(spec.start_epoch, rank.cfg.epochs):
-            metrics = rank.train_epoch(epoch)
+            first = spec.start_step if epoch == spec.start_epoch else 0
+            metrics = rank.train_epoch(epoch, first)
             if metrics is None:  # every rank agreed to stop
                 break
             rank.finish_epoch(epoch, metrics)
+            rank.position = (epoch + 1, 0)
+    except CollectiveError as e:
+        if not spec.elastic:
+            raise
+        # A peer is gone. This replica is as it was after the last step every rank finished
+        # (a failed collective never reaches the optimizer): hand it to the coordinator,
+        # which regroups the survivors and carries on from here.
+        return rank.elastic_state(e)
     finally:
         rank.sync.close()
         rank.group.close()
@@ -283,7 +297,7 @@ class Rank:
             opt_state = resume["optimizer"]
             self.opt.load_state_dict({k: opt_state[k] for k in ("state", "param_groups")})
         self.group = make_group(
-            cfg.backend, worker, spec.run_id, spec.rank, spec.peers, cfg.timeout
+            cfg.backend, worker, spec.comm_id or spec.run_id, spec.rank, spec.peers, cfg.timeout
         )
         self.sync = averaging.make(self.model, self.opt, self.group, cfg)
         if resume is not None:
@@ -299,9 +313,24 @@ class Rank:
         self.worker, self.task_key = worker, worker.get_current_task()
         self.history = list(spec.history)
         self.stopped = False
+        self.position = (spec.start_epoch, spec.start_step)  # (epoch, steps of it done)
 
-    def train_epoch(self, epoch: int) -> dict | None:
-        """One pass over this rank's shard; ``None`` if the run was stopped part-way."""
+    def elastic_state(self, error: Exception) -> dict:
+        epoch, step = self.position
+        return {
+            "elastic": f"{type(error).__name__}: {error}",
+            "rank": self.ctx.rank,
+            "epoch": epoch,
+            "step": step,
+            "steps_per_epoch": self.spec.steps_per_epoch,
+            "model": checkpoint.model_tensors(self.model),
+            "optimizer": checkpoint.optimizer_tensors(self.opt, outer=self.sync.state_tensors()),
+            "history": self.history,
+        }
+
+    def train_epoch(self, epoch: int, first_step: int = 0) -> dict | None:
+        """One pass over this rank's shard (from batch ``first_step``, when a regrouped run
+        starts part-way); ``None`` if the run was stopped part-way."""
         cfg, steps, B = self.cfg, self.spec.steps_per_epoch, self.cfg.batch_size
         self.model.train()
         t_epoch = self._last_log = time.perf_counter()
@@ -309,7 +338,8 @@ class Rank:
         skipped = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for s, (xb, yb) in enumerate(self.loader.epoch(epoch)):
+        lr = lr_at(epoch * steps + first_step, steps * cfg.epochs, cfg, steps)
+        for s, (xb, yb) in enumerate(self.loader.epoch(epoch, first_step), first_step):
             global_step = epoch * steps + s
             lr = lr_at(global_step, steps * cfg.epochs, cfg, steps)
             for g in self.opt.param_groups:
@@ -330,19 +360,22 @@ class Rank:
                 loss_sum += loss
                 correct += n_correct
             self.stopped = self.sync.step_done(global_step, end_of_epoch=s == steps - 1)
+            self.position = (epoch, s + 1)
             self._log_step(epoch, s, global_step, loss, lr)
             if self.stopped:
                 return None
         loss_sum, correct = loss_sum.item(), correct.item()
         train_time = time.perf_counter() - t_epoch
-        applied = max(1, steps - skipped)
+        ran = steps - first_step
+        applied = ran - skipped
         return {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps,
-            "train_loss": loss_sum / applied,
-            "train_accuracy": correct / (applied * B),
+            # No step ran when a regrouped run picks up an epoch whose steps were all done.
+            "train_loss": loss_sum / applied if applied else float("nan"),
+            "train_accuracy": correct / (applied * B) if applied else float("nan"),
             "skipped_steps": skipped,
-            "samples_per_s": self.ctx.world_size * B * steps / train_time,
+            "samples_per_s": self.ctx.world_size * B * ran / train_time,
             "epoch_time": train_time,
             "lr": lr,
             "val_loss": None,

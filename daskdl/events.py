@@ -13,6 +13,8 @@ Every event is a flat dict with at least ``run`` and ``kind``:
 - ``checkpoint`` (rank 0) epoch, path.
 - ``nonfinite`` (a rank that saw it) epoch, step, batch, ranks: a step skipped for a NaN or
   infinite loss or gradient (``on_nonfinite="skip"``).
+- ``membership`` (client) lost workers, the survivors' workers, world_size, steps_per_epoch,
+  epoch and step_in_epoch where they go on, comm_id: the ranks regrouped after a worker loss.
 - ``end``     (client) status (``finished``, ``stopped`` or ``failed``), and the error if any.
 """
 

@@ -81,14 +81,15 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, from batch ``start`` on."""
         B = self.batch_size
         order = epoch_order(len(self.X), self.steps, B, self.seed, epoch, self.rank, self.shuffle)
         # Augmentation draws on the training device (see augment_images).
         gen = torch.Generator(self.device).manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
         order = torch.from_numpy(order).to(self.X.device)
         pin = self.device.type == "cuda" and not self.on_device
-        for s in range(self.steps):
+        for s in range(start, self.steps):
             idx = order[s * B : (s + 1) * B]
             # index_select gathers rows twice as fast as advanced indexing (X[idx]) on a CPU.
             xb = torch.index_select(self.X, 0, idx)

@@ -8,6 +8,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -62,6 +63,9 @@ class Run:
         self._error: BaseException | None = None
         self._model: torch.nn.Module | None = None
         self._state = None  # the trained weights, scattered to the workers by evaluate()
+        self._launch: _Launch | None = None
+        self._max_failures = 0
+        self.lost: list[str] = []  # workers lost during the run, in order
 
     def __repr__(self) -> str:
         return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
@@ -115,13 +119,15 @@ class Run:
                 except TimeoutError:
                     pass
                 failed = [i for i, f in enumerate(self._futures) if f.status == "error"]
-                if failed:
-                    self._fail(self._rank_error(failed))
                 live = self._live_workers()
                 gone = [i for i, w in enumerate(self.workers) if w not in live]
-                if gone and not self.done:
-                    names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
-                    self._fail(RunError(f"run {self.run_id}: worker of {names} left the cluster."))
+                if failed and not gone:
+                    self._fail(self._rank_error(failed))
+                if gone:
+                    self._lose(gone)
+                    continue
+                if self.done and self._peer_lost():
+                    continue  # a rank saw a peer vanish before the scheduler did: look again
                 if self.done:
                     break
                 if deadline is not None and time.monotonic() > deadline:
@@ -144,10 +150,100 @@ class Run:
             app.store.selected = self.run_id
         return app
 
+    @property
+    def _comm_id(self) -> str:
+        return self._launch.comm_id if self._launch is not None else self.run_id
+
     def stop(self) -> Run:
         """Ask every rank to stop after the current step, and wait for them."""
-        self.client.run(comm.request_stop, self.run_id, workers=self.workers, on_error="ignore")
+        self.client.run(comm.request_stop, self._comm_id, workers=self.workers, on_error="ignore")
         return self.wait()
+
+    def _peer_lost(self) -> bool:
+        """Ranks that returned a regroup request while every worker is still there: wait a
+        little for the scheduler to notice the loss; a collective that failed with every
+        worker alive is an error."""
+        results = [f.result() for f in self._futures if f.status == "finished"]
+        if not any(isinstance(r, dict) and "elastic" in r for r in results):
+            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if set(self.workers) - self._live_workers():
+                return True
+            time.sleep(0.2)
+        reason = next(r["elastic"] for r in results if isinstance(r, dict) and "elastic" in r)
+        self._fail(RunError(f"run {self.run_id}: a collective failed ({reason})."))
+
+    def _lose(self, gone: list[int]) -> None:
+        """Workers of ranks ``gone`` left: regroup the survivors, or fail past max_failures."""
+        lost = [self.workers[i] for i in gone]
+        names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
+        survivors = [w for i, w in enumerate(self.workers) if i not in gone]
+        if self._launch is None or len(self.lost) + len(lost) > self._max_failures:
+            so_far = f"; lost before: {self.lost}" if self.lost else ""
+            self._fail(
+                RunError(
+                    f"run {self.run_id}: worker of {names} left the cluster{so_far} "
+                    f"(max_failures={self._max_failures})."
+                )
+            )
+        if not survivors:
+            self._fail(RunError(f"run {self.run_id}: every worker is gone ({names})."))
+        # Wake the survivors at once (they may be waiting on the lost peer); each returns its
+        # replica as of the last step it finished.
+        self.client.run(
+            comm.abort,
+            self._comm_id,
+            f"membership change: lost {names}",
+            workers=survivors,
+            on_error="ignore",
+        )
+        states = []
+        for i, f in enumerate(self._futures):
+            if i in gone:
+                continue
+            try:
+                result = f.result(timeout=self._launch.config["comm_timeout"] + 30)
+            except Exception as e:  # noqa: BLE001 - any survivor failure ends the run
+                self._fail(self._rank_error([i]) if f.status == "error" else RunError(str(e)))
+            if isinstance(result, dict) and "elastic" in result:
+                states.append(result)
+        if not states:
+            # The survivors had finished the run already: nothing to regroup.
+            self.workers = survivors
+            self._futures = [f for i, f in enumerate(self._futures) if i not in gone]
+            return
+        # All replicas agree up to the last step every survivor finished: start there.
+        state = min(states, key=lambda st: (st["epoch"], st["step"], st["rank"]))
+        for f in self._futures:
+            f.release()
+        self.lost += lost
+        self._launch.generation += 1
+        ranks, rank_plans, steps = self._launch.plan(survivors)
+        # The epoch goes on from the same fraction of it, in the new shards' batches.
+        start_step = min(steps, round(state["step"] * steps / state["steps_per_epoch"]))
+        resume = {
+            "model": state["model"],
+            "optimizer": checkpoint.optimizer_state(*state["optimizer"]),
+        }
+        self.client.log_event(
+            events.topic(self.run_id),
+            {
+                "run": self.run_id,
+                "kind": "membership",
+                "lost": lost,
+                "workers": ranks,
+                "world_size": len(ranks),
+                "steps_per_epoch": steps,
+                "epoch": state["epoch"] + 1,
+                "step_in_epoch": start_step,
+                "comm_id": self._launch.comm_id,
+            },
+        )
+        self._futures = self._launch.submit(
+            ranks, rank_plans, steps, resume, state["epoch"], start_step, state["history"]
+        )
+        self.workers = ranks
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float]:
         """Loss and accuracy of the trained model on ``data``, computed on the cluster.
@@ -191,7 +287,7 @@ class Run:
         self._error = error
         self.client.run(
             comm.abort,
-            self.run_id,
+            self._comm_id,
             str(error),
             workers=list(self._live_workers() & set(self.workers)),
             on_error="ignore",
@@ -315,6 +411,113 @@ def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str
     return list(workers)
 
 
+@dataclass
+class _Launch:
+    """What it takes to start (and, after losing a worker, restart) a run's rank tasks."""
+
+    client: Client
+    run_id: str
+    model: models.ModelSpec
+    train: Dataset
+    val: Dataset | None
+    x_futs: list
+    y_futs: list
+    xv_futs: list
+    yv_futs: list
+    n_classes: int
+    config: dict
+    out: str | None
+    elastic: bool
+    public: dict = field(default_factory=dict)
+    generation: int = 0
+
+    @property
+    def comm_id(self) -> str:
+        # Each membership talks under its own id: a survivor's mailbox for the old one was
+        # aborted, and stays so.
+        return self.run_id if self.generation == 0 else f"{self.run_id}.{self.generation}"
+
+    def plan(self, ranks: list[str], plan: list[list[int]] | None = None):
+        """Shards for ``ranks``: (ranks in rank order, (train, val) partitions per rank,
+        steps per epoch)."""
+        cfg = TrainConfig.from_dict(self.config)
+        sizes = [int(c) for c in self.train.X.chunks[0]]
+        if len(sizes) < len(ranks):
+            raise ValueError(
+                f"The training data has {len(sizes)} partitions for {len(ranks)} ranks; each "
+                "rank needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) "
+                f"or use workers={len(sizes)}."
+            )
+        plan = plan or balanced_shards(sizes, len(ranks))
+        # Rank r always trains on shard r; where the data lives only decides which worker is r.
+        where = _locations(self.client, self.x_futs)
+        ranks = [ranks[j] for j in match_workers(plan, sizes, where, ranks)]
+        shards = shard_sizes(plan, sizes)
+        if cfg.batch_size > min(shards):
+            r = int(np.argmin(shards))
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is larger than rank {r}'s shard ({shards[r]} "
+                f"samples). Use batch_size <= {min(shards)}, or fewer workers."
+            )
+        steps = math.ceil(max(shards) / cfg.batch_size)
+        val_plan = [[] for _ in ranks]
+        if self.val is not None:
+            val_sizes = [int(c) for c in self.val.X.chunks[0]]
+            if len(val_sizes) >= len(ranks):
+                val_shards = balanced_shards(val_sizes, len(ranks))
+            else:  # some ranks evaluate nothing
+                val_shards = [[i] for i in range(len(val_sizes))]
+                val_shards += [[] for _ in range(len(ranks) - len(val_sizes))]
+            where = _locations(self.client, self.xv_futs)
+            for shard, r in zip(val_shards, match_workers(val_shards, val_sizes, where, ranks)):
+                val_plan[r] = shard
+        self._plan, self._sizes = plan, sizes
+        return ranks, list(zip(plan, val_plan)), steps
+
+    def submit(self, ranks, rank_plans, steps, resume, start_epoch, start_step, history):
+        # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
+        manifest = {**self.public, "plan": self._plan, "partition_sizes": self._sizes}
+        futures = []
+        for r, (addr, (train_parts, val_parts)) in enumerate(zip(ranks, rank_plans)):
+            rank_spec = RankSpec(
+                run_id=self.run_id,
+                rank=r,
+                peers=ranks,
+                model=self.model,
+                input_shape=self.train.sample_shape,
+                n_classes=self.n_classes,
+                config=self.config,
+                n_train_parts=len(train_parts),
+                has_val=self.val is not None,
+                steps_per_epoch=steps,
+                start_epoch=start_epoch,
+                out=self.out,
+                manifest=manifest,
+                history=history,
+                log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
+                keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
+                comm_id=self.comm_id,
+                start_step=start_step,
+                elastic=self.elastic,
+            )
+            parts = [f for i in train_parts for f in (self.x_futs[i], self.y_futs[i])]
+            parts += [f for i in val_parts for f in (self.xv_futs[i], self.yv_futs[i])]
+            futures.append(
+                self.client.submit(
+                    rank_main,
+                    rank_spec,
+                    resume,
+                    *parts,
+                    key=f"daskdl-rank-{r}-{self.comm_id}",
+                    workers=[addr],
+                    allow_other_workers=False,
+                    pure=False,
+                    retries=0,
+                )
+            )
+        return futures
+
+
 def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
@@ -363,6 +566,7 @@ def fit(
     channels_last: bool | None = None,
     compile: bool = False,
     on_nonfinite: str = "raise",
+    max_failures: int = 2,
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -420,6 +624,10 @@ def fit(
         A NaN or infinite loss or gradient on any rank is caught before the optimizer step
         (on every rank alike): ``"raise"`` ends the run with an error naming the rank(s), step
         and batch; ``"skip"`` skips that step everywhere and logs a ``nonfinite`` event.
+    max_failures
+        Workers that may be lost (killed, or retired) before the run fails: after each loss
+        the surviving ranks regroup and carry on from the last step they all finished, with
+        the lost ranks' partitions shared among them. 0 makes a lost worker an error at once.
     channels_last, compile
         CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
         CUDA) and ``torch.compile``.
@@ -464,6 +672,8 @@ def fit(
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}.")
     try:
         json.dumps(meta or {})
     except TypeError as e:
@@ -505,53 +715,40 @@ def fit(
     del probe
 
     sizes = [int(c) for c in train.X.chunks[0]]
-    if len(sizes) < len(ranks):
-        raise ValueError(
-            f"The training data has {len(sizes)} partitions for {len(ranks)} ranks; each rank "
-            "needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) or use "
-            f"workers={len(sizes)}."
-        )
+    plan = None
     if (
         manifest is not None
         and len(manifest["plan"]) == len(ranks)
         and manifest["partition_sizes"] == sizes
     ):
         plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
-    else:
-        plan = balanced_shards(sizes, len(ranks))
-    # Rank r always trains on shard r; where the data lives only decides which worker is rank r.
-    ranks = [ranks[j] for j in match_workers(plan, sizes, _locations(client, x_futs), ranks)]
-    shards = shard_sizes(plan, sizes)
-    if cfg.batch_size > min(shards):
-        r = int(np.argmin(shards))
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is larger than rank {r}'s shard ({shards[r]} samples). "
-            f"Use batch_size <= {min(shards)}, or fewer workers."
-        )
-    steps = math.ceil(max(shards) / cfg.batch_size)
-    val_plan = [[] for _ in ranks]
-    if val is not None:
-        val_sizes = [int(c) for c in val.X.chunks[0]]
-        if len(val_sizes) >= len(ranks):
-            val_shards = balanced_shards(val_sizes, len(ranks))
-        else:  # some ranks evaluate nothing
-            val_shards = [[i] for i in range(len(val_sizes))]
-            val_shards += [[] for _ in range(len(ranks) - len(val_sizes))]
-        matched = match_workers(val_shards, val_sizes, _locations(client, xv_futs), ranks)
-        for shard, r in zip(val_shards, matched):
-            val_plan[r] = shard
 
     run_id = uuid.uuid4().hex[:8]
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
     start_epoch = manifest["epoch"] if manifest else 0
+    launch = _Launch(
+        client=client,
+        run_id=run_id,
+        model=model,
+        train=train,
+        val=val,
+        x_futs=x_futs,
+        y_futs=y_futs,
+        xv_futs=xv_futs if val is not None else [],
+        yv_futs=yv_futs if val is not None else [],
+        n_classes=n_classes,
+        config=cfg.to_dict(),
+        out=str(out_path.resolve()) if out_path else None,
+        elastic=max_failures > 0,
+    )
+    ranks, rank_plans, steps = launch.plan(ranks, plan)
     spec = {"model": model, "input_shape": train.sample_shape, "n_classes": n_classes}
-    config = cfg.to_dict()
     public = {
         "run": run_id,
         "model": models.describe(model),
-        "config": config,
+        "config": launch.config,
         "world_size": len(ranks),
         "workers": ranks,
         "steps_per_epoch": steps,
@@ -562,6 +759,7 @@ def fit(
         "start_epoch": start_epoch,
         "out": str(out_path) if out_path else None,
         "meta": meta or {},
+        "max_failures": max_failures,
     }
     if out_path is not None:
         (out_path / "config.json").write_text(json.dumps(public, indent=1))
@@ -573,45 +771,11 @@ def fit(
     client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
     comm.ensure_plugin(client)
 
-    # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
-    manifest_out = {**public, "plan": plan, "partition_sizes": sizes}
-    futures = []
-    for r, addr in enumerate(ranks):
-        rank_spec = RankSpec(
-            run_id=run_id,
-            rank=r,
-            peers=ranks,
-            model=model,
-            input_shape=train.sample_shape,
-            n_classes=n_classes,
-            config=config,
-            n_train_parts=len(plan[r]),
-            has_val=val is not None,
-            steps_per_epoch=steps,
-            start_epoch=start_epoch,
-            out=str(out_path.resolve()) if out_path else None,
-            manifest=manifest_out,
-            history=history,
-            log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
-            keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
-        )
-        parts = [f for i in plan[r] for f in (x_futs[i], y_futs[i])]
-        parts += [f for i in val_plan[r] for f in (xv_futs[i], yv_futs[i])]
-        futures.append(
-            client.submit(
-                rank_main,
-                rank_spec,
-                resume_state,
-                *parts,
-                key=f"daskdl-rank-{r}-{run_id}",
-                workers=[addr],
-                allow_other_workers=False,
-                pure=False,
-                retries=0,
-            )
-        )
+    launch.public = public
+    futures = launch.submit(ranks, rank_plans, steps, resume_state, start_epoch, 0, history)
     data = x_futs + y_futs + (xv_futs + yv_futs if val is not None else [])
     run = Run(client, run_id, spec, futures, data, recorder, ranks, out_path)
+    run._launch, run._max_failures = launch, max_failures
     if block:
         run.wait()
     return run

@@ -110,7 +110,8 @@ class Launcher(Viewer):
         if run.run_id in self.runs:
             self.runs[run.run_id].stop()
         else:  # started elsewhere (a notebook, the CLI): ask its ranks directly
-            self.client.run(comm.request_stop, run.run_id, workers=run.workers, on_error="ignore")
+            comm_id = run.spec.get("comm_id", run.run_id)  # changes when a run regroups
+            self.client.run(comm.request_stop, comm_id, workers=run.workers, on_error="ignore")
         self.message = f"stop requested for run {run.run_id}"
 
     def _resume(self) -> None:

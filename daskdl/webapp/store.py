@@ -38,6 +38,7 @@ class RunState:
         self.steps: list[dict] = []  # every rank's step events, in arrival order
         self.epochs: list[dict] = []
         self.checkpoints: list[dict] = []
+        self.memberships: list[dict] = []
         self.latest: dict[int, dict] = {}  # rank -> its latest step event
         self.status = "running"
         self.error: str | None = None
@@ -67,6 +68,12 @@ class RunState:
                 self.ended = self.ended or timestamp
         elif kind == "checkpoint":
             self.checkpoints.append(msg)
+        elif kind == "membership":
+            # The survivors of a lost worker regrouped: new ranks, shards and comm id.
+            self.memberships.append(msg)
+            self.latest = {}
+            for key in ("workers", "world_size", "steps_per_epoch", "comm_id"):
+                self.spec[key] = msg[key]
         elif kind == "end":
             self.status = msg.get("status", "finished")
             self.error = msg.get("error")
