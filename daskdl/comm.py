@@ -70,6 +70,7 @@ class Mailbox:
         self._items: dict[str, np.ndarray] = {}
         self.aborted: str | None = None
         self.stop_requested = False
+        self.regroup_requested = False
 
     def put(self, tag: str, data: np.ndarray) -> None:
         with self._cond:
@@ -130,6 +131,12 @@ def request_stop(run_id: str) -> None:
     The flag travels with the next all-reduce, so all ranks stop after the same step.
     """
     mailbox(run_id).stop_requested = True
+
+
+def request_regroup(run_id: str) -> None:
+    """Ask the ranks of ``run_id`` in this process to hand their state back at the end of the
+    current epoch, so that the run can go on with more ranks (workers that joined)."""
+    mailbox(run_id).regroup_requested = True
 
 
 def _put(run_id: str, tag: str, data) -> None:

@@ -233,6 +233,8 @@ def _rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict 
                 break
             rank.finish_epoch(epoch, metrics)
             rank.position = (epoch + 1, 0)
+            if rank.regroup and spec.elastic and epoch + 1 < rank.cfg.epochs:
+                return rank.elastic_state(None)  # workers joined: go on with more ranks
     except CollectiveError as e:
         if not spec.elastic:
             raise
@@ -314,11 +316,12 @@ class Rank:
         self.history = list(spec.history)
         self.stopped = False
         self.position = (spec.start_epoch, spec.start_step)  # (epoch, steps of it done)
+        self.regroup = False
 
-    def elastic_state(self, error: Exception) -> dict:
+    def elastic_state(self, error: Exception | None) -> dict:
         epoch, step = self.position
         return {
-            "elastic": f"{type(error).__name__}: {error}",
+            "elastic": "join" if error is None else f"{type(error).__name__}: {error}",
             "rank": self.ctx.rank,
             "epoch": epoch,
             "step": step,
@@ -439,9 +442,10 @@ class Rank:
         average_buffers(self.model, self.group)
         # One small all-reduce: this rank's training means, its validation sums (zeros on a
         # rank without validation partitions; every rank joins either way), its skipped steps.
-        sums = np.zeros(6)
+        sums = np.zeros(7)
         sums[:2] = metrics["train_loss"], metrics["train_accuracy"]
         sums[5] = metrics["skipped_steps"]
+        sums[6] = float(self.group.box.regroup_requested)
         if self.spec.has_val:
             sums[2:5] = evaluate_shard(
                 self.forward,
@@ -453,6 +457,7 @@ class Rank:
                 self.channels_last,
             )
         self.group.allreduce_(sums)
+        self.regroup = bool(sums[6] > 0)  # every rank agrees to hand back its state now
         metrics["train_loss"] = float(sums[0] / self.ctx.world_size)
         metrics["train_accuracy"] = float(sums[1] / self.ctx.world_size)
         # Per-step averaging skips a step on every rank at once: count it once. Local SGD

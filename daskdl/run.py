@@ -66,6 +66,8 @@ class Run:
         self._launch: _Launch | None = None
         self._max_failures = 0
         self.lost: list[str] = []  # workers lost during the run, in order
+        self._grow = False  # whether workers that join the cluster get ranks
+        self._join_asked = False
 
     def __repr__(self) -> str:
         return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
@@ -124,7 +126,11 @@ class Run:
                 if failed and not gone:
                     self._fail(self._rank_error(failed))
                 if gone:
-                    self._lose(gone)
+                    self._regroup(gone)
+                    continue
+                self._ask_to_grow(live)
+                if self.done and self._returned("join"):
+                    self._regroup([], sorted(self._live_workers() - set(self.workers)))
                     continue
                 if self.done and self._peer_lost():
                     continue  # a rank saw a peer vanish before the scheduler did: look again
@@ -159,27 +165,47 @@ class Run:
         self.client.run(comm.request_stop, self._comm_id, workers=self.workers, on_error="ignore")
         return self.wait()
 
+    def _returned(self, reason: str | None = None) -> list[dict]:
+        """The states ranks handed back to regroup (for ``reason``, or any but a join)."""
+        results = [f.result() for f in self._futures if f.status == "finished"]
+        states = [r for r in results if isinstance(r, dict) and "elastic" in r]
+        if reason is None:
+            return [r for r in states if r["elastic"] != "join"]
+        return [r for r in states if r["elastic"] == reason]
+
+    def _ask_to_grow(self, live: set[str]) -> None:
+        """Workers that joined the cluster get ranks from the next epoch on (runs that were
+        given all workers, and may regroup)."""
+        if not self._grow or self._join_asked or self._launch is None:
+            return
+        if not self._launch.elastic or not live - set(self.workers):
+            return
+        self.client.run(
+            comm.request_regroup, self._comm_id, workers=self.workers, on_error="ignore"
+        )
+        self._join_asked = True
+
     def _peer_lost(self) -> bool:
         """Ranks that returned a regroup request while every worker is still there: wait a
         little for the scheduler to notice the loss; a collective that failed with every
         worker alive is an error."""
-        results = [f.result() for f in self._futures if f.status == "finished"]
-        if not any(isinstance(r, dict) and "elastic" in r for r in results):
+        results = self._returned()
+        if not results:
             return False
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if set(self.workers) - self._live_workers():
                 return True
             time.sleep(0.2)
-        reason = next(r["elastic"] for r in results if isinstance(r, dict) and "elastic" in r)
-        self._fail(RunError(f"run {self.run_id}: a collective failed ({reason})."))
+        self._fail(RunError(f"run {self.run_id}: a collective failed ({results[0]['elastic']})."))
 
-    def _lose(self, gone: list[int]) -> None:
-        """Workers of ranks ``gone`` left: regroup the survivors, or fail past max_failures."""
+    def _regroup(self, gone: list[int], joined: list[str] = ()) -> None:
+        """Go on without the workers of ranks ``gone`` (or fail past max_failures), and with
+        the workers that ``joined``."""
         lost = [self.workers[i] for i in gone]
         names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
         survivors = [w for i, w in enumerate(self.workers) if i not in gone]
-        if self._launch is None or len(self.lost) + len(lost) > self._max_failures:
+        if gone and (self._launch is None or len(self.lost) + len(lost) > self._max_failures):
             so_far = f"; lost before: {self.lost}" if self.lost else ""
             self._fail(
                 RunError(
@@ -189,15 +215,16 @@ class Run:
             )
         if not survivors:
             self._fail(RunError(f"run {self.run_id}: every worker is gone ({names})."))
-        # Wake the survivors at once (they may be waiting on the lost peer); each returns its
-        # replica as of the last step it finished.
-        self.client.run(
-            comm.abort,
-            self._comm_id,
-            f"membership change: lost {names}",
-            workers=survivors,
-            on_error="ignore",
-        )
+        if gone:
+            # Wake the survivors at once (they may be waiting on the lost peer); each returns
+            # its replica as of the last step it finished.
+            self.client.run(
+                comm.abort,
+                self._comm_id,
+                f"membership change: lost {names}",
+                workers=survivors,
+                on_error="ignore",
+            )
         states = []
         for i, f in enumerate(self._futures):
             if i in gone:
@@ -219,7 +246,17 @@ class Run:
             f.release()
         self.lost += lost
         self._launch.generation += 1
-        ranks, rank_plans, steps = self._launch.plan(survivors)
+        self._join_asked = False
+        # Partitions lost with a worker are recomputed first, while every worker thread is
+        # free: a new rank that started early would hold its thread waiting for a peer whose
+        # data needs that very thread.
+        launch = self._launch
+        wait(launch.x_futs + launch.y_futs + launch.xv_futs + launch.yv_futs)
+        try:
+            ranks, rank_plans, steps = self._launch.plan(survivors + list(joined))
+        except ValueError:  # more ranks than partitions, or shards below a batch: do without
+            joined = []
+            ranks, rank_plans, steps = self._launch.plan(survivors)
         # The epoch goes on from the same fraction of it, in the new shards' batches.
         start_step = min(steps, round(state["step"] * steps / state["steps_per_epoch"]))
         resume = {
@@ -232,6 +269,7 @@ class Run:
                 "run": self.run_id,
                 "kind": "membership",
                 "lost": lost,
+                "joined": list(joined),
                 "workers": ranks,
                 "world_size": len(ranks),
                 "steps_per_epoch": steps,
@@ -270,7 +308,11 @@ class Run:
         return self._result["model"]
 
     def _live_workers(self) -> set[str]:
-        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+        """Workers that can host a rank: not leaving. A retiring worker counts as gone at
+        once, so its peers regroup without waiting for it to close."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        leaving = ("closing", "closing_gracefully", "closed")
+        return {addr for addr, info in workers.items() if info.get("status") not in leaving}
 
     def _rank_error(self, failed: list[int]) -> BaseException:
         errors = [(i, self._futures[i].exception()) for i in failed]
@@ -776,6 +818,7 @@ def fit(
     data = x_futs + y_futs + (xv_futs + yv_futs if val is not None else [])
     run = Run(client, run_id, spec, futures, data, recorder, ranks, out_path)
     run._launch, run._max_failures = launch, max_failures
+    run._grow = workers is None
     if block:
         run.wait()
     return run

@@ -496,9 +496,12 @@ def test_training_goes_on_when_a_worker_is_killed_mid_epoch(three_workers):
     run.wait(timeout=120)
     assert run.status == "finished" and run.lost == [victim]
     assert list(run.history["epoch"]) == list(range(1, 9))
+    assert victim not in run.workers
     log = events.replay(three_workers, run.run_id)
-    [change] = [e for e in log if e["kind"] == "membership"]
+    # The loss; then (perhaps) the worker its nanny restarted, joining at an epoch's end.
+    change, *rejoined = [e for e in log if e["kind"] == "membership"]
     assert list(change["lost"]) == [victim] and change["world_size"] == 2
+    assert all(len(e["joined"]) == 1 and not e["lost"] for e in rejoined)
     assert change["epoch"] in (2, 3)  # the kill lands in epoch 2; it may be over by the abort
     # Within a point of the undisturbed run with the same seed.
     final = run.history["val_accuracy"].iloc[-1]
@@ -509,7 +512,7 @@ def test_training_goes_on_when_a_worker_is_killed_mid_epoch(three_workers):
 
 
 def test_training_goes_on_when_a_worker_is_retired(three_workers):
-    run = _elastic_run(three_workers, block=False)
+    run = _elastic_run(three_workers, comm_timeout=20, block=False)
     poll_for(lambda: len(run.history) >= 2, timeout=60)
     victim = run.workers[1]
     three_workers.retire_workers([victim], close_workers=True)
@@ -529,3 +532,27 @@ def test_more_failures_than_allowed_end_the_run_naming_the_workers(three_workers
         run.wait(timeout=120)
     assert any(v in str(info.value) for v in victims)
     assert run.status == "failed"
+
+
+def test_a_worker_that_joins_gets_a_rank_at_the_next_epoch(fresh_client):
+    train, test = daskdl.datasets.train_test("digits")
+    run = daskdl.fit(
+        fresh_client,
+        "small_cnn",
+        train,
+        val=test,
+        epochs=10,
+        batch_size=8,
+        seed=0,
+        progress=False,
+        block=False,
+    )
+    poll_for(lambda: len(run.history) >= 1, timeout=60)
+    fresh_client.cluster.scale(3)
+    run.wait(timeout=180)
+    assert run.status == "finished" and len(run.workers) == 3 and run.lost == []
+    [change] = [e for e in events.replay(fresh_client, run.run_id) if e["kind"] == "membership"]
+    assert len(change["joined"]) == 1 and change["world_size"] == 3
+    assert change["step_in_epoch"] == 0  # at an epoch boundary
+    assert list(run.history["epoch"]) == list(range(1, 11))
+    assert run.history["val_accuracy"].iloc[-1] >= 0.95
