@@ -115,21 +115,12 @@ def _load_dataset(args):
 
 
 def _client(args, stack: ExitStack):
-    from distributed import Client
+    from daskdl.cluster import connect, local_cluster
 
-    from daskdl.cluster import local_cluster
-
+    gpus = getattr(args, "gpus", None)  # only `daskdl train` has --gpus
     if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout="10s")
-        except OSError as e:
-            raise ConnectionError(
-                f"could not reach the scheduler at {args.scheduler} ({e}). Start one with "
-                "`dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
-                "to use a local cluster."
-            ) from None
-    elif args.gpus:
-        gpus = args.gpus
+        client = connect(args.scheduler)
+    elif gpus:
         if gpus == "all":
             gpus = True
         elif gpus.isdigit():
@@ -260,7 +251,6 @@ def words(args) -> int:
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
     with ExitStack() as stack:
-        args.gpus = None
         client = _client(args, stack)
         freqs = text.word_frequencies(
             args.paths,

@@ -19,6 +19,19 @@ class _OwningClient(Client):
             self.cluster.close()
 
 
+def connect(address: str, timeout: str = "10s") -> Client:
+    """A client of the running scheduler at ``address``; an unreachable one is a
+    ``ConnectionError`` that says how to start one."""
+    try:
+        return Client(address, timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(
+            f"could not reach the scheduler at {address} ({e}). Start one with "
+            "`dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
+            "to use a local cluster."
+        ) from None
+
+
 def local_cluster(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,

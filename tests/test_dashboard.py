@@ -202,6 +202,16 @@ CHROMIUM_ARGS = [
 ]
 
 
+def _stop_server(proc: subprocess.Popen, log) -> None:
+    # SIGINT lets the server close its cluster; kill only if it does not.
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 @pytest.fixture
 def served(tmp_path):
     """``daskdl dashboard`` on a free localhost port with its own 2-worker cluster."""
@@ -221,12 +231,7 @@ def served(tmp_path):
         poll_for(lambda: "daskdl dashboard: " + url in (tmp_path / "server.log").read_text(), 60)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop_server(proc, log)
 
 
 def _steps_drawn(page) -> int:
@@ -340,9 +345,4 @@ def test_panel_serve_runs_the_app_script(tmp_path):
             assert _steps_drawn(page) == 0  # the views are there, with no run yet
             browser.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop_server(proc, log)

@@ -15,24 +15,13 @@ def shared_client(scheduler: str | None = None, workers: int | None = None):
 
     Without an address, a local cluster (``daskdl.local_cluster``) is started once.
     """
-    from distributed import Client
-
-    from daskdl.cluster import local_cluster
+    from daskdl.cluster import connect, local_cluster
 
     key = (scheduler, workers)
     with _lock:
         client = _clients.get(key)
         if client is None or client.status in ("closing", "closed"):
-            if scheduler:
-                try:
-                    client = Client(scheduler, timeout="10s")
-                except OSError as e:
-                    raise ConnectionError(
-                        f"could not reach the scheduler at {scheduler} ({e}). Start one with "
-                        "`dask scheduler`, or leave out --scheduler for a local cluster."
-                    ) from None
-            else:
-                client = local_cluster(n_workers=workers)
+            client = connect(scheduler) if scheduler else local_cluster(n_workers=workers)
             _clients[key] = client
         return client
 
