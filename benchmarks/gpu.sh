@@ -15,8 +15,12 @@ fi
 export PYTHONUNBUFFERED=1
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   "$PYTHON" -c "import torch; print('CUDA:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
-  "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
+  # Only the files that hold gpu tests: the others import the dashboard's and notebooks' test
+  # dependencies, which a bare GPU machine lacks. A failing test still lets the benchmark run.
+  "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py) \
+    || tests_failed=1
 else
   echo "No CUDA device: gpu-marked tests skip; the benchmark runs its CPU fallback."
 fi
 "$PYTHON" benchmarks/gpu.py "$@"
+exit "${tests_failed:-0}"

@@ -44,6 +44,7 @@ class GradientAveraging:
         wire: str = "fp32",
         bucket_bytes: int = 25 * 2**20,
         first_bucket_bytes: int = 2**20,
+        defer_nonfinite: bool = False,
     ):
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         total = sum(p.numel() for p in params)
@@ -55,6 +56,10 @@ class GradientAveraging:
         self.wire = wire
         self._stop = False
         self.bad_ranks: list[int] = []
+        # A lone rank whose optimizer can skip a step on the device (fused, ``found_inf``)
+        # leaves its non-finite flag there: reading it would make the host wait for the GPU.
+        self.defer_nonfinite = defer_nonfinite and group.size == 1
+        self.pending_bad: torch.Tensor | None = None
         # Bucket b covers flat[bounds[b]:bounds[b + 1]]; a parameter never straddles two.
         bounds, bucket_of, offset, cap = [0], [], 0, first_bucket_bytes
         for p in params:
@@ -117,7 +122,10 @@ class GradientAveraging:
         if self.group.size == 1:
             self._stop = stop_requested
             self._check(self.grads)
-            self.bad_ranks = [0] if bool(self._bad) else []
+            if self.defer_nonfinite:
+                self.pending_bad = self._bad
+            else:
+                self.bad_ranks = [0] if bool(self._bad) else []
             return
         rank = getattr(self.group, "rank", 0)
         self.flat[-2] = float(stop_requested)
@@ -179,6 +187,7 @@ class LocalSGD:
         self.model, self.opt, self.group = model, opt, group
         self.every, self.outer = every, outer
         self.bad_ranks: list[int] = []
+        self.pending_bad = None  # checked on the host every step
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self._stop_requested = False
         if outer is not None:
@@ -250,7 +259,12 @@ class LocalSGD:
 def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
     if cfg.sync_every == 1 and cfg.outer_optimizer is None:
         return GradientAveraging(
-            model, opt, group, cfg.wire_dtype, bucket_bytes=int(cfg.bucket_mb * 2**20)
+            model,
+            opt,
+            group,
+            cfg.wire_dtype,
+            bucket_bytes=int(cfg.bucket_mb * 2**20),
+            defer_nonfinite=bool(opt.param_groups[0].get("fused")),
         )
     # Parameters are averaged in float32: bfloat16 would round them (not just their change).
     return LocalSGD(

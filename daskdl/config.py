@@ -38,7 +38,9 @@ class TrainConfig:
     ``device="auto"`` trains on the worker's GPU where it sees one (``cuda:0``: dask-cuda
     gives each worker its own GPU first in ``CUDA_VISIBLE_DEVICES``), else on the CPU.
     ``channels_last`` (default: on for images on CUDA) and ``compile`` (``torch.compile``)
-    only change speed, not results beyond float rounding.
+    only change speed, not results beyond float rounding. So does ``fused`` (default: on
+    CUDA): the optimizer's fused kernel, which also lets a lone rank skip a non-finite step
+    without waiting for the GPU.
     """
 
     epochs: int = 10
@@ -68,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    fused: bool | None = None
     on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
         if self.torch_threads is not None:
             positive_int("torch_threads")
+        if self.fused not in (None, True, False):
+            raise ValueError(f"fused must be True, False or None (auto), got {self.fused!r}.")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}."

@@ -90,16 +90,41 @@ def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> floa
     return cfg.lr
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD or AdamW. ``fused`` updates all parameters in one kernel, and skips a non-finite
+    step on the device (``found_inf``), which lets a single rank on a GPU run without
+    waiting for it every step (see ``train_step``)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     return torch.optim.SGD(
         model.parameters(),
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
+        # None, not False: False would also turn off the default foreach kernels.
+        fused=fused or None,
     )
+
+
+def prepare_optimizer(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """After a checkpoint's state is loaded (its param_groups carry the saving run's
+    ``fused``): this run's choice, and momentum buffers that exist from the start.
+
+    Fused SGD allocates its momentum buffers uninitialised on its first step and fills them
+    in the kernel, unless that step is skipped (``found_inf``): then the next step would read
+    garbage. Zeros are exact: with no dampening, ``0.9 * 0 + g`` is the ``g`` the first step
+    would have stored.
+    """
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = (True if fused else None), None
+        if isinstance(opt, torch.optim.SGD) and fused and group["momentum"] > 0:
+            for p in group["params"]:
+                opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
@@ -114,7 +139,11 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
     # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request);
     # either way it checks the loss and gradients, and no rank steps on non-finite ones.
     sync.backward_done(stop_requested, loss.detach())
-    if not sync.bad_ranks:
+    if sync.pending_bad is not None:
+        # The fused optimizer skips the update on the device when the flag is set.
+        opt.found_inf = sync.pending_bad.float()
+        opt.step()
+    elif not sync.bad_ranks:
         opt.step()
     return loss.detach(), (logits.argmax(1) == yb).sum()
 
@@ -293,11 +322,13 @@ class Rank:
         self.model = models.build(spec.model, spec.input_shape, spec.n_classes).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = make_optimizer(self.model, cfg)
+        fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
+        self.opt = make_optimizer(self.model, cfg, fused)
         if resume is not None:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
             opt_state = resume["optimizer"]
             self.opt.load_state_dict({k: opt_state[k] for k in ("state", "param_groups")})
+        prepare_optimizer(self.opt, fused)
         self.group = make_group(
             cfg.backend, worker, spec.comm_id or spec.run_id, spec.rank, spec.peers, cfg.timeout
         )
@@ -341,6 +372,10 @@ class Rank:
         skipped = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        # Non-finite steps flagged on the device (see GradientAveraging.pending_bad), read
+        # when a step is logged, which waits for the device anyway.
+        flags = torch.zeros(steps, dtype=torch.bool, device=self.device)
+        self._flags_read = first_step
         lr = lr_at(epoch * steps + first_step, steps * cfg.epochs, cfg, steps)
         for s, (xb, yb) in enumerate(self.loader.epoch(epoch, first_step), first_step):
             global_step = epoch * steps + s
@@ -356,15 +391,21 @@ class Rank:
                 self.autocast,
                 self.group.box.stop_requested,
             )
-            if self.sync.bad_ranks:
-                self._nonfinite(epoch, s, global_step)
+            pending = self.sync.pending_bad
+            if pending is not None:
+                flags[s] = pending
+                loss_sum += torch.where(pending, 0.0, loss)
+                correct += torch.where(pending, 0, n_correct)
+            elif self.sync.bad_ranks:
+                self._nonfinite(epoch, s, global_step, self.sync.bad_ranks)
                 skipped += 1
             else:
                 loss_sum += loss
                 correct += n_correct
             self.stopped = self.sync.step_done(global_step, end_of_epoch=s == steps - 1)
             self.position = (epoch, s + 1)
-            self._log_step(epoch, s, global_step, loss, lr)
+            if self._log_step(epoch, s, global_step, loss, lr) and pending is not None:
+                skipped += self._read_flags(flags, epoch, s + 1)
             if self.stopped:
                 return None
         loss_sum, correct = loss_sum.item(), correct.item()
@@ -391,8 +432,16 @@ class Rank:
         task = self.worker.state.tasks.get(self.task_key)
         return task is None or task.state in ("cancelled", "released", "forgotten")
 
-    def _nonfinite(self, epoch: int, s: int, global_step: int) -> None:
-        ranks = self.sync.bad_ranks
+    def _read_flags(self, flags: torch.Tensor, epoch: int, upto: int) -> int:
+        """Report the steps flagged non-finite since the last read; how many."""
+        steps = self.spec.steps_per_epoch
+        bad = (flags[self._flags_read : upto].nonzero().flatten() + self._flags_read).tolist()
+        self._flags_read = upto
+        for s in bad:
+            self._nonfinite(epoch, s, epoch * steps + s, [self.ctx.rank])
+        return len(bad)
+
+    def _nonfinite(self, epoch: int, s: int, global_step: int, ranks: list[int]) -> None:
         where = f"step {global_step + 1} (epoch {epoch + 1}, batch {s + 1} of the epoch)"
         if self.cfg.on_nonfinite == "raise":
             raise FloatingPointError(
@@ -407,12 +456,13 @@ class Rank:
 
     def _log_step(
         self, epoch: int, s: int, global_step: int, loss: torch.Tensor, lr: float
-    ) -> None:
-        # Throttled: an event per step would cost more than a small model's step.
+    ) -> bool:
+        """Log a ``step`` event, throttled (an event per step would cost more than a small
+        model's step), but always on an epoch's last step and when stopping; whether it did."""
         now = time.perf_counter()
         last_step = s == self.spec.steps_per_epoch - 1
         if now - self._last_log < self.spec.log_interval and not last_step and not self.stopped:
-            return
+            return False
         if self._orphaned():
             # Nobody wants the result any more (the client that started the run died, or
             # released it): stop after the next step, on every rank alike, as run.stop() does.
@@ -436,6 +486,7 @@ class Rank:
             **extra,
         )
         self._last_log, self._logged_steps = now, s + 1
+        return True
 
     def finish_epoch(self, epoch: int, metrics: dict) -> None:
         """Agree on batch-norm statistics, evaluate, and (rank 0) report and checkpoint."""

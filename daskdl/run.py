@@ -607,6 +607,7 @@ def fit(
     device: str = "auto",
     channels_last: bool | None = None,
     compile: bool = False,
+    fused: bool | None = None,
     on_nonfinite: str = "raise",
     max_failures: int = 2,
     workers: list[str] | int | None = None,
@@ -673,6 +674,11 @@ def fit(
     channels_last, compile
         CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
         CUDA) and ``torch.compile``.
+    fused
+        The optimizer's fused kernel (default: on CUDA, off on the CPU). With one rank it also
+        skips non-finite steps on the device, so the host never waits for the GPU per step;
+        ``nonfinite`` events and ``on_nonfinite="raise"`` then come at the next log interval
+        (still naming the step, which was not applied).
 
     The remaining options are :class:`daskdl.config.TrainConfig`'s.
 
@@ -710,6 +716,7 @@ def fit(
         device=device,
         channels_last=channels_last,
         compile=compile,
+        fused=fused,
         on_nonfinite=on_nonfinite,
     )
     # Settings from the client's dask.config travel with the run: workers may differ.

@@ -110,6 +110,38 @@ def test_cuda_compile_bf16_channels_last_resnet():
     assert run.history["train_loss"].iloc[-1] < run.history["train_loss"].iloc[0]
 
 
+def _cubed_mlp(input_shape, n_classes):
+    # x ** 3 overflows float32 for the one sample scaled to 1e20: its loss becomes NaN.
+    class Cube(torch.nn.Module):
+        def forward(self, x):
+            return x * x * x
+
+    return torch.nn.Sequential(Cube(), daskdl.models.mlp(input_shape, n_classes))
+
+
+@pytest.mark.gpu
+def test_one_rank_on_cuda_skips_a_nonfinite_step_without_waiting_each_step():
+    # A fused optimizer on CUDA (the default there) skips on the device; flags read at logs.
+    X = np.random.default_rng(0).uniform(-1, 1, size=(200, 8)).astype(np.float32)
+    X[130, 0] = 1e20  # batch 14 of 20
+    data = daskdl.Dataset.from_numpy(X, np.arange(200) % 3, chunks=100)
+    with daskdl.local_cluster(gpus=1) as client:
+        run = daskdl.fit(
+            client,
+            _cubed_mlp,
+            data,
+            epochs=2,
+            batch_size=10,
+            shuffle=False,
+            on_nonfinite="skip",
+            progress=False,
+        )
+        log = [e for e in daskdl.events.replay(client, run.run_id) if e["kind"] == "nonfinite"]
+    assert [(e["epoch"], e["batch"]) for e in log] == [(1, 14), (2, 14)]
+    assert list(run.history["skipped_steps"]) == [1, 1]
+    assert torch.isfinite(_params(run.model)).all()
+
+
 def _cuda_allreduce(run_id, rank, peers, n, wire):
     group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=30, direct_bytes=0)
     try:
@@ -144,4 +176,6 @@ def test_two_ranks_on_cuda_agree_with_two_ranks_on_cpu(client):
     opts = dict(QUICK, bucket_mb=0.01)
     gpu = daskdl.fit(client, "small_cnn", data, device="cuda", channels_last=False, **opts)
     cpu = daskdl.fit(client, "small_cnn", data, device="cpu", **opts)
-    torch.testing.assert_close(_params(gpu.model), _params(cpu.model), rtol=1e-3, atol=1e-4)
+    # cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32),
+    # so a few parameters differ by ~2e-4 after training (seen on an H200).
+    torch.testing.assert_close(_params(gpu.model), _params(cpu.model), rtol=1e-3, atol=1e-3)

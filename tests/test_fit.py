@@ -399,6 +399,35 @@ def test_a_nonfinite_step_raises_naming_rank_step_and_batch(client):
         )
 
 
+def test_one_fused_rank_skips_nonfinite_steps_on_the_device(client):
+    # One rank with a fused optimizer never reads the non-finite flag per step (on a GPU that
+    # would make the host wait); its optimizer skips on the device and the flags are read at
+    # each log. It must skip exactly the steps the per-step check skips, and report them.
+    opts = dict(epochs=3, batch_size=10, shuffle=False, workers=1, progress=False)
+    runs = {
+        fused: daskdl.fit(client, _cube_mlp, _poisoned(), on_nonfinite="skip", fused=fused, **opts)
+        for fused in (True, False)
+    }
+    torch.testing.assert_close(_params(runs[True].model), _params(runs[False].model))
+    for run in runs.values():
+        log = [e for e in events.replay(client, run.run_id) if e["kind"] == "nonfinite"]
+        # 40 batches per epoch on one rank; sample 250 is in batch 26.
+        assert [(e["epoch"], e["batch"], e["step"], list(e["ranks"])) for e in log] == [
+            (1, 26, 26, [0]),
+            (2, 26, 66, [0]),
+            (3, 26, 106, [0]),
+        ]
+        assert list(run.history["skipped_steps"]) == [1, 1, 1]
+        assert np.isfinite(run.history["train_loss"]).all()
+    with pytest.raises(daskdl.RunError, match=r"rank\(s\) \[0\] at step 26 \(epoch 1, batch 26 "):
+        daskdl.fit(client, _cube_mlp, _poisoned(), fused=True, **opts)
+
+
+def test_fused_is_checked():
+    with pytest.raises(ValueError, match="fused must be True, False or None"):
+        daskdl.config.TrainConfig(fused="yes")
+
+
 def test_persisted_train_and_a_val_set_standardised_like_it(fresh_client, digits_split):
     # Persisting the training set, then fitting with a validation set that shares its
     # statistics, must not resubmit shared keys with other tasks (Dask warns of deadlocks).
