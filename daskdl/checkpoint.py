@@ -1,10 +1,13 @@
-"""Checkpoints: a directory with ``model.safetensors``, ``optimizer.safetensors`` and
-``manifest.json`` (config, epoch, step, shard plan, SHA-256 of each file).
+"""Checkpoints: a directory with ``model.safetensors``, ``optimizer.safetensors``,
+``manifest.json`` (config, epoch, step, shard plan, SHA-256 of each file) and, when a signing
+key is set, ``signature.json`` (Ed25519 or HMAC-SHA256 over the manifest's exact bytes).
 
 A checkpoint is written under a temporary name, fsynced, then renamed into place, so a crash
-mid-write never leaves a half-written checkpoint under a real name. Loading checks every digest
-before a tensor is read, and nothing is ever unpickled: tensors come from safetensors, the rest
-from JSON.
+mid-write never leaves a half-written checkpoint under a real name. Loading checks the
+signature, then every digest, before a tensor is read, and nothing is ever unpickled: tensors
+come from safetensors, the rest from JSON. With a verify key (see :mod:`daskdl.security`), an
+unsigned or modified checkpoint is refused; without one, loading warns that nothing was
+verified.
 """
 
 from __future__ import annotations
@@ -23,17 +26,29 @@ import torch
 from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
+from daskdl import security
+
 FORMAT = "daskdl-checkpoint"
 VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
 PREFIX = "epoch-"
 OUTER = "outer"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+class CheckpointSignatureError(CheckpointError):
+    """A checkpoint that is unsigned, signed with another key, or modified since it was signed,
+    while a verify key is set."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint was loaded without a verify key: its origin was not checked."""
 
 
 def _sha256(data: bytes) -> str:
@@ -95,10 +110,12 @@ def save(
     optimizer: tuple[dict[str, np.ndarray], list],
     manifest: dict,
     keep: int | None = None,
+    key: security.Key | None = None,
 ) -> Path:
     """Write checkpoint ``epoch-NNNN`` under ``directory`` atomically; return its path.
 
-    ``keep`` old checkpoints are kept (the newest ones); ``None`` keeps all.
+    ``keep`` old checkpoints are kept (the newest ones); ``None`` keeps all. ``key`` signs the
+    manifest.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +136,10 @@ def save(
             "optimizer_param_groups": param_groups,
             "files": {name: _sha256(data) for name, data in blobs.items()},
         }
-        _write(tmp / MANIFEST, json.dumps(doc, indent=1, sort_keys=True).encode())
+        manifest_bytes = json.dumps(doc, indent=1, sort_keys=True).encode()
+        _write(tmp / MANIFEST, manifest_bytes)
+        if key is not None:
+            _write(tmp / SIGNATURE, security.signature_document(key, manifest_bytes))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -143,11 +163,21 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the checkpoint at ``path``, not verified (see :func:`load`)."""
     path = Path(path)
+    return _parse_manifest(path, _read(path, MANIFEST, f"{path} is not a checkpoint"))
+
+
+def _read(path: Path, name: str, missing: str) -> bytes:
     try:
-        doc = json.loads((path / MANIFEST).read_text())
+        return (path / name).read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST}.") from None
+        raise CheckpointError(f"{missing}: it has no {name}.") from None
+
+
+def _parse_manifest(path: Path, data: bytes) -> dict:
+    try:
+        doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is not valid JSON ({e}).") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -160,40 +190,88 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return doc
 
 
-def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, dict]:
+def signature_status(path: str | os.PathLike, key: security.Key | None = None) -> str:
+    """``"verified"`` (with ``key``), ``"signed"`` (a signature, not checked: no key) or
+    ``"unsigned"``; raises :class:`CheckpointSignatureError` when ``key`` refuses it."""
+    path = Path(path)
+    manifest = _read(path, MANIFEST, f"{path} is not a checkpoint")
+    return _check_signature(path, manifest, key)
+
+
+def _check_signature(path: Path, manifest: bytes, key: security.Key | None) -> str:
+    try:
+        document = (path / SIGNATURE).read_bytes()
+    except FileNotFoundError:
+        document = None
+    if key is None:
+        return "unsigned" if document is None else "signed"
+    if document is None:
+        raise CheckpointSignatureError(
+            f"{path} is not signed, and a verify key ({key.algorithm} {key.key_id}) is set: "
+            "refusing it. Re-save it from a run with a signing key, or load it without a "
+            "verify key if you trust where it came from."
+        )
+    try:
+        security.check_signature(key, manifest, document, str(path))
+    except security.SignatureError as e:
+        raise CheckpointSignatureError(f"refusing checkpoint: {e}") from None
+    return "verified"
+
+
+def load(
+    path: str | os.PathLike, verify_key: security.Key | str | os.PathLike | None = None
+) -> tuple[dict[str, np.ndarray], dict, dict]:
     """Verify and read one checkpoint: ``(model tensors, optimizer state, manifest)``.
 
-    Every file's SHA-256 is checked against the manifest before any tensor is parsed.
+    The manifest's signature is checked with ``verify_key`` (default: from the environment,
+    see :mod:`daskdl.security`), then every file's SHA-256, before any tensor is parsed.
     """
     path = Path(path)
-    doc = read_manifest(path)
+    key = security.verify_key(verify_key)
+    manifest = _read(path, MANIFEST, f"{path} is not a checkpoint")
+    status = _check_signature(path, manifest, key)
+    if key is None:
+        warnings.warn(
+            f"Loaded checkpoint {path} ({status}) without verifying who wrote it: no verify "
+            f"key is set. Set {security.ENV_VERIFY_FILE} (or {security.ENV_SECRET}) or pass "
+            "verify_key=... to refuse checkpoints that are not signed by your key.",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
+    doc = _parse_manifest(path, manifest)  # the bytes that were verified, not a second read
     blobs = {}
     for name in (MODEL_FILE, OPTIMIZER_FILE):
-        try:
-            data = (path / name).read_bytes()
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is incomplete: {name} is missing.") from None
+        data = _read(path, name, f"{path} is incomplete")
         if _sha256(data) != doc.get("files", {}).get(name):
-            raise CheckpointError(
+            error = CheckpointSignatureError if key is not None else CheckpointError
+            raise error(
                 f"{path / name} does not match the SHA-256 in its manifest: the file is "
                 "truncated, corrupted or was modified. Resume from an earlier checkpoint."
             )
         blobs[name] = data
-    model = load_numpy(blobs[MODEL_FILE])
-    opt = optimizer_state(load_numpy(blobs[OPTIMIZER_FILE]), doc["optimizer_param_groups"])
+    try:
+        model = load_numpy(blobs[MODEL_FILE])
+        tensors = load_numpy(blobs[OPTIMIZER_FILE])
+    except Exception as e:  # safetensors' own parse errors (only reachable without a key)
+        raise CheckpointError(f"{path} holds an unreadable safetensors file ({e}).") from None
+    opt = optimizer_state(tensors, doc["optimizer_param_groups"])
     return model, opt, doc
 
 
-def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray], dict, dict]:
+def load_latest(
+    directory: str | os.PathLike, verify_key: security.Key | str | os.PathLike | None = None
+) -> tuple[Path, dict[str, np.ndarray], dict, dict]:
     """The newest checkpoint that verifies, under a run directory or its ``checkpoints/``:
     ``(path, model tensors, optimizer state, manifest)``.
 
-    ``directory`` may also be one checkpoint. Newer checkpoints that fail verification are
-    skipped with a warning.
+    ``directory`` may also be one checkpoint. Without a verify key, newer checkpoints that
+    fail their digests are skipped with a warning (a disk can corrupt files); with one, a
+    checkpoint that is unsigned or modified is refused with an error instead, never skipped.
     """
     path = Path(directory)
+    key = security.verify_key(verify_key)
     if (path / MANIFEST).exists():
-        return (path, *load(path))
+        return (path, *load(path, key))
     candidates = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
     if not candidates:
         raise CheckpointError(
@@ -202,7 +280,9 @@ def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, np.ndarra
         )
     for candidate in reversed(candidates):
         try:
-            return (candidate, *load(candidate))
+            return (candidate, *load(candidate, key))
+        except CheckpointSignatureError:
+            raise
         except CheckpointError as e:
             warnings.warn(f"Skipping checkpoint {candidate}: {e}", stacklevel=2)
     raise CheckpointError(f"None of the {len(candidates)} checkpoints in {path} verifies.")

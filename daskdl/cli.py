@@ -10,6 +10,19 @@ from pathlib import Path
 from daskdl.config import BACKENDS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
 
 
+def _cluster_args(p, what: str = "local cluster") -> None:
+    p.add_argument("--scheduler", help="address of a running scheduler, e.g. tls://host:8786")
+    p.add_argument("--workers", type=int, default=None, help=f"workers of the {what}")
+    p.add_argument("--tls-ca-file", help="CA certificate of a TLS cluster (with --scheduler)")
+    p.add_argument("--tls-cert", help="this client's TLS certificate")
+    p.add_argument("--tls-key", help="this client's TLS private key")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="local cluster only: TLS on every connection, with a certificate made for it",
+    )
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -22,13 +35,7 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
     p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet18, vgg11 or vgg16")
-    p.add_argument("--scheduler", help="address of a running scheduler, e.g. tcp://host:8786")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="ranks to use (a local cluster gets this many workers); default all",
-    )
+    _cluster_args(p, "local cluster; with --scheduler, ranks to use (default all)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
@@ -114,20 +121,39 @@ def _load_dataset(args):
     )
 
 
+def _security(args):
+    """The TLS settings the cluster options ask for (None: plain TCP)."""
+    from daskdl import security
+
+    files = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if any(files) and not args.scheduler:
+        raise ValueError(
+            "--tls-ca-file/--tls-cert/--tls-key attach to a running TLS cluster: give "
+            "--scheduler tls://HOST:PORT too (for a local TLS cluster use --secure)."
+        )
+    if args.secure and args.scheduler:
+        raise ValueError(
+            "--secure starts a local TLS cluster; to attach to a running one give "
+            "--tls-ca-file, --tls-cert and --tls-key with --scheduler."
+        )
+    return security.tls(*files) if any(files) else None
+
+
 def _client(args, stack: ExitStack):
     from daskdl.cluster import connect, local_cluster
 
+    tls = _security(args)
     gpus = getattr(args, "gpus", None)  # only `daskdl train` has --gpus
     if args.scheduler:
-        client = connect(args.scheduler)
+        client = connect(args.scheduler, security=tls)
     elif gpus:
         if gpus == "all":
             gpus = True
         elif gpus.isdigit():
             gpus = int(gpus)
-        client = local_cluster(gpus=gpus)
+        client = local_cluster(gpus=gpus, secure=args.secure)
     else:
-        client = local_cluster(n_workers=args.workers)
+        client = local_cluster(n_workers=args.workers, secure=args.secure)
     return stack.enter_context(client)
 
 
@@ -235,8 +261,7 @@ def _words_parser(sub) -> None:
         help="what to do with bytes that are not UTF-8 (strict: stop, naming the file)",
     )
     p.add_argument("--plot", help="also save a bar chart of the top words (PNG, SVG, PDF)")
-    p.add_argument("--scheduler", help="address of a running scheduler")
-    p.add_argument("--workers", type=int, default=None, help="workers of the local cluster")
+    _cluster_args(p)
 
 
 def words(args) -> int:
@@ -282,18 +307,31 @@ def _dashboard_parser(sub) -> None:
         description="Serve daskdl's Panel dashboard: watch, start, stop and resume runs. "
         "Without --scheduler, a local cluster of --workers worker processes is started.",
     )
-    p.add_argument("--scheduler", help="address of a running scheduler, e.g. tcp://host:8786")
-    p.add_argument("--workers", type=int, default=None, help="workers of the local cluster")
+    _cluster_args(p)
     p.add_argument("--address", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=5006, help="port (0: any free one)")
     p.add_argument("--runs-dir", default="runs", help="where runs started from the page write")
     p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.add_argument(
+        "--basic-auth",
+        help="password for Panel's login page, or a JSON file of users and passwords; "
+        "required for an --address other than loopback",
+    )
+    p.add_argument("--cookie-secret", help="signs login cookies (default: a random one)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback --address without a password (trusted networks only)",
+    )
 
 
 def dashboard(args) -> int:
-    from daskdl.webapp.serve import serve, shared_client
+    from daskdl.webapp.serve import check_exposure, serve, shared_client
 
-    client = shared_client(args.scheduler, args.workers)
+    check_exposure(args.address, args.basic_auth, args.insecure)  # before starting a cluster
+    if args.insecure and not args.basic_auth:
+        print(f"daskdl: warning: serving on {args.address} without a password", file=sys.stderr)
+    client = shared_client(args.scheduler, args.workers, _security(args), args.secure)
 
     def ready(url: str) -> None:
         print(
@@ -303,12 +341,96 @@ def dashboard(args) -> int:
         )
 
     try:
-        serve(client, args.address, args.port, args.runs_dir, args.show, on_ready=ready)
+        serve(
+            client,
+            args.address,
+            args.port,
+            args.runs_dir,
+            args.show,
+            on_ready=ready,
+            basic_auth=args.basic_auth,
+            cookie_secret=args.cookie_secret,
+            insecure=args.insecure,
+        )
     except KeyboardInterrupt:
         pass
     finally:
         client.close()
     return 0
+
+
+def _keygen_parser(sub) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="make a key for signing checkpoints",
+        description="Write an Ed25519 key pair (DIR/daskdl.key, private, mode 0600; "
+        "DIR/daskdl.pub, public) or, with --hmac, a random shared secret (DIR/daskdl.secret). "
+        "Sign with DASKDL_SIGNING_KEY_FILE=DIR/daskdl.key; verify elsewhere with "
+        "DASKDL_VERIFY_KEY_FILE=DIR/daskdl.pub.",
+    )
+    p.add_argument("directory", help="folder to write the key files to")
+    p.add_argument("--hmac", action="store_true", help="an HMAC-SHA256 secret instead")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
+
+
+def keygen(args) -> int:
+    from daskdl import security
+
+    kind = security.HMAC if args.hmac else security.ED25519
+    for path in security.keygen(args.directory, kind, force=args.force):
+        print(path)
+    key = security.load_key(path if args.hmac else Path(args.directory) / "daskdl.key")
+    print(f"key id {key.key_id} ({kind})", file=sys.stderr)
+    return 0
+
+
+def _verify_parser(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check checkpoints' signatures and digests",
+        description="Verify a checkpoint, or every checkpoint of a run directory: the "
+        "signature of its manifest, then the SHA-256 of each file. Exit status 0 when all "
+        "verify, 1 when any is refused.",
+    )
+    p.add_argument("path", help="a checkpoint (epoch-NNNN) or a run directory")
+    p.add_argument(
+        "--key",
+        help="public key or HMAC secret file (default: DASKDL_VERIFY_KEY_FILE, "
+        "DASKDL_SIGNING_KEY or DASKDL_SIGNING_KEY_FILE)",
+    )
+
+
+def verify(args) -> int:
+    import warnings
+
+    from daskdl import checkpoint, security
+
+    key = security.verify_key(args.key)
+    if key is None:
+        raise ValueError(
+            "no key to verify with: pass --key FILE (the daskdl.pub of `daskdl keygen`, or "
+            "an HMAC secret file), or set DASKDL_VERIFY_KEY_FILE or DASKDL_SIGNING_KEY."
+        )
+    root = Path(args.path)
+    if (root / checkpoint.MANIFEST).exists():
+        paths = [root]
+    else:
+        paths = checkpoint.list_checkpoints(root / "checkpoints") or checkpoint.list_checkpoints(
+            root
+        )
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint at {root} (nor epoch-NNNN folders under it).")
+    refused = 0
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", checkpoint.UnverifiedCheckpointWarning)
+                checkpoint.load(path, key)
+            print(f"verified  {path}  ({key.algorithm} key {key.key_id})")
+        except checkpoint.CheckpointError as e:
+            refused += 1
+            print(f"REFUSED   {path}: {e}")
+    return 1 if refused else 0
 
 
 def _benchmarks_dir(args) -> Path:
@@ -371,18 +493,28 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _dashboard_parser(sub)
     _words_parser(sub)
+    _keygen_parser(sub)
+    _verify_parser(sub)
     args = parser.parse_args(argv)
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
 
     try:
-        commands = {"train": train, "bench": bench, "dashboard": dashboard, "words": words}
+        commands = {
+            "train": train,
+            "bench": bench,
+            "dashboard": dashboard,
+            "words": words,
+            "keygen": keygen,
+            "verify": verify,
+        }
         return commands[args.command](args)
     except (
         ValueError,
         TypeError,
         KeyError,
         FileNotFoundError,
+        FileExistsError,
         ConnectionError,
         ImportError,
         RuntimeError,

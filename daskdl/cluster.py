@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-from distributed import Client
+from distributed import Client, LocalCluster
+from distributed.security import Security
 
 
 class _OwningClient(Client):
@@ -19,11 +20,17 @@ class _OwningClient(Client):
             self.cluster.close()
 
 
-def connect(address: str, timeout: str = "10s") -> Client:
-    """A client of the running scheduler at ``address``; an unreachable one is a
-    ``ConnectionError`` that says how to start one."""
+def connect(address: str, timeout: str = "10s", security=None) -> Client:
+    """A client of the running scheduler at ``address`` (``security``: a
+    ``distributed.Security``, for a TLS cluster); an unreachable one is a ``ConnectionError``
+    that says how to start one."""
+    if address.startswith("tls://") and security is None:
+        raise ValueError(
+            f"{address} is a TLS scheduler: give its CA file, a client certificate and its key "
+            "(--tls-ca-file, --tls-cert, --tls-key; or daskdl.security.tls(...))."
+        )
     try:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, security=security)
     except OSError as e:
         raise ConnectionError(
             f"could not reach the scheduler at {address} ({e}). Start one with "
@@ -38,6 +45,7 @@ def local_cluster(
     memory_limit: str | float = "auto",
     dashboard_address: str | None = "127.0.0.1:0",
     gpus: bool | int | list[int] | str = False,
+    secure: bool | Security = False,
     **kwargs,
 ) -> Client:
     """A ``distributed.Client`` over a cluster of worker processes on this machine.
@@ -50,22 +58,33 @@ def local_cluster(
     each seeing its own GPU as ``cuda:0``. ``gpus=2`` takes the first two, ``gpus=[0, 2]`` (or
     ``"0,2"``) those devices. Needs ``pip install "daskdl[cuda]"``.
 
+    ``secure=True`` encrypts and authenticates every connection with TLS (scheduler, workers,
+    this client, and daskdl's all-reduce, which uses the same comms), with a certificate made
+    for this cluster alone (``Security.temporary()``); a plain-TCP client is refused. Pass a
+    ``distributed.Security`` with your own certificate files (and ``require_encryption=True``)
+    to use those instead.
+
     Examples
     --------
     >>> client = local_cluster(n_workers=2)   # doctest: +SKIP
     >>> client.dashboard_link                 # doctest: +SKIP
     'http://127.0.0.1:8787/status'
     >>> client = local_cluster(gpus=True)     # doctest: +SKIP
+    >>> client = local_cluster(secure=True)   # doctest: +SKIP
+    >>> client.scheduler.address              # doctest: +SKIP
+    'tls://127.0.0.1:40241'
     """
     cores = os.cpu_count() or 1
+    security = _tls_security(secure) if secure else None
+    if security is not None:
+        kwargs.update(security=security, protocol="tls://")
     if gpus is not False:
         return _cuda_cluster(gpus, threads_per_worker, memory_limit, dashboard_address, **kwargs)
     n_workers = n_workers or min(cores, 4)
     if n_workers < 1:
         raise ValueError(f"n_workers must be at least 1, got {n_workers}.")
     threads_per_worker = threads_per_worker or max(1, cores // n_workers)
-    # The client starts the LocalCluster itself, so closing the client shuts the cluster down.
-    return Client(
+    options = dict(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
@@ -74,6 +93,27 @@ def local_cluster(
         memory_limit=memory_limit,
         **kwargs,
     )
+    if security is not None:
+        return _OwningClient(LocalCluster(**options), security=security)
+    # The client starts the LocalCluster itself, so closing the client shuts the cluster down.
+    return Client(**options)
+
+
+def _tls_security(secure: bool | Security) -> Security:
+    if secure is True:
+        security = Security.temporary()  # a self-signed CA and certificate, in memory only
+    elif isinstance(secure, Security):
+        security = secure
+    else:
+        raise TypeError(
+            f"secure must be True or a distributed.Security, got {type(secure).__name__}."
+        )
+    if not security.require_encryption:
+        raise ValueError(
+            "secure=Security(...) must have require_encryption=True: otherwise plain TCP "
+            "connections would still be accepted."
+        )
+    return security
 
 
 def _cuda_cluster(gpus, threads_per_worker, memory_limit, dashboard_address, **kwargs) -> Client:
@@ -111,4 +151,4 @@ def _cuda_cluster(gpus, threads_per_worker, memory_limit, dashboard_address, **k
         memory_limit=memory_limit,
         **kwargs,
     )
-    return _OwningClient(cluster)
+    return _OwningClient(cluster, security=kwargs.get("security"))

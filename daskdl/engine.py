@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from distributed import get_worker
 
-from daskdl import averaging, checkpoint, events, models
+from daskdl import averaging, checkpoint, events, models, security
 from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
@@ -53,6 +53,7 @@ class RankSpec:
     comm_id: str = ""
     start_step: int = 0
     elastic: bool = False
+    signing_key: security.Key | None = None  # signs the checkpoints rank 0 writes
 
 
 @dataclass
@@ -533,6 +534,7 @@ class Rank:
                 checkpoint.optimizer_tensors(self.opt, outer=self.sync.state_tensors()),
                 {**self.spec.manifest, "step": metrics["step"], "history": self.history},
                 keep=self.spec.keep_checkpoints,
+                key=self.spec.signing_key,
             )
             self.ctx.log("checkpoint", epoch=done, path=str(path))
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from distributed import Client, futures_of, wait
 
-from daskdl import checkpoint, comm, events, models
+from daskdl import checkpoint, comm, events, models, security
 from daskdl.config import TrainConfig
 from daskdl.data import (
     Dataset,
@@ -470,6 +470,7 @@ class _Launch:
     config: dict
     out: str | None
     elastic: bool
+    signing_key: security.Key | None = None
     public: dict = field(default_factory=dict)
     generation: int = 0
 
@@ -541,6 +542,7 @@ class _Launch:
                 comm_id=self.comm_id,
                 start_step=start_step,
                 elastic=self.elastic,
+                signing_key=self.signing_key if r == 0 else None,  # only rank 0 writes
             )
             parts = [f for i in train_parts for f in (self.x_futs[i], self.y_futs[i])]
             parts += [f for i in val_parts for f in (self.xv_futs[i], self.yv_futs[i])]
@@ -613,6 +615,8 @@ def fit(
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
+    signing_key: str | os.PathLike | security.Key | None = None,
+    verify_key: str | os.PathLike | security.Key | None = None,
     block: bool = True,
     progress: bool = True,
     meta: dict | None = None,
@@ -638,6 +642,13 @@ def fit(
         Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
     resume
         A run directory or checkpoint to continue from (the newest checkpoint that verifies).
+    signing_key, verify_key
+        Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
+        :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
+        ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
+        a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
+        (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
+        modified checkpoint; with no key at all it warns.
     block
         ``False`` returns the :class:`Run` at once; call ``run.wait()``.
     meta
@@ -721,6 +732,9 @@ def fit(
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
+    # Keys are read here, on the client, so that a bad key file fails before any training.
+    key = security.signing_key(signing_key) if out is not None else None
+    verify_key = security.verify_key(verify_key) if resume is not None else None
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}.")
     try:
@@ -741,7 +755,7 @@ def fit(
         )
     resume_state, manifest, history = None, None, []
     if resume is not None:
-        path, model_t, opt_state, manifest = checkpoint.load_latest(resume)
+        path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
         if manifest["epoch"] >= cfg.epochs:
             raise ValueError(
                 f"Checkpoint {path} has already finished epoch {manifest['epoch']}; ask for more "
@@ -750,6 +764,12 @@ def fit(
         resume_state = {"model": model_t, "optimizer": opt_state}
         history = manifest.get("history", [])
 
+    if cfg.backend == "torch" and client.scheduler.address.startswith("tls://"):
+        raise ValueError(
+            "backend='torch' would send gradients over plain TCP (gloo and NCCL do not use "
+            "the cluster's TLS), and this cluster encrypts its connections: use "
+            "backend='dask' (the default), whose all-reduce runs over the cluster's TLS comms."
+        )
     ranks = _choose_workers(client, workers)
     if cfg.device == "cuda":
         _check_gpus(client, ranks)
@@ -791,6 +811,7 @@ def fit(
         config=cfg.to_dict(),
         out=str(out_path.resolve()) if out_path else None,
         elastic=max_failures > 0,
+        signing_key=key,
     )
     ranks, rank_plans, steps = launch.plan(ranks, plan)
     spec = {"model": model, "input_shape": train.sample_shape, "n_classes": n_classes}

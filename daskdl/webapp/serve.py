@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 import socket
 import threading
 from pathlib import Path
@@ -10,20 +12,46 @@ _clients: dict[tuple, object] = {}
 _lock = threading.Lock()
 
 
-def shared_client(scheduler: str | None = None, workers: int | None = None):
+def shared_client(
+    scheduler: str | None = None, workers: int | None = None, security=None, secure=False
+):
     """One client per scheduler address in this server process, shared by every session.
 
-    Without an address, a local cluster (``daskdl.local_cluster``) is started once.
+    Without an address, a local cluster (``daskdl.local_cluster``, TLS with ``secure``) is
+    started once; ``security`` is a ``distributed.Security`` for a TLS scheduler.
     """
     from daskdl.cluster import connect, local_cluster
 
-    key = (scheduler, workers)
+    key = (scheduler, workers, bool(secure))
     with _lock:
         client = _clients.get(key)
         if client is None or client.status in ("closing", "closed"):
-            client = connect(scheduler) if scheduler else local_cluster(n_workers=workers)
+            if scheduler:
+                client = connect(scheduler, security=security)
+            else:
+                client = local_cluster(n_workers=workers, secure=secure)
             _clients[key] = client
         return client
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(address: str, basic_auth: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond this machine without a password, unless told it is meant."""
+    if is_loopback(address) or basic_auth or insecure:
+        return
+    raise ValueError(
+        f"--address {address} would let anyone who can reach this machine start and stop "
+        "training runs (and run code on the cluster). Give --basic-auth PASSWORD (or a file "
+        "of user:password pairs), or --insecure if the network is trusted."
+    )
 
 
 def free_port(address: str) -> int:
@@ -39,17 +67,29 @@ def serve(
     runs_dir: str | Path = "runs",
     show: bool = False,
     on_ready=None,
+    basic_auth: str | None = None,
+    cookie_secret: str | None = None,
+    insecure: bool = False,
 ):
-    """Serve the dashboard for ``client`` until interrupted (``daskdl dashboard``)."""
+    """Serve the dashboard for ``client`` until interrupted (``daskdl dashboard``).
+
+    Beyond loopback it needs ``basic_auth`` (Panel's login page; a password, or a JSON file
+    of users) or ``insecure=True``. Sessions are signed with ``cookie_secret``, a random one
+    when none is given (logins then last as long as the server).
+    """
     import panel as pn
 
     from daskdl.webapp.app import App
 
+    check_exposure(address, basic_auth, insecure)
     pn.extension("tabulator")
     port = port or free_port(address)
     origins = [f"{address}:{port}"]
     if address in ("127.0.0.1", "localhost"):
         origins += [f"localhost:{port}", f"127.0.0.1:{port}"]
+    auth = {}
+    if basic_auth:
+        auth = dict(basic_auth=basic_auth, cookie_secret=cookie_secret or secrets.token_urlsafe(32))
     if on_ready is not None:
         on_ready(f"http://{address}:{port}/")
     return pn.serve(
@@ -61,4 +101,5 @@ def serve(
         title="daskdl",
         threaded=False,
         verbose=False,
+        **auth,
     )
