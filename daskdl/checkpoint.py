@@ -241,7 +241,10 @@ def load(
     doc = _parse_manifest(path, manifest)  # the bytes that were verified, not a second read
     blobs = {}
     for name in (MODEL_FILE, OPTIMIZER_FILE):
-        data = _read(path, name, f"{path} is incomplete")
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is incomplete: {name} is missing.") from None
         if _sha256(data) != doc.get("files", {}).get(name):
             error = CheckpointSignatureError if key is not None else CheckpointError
             raise error(

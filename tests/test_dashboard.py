@@ -346,3 +346,59 @@ def test_panel_serve_runs_the_app_script(tmp_path):
             browser.close()
     finally:
         _stop_server(proc, log)
+
+
+def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    from daskdl.webapp.serve import free_port
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "daskdl.cli", "dashboard", "--address", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "--basic-auth" in refused.stderr and "--insecure" in refused.stderr
+
+    port = free_port("0.0.0.0")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "1", "--port", str(port)]
+        + ["--address", "0.0.0.0", "--basic-auth", "correct horse battery"]
+        + ["--runs-dir", str(tmp_path / "runs")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        poll_for(lambda: "daskdl dashboard: " in (tmp_path / "server.log").read_text(), 60)
+        url = f"http://127.0.0.1:{port}/"
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+
+        def get(path: str, data: dict | None = None) -> str:
+            body = urllib.parse.urlencode(data).encode() if data else None
+            with opener.open(url + path, data=body, timeout=30) as response:
+                return response.geturl() + "\n" + response.read().decode()
+
+        def served():
+            try:
+                return get("")
+            except OSError:
+                return None
+
+        poll_for(lambda: served() is not None, 60, 0.5)
+        page = get("")
+        assert "/login" in page.splitlines()[0] and 'type="password"' in page
+        assert "Start run" not in page
+        wrong = get("login", {"username": "me", "password": "wrong"})
+        assert "/login" in wrong.splitlines()[0]
+        page = get("login", {"username": "me", "password": "correct horse battery"})
+        assert "/login" not in page.splitlines()[0] and "<title>daskdl</title>" in page
+    finally:
+        _stop_server(proc, log)

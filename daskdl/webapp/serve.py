@@ -85,8 +85,18 @@ def serve(
     pn.extension("tabulator")
     port = port or free_port(address)
     origins = [f"{address}:{port}"]
-    if address in ("127.0.0.1", "localhost"):
+    if is_loopback(address) or address in ("0.0.0.0", "::"):
         origins += [f"localhost:{port}", f"127.0.0.1:{port}"]
+    if address in ("0.0.0.0", "::"):
+        # Every name of this machine a browser may use; not "*", which would let any web
+        # page open a session with a logged-in user's cookie.
+        host = socket.gethostname()
+        names = {host, socket.getfqdn()}
+        try:
+            names.update(socket.gethostbyname_ex(host)[2])
+        except OSError:
+            pass
+        origins += [f"{name}:{port}" for name in sorted(names)]
     auth = {}
     if basic_auth:
         auth = dict(basic_auth=basic_auth, cookie_secret=cookie_secret or secrets.token_urlsafe(32))
