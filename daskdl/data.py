@@ -21,8 +21,8 @@ class Dataset:
     Partition ``i`` is ``X.blocks[i]`` together with ``y.blocks[i]``: whole samples, never a
     slice of a sample. Nothing is computed until training (or ``persist``).
 
-    Build one with :meth:`from_numpy`, :meth:`from_dask`, :meth:`from_dataframe` or
-    :meth:`from_xarray`.
+    Build one with :meth:`from_numpy`, :meth:`from_dask`, :meth:`from_dataframe`,
+    :meth:`from_xarray`, or :meth:`load` one written by :meth:`save`.
 
     Examples
     --------
@@ -337,6 +337,32 @@ class Dataset:
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) as numpy arrays in this process; only for data that fits in memory."""
         return dask.compute(self.X, self.y)
+
+    # ---------------------------------------------------------------- on disk
+
+    def save(self, path, key: bytes | str | None = None, overwrite: bool = False):
+        """Write the data set to the folder ``path``, one file per partition, each written by
+        a Dask task (so ``path`` must be visible to every worker); return the path.
+
+        ``key`` encrypts every partition with AES-GCM: 16, 24 or 32 random bytes
+        (``os.urandom(32)``), or a passphrase (stretched with scrypt). The key travels to
+        the workers with the tasks: use a TLS cluster (``local_cluster(secure=True)``)
+        beyond one machine. An existing non-empty folder is replaced only with ``overwrite``.
+
+        >>> ds.save("cache/train", key=key)                          # doctest: +SKIP
+        >>> train = daskdl.Dataset.load("cache/train", key=key)      # doctest: +SKIP
+        """
+        from daskdl import storage
+
+        return storage.save(self, path, key, overwrite)
+
+    @classmethod
+    def load(cls, path, key: bytes | str | None = None) -> Dataset:
+        """A lazy data set over a folder written by :meth:`save` (pass the same ``key`` if it
+        was encrypted). A wrong key is an error before any partition is read."""
+        from daskdl import storage
+
+        return storage.load(path, key)
 
 
 def _chunk_numpy(values: np.ndarray) -> da.Array:
