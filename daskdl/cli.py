@@ -433,6 +433,65 @@ def verify(args) -> int:
     return 1 if refused else 0
 
 
+def _audit_parser(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="a security report: TLS, exposure, keys, checkpoints, robustness",
+        description="Report where a cluster, its checkpoints and a model stand: TLS on the "
+        "scheduler, workers and client; what listens beyond loopback (the Dask dashboard "
+        "included); the installed torch; signing keys; each checkpoint's signature; and, with "
+        "--robustness, the newest checkpoint's accuracy under FGSM. Exit status 1 when a "
+        "finding is at or above --fail-on. Without --scheduler (or --checkpoint alone), "
+        "a local cluster as daskdl starts one is checked.",
+    )
+    _cluster_args(p)
+    p.add_argument("--checkpoint", help="a checkpoint or run directory to check")
+    p.add_argument("--key", help="verify key for the checkpoints (default: the environment's)")
+    p.add_argument(
+        "--robustness", action="store_true", help="FGSM against the newest checkpoint's model"
+    )
+    p.add_argument(
+        "--epsilons",
+        default="0.01,0.05,0.1",
+        help="FGSM step sizes, in the units of the standardised features",
+    )
+    p.add_argument("--dataset", help="validation data for --robustness (default: the run's)")
+    p.add_argument(
+        "--fail-on",
+        choices=["low", "medium", "high"],
+        default="high",
+        help="exit 1 when a finding is at least this severe",
+    )
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+
+def audit(args) -> int:
+    import json
+
+    from daskdl import audit as audits
+
+    try:
+        epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise ValueError(f"--epsilons must be numbers separated by commas, got {args.epsilons!r}.")
+    with ExitStack() as stack:
+        cluster = args.scheduler or args.secure or args.workers or not args.checkpoint
+        client = _client(args, stack) if cluster else None
+        report = audits.audit(
+            client,
+            checkpoint=args.checkpoint,
+            robustness=args.robustness,
+            dataset=args.dataset,
+            epsilons=epsilons,
+            verify_key=args.key,
+        )
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
+    failing = report.at_or_above(args.fail_on)
+    if failing:
+        print(f"daskdl audit: {len(failing)} at or above {args.fail_on}", file=sys.stderr)
+    return 1 if failing else 0
+
+
 def _benchmarks_dir(args) -> Path:
     import daskdl
 
@@ -495,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     _words_parser(sub)
     _keygen_parser(sub)
     _verify_parser(sub)
+    _audit_parser(sub)
     args = parser.parse_args(argv)
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
@@ -507,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "words": words,
             "keygen": keygen,
             "verify": verify,
+            "audit": audit,
         }
         return commands[args.command](args)
     except (
