@@ -106,6 +106,15 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
+    p.add_argument(
+        "--signing-key",
+        help="key file that signs the checkpoints (default: DASKDL_SIGNING_KEY[_FILE])",
+    )
+    p.add_argument(
+        "--verify-key",
+        help="key file that --resume checks with (default: DASKDL_VERIFY_KEY_FILE, else the "
+        "signing key)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -196,6 +205,8 @@ def train(args) -> int:
             workers=args.workers if args.scheduler else None,
             out=args.out,
             resume=args.out if args.resume else None,
+            signing_key=args.signing_key,
+            verify_key=args.verify_key,
             progress=args.progress,
             meta={"dataset": args.dataset, "data_path": args.data_path, "launched_by": "cli"},
         )

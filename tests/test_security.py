@@ -180,6 +180,27 @@ def test_fit_signs_and_resume_refuses_a_checkpoint_tampered_by_hand(client, tmp_
         checkpoint.load(ckpt)
 
 
+def test_cli_train_signs_and_resume_checks(tmp_path):
+    key_file, pub_file = security.keygen(tmp_path / "keys")
+    out = tmp_path / "run"
+    common = ["train", "--model", "mlp", "--workers", "1", "--out", str(out), "--no-progress"]
+    first = subprocess.run(
+        [*DASKDL, *common, "--epochs", "1", "--signing-key", str(key_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = out / "checkpoints" / "epoch-0001"
+    assert checkpoint.signature_status(ckpt, security.load_key(pub_file)) == "verified"
+    (ckpt / checkpoint.SIGNATURE).unlink()
+    resumed = subprocess.run(
+        [*DASKDL, *common, "--epochs", "2", "--resume", "--verify-key", str(pub_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 2 and "is not signed" in resumed.stderr
+
+
 def test_verify_without_a_key_says_how_to_give_one(tmp_path):
     path = _checkpoint(tmp_path)
     proc = subprocess.run([*DASKDL, "verify", str(path)], capture_output=True, text=True)
