@@ -88,7 +88,8 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
     leaves no half-written data set, and an existing one is replaced only with ``overwrite``
     (and only once the new one is complete).
     """
-    root = Path(path)
+    # Absolute: the workers that write the partitions may run in another directory.
+    root = Path(path).resolve()
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise FileExistsError(
             f"{root} already exists and is not empty; not overwriting it. Choose another "
@@ -151,7 +152,7 @@ def load(path: str | os.PathLike, key=None):
     """A lazy :class:`daskdl.Dataset` over a data set written by :func:`save`."""
     from daskdl.data import Dataset
 
-    root = Path(path)
+    root = Path(path).resolve()  # read by workers, which may run in another directory
     try:
         raw = (root / META).read_bytes()
     except FileNotFoundError:

@@ -103,3 +103,13 @@ def test_plain_files_are_checked_and_nothing_is_overwritten(client, digits, tmp_
     with pytest.raises(TypeError, match="16, 24 or 32 bytes"):
         train.save(tmp_path / "bad", key=b"short")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_relative_path_means_the_clients_directory(client, digits, tmp_path, monkeypatch):
+    # The session cluster's workers were started in another directory.
+    train, _ = digits
+    monkeypatch.chdir(tmp_path)
+    train.save("relative")
+    assert (tmp_path / "relative" / "dataset.json").exists()
+    assert len(list((tmp_path / "relative").glob("part-*"))) == train.npartitions
+    _same(train, daskdl.Dataset.load("relative"))
