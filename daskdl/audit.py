@@ -184,8 +184,9 @@ def check_cluster(client, report: Report) -> None:
 # --- this process ------------------------------------------------------------------------------
 
 
-def check_local(report: Report) -> None:
-    """The torch installed here and the signing keys this environment sets."""
+def check_local(report: Report, verify_key=None) -> None:
+    """The torch installed here, and the signing key this environment sets and the verify key
+    it sets (or ``verify_key``)."""
     version = Version(torch.__version__.split("+")[0])
     if version < SAFE_TORCH:
         report.add(
@@ -199,7 +200,7 @@ def check_local(report: Report) -> None:
     else:
         report.add("info", "torch", f"torch {torch.__version__} (>= {SAFE_TORCH})")
     try:
-        signer, verifier = security.signing_key(), security.verify_key()
+        signer, verifier = security.signing_key(), security.verify_key(verify_key)
     except security.KeyFileError as e:
         report.add("high", "keys", f"the configured key cannot be used: {e}")
         return
@@ -354,7 +355,7 @@ def audit(
     """Every check that applies: this process, the cluster of ``client``, the checkpoints at
     ``checkpoint`` and, with ``robustness``, FGSM against its newest one."""
     report = Report()
-    check_local(report)
+    check_local(report, verify_key)
     if client is not None:
         check_cluster(client, report)
     if checkpoint is not None:

@@ -21,6 +21,7 @@ def test_the_notebooks_are_there():
         "04_gpu_dask_cuda",
         "05_dashboard",
         "06_text",
+        "07_security",
     ]
 
 
