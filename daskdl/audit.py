@@ -10,7 +10,6 @@ settings, the sockets its processes listen on) and never change anything.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -65,20 +64,6 @@ class Report:
 # --- the cluster -------------------------------------------------------------------------------
 
 
-def _host(address: str) -> str:
-    rest = address.split("://", 1)[-1]
-    return rest.rsplit(":", 1)[0].strip("[]")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _listening() -> list[tuple[str, int]]:
     """(address, port) of every socket this process listens on (run on each Dask process)."""
     import psutil
@@ -112,10 +97,12 @@ def check_cluster(client, report: Report) -> None:
     listeners = {"scheduler": facts["listening"]}
     listeners.update(client.run(_listening))
     wide = {
-        who: [f"{ip}:{port}" for ip, port in socks if not _is_loopback(ip)]
+        who: [f"{ip}:{port}" for ip, port in socks if not security.is_loopback(ip)]
         for who, socks in listeners.items()
     }
-    exposed = any(wide.values()) or not all(_is_loopback(_host(a)) for a in [address, *workers])
+    exposed = any(wide.values()) or not all(
+        security.is_loopback(security.host_of(a)) for a in [address, *workers]
+    )
     plain = [a for a in [address, *workers] if not a.startswith("tls://")]
     if plain:
         report.add(
@@ -138,8 +125,8 @@ def check_cluster(client, report: Report) -> None:
             "the scheduler does not require encryption: a plain-TCP listener could be added",
             "set distributed.comm.require-encryption: true",
         )
-    security = getattr(client, "security", None)
-    if not plain and not (security and security.require_encryption):
+    settings = getattr(client, "security", None)
+    if not plain and not (settings and settings.require_encryption):
         report.add(
             "low",
             "client",

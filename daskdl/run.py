@@ -770,6 +770,8 @@ def fit(
             "the cluster's TLS), and this cluster encrypts its connections: use "
             "backend='dask' (the default), whose all-reduce runs over the cluster's TLS comms."
         )
+    if key is not None:
+        security.warn_if_sent_in_clear(client, "The checkpoint signing key")
     ranks = _choose_workers(client, workers)
     if cfg.device == "cuda":
         _check_gpus(client, ranks)

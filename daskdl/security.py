@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,6 +285,45 @@ def data_key(key: str | bytes | DataKey, salt: bytes) -> DataKey:
 
 
 # --- TLS ---------------------------------------------------------------------------------------
+
+
+class KeyTransportWarning(UserWarning):
+    """A secret key is about to travel to workers over unencrypted network connections."""
+
+
+def host_of(address: str) -> str:
+    """``"10.0.0.5"`` from ``"tcp://10.0.0.5:8786"`` (IPv6 brackets removed)."""
+    rest = address.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_sent_in_clear(client, what: str) -> None:
+    """Warn when ``what`` (a key inside a task) would cross the network without TLS: some
+    worker or the scheduler has a non-loopback address that is not ``tls://``."""
+    info = client.scheduler_info()
+    clear = [
+        a
+        for a in [client.scheduler.address, *info["workers"]]
+        if not a.startswith("tls://") and not is_loopback(host_of(a))
+    ]
+    if clear:
+        warnings.warn(
+            f"{what} goes to the workers inside a task, and {len(clear)} of the cluster's "
+            f"endpoints take unencrypted network connections (e.g. {clear[0]}): anyone on the "
+            "path can read it. Use a TLS cluster (daskdl.local_cluster(secure=True), or dask "
+            "scheduler/worker --tls-ca-file/--tls-cert/--tls-key).",
+            KeyTransportWarning,
+            stacklevel=3,
+        )
 
 
 def tls(ca_file: str | None = None, cert: str | None = None, key: str | None = None):

@@ -41,6 +41,16 @@ class DatasetFileError(ValueError):
     """A saved data set that is missing, incomplete, or does not match its metadata."""
 
 
+def _warn_if_sent_in_clear(what: str) -> None:
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed client: the key stays in this process
+        return
+    security.warn_if_sent_in_clear(client, what)
+
+
 def _canonical(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -101,6 +111,7 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
     if key is not None:
         salt = os.urandom(16)
         data_key = security.data_key(key, salt)
+        _warn_if_sent_in_clear("The data set's encryption key")
         kdf = "scrypt" if isinstance(key, str) else None
         encryption = {"cipher": "AES-GCM", "kdf": kdf, "salt": salt.hex()}
     suffix = ".enc" if key is not None else ".safetensors"
@@ -176,6 +187,7 @@ def load(path: str | os.PathLike, key=None):
         if key is None:
             raise ValueError(f"{root} is encrypted: pass key=... (the key it was saved with).")
         data_key = security.data_key(key, bytes.fromhex(encryption["salt"]))
+        _warn_if_sent_in_clear("The data set's encryption key")
         unchecked = {**doc, "encryption": {k: v for k, v in encryption.items() if k != "check"}}
         try:
             check = data_key.decrypt(

@@ -260,3 +260,37 @@ def test_tls_flags_are_checked(tmp_path):
         [*DASKDL, "words", "x.txt", "--tls-ca-file", "ca.pem"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "give --scheduler tls://" in proc.stderr
+
+
+def test_keys_sent_to_workers_without_tls_over_the_network_warn(tmp_path, digits_split):
+    import warnings
+
+    from distributed import LocalCluster
+
+    train, _ = digits_split
+    key_file, _ = security.keygen(tmp_path / "keys")
+    # Workers on every interface get the machine's address, not loopback.
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, host="0.0.0.0", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as open_client,
+    ):
+        (worker,) = open_client.scheduler_info()["workers"]
+        if security.is_loopback(security.host_of(worker)):
+            pytest.skip(f"this machine gave the worker a loopback address ({worker})")
+        with pytest.warns(security.KeyTransportWarning, match="signing key goes to the workers"):
+            daskdl.fit(
+                open_client, "mlp", train, epochs=1, out=tmp_path / "run",
+                signing_key=key_file, progress=False,
+            )  # fmt: skip
+        with pytest.warns(security.KeyTransportWarning, match="encryption key"):
+            train.save(tmp_path / "enc", key=os.urandom(32))
+    with daskdl.local_cluster(n_workers=1, threads_per_worker=1) as local:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", security.KeyTransportWarning)  # loopback: silent
+            daskdl.fit(
+                local, "mlp", train, epochs=1, out=tmp_path / "run2", signing_key=key_file,
+                progress=False,
+            )  # fmt: skip
+            train.save(tmp_path / "enc2", key=os.urandom(32))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import socket
 import threading
 from pathlib import Path
+
+from daskdl import security
 
 _clients: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -34,18 +35,9 @@ def shared_client(
         return client
 
 
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(address: str, basic_auth: str | None, insecure: bool) -> None:
     """Refuse to serve beyond this machine without a password, unless told it is meant."""
-    if is_loopback(address) or basic_auth or insecure:
+    if security.is_loopback(address) or basic_auth or insecure:
         return
     raise ValueError(
         f"--address {address} would let anyone who can reach this machine start and stop "
@@ -85,7 +77,7 @@ def serve(
     pn.extension("tabulator")
     port = port or free_port(address)
     origins = [f"{address}:{port}"]
-    if is_loopback(address) or address in ("0.0.0.0", "::"):
+    if security.is_loopback(address) or address in ("0.0.0.0", "::"):
         origins += [f"localhost:{port}", f"127.0.0.1:{port}"]
     if address in ("0.0.0.0", "::"):
         # Every name of this machine a browser may use; not "*", which would let any web
