@@ -402,3 +402,35 @@ def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
         assert "/login" not in page.splitlines()[0] and "<title>daskdl</title>" in page
     finally:
         _stop_server(proc, log)
+
+
+def test_insecure_serves_beyond_loopback_without_a_password_and_says_so(tmp_path):
+    import urllib.request
+
+    from daskdl.webapp.serve import free_port
+
+    port = free_port("0.0.0.0")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "1", "--port", str(port)]
+        + ["--address", "0.0.0.0", "--insecure", "--runs-dir", str(tmp_path / "runs")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        poll_for(lambda: "daskdl dashboard: " in (tmp_path / "server.log").read_text(), 60)
+        assert "without a password" in (tmp_path / "server.log").read_text()
+
+        def page():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+                    return r.geturl(), r.read().decode()
+            except OSError:
+                return None
+
+        poll_for(lambda: page() is not None, 60, 0.5)
+        url, body = page()
+        assert "/login" not in url and "<title>daskdl</title>" in body
+    finally:
+        _stop_server(proc, log)
