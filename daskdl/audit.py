@@ -212,25 +212,19 @@ def check_local(report: Report, verify_key=None) -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def _checkpoints(path: Path) -> list[Path]:
-    if (path / ckpt.MANIFEST).exists():
-        return [path]
-    return ckpt.list_checkpoints(path / "checkpoints") or ckpt.list_checkpoints(path)
-
-
 def check_checkpoints(path: str | os.PathLike, report: Report, key=None) -> list[Path]:
     """The signature status of a checkpoint, or of each checkpoint of a run directory."""
     key = security.verify_key(key)
-    paths = _checkpoints(Path(path))
+    paths = ckpt.checkpoints_at(path)
     if not paths:
         report.add("medium", "checkpoint", f"no checkpoint found at {path}")
     for p in paths:
         try:
-            status = ckpt.signature_status(p, key)
             if key is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ckpt.UnverifiedCheckpointWarning)
-                    ckpt.load(p, key)  # the digests too
+                ckpt.load(p, key)  # the signature, then the digests; refuses, never warns
+                status = "verified"
+            else:
+                status = ckpt.signature_status(p)  # no key: only whether it is signed
         except ckpt.CheckpointError as e:
             report.add(
                 "high", "checkpoint", f"{p}: REFUSED: {e}", "do not load it; find its origin"

@@ -162,6 +162,15 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def checkpoints_at(path: str | os.PathLike) -> list[Path]:
+    """``path`` itself if it is a checkpoint, else the checkpoints of the run directory
+    ``path`` (in its ``checkpoints/`` folder, or directly in it), oldest first."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return [path]
+    return list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the checkpoint at ``path``, not verified (see :func:`load`)."""
     path = Path(path)
@@ -275,7 +284,7 @@ def load_latest(
     key = security.verify_key(verify_key)
     if (path / MANIFEST).exists():
         return (path, *load(path, key))
-    candidates = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    candidates = checkpoints_at(path)
     if not candidates:
         raise CheckpointError(
             f"No checkpoint in {str(path)!r}: expected {PREFIX}NNNN directories there or in "

@@ -388,9 +388,10 @@ def keygen(args) -> int:
     from daskdl import security
 
     kind = security.HMAC if args.hmac else security.ED25519
-    for path in security.keygen(args.directory, kind, force=args.force):
+    written = security.keygen(args.directory, kind, force=args.force)
+    for path in written:
         print(path)
-    key = security.load_key(path if args.hmac else Path(args.directory) / "daskdl.key")
+    key = security.load_key(written[0])  # daskdl.key, or daskdl.secret
     print(f"key id {key.key_id} ({kind})", file=sys.stderr)
     return 0
 
@@ -412,8 +413,6 @@ def _verify_parser(sub) -> None:
 
 
 def verify(args) -> int:
-    import warnings
-
     from daskdl import checkpoint, security
 
     key = security.verify_key(args.key)
@@ -422,21 +421,13 @@ def verify(args) -> int:
             "no key to verify with: pass --key FILE (the daskdl.pub of `daskdl keygen`, or "
             "an HMAC secret file), or set DASKDL_VERIFY_KEY_FILE or DASKDL_SIGNING_KEY."
         )
-    root = Path(args.path)
-    if (root / checkpoint.MANIFEST).exists():
-        paths = [root]
-    else:
-        paths = checkpoint.list_checkpoints(root / "checkpoints") or checkpoint.list_checkpoints(
-            root
-        )
+    paths = checkpoint.checkpoints_at(args.path)
     if not paths:
-        raise FileNotFoundError(f"no checkpoint at {root} (nor epoch-NNNN folders under it).")
+        raise FileNotFoundError(f"no checkpoint at {args.path} (nor epoch-NNNN folders under it).")
     refused = 0
     for path in paths:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", checkpoint.UnverifiedCheckpointWarning)
-                checkpoint.load(path, key)
+            checkpoint.load(path, key)  # with a key it refuses, never warns
             print(f"verified  {path}  ({key.algorithm} key {key.key_id})")
         except checkpoint.CheckpointError as e:
             refused += 1
