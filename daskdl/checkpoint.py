@@ -185,16 +185,24 @@ def _read(path: Path, name: str, missing: str) -> bytes:
 
 
 def _parse_manifest(path: Path, data: bytes) -> dict:
+    return parse_document(data, path / MANIFEST, FORMAT, VERSION, "checkpoint", CheckpointError)
+
+
+def parse_document(
+    data: bytes, file: Path, fmt: str, version: int, kind: str, error: type[Exception]
+) -> dict:
+    """A daskdl JSON manifest (a checkpoint's, a saved data set's): parsed, with its format
+    tag and version checked, or ``error`` saying what is wrong with ``file``."""
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / MANIFEST} is not valid JSON ({e}).") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path / MANIFEST} is not a daskdl checkpoint manifest.")
-    if doc.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {doc.get('version')}; this daskdl reads "
-            f"version {VERSION}."
+        raise error(f"{file} is not valid JSON ({e}).") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{file} is not a daskdl {kind} manifest.")
+    if doc.get("version") != version:
+        raise error(
+            f"{file.parent} has {kind} format version {doc.get('version')}; this daskdl reads "
+            f"version {version}."
         )
     return doc
 

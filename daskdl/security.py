@@ -206,10 +206,11 @@ def keygen(directory: str | os.PathLike, kind: str = ED25519, force: bool = Fals
 def signature_document(key: Key, message: bytes) -> bytes:
     """The signature file's bytes: canonical JSON, so that any change to it is detectable."""
     doc = {"algorithm": key.algorithm, "key_id": key.key_id, "signature": key.sign(message).hex()}
-    return _canonical(doc)
+    return canonical_json(doc)
 
 
-def _canonical(doc: dict) -> bytes:
+def canonical_json(doc: dict) -> bytes:
+    """One byte string per document (sorted keys, no spaces): what is signed or authenticated."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
@@ -221,7 +222,7 @@ def check_signature(key: Key, message: bytes, document: bytes, what: str) -> Non
     """
     try:
         doc = json.loads(document)
-        canonical = isinstance(doc, dict) and _canonical(doc) == document
+        canonical = isinstance(doc, dict) and canonical_json(doc) == document
         raw = bytes.fromhex(doc["signature"]) if canonical else b""
         canonical = canonical and raw.hex() == doc["signature"]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError):

@@ -30,6 +30,7 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 from daskdl import security
+from daskdl.checkpoint import parse_document
 
 FORMAT = "daskdl-dataset"
 VERSION = 1
@@ -49,10 +50,6 @@ def _warn_if_sent_in_clear(what: str) -> None:
     except (ImportError, ValueError):  # no distributed client: the key stays in this process
         return
     security.warn_if_sent_in_clear(client, what)
-
-
-def _canonical(doc: dict) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _context(dataset_id: str, index: int, rows: int) -> bytes:
@@ -141,7 +138,8 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             "encryption": encryption,
         }
         if data_key is not None:
-            doc["encryption"]["check"] = data_key.encrypt(CHECK_PLAINTEXT, _canonical(doc)).hex()
+            check = data_key.encrypt(CHECK_PLAINTEXT, security.canonical_json(doc))
+            doc["encryption"]["check"] = check.hex()
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
             f.flush()
@@ -170,17 +168,7 @@ def load(path: str | os.PathLike, key=None):
         raise DatasetFileError(
             f"{root} is not a saved data set: it has no {META} (Dataset.save writes one)."
         ) from None
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetFileError(f"{root / META} is not valid JSON ({e}).") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise DatasetFileError(f"{root / META} does not describe a daskdl data set.")
-    if doc.get("version") != VERSION:
-        raise DatasetFileError(
-            f"{root} has data set format version {doc.get('version')}; this daskdl reads "
-            f"version {VERSION}."
-        )
+    doc = parse_document(raw, root / META, FORMAT, VERSION, "data set", DatasetFileError)
     encryption = doc.get("encryption")
     data_key = None
     if encryption is not None:
@@ -191,7 +179,9 @@ def load(path: str | os.PathLike, key=None):
         unchecked = {**doc, "encryption": {k: v for k, v in encryption.items() if k != "check"}}
         try:
             check = data_key.decrypt(
-                bytes.fromhex(encryption["check"]), _canonical(unchecked), str(root / META)
+                bytes.fromhex(encryption["check"]),
+                security.canonical_json(unchecked),
+                str(root / META),
             )
             opened = check == CHECK_PLAINTEXT
         except (ValueError, KeyError, TypeError):  # DecryptionError is a ValueError
