@@ -37,6 +37,15 @@ def fresh_client():
         yield c
 
 
+@pytest.fixture
+def no_signing_keys(monkeypatch):
+    """No signing or verify key from the environment (see daskdl.security)."""
+    from daskdl import security
+
+    for name in (security.ENV_SECRET, security.ENV_KEY_FILE, security.ENV_VERIFY_FILE):
+        monkeypatch.delenv(name, raising=False)
+
+
 # Dask's threads log while the session cluster shuts down, after pytest has closed its capture
 # streams; without this every such line prints a "Logging error" traceback.
 logging.raiseExceptions = False

@@ -25,10 +25,8 @@ DASKDL = [sys.executable, "-m", "daskdl.cli"]
 DASK = [sys.executable, "-m", "dask"]
 
 
-@pytest.fixture(autouse=True)
-def _no_keys_from_the_environment(monkeypatch):
-    for name in (security.ENV_SECRET, security.ENV_KEY_FILE, security.ENV_VERIFY_FILE):
-        monkeypatch.delenv(name, raising=False)
+# Keys set in the developer's or CI's environment would change what these tests see.
+pytestmark = pytest.mark.usefixtures("no_signing_keys")
 
 
 def _areas(report, severity):

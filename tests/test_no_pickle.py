@@ -58,8 +58,7 @@ def _partitions(path, key=None):
     ]
 
 
-def test_checkpoint_dataset_and_config_loads_never_unpickle(client, tmp_path, monkeypatch):
-    monkeypatch.delenv(security.ENV_SECRET, raising=False)
+def test_checkpoint_dataset_and_config_loads_never_unpickle(client, tmp_path, no_signing_keys):
     key_file, pub_file = security.keygen(tmp_path / "keys")
     train, test = daskdl.datasets.train_test("digits")
     out = tmp_path / "run"

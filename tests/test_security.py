@@ -20,10 +20,8 @@ from daskdl.checkpoint import CheckpointSignatureError
 DASKDL = [sys.executable, "-m", "daskdl.cli"]
 
 
-@pytest.fixture(autouse=True)
-def _no_keys_from_the_environment(monkeypatch):
-    for name in (security.ENV_SECRET, security.ENV_KEY_FILE, security.ENV_VERIFY_FILE):
-        monkeypatch.delenv(name, raising=False)
+# Keys set in the developer's or CI's environment would change what these tests see.
+pytestmark = pytest.mark.usefixtures("no_signing_keys")
 
 
 @pytest.fixture(params=[security.ED25519, security.HMAC])
