@@ -23,6 +23,8 @@ def _allreduce(
     group = comm.DaskGroup(
         get_worker(), run_id, rank, peers, timeout, piece_bytes, direct_bytes=direct_bytes
     )
+    if algorithm == "pieces":
+        group.block = 97  # pieces are added to and rounded in blocks: uneven ones too
     try:
         out = []
         for k in range(rounds):
@@ -112,3 +114,32 @@ def test_abort_wakes_a_waiting_rank(three):
     three.run(comm.abort, run_id, "cancelled by test", workers=[peers[0]])
     with pytest.raises(comm.CollectiveAborted, match="cancelled by test"):
         future.result(timeout=20)
+
+
+def _send_then_overwrite(run_id, rank, peers, n):
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=30)
+    try:
+        if rank == 1:
+            # The receiver's event loop stalls for a while, as a busy peer's would: the
+            # sender's socket fills up long before the message has left.
+            get_worker().loop.add_callback(time.sleep, 1.5)
+            return bool((group._recv(0, "m") == 1).all())
+        time.sleep(0.5)
+        data = np.ones(n, dtype=np.uint8)
+        group._wait_sent(group._send(1, "m", data), 1)
+        data[:] = 0  # a sent buffer is the sender's again
+        return True
+    finally:
+        group.close()
+
+
+def test_a_sent_buffer_can_be_changed_at_once(three):
+    # Dask's Comm.write returns once a message is queued; daskdl's send is done only when the
+    # socket has taken every byte, so the ring may write into a piece it has just sent.
+    peers = sorted(three.scheduler_info()["workers"])[:2]
+    run_id = uuid.uuid4().hex
+    futures = [
+        three.submit(_send_then_overwrite, run_id, r, peers, 64 * 2**20, workers=[w], pure=False)
+        for r, w in enumerate(peers)
+    ]
+    assert three.gather(futures) == [True, True]
