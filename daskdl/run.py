@@ -539,6 +539,7 @@ class _Launch:
                 history=history,
                 log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
                 keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
+                pause_profiler=dask.config.get("daskdl.pause-dask-profiler"),
                 comm_id=self.comm_id,
                 start_step=start_step,
                 elastic=self.elastic,

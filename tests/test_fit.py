@@ -181,6 +181,25 @@ def test_events_and_nonblocking_stop(client):
     assert [e["epoch"] for e in log if e["kind"] == "epoch"] == list(run.history["epoch"])
 
 
+def _profiler_running(dask_worker) -> bool:
+    return dask_worker.periodic_callbacks["profile"].is_running()
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_dask_profiler_is_paused_while_ranks_train(client, pause):
+    X, y = blobs(n=2000)
+    ds = Dataset.from_numpy(X, y, chunks=500)
+    with dask.config.set({"daskdl.pause-dask-profiler": pause}):
+        run = daskdl.fit(client, "mlp", ds, epochs=200, batch_size=8, progress=False, block=False)
+    try:
+        poll_for(lambda: len(run.history) >= 1, timeout=60)
+        assert set(client.run(_profiler_running).values()) == {not pause}
+    finally:
+        run.stop()
+    # Running again once the ranks are gone.
+    poll_for(lambda: all(client.run(_profiler_running).values()))
+
+
 @pytest.mark.parametrize(
     "averaging", [{}, {"sync_every": 3, "outer_optimizer": "nesterov"}], ids=["grads", "diloco"]
 )
