@@ -7,13 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ -d .whl ] && ! "$PYTHON" -c "import distributed, dask_cuda" 2>/dev/null; then
+has_cuda=0
+"$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" && has_cuda=1
+# The wheels are for the GPU machine's interpreter: a CPU machine runs the fallback with its own.
+if [ "$has_cuda" = 1 ] && [ -d .whl ] && ! "$PYTHON" -c "import distributed, dask_cuda" 2>/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$has_cuda" = 1 ]; then
   "$PYTHON" -c "import torch; print('CUDA:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
   # Only the files that hold gpu tests: the others import the dashboard's and notebooks' test
   # dependencies, which a bare GPU machine lacks. A failing test still lets the benchmark run.
