@@ -95,6 +95,40 @@ def test_bf16_on_the_wire(three, ranks, algorithm):
             np.testing.assert_array_equal(results[r][k], results[0][k])
 
 
+def test_five_ranks_pipeline_through_every_hop():
+    # Five ranks pass pieces on through three intermediate reduce-scatter hops and three
+    # all-gather hops, each piece forwarded as soon as it arrives (6 to 8 pieces a chunk).
+    with daskdl.local_cluster(n_workers=5, threads_per_worker=1) as client:
+        comm.ensure_plugin(client)
+        peers = sorted(client.scheduler_info()["workers"])
+        results = {}
+        for wire, dtype, n in [("fp32", np.float64, 10_001), ("bf16", np.float32, 50_003)]:
+            run_id = uuid.uuid4().hex
+            futures = [
+                client.submit(
+                    _allreduce,
+                    run_id,
+                    r,
+                    peers,
+                    n,
+                    20,
+                    wire=wire,
+                    dtype=dtype,
+                    algorithm="pieces",
+                    workers=[w],
+                    pure=False,
+                )
+                for r, w in enumerate(peers)
+            ]
+            results[wire] = client.gather(futures)
+    for wire, n, tol in [("fp32", 10_001, 1e-12), ("bf16", 50_003, 5e-2)]:
+        for k in range(3):
+            expected = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(5))
+            np.testing.assert_allclose(results[wire][0][k], expected, rtol=tol, atol=tol)
+            for r in range(1, 5):
+                np.testing.assert_array_equal(results[wire][r][k], results[wire][0][k])
+
+
 def test_a_missing_peer_times_out(three):
     peers = sorted(three.scheduler_info()["workers"])[:2]
     run_id = uuid.uuid4().hex
