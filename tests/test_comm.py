@@ -42,57 +42,45 @@ def three():
         yield c
 
 
+def _run_allreduce(client, peers, n, **options) -> list:
+    """Every rank's results of :func:`_allreduce`, one rank on each worker of ``peers``."""
+    run_id = uuid.uuid4().hex
+    futures = [
+        client.submit(_allreduce, run_id, r, peers, n, 20, workers=[w], pure=False, **options)
+        for r, w in enumerate(peers)
+    ]
+    return client.gather(futures)
+
+
+def _assert_sums(results, n, tol):
+    """Every rank's sums match numpy's within ``tol`` and are bit-identical to every other
+    rank's, so replicas never drift apart."""
+    for k in range(len(results[0])):
+        expected = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(len(results)))
+        for rank_results in results:
+            np.testing.assert_allclose(rank_results[k], expected, rtol=tol, atol=tol)
+        for rank_results in results[1:]:
+            np.testing.assert_array_equal(rank_results[k], results[0][k])
+
+
 @pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
 def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
     peers = sorted(three.scheduler_info()["workers"])[:ranks]
-    run_id = uuid.uuid4().hex
-    futures = [
-        three.submit(
-            _allreduce, run_id, r, peers, n, 20, algorithm=algorithm, workers=[w], pure=False
-        )
-        for r, w in enumerate(peers)
-    ]
-    results = three.gather(futures)
-    for k in range(3):
-        expected = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(ranks))
-        for r in range(ranks):
-            np.testing.assert_allclose(results[r][k], expected, rtol=1e-12, atol=1e-12)
-        # Every rank holds bit-identical sums, so replicas never drift apart.
-        for r in range(1, ranks):
-            np.testing.assert_array_equal(results[r][k], results[0][k])
+    _assert_sums(_run_allreduce(three, peers, n, algorithm=algorithm), n, 1e-12)
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_bf16_on_the_wire(three, ranks, algorithm):
     peers = sorted(three.scheduler_info()["workers"])[:ranks]
-    run_id = uuid.uuid4().hex
-    futures = [
-        three.submit(
-            _allreduce,
-            run_id,
-            r,
-            peers,
-            10_001,
-            20,
-            wire="bf16",
-            dtype=np.float32,
-            algorithm=algorithm,
-            workers=[w],
-            pure=False,
-        )
-        for r, w in enumerate(peers)
-    ]
-    results = three.gather(futures)
-    for k in range(3):
-        expected = sum(np.random.default_rng([r, k]).normal(size=10_001) for r in range(ranks))
-        # bfloat16 keeps 8 bits of mantissa; each partial sum is rounded once per hop.
-        np.testing.assert_allclose(results[0][k], expected, rtol=2e-2, atol=2e-2)
-        assert results[0][k].dtype == np.float32
-        for r in range(1, ranks):
-            np.testing.assert_array_equal(results[r][k], results[0][k])
+    results = _run_allreduce(
+        three, peers, 10_001, wire="bf16", dtype=np.float32, algorithm=algorithm
+    )
+    # bfloat16 keeps 8 bits of mantissa; each partial sum is rounded once per hop.
+    _assert_sums(results, 10_001, 2e-2)
+    assert all(rounds.dtype == np.float32 for rounds in results[0])
 
 
 def test_five_ranks_pipeline_through_every_hop():
@@ -101,32 +89,12 @@ def test_five_ranks_pipeline_through_every_hop():
     with daskdl.local_cluster(n_workers=5, threads_per_worker=1) as client:
         comm.ensure_plugin(client)
         peers = sorted(client.scheduler_info()["workers"])
-        results = {}
-        for wire, dtype, n in [("fp32", np.float64, 10_001), ("bf16", np.float32, 50_003)]:
-            run_id = uuid.uuid4().hex
-            futures = [
-                client.submit(
-                    _allreduce,
-                    run_id,
-                    r,
-                    peers,
-                    n,
-                    20,
-                    wire=wire,
-                    dtype=dtype,
-                    algorithm="pieces",
-                    workers=[w],
-                    pure=False,
-                )
-                for r, w in enumerate(peers)
-            ]
-            results[wire] = client.gather(futures)
-    for wire, n, tol in [("fp32", 10_001, 1e-12), ("bf16", 50_003, 5e-2)]:
-        for k in range(3):
-            expected = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(5))
-            np.testing.assert_allclose(results[wire][0][k], expected, rtol=tol, atol=tol)
-            for r in range(1, 5):
-                np.testing.assert_array_equal(results[wire][r][k], results[wire][0][k])
+        exact = _run_allreduce(client, peers, 10_001, algorithm="pieces")
+        bf16 = _run_allreduce(
+            client, peers, 50_003, wire="bf16", dtype=np.float32, algorithm="pieces"
+        )
+    _assert_sums(exact, 10_001, 1e-12)
+    _assert_sums(bf16, 50_003, 5e-2)
 
 
 def test_a_missing_peer_times_out(three):
@@ -194,15 +162,5 @@ def test_allreduce_over_websocket_comms():
     ):
         comm.ensure_plugin(client)
         peers = sorted(client.scheduler_info()["workers"])
-        run_id = uuid.uuid4().hex
-        futures = [
-            client.submit(
-                _allreduce, run_id, r, peers, 1001, 20, algorithm="pieces", workers=[w], pure=False
-            )
-            for r, w in enumerate(peers)
-        ]
-        results = client.gather(futures)
-    for k in range(3):
-        expected = sum(np.random.default_rng([r, k]).normal(size=1001) for r in range(2))
-        np.testing.assert_allclose(results[0][k], expected, rtol=1e-12, atol=1e-12)
-        np.testing.assert_array_equal(results[1][k], results[0][k])
+        results = _run_allreduce(client, peers, 1001, algorithm="pieces")
+    _assert_sums(results, 1001, 1e-12)
