@@ -15,7 +15,6 @@ collective at once with :func:`abort`.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 import warnings
@@ -227,9 +226,9 @@ class DaskGroup:
         self._seq = 0
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._wire_buffers: dict[int, np.ndarray] = {}
-        # 256 KiB of float32, with its two bfloat16 forms, stays in a core's L2 cache through
-        # the four passes of finishing it: 1.4 times faster than 1 MiB blocks on a 16-core
-        # Xeon, and 10% faster on two cores; smaller blocks cost more torch calls.
+        # float32 sums are added then divided block by block: 256 KiB, and as much received,
+        # stay in a core's L2 cache between the two passes; smaller blocks cost more torch
+        # calls. (bfloat16 sums are finished in one compiled pass: daskdl.kernels.)
         self.block = 2**16
         self._links: dict[int, _Link] = {}
 
@@ -331,6 +330,8 @@ class DaskGroup:
         p, r, tag = self.size, self.rank, self._seq
         right, left = (r + 1) % p, (r - 1) % p
         bf16 = wire == "bf16"
+        if bf16:
+            from daskdl import kernels  # numba: imported, and compiled, on first use
         chunks = np.array_split(buf, p)
         # The same cut on every rank: it depends only on the buffer's size.
         pieces = [self._cut(chunk, wire) for chunk in chunks]
@@ -363,25 +364,14 @@ class DaskGroup:
             last = s == p - 2
             for k, piece in enumerate(pieces[c]):
                 incoming = recv(f"rs{s}", k)
-                added = _bf16(incoming) if bf16 else torch.from_numpy(incoming)
-                wire_form = _bf16(wired[c][k]) if bf16 else None
-                # Block by block, so that every pass over a block finds it in the CPU's cache;
-                # views made in one call (split), as each torch call costs microseconds.
-                blocks = zip(
-                    torch.from_numpy(piece).split(self.block),
-                    added.split(self.block),
-                    wire_form.split(self.block) if bf16 else itertools.repeat(None),
-                )
-                for block, other, wire_block in blocks:
-                    block.add_(other)  # a bfloat16 ``other`` is widened exactly on the way
-                    if last and divide_by != 1:
-                        block.div_(divide_by)  # once, on the finished piece
-                    if bf16:
-                        wire_block.copy_(block)
-                        if last:
-                            # Round the finished piece as its copies on the wire will be, so
-                            # that every rank ends with the same values.
-                            block.copy_(wire_block)
+                if bf16:
+                    wire_piece, incoming = wired[c][k].view(np.uint16), incoming.view(np.uint16)
+                    if last:
+                        kernels.add_divide_round(piece, incoming, wire_piece, divide_by)
+                    else:
+                        kernels.add_round(piece, incoming, wire_piece)
+                else:
+                    self._add(piece, incoming, divide_by if last else 1)
                 send("ag0" if last else f"rs{s + 1}", c, k, wired[c][k])
         # All-gather: finished pieces travel on around the ring, forwarded as they arrive.
         for s in range(p - 1):
@@ -399,6 +389,15 @@ class DaskGroup:
         for fut in sent:
             self._wait_sent(fut, right)
         return buf
+
+    def _add(self, piece: np.ndarray, incoming: np.ndarray, divide_by: int) -> None:
+        # Block by block, so that dividing finds each block still in the CPU's cache; views
+        # made in one call (split), as each torch call costs microseconds.
+        added = torch.from_numpy(incoming).split(self.block)
+        for block, other in zip(torch.from_numpy(piece).split(self.block), added):
+            block.add_(other)
+            if divide_by != 1:
+                block.div_(divide_by)  # once, on the finished piece
 
     def _cut(self, data: np.ndarray, wire: str) -> list[np.ndarray]:
         """``data`` (a chunk, or its wire form) in pieces of about ``piece_bytes`` on the wire.

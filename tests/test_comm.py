@@ -24,7 +24,7 @@ def _allreduce(
         get_worker(), run_id, rank, peers, timeout, piece_bytes, direct_bytes=direct_bytes
     )
     if algorithm == "pieces":
-        group.block = 97  # pieces are added to and rounded in blocks: uneven ones too
+        group.block = 97  # float32 pieces are added and divided in blocks: uneven ones too
     try:
         out = []
         for k in range(rounds):
