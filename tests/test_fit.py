@@ -604,3 +604,22 @@ def test_a_worker_that_joins_gets_a_rank_at_the_next_epoch(fresh_client):
     assert change["step_in_epoch"] == 0  # at an epoch boundary
     assert list(run.history["epoch"]) == list(range(1, 11))
     assert run.history["val_accuracy"].iloc[-1] >= 0.95
+
+
+def _housekeeping_intervals(dask_worker=None, dask_scheduler=None) -> tuple[float, float]:
+    """A Dask server's event-loop tick and system monitor intervals, in ms."""
+    dask_server = dask_worker or dask_scheduler
+    return (
+        dask_server.periodic_callbacks["tick"].callback_time,
+        dask_server.periodic_callbacks["monitor"].callback_time,
+    )
+
+
+@pytest.mark.parametrize("quiet, expected", [(True, (200, 2000)), (False, (20, 500))])
+def test_local_cluster_quiets_dask_housekeeping(quiet, expected):
+    with dask.config.set({"daskdl.quiet-housekeeping": quiet}):
+        with daskdl.local_cluster(n_workers=1, threads_per_worker=1) as c:
+            on_workers = c.run(_housekeeping_intervals)
+            on_scheduler = c.run_on_scheduler(_housekeeping_intervals)
+    assert list(on_workers.values()) == [expected]
+    assert on_scheduler == expected
