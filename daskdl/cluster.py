@@ -88,12 +88,12 @@ def local_cluster(
                 gpus, threads_per_worker, memory_limit, dashboard_address, **kwargs
             )
         return _cpu_cluster(
-            n_workers, threads_per_worker, memory_limit, dashboard_address, security, **kwargs
+            n_workers, threads_per_worker, memory_limit, dashboard_address, **kwargs
         )
 
 
 def _cpu_cluster(
-    n_workers, threads_per_worker, memory_limit, dashboard_address, security, **kwargs
+    n_workers, threads_per_worker, memory_limit, dashboard_address, **kwargs
 ) -> Client:
     cores = os.cpu_count() or 1
     n_workers = n_workers or min(cores, 4)
@@ -109,8 +109,8 @@ def _cpu_cluster(
         memory_limit=memory_limit,
         **kwargs,
     )
-    if security is not None:
-        return _OwningClient(LocalCluster(**options), security=security)
+    if "security" in kwargs:
+        return _OwningClient(LocalCluster(**options), security=kwargs["security"])
     # The client starts the LocalCluster itself, so closing the client shuts the cluster down.
     return Client(**options)
 
