@@ -36,12 +36,13 @@ WIRE_DTYPES = ("fp32", "bf16")
 def _to_wire(piece: np.ndarray, wire: str) -> np.ndarray:
     if wire == "fp32":
         return piece
-    # numpy has no bfloat16: torch converts, and the bits travel as int16.
-    return torch.from_numpy(piece).to(torch.bfloat16).view(torch.int16).numpy()
+    # numpy has no bfloat16: torch converts, and the bits travel as uint16 (as daskdl.kernels
+    # reads them).
+    return torch.from_numpy(piece).to(torch.bfloat16).view(torch.uint16).numpy()
 
 
 def _bf16(bits: np.ndarray) -> torch.Tensor:
-    """The bfloat16 tensor whose bits ``bits`` (int16) holds, sharing its memory.
+    """The bfloat16 tensor whose bits ``bits`` (uint16) holds, sharing its memory.
 
     A received message is read-only; torch only reads it here (it is the source of a copy or
     an add), so it is viewed in place rather than copied, and torch's warning about
@@ -365,11 +366,10 @@ class DaskGroup:
             for k, piece in enumerate(pieces[c]):
                 incoming = recv(f"rs{s}", k)
                 if bf16:
-                    wire_piece, incoming = wired[c][k].view(np.uint16), incoming.view(np.uint16)
                     if last:
-                        kernels.add_divide_round(piece, incoming, wire_piece, divide_by)
+                        kernels.add_divide_round(piece, incoming, wired[c][k], divide_by)
                     else:
-                        kernels.add_round(piece, incoming, wire_piece)
+                        kernels.add_round(piece, incoming, wired[c][k])
                 else:
                     self._add(piece, incoming, divide_by if last else 1)
                 send("ag0" if last else f"rs{s + 1}", c, k, wired[c][k])
@@ -410,7 +410,7 @@ class DaskGroup:
     def _scratch(self, n: int) -> np.ndarray:
         # One per buffer size: gradient buckets of different sizes each keep theirs.
         if n not in self._wire_buffers:
-            self._wire_buffers[n] = np.empty(n, dtype=np.int16)
+            self._wire_buffers[n] = np.empty(n, dtype=np.uint16)
         return self._wire_buffers[n]
 
     def _pinned_like(self, tensor: torch.Tensor) -> torch.Tensor:
