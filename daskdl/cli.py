@@ -231,7 +231,7 @@ def train(args) -> int:
 BENCHMARKS = {
     "overhead": ["--n", "1024", "--epochs", "2"],
     "allreduce": ["--size", "2000000", "--iters", "10", "--warmup", "2"],
-    "scaling": ["--n", "1024", "--epochs", "2"],
+    "scaling": ["--n", "1024", "--epochs", "2", "--rounds", "2"],
     "dataload": ["--n", "4096", "--epochs", "3"],
     "ddp": ["--n", "1024", "--epochs", "2"],
     "words": ["--mb", "40", "--files", "4"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import threading
@@ -202,6 +203,12 @@ def resolve_device(name: str) -> torch.device:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # find_library runs `ldconfig -p` in a subprocess: once per process, not once per rank.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 @contextmanager
 def torch_friendly_malloc(
     mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20, force: bool = False
@@ -219,7 +226,7 @@ def torch_friendly_malloc(
     dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "131072" if force else None)
     if dask_trim is not None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = _libc()
             libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
             libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
         except (OSError, AttributeError):
