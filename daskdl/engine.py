@@ -200,7 +200,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+# glibc grows the arena of a thread other than the main one in heaps of at most this size
+# (2 * DEFAULT_MMAP_THRESHOLD_MAX on 64-bit); a top pad this large keeps an emptied heap.
+THREAD_HEAP_BYTES = 64 * 2**20
+
+# Ranks of this process inside torch_friendly_malloc (concurrent runs share the settings).
+_malloc_users = 0
+_malloc_lock = threading.Lock()
 
 
 @functools.cache
@@ -211,33 +218,58 @@ def _libc() -> ctypes.CDLL:
 
 @contextmanager
 def torch_friendly_malloc(
-    mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20, force: bool = False
+    mmap_threshold: int = 32 * 2**20,
+    trim_threshold: int = 256 * 2**20,
+    top_pad: int = THREAD_HEAP_BYTES,
+    force: bool = False,
 ):
     """Let glibc reuse tensor-sized allocations while a rank runs, instead of asking the OS.
 
     Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand memory back to the
-    OS; as a side effect glibc's mmap threshold is pinned at 128 KiB, so every activation,
-    gradient and received message becomes a fresh ``mmap`` plus page faults. That cost a small
-    CNN about a third of its throughput on a worker (benchmarks/overhead.py) and the all-reduce
-    a fifth of its speed. The worker's settings come back, and free memory is returned to the
-    OS, when the rank ends. ``force`` applies the settings outside a Dask worker too.
+    OS. In glibc that fixes its allocation thresholds at their small defaults, and two things
+    then made every step's tensors fresh memory from the OS, page-faulted in 4 KiB at a time:
+
+    - the mmap threshold stays at 128 KiB, so every activation, gradient and received message
+      was a fresh ``mmap``: a small CNN lost about a third of its throughput on a worker, the
+      all-reduce a fifth of its speed;
+    - a rank trains in a worker thread, and glibc serves threads other than the main one from
+      heaps that it unmaps as soon as they are empty, unless the top pad covers a whole heap:
+      a small CNN's step emptied one every step (3,000-12,000 page faults a step; 10-15% of
+      its throughput). glibc's adaptive thresholds (no ``MALLOC_*`` settings) do the same.
+
+    Applied where Dask's setting is in the environment, or with ``force`` (which also covers a
+    process without it, then restored to glibc's fixed defaults). The process's settings come
+    back, and free memory goes back to the OS, when the last rank of the process ends.
     """
-    libc = None
+    global _malloc_users
     dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "131072" if force else None)
-    if dask_trim is not None:
-        try:
-            libc = _libc()
-            libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-            libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
-        except (OSError, AttributeError):
-            libc = None  # not glibc: nothing to tune
+    if dask_trim is None:
+        yield  # setting any one of them would end glibc's adaptive thresholds for good
+        return
+    with _malloc_lock:
+        _malloc_users += 1
+        if _malloc_users == 1:
+            _set_malloc(mmap_threshold, trim_threshold, top_pad)
     try:
         yield
     finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-            libc.mallopt(M_TRIM_THRESHOLD, int(dask_trim))
+        with _malloc_lock:
+            _malloc_users -= 1
+            if _malloc_users == 0:
+                default_pad = int(os.environ.get("MALLOC_TOP_PAD_", 128 * 1024))
+                _set_malloc(128 * 1024, int(dask_trim), default_pad, trim=True)
+
+
+def _set_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int, trim=False) -> None:
+    try:
+        libc = _libc()
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+        libc.mallopt(M_TOP_PAD, top_pad)
+        if trim:
             libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 @contextmanager
