@@ -235,16 +235,18 @@ def torch_friendly_malloc(
     - a rank trains in a worker thread, and glibc serves threads other than the main one from
       heaps that it unmaps as soon as they are empty, unless the top pad covers a whole heap:
       a small CNN's step emptied one every step (3,000-12,000 page faults a step; 10-15% of
-      its throughput). glibc's adaptive thresholds (no ``MALLOC_*`` settings) do the same.
+      its throughput).
 
-    Applied where Dask's setting is in the environment, or with ``force`` (which also covers a
-    process without it, then restored to glibc's fixed defaults). The process's settings come
-    back, and free memory goes back to the OS, when the last rank of the process ends.
+    Applied where Dask's setting is in the environment (a nanny's worker), or with ``force``.
+    Elsewhere glibc's adaptive thresholds are left alone: setting any one parameter ends them
+    for the whole process (though they, too, unmap a thread's emptied heaps). The previous
+    settings (with ``force`` alone, glibc's fixed defaults) come back, and free memory goes
+    back to the OS, when the last rank of the process ends.
     """
     global _malloc_users
     dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "131072" if force else None)
     if dask_trim is None:
-        yield  # setting any one of them would end glibc's adaptive thresholds for good
+        yield
         return
     with _malloc_lock:
         _malloc_users += 1
