@@ -69,32 +69,31 @@ def main():
         parser.error("--epochs must be at least 2 (the first is warm-up) and --rounds at least 1")
     data = synthetic(args.n)
     X, y = data.compute()
-    trainers = [PLAIN, *(f"daskdl, sync_every={sync_every}" for sync_every in TARGETS)]
+    # name -> sync_every (None: the plain processes)
+    trainers = {PLAIN: None, **{f"daskdl, sync_every={h}": h for h in TARGETS}}
     rates = {(name, ranks): [] for name in trainers for ranks in (1, 2)}
     ratios = {name: [] for name in trainers}
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
         data = data.persist(client)
 
-        def throughput(name, ranks):
-            if name == PLAIN:
+        def throughput(sync_every, ranks):
+            if sync_every is None:
                 return plain_processes(X, y, args.epochs, ranks)
-            sync_every = int(name.rsplit("=", 1)[1])
             return fit_throughput(
                 client, data, args.epochs, BATCH, sync_every=sync_every, workers=ranks
             )
 
         for round_ in range(args.rounds):
-            for name in trainers:
+            for name, sync_every in trainers.items():
                 rate = {}
                 for ranks in (1, 2) if round_ % 2 == 0 else (2, 1):
-                    rate[ranks] = statistics.median(throughput(name, ranks))
+                    rate[ranks] = statistics.median(throughput(sync_every, ranks))
                     rates[name, ranks].append(rate[ranks])
                 ratios[name].append(rate[2] / rate[1])
     rows = []
-    for name in trainers:
+    for name, sync_every in trainers.items():
         paired = ratios[name]
         of_ceiling = [r / c for r, c in zip(paired, ratios[PLAIN])]
-        target = TARGETS[int(name.rsplit("=", 1)[1])] if name != PLAIN else ""
         rows.append(
             [
                 name,
@@ -102,7 +101,7 @@ def main():
                 statistics.median(rates[name, 2]),
                 statistics.median(paired),
                 f"{min(paired):.3f}-{max(paired):.3f}",
-                target,
+                TARGETS.get(sync_every, ""),
                 statistics.median(of_ceiling),
             ]
         )
