@@ -8,7 +8,7 @@ import torch
 
 from daskdl.config import TrainConfig
 from daskdl.engine import lr_at
-from daskdl.loader import epoch_order
+from daskdl.loader import ShardLoader, epoch_order
 from daskdl.preprocess import augment_images
 
 
@@ -20,6 +20,26 @@ def test_epoch_order_is_seeded_reshuffled_and_wraps():
     assert not np.array_equal(a, epoch_order(10, 3, 4, 0, 1, 0, True))  # a new epoch
     assert not np.array_equal(a, epoch_order(10, 3, 4, 0, 0, 1, True))  # another rank
     np.testing.assert_array_equal(epoch_order(5, 2, 4, 0, 0, 0, False), [0, 1, 2, 3, 4, 0, 1, 2])
+
+
+def test_shard_loader_batches_are_the_rows_of_the_epoch_order():
+    X = np.arange(10 * 2 * 3, dtype=np.float64).reshape(10, 2, 3)  # float32 on the way out
+    y = np.arange(10, dtype=np.int32) * 7
+    loader = ShardLoader([X[:4], X[4:]], [y[:4], y[4:]], batch_size=4, steps=3, seed=5, rank=1)
+    order = epoch_order(10, 3, 4, seed=5, epoch=2, rank=1, shuffle=True)
+    batches = list(loader.epoch(2))
+    assert len(batches) == 3
+    for s, (xb, yb) in enumerate(batches):
+        rows = order[s * 4 : (s + 1) * 4]
+        assert (xb.dtype, yb.dtype, xb.is_contiguous()) == (torch.float32, torch.int64, True)
+        np.testing.assert_array_equal(xb.numpy(), X[rows].astype(np.float32))
+        np.testing.assert_array_equal(yb.numpy(), y[rows])
+    # A regrouped run picks the epoch up part-way: the same batches from there on.
+    for (xa, ya), (xb, yb) in zip(batches[1:], loader.epoch(2, start=1), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # Batches are copies: changing one leaves the shard as it was.
+    batches[0][0].fill_(-1)
+    np.testing.assert_array_equal(next(iter(loader.epoch(2)))[0].numpy(), X[order[:4]])
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
