@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import daskdl
+from daskdl.engine import flush_denormals, torch_friendly_malloc
 
 
 def synthetic(n: int) -> daskdl.Dataset:
     """``n`` synthetic 3x32x32 images in 8 partitions."""
     return daskdl.datasets.synthetic_images(n, (3, 32, 32), 10, seed=0, chunks=max(1, n // 8))
+
+
+@contextmanager
+def as_a_rank():
+    """One torch thread, denormals flushed and glibc's allocator tuned, as daskdl's ranks
+    train: for the plain PyTorch processes a benchmark measures beside them."""
+    torch.set_num_threads(1)
+    with torch_friendly_malloc(force=True), flush_denormals():
+        yield
 
 
 def fit_throughput(client, data, epochs: int, batch_size: int = 64, **options) -> list[float]:

@@ -20,24 +20,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _report import report
-from _workload import fit_throughput, plain_epochs, synthetic
+from _workload import as_a_rank, fit_throughput, plain_epochs, synthetic
 
 import daskdl
 from daskdl import models
-from daskdl.engine import torch_friendly_malloc
 
 BATCH = 64
 
 
 def _ddp_rank(rank, port, X, y, epochs, out):
-    # The ceiling gets the allocator settings daskdl's ranks get (see daskdl.engine).
-    with torch_friendly_malloc(force=True):
+    # The ceiling gets the settings daskdl's ranks get (see daskdl.engine).
+    with as_a_rank():
         _ddp_loop(rank, port, X, y, epochs, out)
 
 
 def _ddp_loop(rank, port, X, y, epochs, out):
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)

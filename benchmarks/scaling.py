@@ -25,11 +25,10 @@ import statistics
 import torch
 import torch.multiprocessing as mp
 from _report import report
-from _workload import fit_throughput, plain_epochs, synthetic
+from _workload import as_a_rank, fit_throughput, plain_epochs, synthetic
 
 import daskdl
 from daskdl import models
-from daskdl.engine import torch_friendly_malloc
 
 BATCH = 64
 TARGETS = {1: 1.8, 8: 1.9}
@@ -37,10 +36,7 @@ PLAIN = "plain PyTorch, no averaging (ceiling)"
 
 
 def _plain_process(rank, nprocs, X, y, epochs, barrier, out):
-    # Set up as daskdl's ranks are (one thread, denormals flushed, glibc's allocator tuned).
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    with torch_friendly_malloc(force=True):
+    with as_a_rank():
         torch.manual_seed(0)
         model = models.small_cnn(X.shape[1:], 10)
         share = slice(rank, None, nprocs)
