@@ -65,4 +65,4 @@ def add_divide_round(acc, incoming, wire, divide_by):
     for i in range(acc.size):
         rounded = _round(_as_bits((acc[i] + _widen(incoming[i])) / d))
         wire[i] = rounded
-        acc[i] = _as_float(rounded << np.uint32(16))
+        acc[i] = _widen(rounded)
