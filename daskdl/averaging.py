@@ -182,12 +182,17 @@ class LocalSGD:
         outer: str | None = None,
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
+        defer_nonfinite: bool = False,
     ):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.opt, self.group = model, opt, group
         self.every, self.outer = every, outer
         self.bad_ranks: list[int] = []
-        self.pending_bad = None  # checked on the host every step
+        # Ranks step on their own between synchronisations, so with an optimizer that can skip
+        # a step on the device (fused, ``found_inf``) no rank needs to read its non-finite flag
+        # per step: on a GPU that read would make the host wait for every step.
+        self.defer_nonfinite = defer_nonfinite
+        self.pending_bad: torch.Tensor | None = None
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self._stop_requested = False
         if outer is not None:
@@ -199,13 +204,20 @@ class LocalSGD:
 
     def backward_done(self, stop_requested: bool, loss: torch.Tensor | None = None) -> None:
         """Note a stop request; ``bad_ranks`` is this rank if its loss or gradients are not
-        finite (ranks step on their own between synchronisations, so each decides alone)."""
+        finite (ranks step on their own between synchronisations, so each decides alone), or,
+        deferred, ``pending_bad`` is that flag left on the device."""
         self._stop_requested |= stop_requested
-        bad = ~torch.isfinite(loss) if loss is not None else torch.zeros((), dtype=torch.bool)
+        device = self.params[0].device
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        if loss is not None:
+            bad |= ~torch.isfinite(loss)
         for p in self.params:
             if p.grad is not None:
-                bad = bad | ~torch.isfinite(p.grad).all()
-        self.bad_ranks = [getattr(self.group, "rank", 0)] if bool(bad) else []
+                bad |= ~torch.isfinite(p.grad).all()
+        if self.defer_nonfinite:
+            self.pending_bad = bad
+        else:
+            self.bad_ranks = [getattr(self.group, "rank", 0)] if bool(bad) else []
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
         if (global_step + 1) % self.every and not end_of_epoch:
@@ -257,6 +269,7 @@ class LocalSGD:
 
 
 def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
+    fused = bool(opt.param_groups[0].get("fused"))
     if cfg.sync_every == 1 and cfg.outer_optimizer is None:
         return GradientAveraging(
             model,
@@ -264,9 +277,16 @@ def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
             group,
             cfg.wire_dtype,
             bucket_bytes=int(cfg.bucket_mb * 2**20),
-            defer_nonfinite=bool(opt.param_groups[0].get("fused")),
+            defer_nonfinite=fused,
         )
     # Parameters are averaged in float32: bfloat16 would round them (not just their change).
     return LocalSGD(
-        model, opt, group, cfg.sync_every, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum
+        model,
+        opt,
+        group,
+        cfg.sync_every,
+        cfg.outer_optimizer,
+        cfg.outer_lr,
+        cfg.outer_momentum,
+        defer_nonfinite=fused,
     )

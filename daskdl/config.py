@@ -39,8 +39,8 @@ class TrainConfig:
     gives each worker its own GPU first in ``CUDA_VISIBLE_DEVICES``), else on the CPU.
     ``channels_last`` (default: on for images on CUDA) and ``compile`` (``torch.compile``)
     only change speed, not results beyond float rounding. So does ``fused`` (default: on
-    CUDA): the optimizer's fused kernel, which also lets a lone rank skip a non-finite step
-    without waiting for the GPU.
+    CUDA): the optimizer's fused kernel, which also lets a lone rank, or a local SGD rank
+    between synchronisations, skip a non-finite step without waiting for the GPU.
     """
 
     epochs: int = 10

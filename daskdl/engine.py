@@ -99,8 +99,9 @@ def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
     """SGD or AdamW. ``fused`` updates all parameters in one kernel, and skips a non-finite
-    step on the device (``found_inf``), which lets a single rank on a GPU run without
-    waiting for it every step (see ``train_step``)."""
+    step on the device (``found_inf``), which lets a rank that decides alone (a single
+    rank, or local SGD between synchronisations) run on a GPU without waiting for it every
+    step (see ``train_step``)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None

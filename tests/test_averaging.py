@@ -155,3 +155,34 @@ def test_buckets_start_reducing_during_backward():
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g)
     assert sync.step_done(0, end_of_epoch=False) is False
+
+
+def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_device(monkeypatch):
+    class OneRank:
+        size, rank = 1, 0
+
+        def allreduce_mean_(self, array):
+            return array
+
+    torch.manual_seed(0)
+    model = models.mlp((6,), 3)
+    cfg = TrainConfig(lr=0.1, momentum=0.9, sync_every=4)
+    opt = daskdl.engine.make_optimizer(model, cfg, fused=True)
+    daskdl.engine.prepare_optimizer(opt, fused=True)
+    sync = averaging.make(model, opt, OneRank(), cfg)
+    assert isinstance(sync, averaging.LocalSGD) and sync.defer_nonfinite
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    xb, yb = torch.full((8, 6), float("nan")), torch.zeros(8, dtype=torch.int64)
+
+    def host_read(*_):
+        raise AssertionError("the non-finite flag was read on the host")
+
+    # On a GPU, any of these would make the host wait for the step.
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    daskdl.engine.train_step(model, opt, xb, yb, sync, torch.autocast("cpu", enabled=False), False)
+    monkeypatch.undo()
+
+    assert sync.bad_ranks == [] and bool(sync.pending_bad)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # the fused step skipped it

@@ -120,8 +120,10 @@ def _cubed_mlp(input_shape, n_classes):
 
 
 @pytest.mark.gpu
-def test_one_rank_on_cuda_skips_a_nonfinite_step_without_waiting_each_step():
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_one_rank_on_cuda_skips_a_nonfinite_step_without_waiting_each_step(sync_every):
     # A fused optimizer on CUDA (the default there) skips on the device; flags read at logs.
+    # sync_every=4: local SGD, whose ranks decide alone between synchronisations.
     X = np.random.default_rng(0).uniform(-1, 1, size=(200, 8)).astype(np.float32)
     X[130, 0] = 1e20  # batch 14 of 20
     data = daskdl.Dataset.from_numpy(X, np.arange(200) % 3, chunks=100)
@@ -134,6 +136,7 @@ def test_one_rank_on_cuda_skips_a_nonfinite_step_without_waiting_each_step():
             batch_size=10,
             shuffle=False,
             on_nonfinite="skip",
+            sync_every=sync_every,
             progress=False,
         )
         log = [e for e in daskdl.events.replay(client, run.run_id) if e["kind"] == "nonfinite"]

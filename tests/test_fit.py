@@ -418,27 +418,52 @@ def test_a_nonfinite_step_raises_naming_rank_step_and_batch(client):
         )
 
 
-def test_one_fused_rank_skips_nonfinite_steps_on_the_device(client):
-    # One rank with a fused optimizer never reads the non-finite flag per step (on a GPU that
-    # would make the host wait); its optimizer skips on the device and the flags are read at
-    # each log. It must skip exactly the steps the per-step check skips, and report them.
-    opts = dict(epochs=3, batch_size=10, shuffle=False, workers=1, progress=False)
+def _skips_on_the_device_as_on_the_host(client, **opts) -> list[tuple]:
+    """The run with a fused optimizer (which skips a non-finite step on the device, its flag
+    read at each log) and without (the flag read every step) must skip and report the same
+    steps; their ``nonfinite`` events as (epoch, batch, step, rank, ranks)."""
     runs = {
         fused: daskdl.fit(client, _cube_mlp, _poisoned(), on_nonfinite="skip", fused=fused, **opts)
         for fused in (True, False)
     }
     torch.testing.assert_close(_params(runs[True].model), _params(runs[False].model))
-    for run in runs.values():
-        log = [e for e in events.replay(client, run.run_id) if e["kind"] == "nonfinite"]
-        # 40 batches per epoch on one rank; sample 250 is in batch 26.
-        assert [(e["epoch"], e["batch"], e["step"], list(e["ranks"])) for e in log] == [
-            (1, 26, 26, [0]),
-            (2, 26, 66, [0]),
-            (3, 26, 106, [0]),
+    logs = {
+        fused: [
+            (e["epoch"], e["batch"], e["step"], e["rank"], list(e["ranks"]))
+            for e in events.replay(client, run.run_id)
+            if e["kind"] == "nonfinite"
         ]
+        for fused, run in runs.items()
+    }
+    assert logs[True] == logs[False]
+    for run in runs.values():
         assert list(run.history["skipped_steps"]) == [1, 1, 1]
         assert np.isfinite(run.history["train_loss"]).all()
+    return logs[True]
+
+
+def test_one_fused_rank_skips_nonfinite_steps_on_the_device(client):
+    # A lone rank decides alone whether to skip: on a GPU, reading its flag every step would
+    # make the host wait for every step.
+    opts = dict(epochs=3, batch_size=10, shuffle=False, workers=1, progress=False)
+    # 40 batches per epoch on one rank; sample 250 is in batch 26.
+    assert _skips_on_the_device_as_on_the_host(client, **opts) == [
+        (1, 26, 26, 0, [0]),
+        (2, 26, 66, 0, [0]),
+        (3, 26, 106, 0, [0]),
+    ]
     with pytest.raises(daskdl.RunError, match=r"rank\(s\) \[0\] at step 26 \(epoch 1, batch 26 "):
+        daskdl.fit(client, _cube_mlp, _poisoned(), fused=True, **opts)
+
+
+def test_local_sgd_ranks_with_a_fused_optimizer_skip_nonfinite_steps_on_the_device(client):
+    # So do local SGD ranks between synchronisations: the skip is the seeing rank's own.
+    opts = dict(epochs=3, batch_size=10, shuffle=False, sync_every=4, progress=False)
+    log = _skips_on_the_device_as_on_the_host(client, **opts)
+    (_, batch, _, rank, _), *_ = log
+    assert batch in (6, 16)  # sample 250's batch of 20, as in the per-step test above
+    assert log == [(e, batch, 20 * (e - 1) + batch, rank, [rank]) for e in (1, 2, 3)]
+    with pytest.raises(daskdl.RunError, match=rf"rank\(s\) \[{rank}\] at step {batch} \("):
         daskdl.fit(client, _cube_mlp, _poisoned(), fused=True, **opts)
 
 
