@@ -29,6 +29,7 @@ from distributed import get_worker
 
 import daskdl
 from daskdl import comm
+from daskdl.cluster import workers_info
 from daskdl.engine import torch_friendly_malloc
 
 RESNET18 = 11_173_962
@@ -59,7 +60,7 @@ def _daskdl_loop(run_id, rank, peers, size, iters, warmup, wire):
 def bench_daskdl(size, iters, warmup, ranks=2, wire="fp32"):
     with daskdl.local_cluster(n_workers=ranks, threads_per_worker=1, dashboard_address=None) as c:
         comm.ensure_plugin(c)
-        peers = sorted(c.scheduler_info()["workers"])
+        peers = sorted(workers_info(c))
         run_id = uuid.uuid4().hex
         futures = [
             c.submit(

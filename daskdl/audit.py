@@ -22,6 +22,7 @@ from packaging.version import Version
 
 from daskdl import checkpoint as ckpt
 from daskdl import security
+from daskdl.cluster import workers_info
 
 SEVERITIES = ("info", "low", "medium", "high")
 # torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434).
@@ -90,8 +91,7 @@ def _torch_version() -> str:
 def check_cluster(client, report: Report) -> None:
     """TLS for the scheduler, workers and this client; what listens beyond loopback."""
     address = client.scheduler.address
-    info = client.scheduler_info()
-    workers = sorted(info["workers"])
+    workers = sorted(workers_info(client))
     facts = client.run_on_scheduler(_scheduler_facts)
     # Every process's listening sockets: the comm ports and the HTTP dashboards alike.
     listeners = {"scheduler": facts["listening"]}

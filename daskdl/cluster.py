@@ -1,4 +1,5 @@
-"""``local_cluster``: a Dask cluster on this machine, set up the way daskdl ranks like it."""
+"""``local_cluster``: a Dask cluster on this machine, set up the way daskdl ranks like it;
+``connect`` to a running one; ``workers_info``: the workers a scheduler has now."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def connect(address: str, timeout: str = "10s", security=None) -> Client:
             "`dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
             "to use a local cluster."
         ) from None
+
+
+def workers_info(client: Client) -> dict[str, dict]:
+    """The scheduler's information on each of its workers (address -> info), fetched now.
+
+    Not ``client.scheduler_info()["workers"]``: that returns the client's cached copy, which
+    the client's own periodic refresh (every 2 s, without per-worker information) can replace
+    between the fetch and the read, so that a healthy cluster looks as if it had no workers.
+    """
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
 def local_cluster(

@@ -18,6 +18,7 @@ import torch
 from distributed import Client, futures_of, wait
 
 from daskdl import checkpoint, comm, events, models, security
+from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 from daskdl.data import (
     Dataset,
@@ -310,7 +311,7 @@ class Run:
     def _live_workers(self) -> set[str]:
         """Workers that can host a rank: not leaving. A retiring worker counts as gone at
         once, so its peers regroup without waiting for it to close."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        workers = workers_info(self.client)
         leaving = ("closing", "closing_gracefully", "closed")
         return {addr for addr, info in workers.items() if info.get("status") not in leaving}
 
@@ -433,10 +434,10 @@ def _locations(client: Client, futures: list) -> list[list[str]]:
 
 
 def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str]:
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = workers_info(client)
     if not info:
         client.wait_for_workers(1, timeout=dask.config.get("distributed.comm.timeouts.connect"))
-        info = client.scheduler_info(n_workers=-1)["workers"]
+        info = workers_info(client)
     available = sorted(info)
     if workers is None:
         return available

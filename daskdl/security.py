@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from daskdl.cluster import workers_info
+
 ED25519 = "ed25519"
 HMAC = "hmac-sha256"
 ENV_SECRET = "DASKDL_SIGNING_KEY"
@@ -310,10 +312,9 @@ def is_loopback(host: str) -> bool:
 def warn_if_sent_in_clear(client, what: str) -> None:
     """Warn when ``what`` (a key inside a task) would cross the network without TLS: some
     worker or the scheduler has a non-loopback address that is not ``tls://``."""
-    info = client.scheduler_info()
     clear = [
         a
-        for a in [client.scheduler.address, *info["workers"]]
+        for a in [client.scheduler.address, *workers_info(client)]
         if not a.startswith("tls://") and not is_loopback(host_of(a))
     ]
     if clear:

@@ -11,6 +11,7 @@ from distributed import get_worker
 
 import daskdl
 from daskdl import averaging, comm, models
+from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 
 
@@ -44,7 +45,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
 
 def _both_ranks(client, *args, **kwargs):
     comm.ensure_plugin(client)
-    peers = sorted(client.scheduler_info()["workers"])
+    peers = sorted(workers_info(client))
     run_id = uuid.uuid4().hex
     futures = [
         client.submit(_train, run_id, r, peers, *args, workers=[w], pure=False, **kwargs)

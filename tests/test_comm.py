@@ -11,6 +11,7 @@ from distributed import Client, LocalCluster, get_worker
 
 import daskdl
 from daskdl import comm
+from daskdl.cluster import workers_info
 
 
 def _allreduce(
@@ -67,14 +68,14 @@ def _assert_sums(results, n, tol):
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
 def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
-    peers = sorted(three.scheduler_info()["workers"])[:ranks]
+    peers = sorted(workers_info(three))[:ranks]
     _assert_sums(_run_allreduce(three, peers, n, algorithm=algorithm), n, 1e-12)
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_bf16_on_the_wire(three, ranks, algorithm):
-    peers = sorted(three.scheduler_info()["workers"])[:ranks]
+    peers = sorted(workers_info(three))[:ranks]
     results = _run_allreduce(
         three, peers, 10_001, wire="bf16", dtype=np.float32, algorithm=algorithm
     )
@@ -88,7 +89,7 @@ def test_five_ranks_pipeline_through_every_hop():
     # all-gather hops, each piece forwarded as soon as it arrives (6 to 8 pieces a chunk).
     with daskdl.local_cluster(n_workers=5, threads_per_worker=1) as client:
         comm.ensure_plugin(client)
-        peers = sorted(client.scheduler_info()["workers"])
+        peers = sorted(workers_info(client))
         exact = _run_allreduce(client, peers, 10_001, algorithm="pieces")
         bf16 = _run_allreduce(
             client, peers, 50_003, wire="bf16", dtype=np.float32, algorithm="pieces"
@@ -98,7 +99,7 @@ def test_five_ranks_pipeline_through_every_hop():
 
 
 def test_a_missing_peer_times_out(three):
-    peers = sorted(three.scheduler_info()["workers"])[:2]
+    peers = sorted(workers_info(three))[:2]
     run_id = uuid.uuid4().hex
     start = time.monotonic()
     # Rank 1 never joins: rank 0 must give up after its timeout, naming the peer.
@@ -109,7 +110,7 @@ def test_a_missing_peer_times_out(three):
 
 
 def test_abort_wakes_a_waiting_rank(three):
-    peers = sorted(three.scheduler_info()["workers"])[:2]
+    peers = sorted(workers_info(three))[:2]
     run_id = uuid.uuid4().hex
     future = three.submit(_allreduce, run_id, 0, peers, 10, 60, workers=[peers[0]], pure=False)
     time.sleep(0.5)
@@ -138,7 +139,7 @@ def _send_then_overwrite(run_id, rank, peers, n):
 def test_a_sent_buffer_can_be_changed_at_once(three):
     # Dask's Comm.write returns once a message is queued; daskdl's send is done only when the
     # socket has taken every byte, so the ring may write into a piece it has just sent.
-    peers = sorted(three.scheduler_info()["workers"])[:2]
+    peers = sorted(workers_info(three))[:2]
     run_id = uuid.uuid4().hex
     futures = [
         three.submit(_send_then_overwrite, run_id, r, peers, 64 * 2**20, workers=[w], pure=False)
@@ -161,6 +162,6 @@ def test_allreduce_over_websocket_comms():
         Client(cluster) as client,
     ):
         comm.ensure_plugin(client)
-        peers = sorted(client.scheduler_info()["workers"])
+        peers = sorted(workers_info(client))
         results = _run_allreduce(client, peers, 1001, algorithm="pieces")
     _assert_sums(results, 1001, 1e-12)

@@ -12,6 +12,7 @@ from distributed import get_worker
 
 import daskdl
 from daskdl import comm
+from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -160,7 +161,7 @@ def _cuda_allreduce(run_id, rank, peers, n, wire):
 def test_cuda_tensors_are_reduced_through_pinned_buffers(client, wire):
     # Two CPU-cluster workers sharing the first GPU are enough for the staging path.
     comm.ensure_plugin(client)
-    peers = sorted(client.scheduler_info()["workers"])
+    peers = sorted(workers_info(client))
     run_id = uuid.uuid4().hex
     futures = [
         client.submit(_cuda_allreduce, run_id, r, peers, 100_003, wire, workers=[w], pure=False)

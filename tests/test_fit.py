@@ -16,9 +16,11 @@ import pytest
 import torch
 import xarray as xr
 from conftest import poll_for
+from distributed import Client
 
 import daskdl
 from daskdl import Dataset, checkpoint, events
+from daskdl.cluster import workers_info
 
 
 def blobs(n=600, d=6, classes=3, seed=0):
@@ -137,7 +139,7 @@ def test_each_constructor_trains(client, source):
 
 def test_seeded_runs_repeat_wherever_the_data_lives(client):
     X, y = blobs(n=400)
-    w0, w1 = sorted(client.scheduler_info()["workers"])
+    w0, w1 = sorted(workers_info(client))
     params = []
     for holder in (w0, w1):
         Xd, yd = client.persist(
@@ -298,7 +300,7 @@ def test_images_with_augmentation_and_batch_norm(client):
 def test_local_cluster_listens_on_loopback_only(client):
     assert client.dashboard_link.startswith("http://127.0.0.1:")
     assert client.scheduler.address.startswith("tcp://127.0.0.1:")
-    assert all(w.startswith("tcp://127.0.0.1:") for w in client.scheduler_info()["workers"])
+    assert all(w.startswith("tcp://127.0.0.1:") for w in workers_info(client))
 
 
 def test_partitions_never_pass_through_the_client(client, monkeypatch):
@@ -536,6 +538,18 @@ def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
 def three_workers():
     with daskdl.local_cluster(n_workers=3, threads_per_worker=1) as c:
         yield c
+
+
+def test_a_run_sees_every_worker_while_the_clients_cached_view_is_refreshed(client):
+    # Runs look for lost workers every second. The client's scheduler_info() returns its cached
+    # view, which the client's own refresh replaces with one holding no workers, and it did so
+    # between fetch and read in this suite: a healthy run failed, "every worker is gone". Here
+    # that refresh runs every 5 ms; the workers a run sees must never go missing.
+    with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}):
+        with Client(client.scheduler.address) as busy:
+            expected = set(workers_info(client))
+            seen = [set(workers_info(busy)) for _ in range(500)]
+    assert len(expected) == 2 and all(s == expected for s in seen)
 
 
 def _elastic_run(client, **options):

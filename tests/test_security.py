@@ -16,6 +16,7 @@ from distributed import Client
 import daskdl
 from daskdl import checkpoint, models, security
 from daskdl.checkpoint import CheckpointSignatureError
+from daskdl.cluster import workers_info
 
 DASKDL = [sys.executable, "-m", "daskdl.cli"]
 
@@ -235,7 +236,7 @@ def test_training_on_a_tls_cluster_and_plain_tcp_is_refused(digits_split):
     train, test = digits_split
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1, secure=True) as client:
         assert client.scheduler.address.startswith("tls://")
-        workers = client.scheduler_info()["workers"]
+        workers = workers_info(client)
         assert len(workers) == 2 and all(w.startswith("tls://") for w in workers)
         # The all-reduce goes worker to worker over the same TLS comms: 2 ranks, both used.
         run = daskdl.fit(client, "mlp", train, val=test, epochs=3, progress=False)
@@ -274,7 +275,7 @@ def test_keys_sent_to_workers_without_tls_over_the_network_warn(tmp_path, digits
         ) as cluster,
         Client(cluster) as open_client,
     ):
-        (worker,) = open_client.scheduler_info()["workers"]
+        (worker,) = workers_info(open_client)
         if security.is_loopback(security.host_of(worker)):
             pytest.skip(f"this machine gave the worker a loopback address ({worker})")
         with pytest.warns(security.KeyTransportWarning, match="signing key goes to the workers"):

@@ -12,6 +12,7 @@ import param
 from panel.viewable import Viewer
 
 from daskdl import comm
+from daskdl.cluster import workers_info
 from daskdl.config import PRECISIONS
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.views import Curves, RunList, Status, Workers
@@ -36,7 +37,7 @@ class Launcher(Viewer):
         self.client = client
         self.runs_dir = Path(runs_dir)
         self.runs: dict = {}  # run id -> daskdl.Run started here
-        n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+        n_workers = max(1, len(workers_info(client)))
         self.dataset = pn.widgets.Select(name="dataset", options=DATASETS, value="digits")
         self.data_path = pn.widgets.TextInput(name="data path (cifar10)", value="")
         self.model = pn.widgets.Select(name="model", options=MODELS, value="small_cnn")
