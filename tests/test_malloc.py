@@ -4,12 +4,14 @@ fresh from the OS (a page fault per 4 KiB), on a real Dask worker, whose nanny s
 
 import platform
 import resource
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import get_worker
 
-from daskdl import models
+from daskdl import engine, models
 from daskdl.engine import torch_friendly_malloc
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
@@ -33,6 +35,12 @@ def _faults_per_step(steps: int = 8) -> float:
 
 
 def _faults_in_a_worker() -> dict[str, float]:
+    # A rank of an earlier test's run may still be winding down on this worker (its run
+    # already ended on the client); while it runs, the ranks' settings are in force.
+    deadline = time.monotonic() + 30
+    while engine._malloc_users and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not engine._malloc_users, f"ranks still running here: {get_worker().state.executing}"
     faults = {"dask": _faults_per_step()}
     with torch_friendly_malloc():
         with torch_friendly_malloc():  # another run's rank on this worker, ending first
