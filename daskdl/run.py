@@ -521,6 +521,11 @@ class _Launch:
     def submit(self, ranks, rank_plans, steps, resume, start_epoch, start_step, history):
         # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
         manifest = {**self.public, "plan": self._plan, "partition_sizes": self._sizes}
+        if resume is not None:
+            # Model and optimizer state (85 MiB for ResNet-18 with momentum) inside each rank's
+            # task would pass through the scheduler once per rank as graph. Scattered once to
+            # the first rank's worker instead, it reaches the others worker-to-worker.
+            [resume] = self.client.scatter([resume], workers=ranks[:1], hash=False)
         futures = []
         for r, (addr, (train_parts, val_parts)) in enumerate(zip(ranks, rank_plans)):
             rank_spec = RankSpec(

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 
 import dask
 import dask.array as da
@@ -498,6 +499,27 @@ print(run.run_id, flush=True)
 import time
 time.sleep(600)
 """
+
+
+def _wide_mlp(input_shape, n_classes):
+    # 3.1M parameters: with momentum 25 MB of state, over Dask's large-graph warning (10 MB).
+    features = int(np.prod(input_shape))
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, n_classes)
+    )
+
+
+def test_a_resumed_run_sends_its_state_once_not_inside_every_ranks_task(client, tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(128, 3072)).astype(np.float32), rng.integers(0, 3, 128)
+    data = Dataset.from_numpy(X, y, chunks=32)
+    opts = dict(batch_size=16, progress=False)
+    daskdl.fit(client, _wide_mlp, data, epochs=1, out=tmp_path, **opts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = daskdl.fit(client, _wide_mlp, data, epochs=2, out=tmp_path, resume=tmp_path, **opts)
+    assert run.history["epoch"].tolist() == [1, 2]
+    assert not [str(w.message) for w in caught if "large graph" in str(w.message)]
 
 
 def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
