@@ -2,6 +2,7 @@
 fresh from the OS (a page fault per 4 KiB), on a real Dask worker, whose nanny sets
 ``MALLOC_TRIM_THRESHOLD_``."""
 
+import os
 import platform
 import resource
 import time
@@ -34,14 +35,16 @@ def _faults_per_step(steps: int = 8) -> float:
     return (resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / steps
 
 
-def _faults_in_a_worker() -> dict[str, float]:
-    # A rank of an earlier test's run may still be winding down on this worker (its run
-    # already ended on the client); while it runs, the ranks' settings are in force.
+def _faults_in_a_worker() -> dict:
+    # While a rank of another run is on this worker, the ranks' settings are in force: wait
+    # for it to end (its run may have ended on the client already).
     deadline = time.monotonic() + 30
     while engine._malloc_users and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not engine._malloc_users, f"ranks still running here: {get_worker().state.executing}"
-    faults = {"dask": _faults_per_step()}
+    # Zero faults in every phase was seen once in the suite: say what this worker looked like.
+    faults = {"env": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "pid": os.getpid()}
+    faults["dask"] = _faults_per_step()
     with torch_friendly_malloc():
         with torch_friendly_malloc():  # another run's rank on this worker, ending first
             pass
@@ -52,6 +55,8 @@ def _faults_in_a_worker() -> dict[str, float]:
 
 def test_a_rank_reuses_its_step_memory_on_a_worker_thread(client):
     faults = client.submit(_faults_in_a_worker, pure=False).result()
-    assert faults["rank"] < 200, faults
     assert faults["dask"] > 2000, faults
+    # Measured: 0-536 faults a step against 33,000-62,000 (a heap can still grow in the
+    # measured steps: the arena a thread gets differs from run to run).
+    assert faults["rank"] * 50 < faults["dask"], faults
     assert faults["after"] > 2000, faults
