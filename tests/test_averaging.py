@@ -15,6 +15,19 @@ from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 
 
+class _OneRank:
+    """A group of one: its average is its own buffer."""
+
+    size, rank = 1, 0
+
+    def allreduce_mean_(self, array):
+        return array
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd"):
     """``steps`` steps of an MLP on this rank's fixed batches; returns the flat parameters."""
     torch.manual_seed(0)
@@ -40,7 +53,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
             sync.step_done(step, end_of_epoch=step == steps - 1)
     finally:
         group.close()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    return _flat(model).numpy()
 
 
 def _both_ranks(client, *args, **kwargs):
@@ -72,18 +85,11 @@ def test_local_sgd_replicas_agree_after_every_synchronisation(client, outer):
 
 def test_outer_nesterov_step():
     """delta = global - average; v = m v + delta; global -= lr (delta + m v)."""
-
-    class OneRank:
-        size = 1
-
-        def allreduce_mean_(self, array):
-            return array
-
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.constant_(model.weight, 1.0)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sync = averaging.LocalSGD(
-        model, opt, OneRank(), every=1, outer="nesterov", outer_lr=0.5, outer_momentum=0.9
+        model, opt, _OneRank(), every=1, outer="nesterov", outer_lr=0.5, outer_momentum=0.9
     )
     model.weight.data.fill_(0.8)  # the ranks moved the weight by -0.2 since the last sync
     sync.synchronise()
@@ -159,20 +165,14 @@ def test_buckets_start_reducing_during_backward():
 
 
 def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_device(monkeypatch):
-    class OneRank:
-        size, rank = 1, 0
-
-        def allreduce_mean_(self, array):
-            return array
-
     torch.manual_seed(0)
     model = models.mlp((6,), 3)
     cfg = TrainConfig(lr=0.1, momentum=0.9, sync_every=4)
     opt = daskdl.engine.make_optimizer(model, cfg, fused=True)
     daskdl.engine.prepare_optimizer(opt, fused=True)
-    sync = averaging.make(model, opt, OneRank(), cfg)
+    sync = averaging.make(model, opt, _OneRank(), cfg)
     assert isinstance(sync, averaging.LocalSGD) and sync.defer_nonfinite
-    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    before = _flat(model)
     xb, yb = torch.full((8, 6), float("nan")), torch.zeros(8, dtype=torch.int64)
 
     def host_read(*_):
@@ -185,5 +185,4 @@ def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_devic
     monkeypatch.undo()
 
     assert sync.bad_ranks == [] and bool(sync.pending_bad)
-    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(after, before, rtol=0, atol=0)  # the fused step skipped it
+    torch.testing.assert_close(_flat(model), before, rtol=0, atol=0)  # the fused step skipped it
