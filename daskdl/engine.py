@@ -202,6 +202,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+GLIBC_DEFAULT = 128 * 2**10  # what glibc starts each of the three at
 # glibc grows the arena of a thread other than the main one in heaps of at most this size
 # (2 * DEFAULT_MMAP_THRESHOLD_MAX on 64-bit); a top pad this large keeps an emptied heap.
 THREAD_HEAP_BYTES = 64 * 2**20
@@ -245,7 +246,7 @@ def torch_friendly_malloc(
     back to the OS, when the last rank of the process ends.
     """
     global _malloc_users
-    dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "131072" if force else None)
+    dask_trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", str(GLIBC_DEFAULT) if force else None)
     if dask_trim is None:
         yield
         return
@@ -259,8 +260,8 @@ def torch_friendly_malloc(
         with _malloc_lock:
             _malloc_users -= 1
             if _malloc_users == 0:
-                default_pad = int(os.environ.get("MALLOC_TOP_PAD_", 128 * 1024))
-                _set_malloc(128 * 1024, int(dask_trim), default_pad, trim=True)
+                default_pad = int(os.environ.get("MALLOC_TOP_PAD_", GLIBC_DEFAULT))
+                _set_malloc(GLIBC_DEFAULT, int(dask_trim), default_pad, trim=True)
 
 
 def _set_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int, trim=False) -> None:
