@@ -7,6 +7,7 @@ epochs and writes checkpoints.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -115,6 +116,19 @@ def make_optimizer(
         # None, not False: False would also turn off the default foreach kernels.
         fused=fused or None,
     )
+
+
+def load_resumed(model: torch.nn.Module, opt: torch.optim.Optimizer, resume: dict) -> None:
+    """Load the model and optimizer state a resumed or regrouped run starts from, leaving
+    ``resume`` as it was.
+
+    ``resume`` is a task input, one object on the worker that holds it, which Dask sends to the
+    other ranks' workers when they ask for it; the optimizer keeps (and steps in place) the
+    tensors it is given, so it gets copies, or a peer could start from this rank's steps.
+    """
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
+    opt_state = resume["optimizer"]
+    opt.load_state_dict(copy.deepcopy({k: opt_state[k] for k in ("state", "param_groups")}))
 
 
 def prepare_optimizer(opt: torch.optim.Optimizer, fused: bool) -> None:
@@ -410,9 +424,7 @@ class Rank:
         fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
         self.opt = make_optimizer(self.model, cfg, fused)
         if resume is not None:
-            self.model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["model"].items()})
-            opt_state = resume["optimizer"]
-            self.opt.load_state_dict({k: opt_state[k] for k in ("state", "param_groups")})
+            load_resumed(self.model, self.opt, resume)
         prepare_optimizer(self.opt, fused)
         self.group = make_group(
             cfg.backend, worker, spec.comm_id or spec.run_id, spec.rank, spec.peers, cfg.timeout

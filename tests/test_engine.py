@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from daskdl import checkpoint, models
 from daskdl.config import TrainConfig
-from daskdl.engine import lr_at
+from daskdl.engine import load_resumed, lr_at, make_optimizer
 from daskdl.loader import ShardLoader, epoch_order
 from daskdl.preprocess import augment_images
 
@@ -77,3 +81,33 @@ def test_augmentation_crops_and_flips_on_the_device():
         for i in range(2):
             for c in range(3):
                 assert set(o[i, c].unique().tolist()) <= set(x[i, c].unique().tolist()) | {0.0}
+
+
+def test_loading_a_resumed_state_leaves_it_as_it_was():
+    # The state is one task input, which Dask may send to a peer's worker after this rank has
+    # started: stepping the optimizer must not change it.
+    cfg = TrainConfig(lr=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    saved = models.mlp((6,), 3)
+    saved_opt = make_optimizer(saved, cfg)
+    F.cross_entropy(saved(torch.randn(8, 6)), torch.zeros(8, dtype=torch.int64)).backward()
+    saved_opt.step()
+    resume = {
+        "model": checkpoint.model_tensors(saved),
+        "optimizer": checkpoint.optimizer_state(*checkpoint.optimizer_tensors(saved_opt)),
+    }
+    before = copy.deepcopy(resume)
+
+    model = models.mlp((6,), 3)
+    opt = make_optimizer(model, cfg)
+    load_resumed(model, opt, resume)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.int64)).backward()
+        opt.step()
+
+    for name, value in before["model"].items():
+        np.testing.assert_array_equal(resume["model"][name], value)
+    for i, state in before["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(resume["optimizer"]["state"][i][name], value), (i, name)
