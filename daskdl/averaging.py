@@ -46,12 +46,16 @@ class GradientAveraging:
         first_bucket_bytes: int = 2**20,
         defer_nonfinite: bool = False,
     ):
-        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        self.params = params = [p for p in model.parameters() if p.requires_grad][::-1]
         total = sum(p.numel() for p in params)
-        # Two slots after the gradients: the stop request, and which ranks saw a non-finite
-        # loss or gradient (bit r for rank r), summed by the same all-reduce.
-        self.flat = torch.zeros(total + 2, dtype=torch.float32, device=params[0].device)
+        # Slots after the gradients, averaged by the same all-reduce: the stop request, which
+        # ranks saw a non-finite loss or gradient (bit r for rank r), and for each parameter
+        # whether any rank's backward reached it.
+        n_slots = 2 + len(params)
+        self.flat = torch.zeros(total + n_slots, dtype=torch.float32, device=params[0].device)
         self.grads = self.flat[:total]
+        self.control = self.flat[total:]
+        self._views = []  # each parameter's gradient: its place in the flat buffer
         self.group = group
         self.wire = wire
         self._stop = False
@@ -69,16 +73,20 @@ class GradientAveraging:
             bucket_of.append(len(bounds) - 1)
             # The parameter's own strides (channels_last conv weights too), so that backward
             # accumulates into the bucket without a layout change.
-            p.grad = self.flat.as_strided(p.shape, p.stride(), offset)
+            self._views.append(self.flat.as_strided(p.shape, p.stride(), offset))
+            p.grad = self._views[-1]
             offset += p.numel()
-        bounds.append(total + 2)
+        bounds.append(total + n_slots)
         self.buckets = [self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self._sizes = np.bincount(bucket_of, minlength=len(self.buckets))
-        self._hooks, self._executor = [], None
+        self._executor = None
         if len(self.buckets) > 1 and group.size > 1:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="daskdl-allreduce")
-            for p, b in zip(params, bucket_of):
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(b)))
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook(i, b))
+            for i, (p, b) in enumerate(zip(params, bucket_of))
+        ]
+        self._unbound: list[int] = []  # parameters whose grad is None this step
         self._reset()
 
     def _reset(self) -> None:
@@ -86,16 +94,19 @@ class GradientAveraging:
         self._launched = 0
         self._pending: list[Future] = []
         self._bad = torch.zeros((), dtype=torch.bool, device=self.flat.device)
+        self._used = [False] * len(self.params)
 
     def _check(self, grads: torch.Tensor) -> None:
         # Before the bucket leaves this rank, so that the flag names the rank it came from;
         # a device-side test, with no wait for a GPU.
         self._bad |= ~torch.isfinite(grads).all()
 
-    def _hook(self, bucket: int):
+    def _hook(self, index: int, bucket: int):
         def ready(_param: torch.Tensor) -> None:
-            self._missing[bucket] -= 1
-            self._launch_ready()
+            self._used[index] = True
+            if self._executor is not None:
+                self._missing[bucket] -= 1
+                self._launch_ready()
 
         return ready
 
@@ -112,7 +123,18 @@ class GradientAveraging:
 
     def zero_grad(self) -> None:
         self.flat.zero_()
+        for i in self._unbound:
+            self.params[i].grad = self._views[i]
+        self._unbound = []
         self._reset()
+
+    def _leave_unused_alone(self, used: list[bool]) -> None:
+        """Parameters no rank's backward reached get no gradient at all (``None``), so the
+        optimizer leaves them as they are (no weight decay, no momentum), as plain PyTorch
+        and DDP do; a parameter that some rank used gets the average, zeros included."""
+        self._unbound = [i for i, u in enumerate(used) if not u]
+        for i in self._unbound:
+            self.params[i].grad = None
 
     def backward_done(self, stop_requested: bool, loss: torch.Tensor | None = None) -> None:
         """Average the gradients; afterwards ``bad_ranks`` lists the ranks whose loss or
@@ -126,26 +148,34 @@ class GradientAveraging:
                 self.pending_bad = self._bad
             else:
                 self.bad_ranks = [0] if bool(self._bad) else []
+            if not all(self._used):
+                self._leave_unused_alone(self._used)
             return
         rank = getattr(self.group, "rank", 0)
-        self.flat[-2] = float(stop_requested)
+        control = self.control
+        control[0] = float(stop_requested)
+        control[2:] = torch.tensor(self._used, dtype=torch.float32)
         if self._executor is None:
             self._check(self.grads)
-            self.flat[-1] = self._bad.float() * 2.0 ** min(rank, 23)
+            control[1] = self._bad.float() * 2.0 ** min(rank, 23)
             self._reduce(self.flat)
         else:
             # Parameters that took no part in this backward keep zero gradients.
             self._missing[:] = 0
             self._launch_ready()
             last = self.buckets[-1]
-            self._check(last[:-2])
-            self.flat[-1] = self._bad.float() * 2.0 ** min(rank, 23)
+            self._check(last[: len(last) - len(control)])
+            control[1] = self._bad.float() * 2.0 ** min(rank, 23)
             self._pending.append(self._executor.submit(self._reduce, last))
             for fut in self._pending:
                 fut.result()  # re-raises a peer timeout or an abort from the comm thread
-        self._stop = bool(self.flat[-2] > 0)
-        flags = round(float(self.flat[-1]) * self.group.size)
+        values = control.tolist()  # one read of the agreed flags
+        self._stop = values[0] > 0
+        flags = round(values[1] * self.group.size)
         self.bad_ranks = [r for r in range(self.group.size) if flags >> min(r, 23) & 1]
+        used = [v > 0 for v in values[2:]]
+        if not all(used):
+            self._leave_unused_alone(used)
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
         """Whether every rank agreed to stop after this step."""
@@ -200,7 +230,9 @@ class LocalSGD:
             self.velocity = torch.zeros_like(self.global_params)
 
     def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=False)
+        # None, not zeros: a parameter that takes no part in a step then gets no update at
+        # all (no weight decay, no momentum), as in plain PyTorch.
+        self.opt.zero_grad(set_to_none=True)
 
     def backward_done(self, stop_requested: bool, loss: torch.Tensor | None = None) -> None:
         """Note a stop request; ``bad_ranks`` is this rank if its loss or gradients are not

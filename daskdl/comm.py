@@ -15,6 +15,7 @@ collective at once with :func:`abort`.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import warnings
@@ -93,6 +94,7 @@ class Mailbox:
             self._cond.notify_all()
 
     def take(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
+        _check_timeout(timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while tag not in self._items:
@@ -106,6 +108,13 @@ class Mailbox:
                     )
                 self._cond.wait(min(left, 1.0))
             return self._items.pop(tag)
+
+
+def _check_timeout(timeout: float) -> None:
+    # A NaN deadline never passes (every comparison with it is false), and an infinite one
+    # never comes: either would let a rank wait for a dead peer for ever.
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"A collective's timeout must be finite seconds > 0, got {timeout!r}.")
 
 
 # Mailboxes live in the worker process, one per run, created by whichever comes first: the
@@ -560,6 +569,7 @@ class TorchGroup:
 def make_group(
     backend: str, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float
 ) -> DaskGroup | TorchGroup:
+    _check_timeout(timeout)
     if backend == "torch":
         return TorchGroup(worker, run_id, rank, peers, timeout)
     return DaskGroup(worker, run_id, rank, peers, timeout)

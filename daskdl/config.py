@@ -4,11 +4,14 @@ checkpoints and the dashboard."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
 import dask.config
 import dask.utils
+import numpy as np
 import yaml
 
 _defaults_file = os.path.join(os.path.dirname(__file__), "daskdl.yaml")
@@ -77,59 +80,54 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        """Check every option once, here, and store it as a plain Python value.
 
+        Numbers may come as any ``numbers`` type (numpy scalars from a grid, say); they are
+        checked for type, range and finiteness (a NaN timeout would make a wait endless) and
+        kept as ``int`` or ``float``, so the config stays JSON for events and checkpoints.
+        """
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every"):
-            positive_int(name)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}. Try lr=0.05.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(
-                f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
-                f"got {self.warmup_epochs!r}."
-            )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}.")
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
-            raise ValueError(
-                f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}."
-            )
-        if not self.outer_lr > 0:
-            raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}.")
-        if not 0 <= self.outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}.")
-        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0):
-            raise ValueError(f"bucket_mb must be a positive number, got {self.bucket_mb!r}.")
-        if self.comm_timeout is not None and self.comm_timeout <= 0:
-            raise ValueError(f"comm_timeout must be positive seconds, got {self.comm_timeout!r}.")
+            setattr(self, name, integer(name, getattr(self, name), minimum=1))
+        self.seed = integer("seed", self.seed, minimum=0)
         if self.torch_threads is not None:
-            positive_int("torch_threads")
-        if self.fused not in (None, True, False):
-            raise ValueError(f"fused must be True, False or None (auto), got {self.fused!r}.")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}."
+            self.torch_threads = integer("torch_threads", self.torch_threads, minimum=1)
+        self.lr = real("lr", self.lr, low=0, open_low=True, hint=" Try lr=0.05.")
+        self.momentum = real("momentum", self.momentum, low=0, high=1, open_high=True)
+        self.weight_decay = real("weight_decay", self.weight_decay, low=0)
+        self.warmup_epochs = real("warmup_epochs", self.warmup_epochs, low=0, high=self.epochs)
+        self.bucket_mb = real("bucket_mb", self.bucket_mb, low=0, open_low=True)
+        self.outer_lr = real("outer_lr", self.outer_lr, low=0, open_low=True)
+        self.outer_momentum = real(
+            "outer_momentum", self.outer_momentum, low=0, high=1, open_high=True
+        )
+        if self.comm_timeout is not None:
+            self.comm_timeout = real(
+                "comm_timeout",
+                self.comm_timeout,
+                low=0,
+                open_low=True,
+                hint=" It is how long (seconds) a rank waits for a peer before giving up.",
             )
-        if self.device not in DEVICES:
-            raise ValueError(
-                f"device must be one of {DEVICES}, got {self.device!r}. Each rank uses its "
-                "worker's GPU (cuda:0 under dask-cuda) or the CPU."
-            )
+        for name in ("nesterov", "shuffle", "compile"):
+            setattr(self, name, flag(name, getattr(self, name)))
+        for name in ("augment", "channels_last", "fused"):
+            setattr(self, name, flag(name, getattr(self, name), allow_none=True))
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("precision", PRECISIONS),
+            ("backend", BACKENDS),
+            ("wire_dtype", WIRE_DTYPES),
+            ("outer_optimizer", OUTER_OPTIMIZERS),
+            ("on_nonfinite", ON_NONFINITE),
+        ):
+            choice(name, getattr(self, name), choices)
+        choice(
+            "device",
+            self.device,
+            DEVICES,
+            " Each rank uses its worker's GPU (cuda:0 under dask-cuda) or the CPU.",
+        )
 
     @property
     def timeout(self) -> float:
@@ -149,3 +147,62 @@ class TrainConfig:
                 f"Unknown training option(s) {unknown}; known options are {sorted(known)}."
             )
         return cls(**values)
+
+
+def integer(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (any integral number: numpy's too, not ``bool``), at least
+    ``minimum``; else a ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = ""
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            hint = f" Pass {name}={int(value)}."
+        raise ValueError(f"{name} must be an integer, got {value!r}.{hint}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value}.")
+    return value
+
+
+def real(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    hint: str = "",
+) -> float:
+    """``value`` as a finite ``float`` in the range given; else a ``ValueError`` naming the
+    option, the range and what was seen."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}.{hint}")
+    value = float(value)
+    too_low = low is not None and (value <= low if open_low else value < low)
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        if low is not None and high is not None:
+            what = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        elif low is not None:
+            what = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            what = "finite"
+        what = "a positive number" if (low == 0 and open_low and high is None) else what
+        raise ValueError(f"{name} must be {what}, got {value!r}.{hint}")
+    return value
+
+
+def flag(name: str, value, allow_none: bool = False) -> bool | None:
+    """``value`` as a ``bool`` (numpy's too), or ``None`` where that means "automatic"."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    what = "True, False or None (automatic)" if allow_none else "True or False"
+    raise ValueError(f"{name} must be {what}, got {value!r}.")
+
+
+def choice(name: str, value, choices: tuple, hint: str = ""):
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.{hint}")
+    return value

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from distributed import get_worker
 from distributed.core import Status
 
-from daskdl import averaging, checkpoint, events, models, security
+from daskdl import averaging, checkpoint, events, models, rundir, security
 from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
@@ -47,6 +47,7 @@ class RankSpec:
     has_val: bool = False
     start_epoch: int = 0
     out: str | None = None
+    staging: str | None = None  # a replacing run's folder until its first checkpoint
     manifest: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     # Resolved from the client's dask.config: workers may have other settings.
@@ -623,8 +624,9 @@ class Rank:
         self.ctx.log("epoch", **metrics)
         done = epoch + 1
         if self.spec.out and (done % self.cfg.checkpoint_every == 0 or done == self.cfg.epochs):
+            folder = rundir.writing_to(self.spec.out, self.spec.staging)
             path = checkpoint.save(
-                os.path.join(self.spec.out, "checkpoints"),
+                folder / rundir.CHECKPOINTS,
                 done,
                 checkpoint.model_tensors(self.model),
                 checkpoint.optimizer_tensors(self.opt, outer=self.sync.state_tensors()),
@@ -632,6 +634,8 @@ class Rank:
                 keep=self.spec.keep_checkpoints,
                 key=self.spec.signing_key,
             )
+            rundir.commit(self.spec.out, self.spec.staging)  # a replaced run goes only now
+            path = rundir.writing_to(self.spec.out, self.spec.staging) / path.relative_to(folder)
             self.ctx.log("checkpoint", epoch=done, path=str(path))
 
 

@@ -270,11 +270,39 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
         )
     if not callable(spec):
         raise TypeError(f"model must be a name or a callable returning nn.Module, got {spec!r}.")
-    params = inspect.signature(spec).parameters
-    model = spec() if not params else spec(tuple(input_shape), n_classes)
+    if factory_takes_shape(spec):
+        model = spec(tuple(input_shape), n_classes)
+    else:
+        model = spec()
     if not isinstance(model, nn.Module):
         raise TypeError(f"The model factory returned {type(model).__name__}, not nn.Module.")
     return model
+
+
+FACTORY_FORMS = "f() or f(input_shape, n_classes), returning an nn.Module"
+
+
+def factory_takes_shape(factory: Callable[..., nn.Module]) -> bool:
+    """Whether ``factory`` is called as ``f(input_shape, n_classes)`` (else as ``f()``); a
+    ``TypeError`` naming the accepted forms when it can be called as neither."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: try it as f(shape, n)
+        return True
+    if not signature.parameters:
+        return False
+    for args in (("shape", "n_classes"), ()):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return bool(args)
+    name = getattr(factory, "__qualname__", repr(factory))
+    raise TypeError(
+        f"The model factory {name}{signature} cannot be called the way daskdl calls one: "
+        f"{FACTORY_FORMS}. Wrap it, for example model=lambda input_shape, n_classes: "
+        f"{name}(...)."
+    )
 
 
 def describe(spec: ModelSpec) -> str:

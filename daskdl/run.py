@@ -4,7 +4,9 @@ and hand back a :class:`Run`."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import numbers
 import os
 import time
 import uuid
@@ -12,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
 from distributed import Client, futures_of, wait
 
-from daskdl import checkpoint, comm, events, models, security
+from daskdl import checkpoint, comm, config, events, models, preflight, rundir, security
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 from daskdl.data import (
@@ -28,6 +31,8 @@ from daskdl.data import (
     who_has_to_locations,
 )
 from daskdl.engine import RankSpec, evaluate_shard, rank_main
+
+logger = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
@@ -51,12 +56,14 @@ class Run:
         recorder,
         workers: list[str],
         out: Path | None,
+        staging: Path | None = None,
     ):
         self.client = client
         self.run_id = run_id
         self.spec = spec
         self.workers = workers
         self.out = out
+        self._staging = staging  # where it writes until its first checkpoint replaces out
         self._futures = futures
         self._data = data
         self._recorder = recorder
@@ -69,23 +76,43 @@ class Run:
         self.lost: list[str] = []  # workers lost during the run, in order
         self._grow = False  # whether workers that join the cluster get ranks
         self._join_asked = False
+        self._cancelled = False
 
     def __repr__(self) -> str:
         return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
 
     @property
     def done(self) -> bool:
+        self._check_client()
         if self._result is not None or self._error is not None:
             return True
         return all(f.done() for f in self._futures)
 
     @property
     def status(self) -> str:
+        """``"running"``, ``"finished"``, ``"stopped"`` (by :meth:`stop`), ``"failed"`` or
+        ``"cancelled"`` (by :meth:`cancel`, or its client went away); ``wait()`` raises the
+        reason of the last two."""
+        self._check_client()
         if self._error is not None:
-            return "failed"
+            return "cancelled" if self._cancelled else "failed"
         if self._result is not None:
             return "stopped" if self._result["stopped"] else "finished"
         return "running"
+
+    def _check_client(self) -> None:
+        """A run whose client closed cannot be followed any more: the scheduler released its
+        rank tasks (they stop after the same step), so it ends as cancelled, saying why."""
+        if self._result is not None or self._error is not None:
+            return
+        if self.client.status in ("closing", "closed"):
+            self._cancelled = True
+            self._error = RunError(
+                f"run {self.run_id} was cancelled: the client that started it closed before it "
+                "ended, and the scheduler released its ranks. Keep the client open until "
+                "run.wait() returns; resume= continues the run from its last checkpoint."
+            )
+            self._recorder.close()
 
     @property
     def history(self) -> pd.DataFrame:
@@ -121,6 +148,17 @@ class Run:
                     wait(self._futures, timeout=1.0)
                 except TimeoutError:
                     pass
+                self._check_client()
+                if self._error is not None:
+                    raise self._error
+                if any(f.status == "cancelled" for f in self._futures):
+                    self._cancelled = True
+                    self._fail(
+                        RunError(
+                            f"run {self.run_id} was cancelled: its rank tasks were cancelled "
+                            "(client.cancel, or the scheduler released them)."
+                        )
+                    )
                 failed = [i for i, f in enumerate(self._futures) if f.status == "error"]
                 live = self._live_workers()
                 gone = [i for i, w in enumerate(self.workers) if w not in live]
@@ -161,10 +199,50 @@ class Run:
     def _comm_id(self) -> str:
         return self._launch.comm_id if self._launch is not None else self.run_id
 
-    def stop(self) -> Run:
-        """Ask every rank to stop after the current step, and wait for them."""
+    def stop(self, timeout: float | None = None) -> Run:
+        """Ask every rank to stop after the current step, and wait for them: at most
+        ``timeout`` seconds, then :meth:`cancel` (a rank stuck in its step never gets there)."""
         self.client.run(comm.request_stop, self._comm_id, workers=self.workers, on_error="ignore")
-        return self.wait()
+        try:
+            return self.wait(timeout)
+        except TimeoutError:
+            logger.warning("run %s did not stop within %ss: cancelling it", self.run_id, timeout)
+            return self.cancel()
+
+    def cancel(self, grace: float = 10.0) -> Run:
+        """End the run now, wherever its ranks are, and leave the cluster able to train.
+
+        Collectives are aborted and the rank tasks cancelled; a rank still busy after
+        ``grace`` seconds (stuck in a model's forward, say) holds its worker's thread, which
+        Dask cannot take back, so that worker is restarted (its data is recomputed when
+        needed). The run ends as ``"cancelled"``; checkpoints already written stay.
+        """
+        if self._result is not None or self._error is not None:
+            return self
+        reason = f"run {self.run_id} was cancelled (Run.cancel)"
+        self.client.run(comm.abort, self._comm_id, reason, workers=self.workers, on_error="ignore")
+        self.client.cancel(self._futures, force=True)
+        keys = [f.key for f in self._futures]
+        busy: list[str] = []
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            running = self.client.run(_running_keys, keys, workers=self.workers, on_error="ignore")
+            busy = sorted(w for w, found in running.items() if isinstance(found, list) and found)
+            if not busy:
+                break
+            time.sleep(0.2)
+        if busy:
+            logger.warning(
+                "run %s: ranks on %s still ran %.0fs after cancel; restarting those workers",
+                self.run_id,
+                busy,
+                grace,
+            )
+            self.client.restart_workers(busy, raise_for_error=False)
+        self._cancelled = True
+        self._error = RunError(reason)
+        self._finish("cancelled", error=reason)
+        return self
 
     def _returned(self, reason: str | None = None) -> list[dict]:
         """The states ranks handed back to regroup (for ``reason``, or any but a join)."""
@@ -287,8 +365,11 @@ class Run:
     def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float]:
         """Loss and accuracy of the trained model on ``data``, computed on the cluster.
 
-        Each partition is scored where it lives; only three numbers per partition come back.
+        Each partition is scored where it lives; only a few numbers per partition come back.
+        The data are checked as ``fit`` checks them (labels within the run's classes and
+        integral, features finite), in the same pass, with the same messages.
         """
+        batch_size = config.integer("batch_size", batch_size, minimum=1)
         _check_compatible(data, self.spec["input_shape"], name="data")
         if self._state is None:
             # One future for the whole state dict, under a fresh key: scattering the dict itself
@@ -300,8 +381,14 @@ class Run:
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
         score = dask.delayed(_score_partition, pure=True)
         spec = {k: self.spec[k] for k in ("model", "input_shape", "n_classes")}
-        sums = [score(spec, state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
-        total = np.sum(self.client.compute(sums, sync=True), axis=0)
+        parts = [score(spec, state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
+        parts = np.array(self.client.compute(parts, sync=True))
+        counts, sums = parts[:, :5], parts[:, 5:]
+        n = counts[:, 4].sum()
+        total = [counts[:, 0].min(), counts[:, 1].max(), *counts[:, 2:4].sum(axis=0), n]
+        preflight.check_values("data", total)
+        preflight.class_count("data", total[0], total[1], n, self.spec["n_classes"])
+        total = sums.sum(axis=0)
         return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
 
     def _result_model(self) -> dict:
@@ -328,6 +415,7 @@ class Run:
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
+        status = "cancelled" if self._cancelled else "failed"
         self.client.run(
             comm.abort,
             self._comm_id,
@@ -336,7 +424,7 @@ class Run:
             on_error="ignore",
         )
         self.client.cancel(self._futures, force=True)
-        self._finish("failed", error=str(error))
+        self._finish(status, error=str(error))
         raise error
 
     def _finish(self, status: str, **fields) -> None:
@@ -352,17 +440,35 @@ class Run:
             {"run": self.run_id, "kind": "end", "status": status, **fields},
         )
         events.unsubscribe(self.client, events.topic(self.run_id), self._recorder.handle)
-        if self.out is not None and status != "failed":
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.history.to_csv(self.out / "metrics.csv", index=False)
+        if self.out is None:
+            return
+        if status != "finished":
+            rundir.abandon(self.out, self._staging, status)  # a replaced run stays as it was
+        if status not in ("failed", "cancelled"):
+            folder = rundir.writing_to(self.out, self._staging)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.history.to_csv(folder / rundir.METRICS, index=False)
+
+
+def _running_keys(keys: list[str], dask_worker=None) -> list[str]:
+    """Which of ``keys`` still hold a thread of this worker (cancelled or not)."""
+    state = dask_worker.state
+    return [ts.key for ts in state.executing | state.long_running if ts.key in keys]
 
 
 def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batch_size: int):
+    """A partition's checks (:func:`daskdl.preflight.value_counts`), then its summed loss,
+    correct predictions and count; only scored when the checks pass (else zeros)."""
+    counts = preflight.value_counts(X, y)
+    lo, hi, fractional, bad, n = counts
+    if fractional or bad or not n or lo < 0 or hi >= spec["n_classes"]:
+        return np.concatenate([counts, np.zeros(3)])
     model = models.build(spec["model"], spec["input_shape"], spec["n_classes"])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    return evaluate_shard(model, X, y, batch_size, autocast=torch.autocast("cpu", enabled=False))
+    sums = evaluate_shard(model, X, y, batch_size, autocast=torch.autocast("cpu", enabled=False))
+    return np.concatenate([counts, sums])
 
 
 def _check_compatible(data, input_shape, name: str) -> None:
@@ -379,34 +485,20 @@ def _check_compatible(data, input_shape, name: str) -> None:
 
 
 def _validate_labels(train: Dataset, val: Dataset | None, n_classes: int | None) -> int:
-    """Check labels and features on the cluster (only a few numbers come back)."""
+    """Check labels and features on the cluster (only a few numbers come back); return the
+    number of classes."""
+    sets = {"train": train, "val": val} if val is not None else {"train": train}
     checks = []
-    for ds in [train] + ([val] if val is not None else []):
+    for ds in sets.values():
         y = ds.y
-        checks += [
-            y.min(),
-            y.max(),
-            (y != y.astype(np.int64)).sum() if np.issubdtype(y.dtype, np.floating) else 0,
-            (~dask.array.isfinite(ds.X)).sum(),
-        ]
-    values = dask.compute(*checks)
-    lo = min(values[0::4])
-    hi = max(values[1::4])
-    n_classes = n_classes or max(2, int(hi) + 1)
-    for which, (_, _, fractional, bad) in zip(("train", "val"), np.reshape(values, (-1, 4))):
-        if bad:
-            raise ValueError(
-                f"The {which} features contain {int(bad)} NaN or infinite values. Clean them, "
-                "or drop those samples with dataset.dropna()."
-            )
-        if fractional:
-            raise ValueError(f"The {which} labels contain {int(fractional)} non-integer values.")
-    if lo < 0 or hi >= n_classes:
-        raise ValueError(
-            f"Labels must be in [0, {n_classes}) but range over [{lo:g}, {hi:g}]. "
-            "Map class labels to 0..n_classes-1, or pass n_classes to the Dataset."
-        )
-    return n_classes
+        fractional = (y != da.round(y)).sum() if np.issubdtype(y.dtype, np.floating) else 0
+        checks.append([y.min(), y.max(), fractional, (~da.isfinite(ds.X)).sum(), len(y)])
+    counts = dask.compute(*checks)
+    for which, c in zip(sets, counts):
+        preflight.check_values(which, c)
+    lo = min(float(c[0]) for c in counts)
+    hi = max(float(c[1]) for c in counts)
+    return preflight.class_count("train", lo, hi, len(train), n_classes)
 
 
 def _block_futures(arr) -> list:
@@ -441,17 +533,34 @@ def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str
     available = sorted(info)
     if workers is None:
         return available
-    if isinstance(workers, int):
-        if not 1 <= workers <= len(available):
+    if isinstance(workers, str):
+        workers = [workers]  # one address, not its characters
+    if isinstance(workers, numbers.Number):
+        workers = config.integer("workers", workers, minimum=1)
+        if workers > len(available):
             raise ValueError(
                 f"workers={workers}, but the cluster has {len(available)} workers. Start more "
                 "workers or ask for fewer ranks."
             )
         return available[:workers]
+    if not isinstance(workers, (list, tuple, set)) or not all(isinstance(w, str) for w in workers):
+        raise TypeError(
+            f"workers must be a count or a list of worker addresses, got {workers!r}. "
+            f"The cluster's workers are {available}."
+        )
+    workers = list(workers)
+    if not workers:
+        raise ValueError(f"workers=[] names no worker; the cluster has {available}.")
+    twice = sorted({w for w in workers if workers.count(w) > 1})
+    if twice:
+        raise ValueError(
+            f"workers lists {twice} more than once; a worker runs one rank of a run. List each "
+            "once, or start more workers."
+        )
     unknown = [w for w in workers if w not in info]
     if unknown:
         raise ValueError(f"Workers {unknown} are not in the cluster; it has {available}.")
-    return list(workers)
+    return workers
 
 
 @dataclass
@@ -472,6 +581,8 @@ class _Launch:
     out: str | None
     elastic: bool
     signing_key: security.Key | None = None
+    out_arg: str | None = None  # out as the user gave it (relative paths stay relative)
+    staging: str | None = None  # where a replacing run writes until its first checkpoint
     public: dict = field(default_factory=dict)
     generation: int = 0
 
@@ -541,6 +652,7 @@ class _Launch:
                 steps_per_epoch=steps,
                 start_epoch=start_epoch,
                 out=self.out,
+                staging=self.staging,
                 manifest=manifest,
                 history=history,
                 log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
@@ -621,7 +733,8 @@ def fit(
     max_failures: int = 2,
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike | bool | None = None,
+    overwrite: bool = False,
     signing_key: str | os.PathLike | security.Key | None = None,
     verify_key: str | os.PathLike | security.Key | None = None,
     block: bool = True,
@@ -739,11 +852,8 @@ def fit(
     )
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
-    # Keys are read here, on the client, so that a bad key file fails before any training.
-    key = security.signing_key(signing_key) if out is not None else None
-    verify_key = security.verify_key(verify_key) if resume is not None else None
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}.")
+    cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
+    max_failures = config.integer("max_failures", max_failures, minimum=0)
     try:
         json.dumps(meta or {})
     except TypeError as e:
@@ -753,6 +863,15 @@ def fit(
             f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
             " HINT: client = daskdl.local_cluster(n_workers=2)."
         )
+    if client.status in ("closing", "closed"):
+        raise RuntimeError(
+            "fit was given a closed client. Start a new one: daskdl.local_cluster(...) or "
+            "distributed.Client(address)."
+        )
+    out_path, resume = _run_paths(out, resume, overwrite)
+    # Keys are read here, on the client, so that a bad key file fails before any training.
+    key = security.signing_key(signing_key) if out_path is not None else None
+    verify_key = security.verify_key(verify_key) if resume is not None else None
     _check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
         _check_compatible(val, train.sample_shape, name="val")
@@ -760,13 +879,14 @@ def fit(
         raise ValueError(
             f"augment=True needs images (n, C, H, W); the data's samples are {train.sample_shape}."
         )
+    preflight.check_factory(model)
     resume_state, manifest, history = None, None, []
     if resume is not None:
-        path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
+        resume_path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
         if manifest["epoch"] >= cfg.epochs:
             raise ValueError(
-                f"Checkpoint {path} has already finished epoch {manifest['epoch']}; ask for more "
-                f"than {manifest['epoch']} epochs to continue it."
+                f"Checkpoint {resume_path} has already finished epoch {manifest['epoch']}; ask "
+                f"for more than {manifest['epoch']} epochs to continue it."
             )
         resume_state = {"model": model_t, "optimizer": opt_state}
         history = manifest.get("history", [])
@@ -783,15 +903,85 @@ def fit(
     if cfg.device == "cuda":
         _check_gpus(client, ranks)
     persisted = _persist(client, train, *([val] if val is not None else []))
-    train, x_futs, y_futs = persisted[0]
-    if val is not None:
-        val, xv_futs, yv_futs = persisted[1]
-    n_classes = _validate_labels(train, val, train._n_classes)
-    # Build one replica here: a bad model or shape fails now, not on every worker.
-    probe = models.build(model, train.sample_shape, n_classes)
-    n_params = sum(p.numel() for p in probe.parameters())
-    del probe
+    data = [f for _, xs, ys in persisted for f in xs + ys]
+    try:
+        train, x_futs, y_futs = persisted[0]
+        if val is not None:
+            val, xv_futs, yv_futs = persisted[1]
+        n_classes = _validate_labels(train, val, train._n_classes)
+        # Build one replica here and train it on a few real samples: a bad model fails now,
+        # naming what it saw, not on every worker from deep inside torch.
+        k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
+        sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
+        probe = preflight.dry_run(model, sample_x, sample_y, n_classes, cfg.seed)
+        if manifest is not None:
+            preflight.check_resume(
+                probe, model_t, manifest, resume_path, train.sample_shape, n_classes, cfg.to_dict()
+            )
+        n_params = sum(p.numel() for p in probe.parameters())
+        del probe
+        run_id = uuid.uuid4().hex[:8]
+        staging = rundir.claim(out_path, resume, overwrite, run_id) if out_path else None
+        launch = _Launch(
+            client=client,
+            run_id=run_id,
+            model=model,
+            train=train,
+            val=val,
+            x_futs=x_futs,
+            y_futs=y_futs,
+            xv_futs=xv_futs if val is not None else [],
+            yv_futs=yv_futs if val is not None else [],
+            n_classes=n_classes,
+            config=cfg.to_dict(),
+            out=str(out_path.resolve()) if out_path else None,
+            out_arg=str(out_path) if out_path else None,
+            staging=str(staging.resolve()) if staging else None,
+            elastic=max_failures > 0,
+            signing_key=key,
+        )
+        facts = {"n_params": n_params, "meta": meta or {}, "max_failures": max_failures}
+        run = _start(launch, ranks, manifest, resume_state, history, data, facts, progress)
+        run._max_failures, run._grow = max_failures, workers is None
+    except BaseException:
+        for f in data:  # nothing started: this call's hold on the data goes
+            f.release()
+        raise
+    if block:
+        run.wait()
+    return run
 
+
+def _run_paths(out, resume, overwrite) -> tuple[Path | None, Path | None]:
+    """``out`` and ``resume`` as paths, in the forms users pass them: ``resume=True``
+    continues the run in ``out``."""
+    overwrite = config.flag("overwrite", overwrite)
+    for name, value in (("out", out), ("resume", resume)):
+        if value is not None and not isinstance(value, (str, os.PathLike, bool)):
+            raise TypeError(f"{name} must be a folder path, got {type(value).__name__}.")
+    if isinstance(out, bool):
+        raise TypeError(f"out must be a folder path, got {out!r}.")
+    if resume is True:
+        if out is None:
+            raise ValueError("resume=True continues the run in out=, but out is not given.")
+        resume = out
+    elif resume is False:
+        resume = None
+    if overwrite and out is None:
+        raise ValueError("overwrite=True replaces the run in out=, but out is not given.")
+    if overwrite and resume is not None:
+        raise ValueError(
+            "overwrite=True replaces the run in out=, and resume= continues one: choose one."
+        )
+    return (Path(out) if out is not None else None), (Path(resume) if resume else None)
+
+
+def _start(
+    launch: _Launch, ranks, manifest, resume_state, history, data, facts: dict, progress
+) -> Run:
+    """Plan the shards of a checked run, write its config and submit its rank tasks.
+    ``facts`` join the run's public description (its start event and ``config.json``)."""
+    client, train, cfg = launch.client, launch.train, TrainConfig.from_dict(launch.config)
     sizes = [int(c) for c in train.X.chunks[0]]
     plan = None
     if (
@@ -800,62 +990,37 @@ def fit(
         and manifest["partition_sizes"] == sizes
     ):
         plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
-
-    run_id = uuid.uuid4().hex[:8]
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        out_path.mkdir(parents=True, exist_ok=True)
     start_epoch = manifest["epoch"] if manifest else 0
-    launch = _Launch(
-        client=client,
-        run_id=run_id,
-        model=model,
-        train=train,
-        val=val,
-        x_futs=x_futs,
-        y_futs=y_futs,
-        xv_futs=xv_futs if val is not None else [],
-        yv_futs=yv_futs if val is not None else [],
-        n_classes=n_classes,
-        config=cfg.to_dict(),
-        out=str(out_path.resolve()) if out_path else None,
-        elastic=max_failures > 0,
-        signing_key=key,
-    )
     ranks, rank_plans, steps = launch.plan(ranks, plan)
-    spec = {"model": model, "input_shape": train.sample_shape, "n_classes": n_classes}
-    public = {
-        "run": run_id,
-        "model": models.describe(model),
+    out = Path(launch.out_arg) if launch.out_arg else None
+    launch.public = public = {
+        "run": launch.run_id,
+        "model": models.describe(launch.model),
         "config": launch.config,
         "world_size": len(ranks),
         "workers": ranks,
         "steps_per_epoch": steps,
-        "n_params": n_params,
         "n_train": sum(sizes),
         "input_shape": list(train.sample_shape),
-        "n_classes": n_classes,
+        "n_classes": launch.n_classes,
         "start_epoch": start_epoch,
-        "out": str(out_path) if out_path else None,
-        "meta": meta or {},
-        "max_failures": max_failures,
+        "out": launch.out_arg,
+        **facts,
     }
-    if out_path is not None:
-        (out_path / "config.json").write_text(json.dumps(public, indent=1))
+    if out is not None:
+        folder = rundir.writing_to(launch.out, launch.staging)
+        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
 
-    recorder = events.Recorder(run_id, steps * cfg.epochs, start_epoch * steps, progress)
+    recorder = events.Recorder(launch.run_id, steps * cfg.epochs, start_epoch * steps, progress)
     recorder.epochs.extend(history)
-    events.subscribe(client, events.topic(run_id), recorder.handle)
-    client.log_event(events.topic(run_id), {"kind": "start", **public})
+    events.subscribe(client, events.topic(launch.run_id), recorder.handle)
+    client.log_event(events.topic(launch.run_id), {"kind": "start", **public})
     client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
     comm.ensure_plugin(client)
 
-    launch.public = public
     futures = launch.submit(ranks, rank_plans, steps, resume_state, start_epoch, 0, history)
-    data = x_futs + y_futs + (xv_futs + yv_futs if val is not None else [])
-    run = Run(client, run_id, spec, futures, data, recorder, ranks, out_path)
-    run._launch, run._max_failures = launch, max_failures
-    run._grow = workers is None
-    if block:
-        run.wait()
+    spec = {"model": launch.model, "input_shape": train.sample_shape, "n_classes": launch.n_classes}
+    staging = Path(launch.staging) if launch.staging else None
+    run = Run(client, launch.run_id, spec, futures, data, recorder, ranks, out, staging)
+    run._launch = launch
     return run

@@ -1,0 +1,279 @@
+"""What is checked before any rank starts, so that a bad model, bad data or a checkpoint of
+another run fails at once, on the client, with an error that names what was seen and the fix,
+instead of on every worker from deep inside torch or Dask.
+
+- :func:`check_factory`: a model factory can be called the way daskdl calls it, and sent to
+  the workers.
+- :func:`dry_run`: the model is built once and runs forward, the loss and backward on a few
+  real training samples.
+- :func:`check_resume`: a checkpoint fits the model, data and optimizer asked for.
+- :func:`value_counts`, :func:`check_values` and :func:`class_count`: labels and features,
+  checked the same way for ``fit`` and ``Run.evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from distributed.protocol import pickle as dask_pickle
+
+from daskdl import models
+
+logger = logging.getLogger(__name__)
+
+# More classes than this, or more than training samples, is not what class ids look like.
+MAX_INFERRED_CLASSES = 100_000
+DRY_RUN_SAMPLES = 8
+
+
+class ModelCheckError(ValueError):
+    """The model cannot train on this data: the message says what was seen and the fix."""
+
+
+def check_factory(spec: models.ModelSpec) -> None:
+    """A factory's signature fits one of the accepted forms, and Dask can pickle it."""
+    if isinstance(spec, str) or (isinstance(spec, (tuple, list)) and len(spec) == 2):
+        if isinstance(spec, str) or isinstance(spec[0], str):
+            return  # a registered model: its name and options travel
+    if callable(spec) and not isinstance(spec, torch.nn.Module):
+        models.factory_takes_shape(spec)
+    try:
+        dask_pickle.dumps(spec)
+    except Exception as e:  # noqa: BLE001 - whatever pickling raises, the fix is the same
+        raise ModelCheckError(
+            f"The model factory {models.describe(spec)} cannot be sent to the workers "
+            f"({type(e).__name__}: {e}). Dask pickles it (with cloudpickle) for every rank: "
+            "define it at module level, and keep objects that cannot be pickled (locks, open "
+            "files, clients, generators) out of what it refers to."
+        ) from None
+
+
+def _build(spec: models.ModelSpec, input_shape: tuple[int, ...], n_classes: int, seed: int):
+    # The user's own random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return models.build(spec, input_shape, n_classes)
+        except (ValueError, TypeError) as e:
+            if type(e).__module__ == __name__ or "factory" in str(e) or "model" in str(e):
+                raise
+            raise ModelCheckError(_factory_failed(spec, input_shape, n_classes, e)) from e
+        except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+            raise ModelCheckError(_factory_failed(spec, input_shape, n_classes, e)) from e
+
+
+def _factory_failed(spec, input_shape, n_classes, e: BaseException) -> str:
+    return (
+        f"Building the model {models.describe(spec)} for samples of shape {input_shape} and "
+        f"{n_classes} classes failed: {type(e).__name__}: {e}"
+    )
+
+
+def _check_parameters(model: torch.nn.Module, name: str) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        total = sum(1 for _ in model.parameters())
+        raise ModelCheckError(
+            f"The model {name} has no trainable parameter ({total} parameters, none with "
+            "requires_grad=True): there is nothing to train or average. Unfreeze at least one "
+            "layer (p.requires_grad_(True)), or evaluate it without training."
+        )
+    named = (("parameter", model.named_parameters()), ("buffer", model.named_buffers()))
+    for what, tensors in named:
+        for key, t in tensors:
+            if (t.is_floating_point() or t.is_complex()) and t.dtype != torch.float32:
+                raise ModelCheckError(
+                    f"The model's {what} {key!r} is {t.dtype}; daskdl trains float32 models "
+                    "(the features are float32 and gradients are averaged in float32; "
+                    "precision='bf16' trains in bfloat16 autocast). Build the model in "
+                    "float32: leave out .double() / .half() / dtype=... ."
+                )
+
+
+def dry_run(
+    spec: models.ModelSpec,
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Build the model and run forward, the loss and backward on the samples ``X, y`` (a few
+    real ones) on the client's CPU, as a rank would; return the model.
+
+    Every problem is a :class:`ModelCheckError` naming what was seen (types, shapes) and the
+    fix. Parameters that took no part in the forward pass are logged: ranks leave them alone,
+    as plain PyTorch does.
+    """
+    input_shape = tuple(int(s) for s in X.shape[1:])
+    name = models.describe(spec)
+    model = _build(spec, input_shape, n_classes, seed)
+    _check_parameters(model, name)
+    xb = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yb = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    seen = f"a batch of shape {tuple(xb.shape)} (float32)"
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            out = model(xb)
+        except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+            raise ModelCheckError(
+                f"The model {name} failed on {seen}: {type(e).__name__}: {e}. Its forward "
+                f"must take samples of shape {input_shape} with the batch first."
+            ) from e
+    _check_output(out, name, seen, len(xb), n_classes)
+    try:
+        loss = F.cross_entropy(out.float(), yb)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001
+        raise ModelCheckError(
+            f"Backward through the model {name} failed on {seen}: {type(e).__name__}: {e}."
+        ) from e
+    unused = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        logger.info(
+            "Parameters %s of %s took no part in the forward pass; they are left alone "
+            "(no weight decay, no momentum) on every rank where no rank uses them.",
+            unused,
+            name,
+        )
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def _check_output(out, name: str, seen: str, batch: int, n_classes: int) -> None:
+    want = f"one tensor of logits shaped (batch, {n_classes})"
+    if isinstance(out, (tuple, list, dict)):
+        kind = type(out).__name__
+        raise ModelCheckError(
+            f"The model {name} returned a {kind} on {seen}; daskdl's loss needs {want}. "
+            "Return the logits alone from forward (for a model that returns several outputs, "
+            "wrap it: nn.Sequential(model, PickFirst()) or forward(x)[0])."
+        )
+    if not torch.is_tensor(out):
+        raise ModelCheckError(
+            f"The model {name} returned {type(out).__name__} on {seen}; daskdl needs {want}."
+        )
+    if not out.is_floating_point():
+        raise ModelCheckError(
+            f"The model {name} returned {out.dtype} values on {seen}; logits must be floats "
+            "(leave out argmax or rounding at the end of forward)."
+        )
+    shape = tuple(out.shape)
+    if out.ndim != 2 or shape[0] != batch:
+        fix = "squeeze the extra dimensions" if out.ndim > 2 else "keep the batch dimension"
+        if out.ndim >= 2 and shape[0] != batch:
+            fix = "keep the batch first and do not mix samples"
+        raise ModelCheckError(
+            f"The model {name} returned a tensor of shape {shape} on {seen}; daskdl needs "
+            f"{want}, here ({batch}, {n_classes}): {fix}."
+        )
+    if shape[1] < n_classes:
+        raise ModelCheckError(
+            f"The model {name} gives {shape[1]} outputs per sample, but the labels have "
+            f"{n_classes} classes (0..{n_classes - 1}): its last layer needs n_classes "
+            "outputs. A factory f(input_shape, n_classes) is given n_classes; or pass "
+            "n_classes to the Dataset if the labels are fewer than they look."
+        )
+
+
+def check_resume(
+    model: torch.nn.Module,
+    tensors: dict[str, np.ndarray],
+    manifest: dict,
+    path,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    config: dict,
+) -> None:
+    """Whether the checkpoint at ``path`` fits the run asked for; one error naming every
+    difference otherwise (before any rank starts, not as a ``load_state_dict`` error on each)."""
+    problems = []
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = sorted(set(wanted) - set(have))
+    unexpected = sorted(set(have) - set(wanted))
+    if missing:
+        problems.append(f"the checkpoint lacks {_some(missing)} of the model")
+    if unexpected:
+        problems.append(f"it has {_some(unexpected)}, which the model lacks")
+    shapes = [f"{k} {have[k]} vs {wanted[k]}" for k in wanted if k in have and have[k] != wanted[k]]
+    if shapes:
+        problems.append(f"tensor shapes differ (checkpoint vs model): {_some(shapes)}")
+    if tuple(manifest.get("input_shape", input_shape)) != tuple(input_shape):
+        problems.append(f"samples were {tuple(manifest['input_shape'])}, now {tuple(input_shape)}")
+    if manifest.get("n_classes", n_classes) != n_classes:
+        problems.append(f"it has {manifest['n_classes']} classes, the data {n_classes}")
+    before = manifest.get("config", {})
+    for option in ("optimizer", "outer_optimizer"):
+        if option in before and before[option] != config[option]:
+            problems.append(f"{option} was {before[option]!r}, now {config[option]!r}")
+    if problems:
+        raise ModelCheckError(
+            f"Checkpoint {path} does not fit this run ({manifest.get('model', '?')} before): "
+            + "; ".join(problems)
+            + ". Resume with the model, data and optimizer it was trained with, or start a "
+            "new run (another out=, without resume=)."
+        )
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
+
+
+# ------------------------------------------------------------------ labels and features
+
+
+def value_counts(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One partition's (lowest label, highest label, non-integer labels, non-finite
+    features, samples): what :func:`check_values` needs, five numbers."""
+    y = np.asarray(y)
+    if len(y) == 0:
+        return np.array([np.inf, -np.inf, 0, 0, 0], dtype=np.float64)
+    fractional = int((y != np.round(y)).sum()) if np.issubdtype(y.dtype, np.floating) else 0
+    bad = int((~np.isfinite(X)).sum())
+    return np.array([y.min(), y.max(), fractional, bad, len(y)], dtype=np.float64)
+
+
+def check_values(which: str, counts) -> None:
+    """Raise on non-finite features or non-integer labels, from the counts of
+    :func:`value_counts` (or the same five numbers from Dask reductions). ``which`` names the
+    data in the messages ("train", "val", "data")."""
+    _, _, fractional, bad, _ = counts
+    if bad:
+        raise ValueError(
+            f"The {which} features contain {int(bad)} NaN or infinite values. Clean them, "
+            "or drop those samples with dataset.dropna()."
+        )
+    if fractional:
+        raise ValueError(
+            f"The {which} labels contain {int(fractional)} non-integer values; daskdl trains "
+            "classifiers on integer class ids 0..n_classes-1. Map the labels to class ids "
+            "(for example np.unique(y, return_inverse=True))."
+        )
+
+
+def class_count(which: str, lo: float, hi: float, n: int, n_classes: int | None) -> int:
+    """The number of classes: ``n_classes``, or inferred from the highest label; an error
+    when the labels ``[lo, hi]`` do not fit it, or look like a regression target instead."""
+    if n_classes is None:
+        inferred = max(2, int(hi) + 1)
+        if inferred > MAX_INFERRED_CLASSES or (inferred > 100 and inferred > n):
+            raise ValueError(
+                f"The {which} labels look like regression targets, not class ids: they range "
+                f"over [{lo:g}, {hi:g}], which would make {inferred:,} classes for "
+                f"{int(n):,} samples. daskdl trains classifiers on class ids 0..n_classes-1; "
+                "for a numeric target, bin it into classes (np.digitize) or map its distinct "
+                "values to ids. To train on that many classes anyway, pass n_classes to the "
+                "Dataset."
+            )
+        n_classes = inferred
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(
+            f"Labels must be in [0, {n_classes}) but range over [{lo:g}, {hi:g}]. "
+            "Map class labels to 0..n_classes-1, or pass n_classes to the Dataset."
+        )
+    return n_classes
