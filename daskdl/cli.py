@@ -10,9 +10,30 @@ from pathlib import Path
 from daskdl.config import BACKENDS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
 
 
+def _count(text: str) -> int:
+    """An argparse type: a positive integer (``--workers 0`` is an error, not the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: any), got {text!r}")
+    return value
+
+
 def _cluster_args(p, what: str = "local cluster") -> None:
     p.add_argument("--scheduler", help="address of a running scheduler, e.g. tls://host:8786")
-    p.add_argument("--workers", type=int, default=None, help=f"workers of the {what}")
+    p.add_argument("--workers", type=_count, default=None, help=f"workers of the {what}")
     p.add_argument("--tls-ca-file", help="CA certificate of a TLS cluster (with --scheduler)")
     p.add_argument("--tls-cert", help="this client's TLS certificate")
     p.add_argument("--tls-key", help="this client's TLS private key")
@@ -105,6 +126,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", default=None, help="run directory for checkpoints and metrics")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (once this run has written its first checkpoint)",
     )
     p.add_argument(
         "--signing-key",
@@ -205,6 +231,7 @@ def train(args) -> int:
             workers=args.workers if args.scheduler else None,
             out=args.out,
             resume=args.out if args.resume else None,
+            overwrite=args.overwrite,
             signing_key=args.signing_key,
             verify_key=args.verify_key,
             progress=args.progress,
@@ -320,7 +347,7 @@ def _dashboard_parser(sub) -> None:
     )
     _cluster_args(p)
     p.add_argument("--address", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=5006, help="port (0: any free one)")
+    p.add_argument("--port", type=_port, default=5006, help="port (0: any free one)")
     p.add_argument("--runs-dir", default="runs", help="where runs started from the page write")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.add_argument(
@@ -576,16 +603,25 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         TypeError,
         KeyError,
-        FileNotFoundError,
-        FileExistsError,
-        ConnectionError,
+        OSError,
         ImportError,
         RuntimeError,
         CheckpointError,
         RunError,
     ) as e:
-        print(f"daskdl: error: {e}", file=sys.stderr)
+        print(f"daskdl: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; an OS error in its own words names its path and a fix."""
+    if isinstance(e, ConnectionError) or not isinstance(e, OSError) or e.filename is None:
+        return " ".join(str(e).split())
+    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return (
+        f"{path}: {e.strerror or e}. Check that the path is right, that its folders exist, and "
+        "that you may read or write there."
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from contextlib import nullcontext
 
@@ -10,6 +11,8 @@ import dask
 import torch
 from distributed import Client, LocalCluster
 from distributed.security import Security
+
+from daskdl.config import integer
 
 
 class _OwningClient(Client):
@@ -90,6 +93,11 @@ def local_cluster(
     >>> client.scheduler.address              # doctest: +SKIP
     'tls://127.0.0.1:40241'
     """
+    if gpus is not False and n_workers is not None:
+        raise ValueError(
+            f"n_workers={n_workers!r} with gpus={gpus!r}: a GPU cluster has one worker per GPU. "
+            "Choose the GPUs with gpus= (a count or device ids) and leave out n_workers."
+        )
     security = _tls_security(secure) if secure else None
     if security is not None:
         kwargs.update(security=security, protocol="tls://")
@@ -107,10 +115,10 @@ def _cpu_cluster(
     n_workers, threads_per_worker, memory_limit, dashboard_address, **kwargs
 ) -> Client:
     cores = os.cpu_count() or 1
-    n_workers = n_workers or min(cores, 4)
-    if n_workers < 1:
-        raise ValueError(f"n_workers must be at least 1, got {n_workers}.")
-    threads_per_worker = threads_per_worker or max(1, cores // n_workers)
+    n_workers = min(cores, 4) if n_workers is None else integer("n_workers", n_workers, 1)
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // n_workers)
+    threads_per_worker = integer("threads_per_worker", threads_per_worker, 1)
     options = dict(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
@@ -167,8 +175,8 @@ def _cuda_cluster(gpus, threads_per_worker, memory_limit, dashboard_address, **k
         )
     if gpus is True:
         devices = list(range(available))
-    elif isinstance(gpus, int) and not isinstance(gpus, bool):
-        devices = list(range(gpus))
+    elif isinstance(gpus, numbers.Integral) and not isinstance(gpus, bool):
+        devices = list(range(integer("gpus", gpus, 1)))
     elif isinstance(gpus, str):
         devices = [int(d) for d in gpus.split(",") if d.strip()]
     else:
@@ -185,9 +193,11 @@ def _cuda_cluster(gpus, threads_per_worker, memory_limit, dashboard_address, **k
             'local_cluster(gpus=...) needs dask-cuda: pip install "daskdl[cuda]".'
         ) from e
     cores = os.cpu_count() or 1
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // len(devices))
     cluster = LocalCUDACluster(
         CUDA_VISIBLE_DEVICES=devices,
-        threads_per_worker=threads_per_worker or max(1, cores // len(devices)),
+        threads_per_worker=integer("threads_per_worker", threads_per_worker, 1),
         host="127.0.0.1",
         dashboard_address=dashboard_address,
         memory_limit=memory_limit,

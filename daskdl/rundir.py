@@ -79,7 +79,8 @@ def claim(out: Path, resume: Path | None, overwrite: bool, run_id: str) -> Path 
         raise FileExistsError(
             f"out={str(out)!r} already holds another run ({_describe(out)}). Continue it with "
             f"resume={str(out)!r}, choose another out=, or pass overwrite=True to replace it "
-            "(once the new run has written its first checkpoint)."
+            "once the new run has written its first checkpoint (CLI: --resume, another "
+            "--out, --overwrite)."
         )
     staging = None
     if overwrite and holds_run(out):

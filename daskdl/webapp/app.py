@@ -3,19 +3,21 @@ runs, in one ``App(Viewer)``."""
 
 from __future__ import annotations
 
+import logging
 import threading
-import traceback
 from pathlib import Path
 
 import panel as pn
 import param
 from panel.viewable import Viewer
 
-from daskdl import comm
+from daskdl import comm, rundir
 from daskdl.cluster import workers_info
 from daskdl.config import PRECISIONS
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.views import Curves, RunList, Status, Workers
+
+logger = logging.getLogger(__name__)
 
 DATASETS = ["digits", "synthetic_images", "cifar10"]
 MODELS = ["small_cnn", "mlp", "resnet18", "vgg11", "vgg16"]
@@ -64,7 +66,7 @@ class Launcher(Viewer):
             work()
         except Exception as e:
             self.message = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+            logger.exception("dashboard: %s failed", getattr(work, "__name__", work))
 
     def _fit(self, options: dict, dataset: str, data_path: str, **extra):
         import daskdl
@@ -88,7 +90,10 @@ class Launcher(Viewer):
 
     def _start(self) -> None:
         name = "-".join([self.dataset.value, self.model.value])
-        out = self.runs_dir / f"{name}-{len(list(self.runs_dir.glob(name + '-*'))) + 1}"
+        n = 1
+        while rundir.holds_run(self.runs_dir / f"{name}-{n}"):  # a folder holds one run
+            n += 1
+        out = self.runs_dir / f"{name}-{n}"
         self._fit(
             {
                 "model": self.model.value,

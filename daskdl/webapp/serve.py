@@ -46,6 +46,22 @@ def check_exposure(address: str, basic_auth: str | None, insecure: bool) -> None
     )
 
 
+def check_port(address: str, port: int) -> int:
+    """``port``, if a server could listen on it at ``address`` now; else an ``OSError`` that
+    names it and the fix (before anything announces the address)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds
+        try:
+            s.bind((address, port))
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {address}:{port} ({e.strerror or e}): another program (a "
+                "dashboard already running?) has it. Choose another with --port, or --port 0 "
+                "for any free one."
+            ) from None
+    return port
+
+
 def free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
@@ -75,7 +91,7 @@ def serve(
 
     check_exposure(address, basic_auth, insecure)
     pn.extension("tabulator")
-    port = port or free_port(address)
+    port = check_port(address, port) if port else free_port(address)
     origins = [f"{address}:{port}"]
     if security.is_loopback(address) or address in ("0.0.0.0", "::"):
         origins += [f"localhost:{port}", f"127.0.0.1:{port}"]
