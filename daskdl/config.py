@@ -133,7 +133,14 @@ class TrainConfig:
     def timeout(self) -> float:
         if self.comm_timeout is not None:
             return float(self.comm_timeout)
-        return dask.utils.parse_timedelta(dask.config.get("daskdl.comm-timeout"))
+        configured = dask.config.get("daskdl.comm-timeout")
+        try:
+            return dask.utils.parse_timedelta(configured)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(
+                f"daskdl.comm-timeout is {configured!r} in the Dask config, not a duration: "
+                "set it like '60s' (or pass comm_timeout= in seconds)."
+            ) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 
+import cloudpickle
 import numpy as np
 import torch
 import torch.nn.functional as F
-from distributed.protocol import pickle as dask_pickle
 
 from daskdl import models
 
@@ -41,7 +41,7 @@ def check_factory(spec: models.ModelSpec) -> None:
     if callable(spec) and not isinstance(spec, torch.nn.Module):
         models.factory_takes_shape(spec)
     try:
-        dask_pickle.dumps(spec)
+        cloudpickle.dumps(spec)  # as Dask sends it (without Dask's error log)
     except Exception as e:  # noqa: BLE001 - whatever pickling raises, the fix is the same
         raise ModelCheckError(
             f"The model factory {models.describe(spec)} cannot be sent to the workers "
@@ -150,7 +150,7 @@ def _check_output(out, name: str, seen: str, batch: int, n_classes: int) -> None
         raise ModelCheckError(
             f"The model {name} returned a {kind} on {seen}; daskdl's loss needs {want}. "
             "Return the logits alone from forward (for a model that returns several outputs, "
-            "wrap it: nn.Sequential(model, PickFirst()) or forward(x)[0])."
+            "wrap it in a module whose forward returns model(x)[0])."
         )
     if not torch.is_tensor(out):
         raise ModelCheckError(
@@ -250,7 +250,8 @@ def check_values(which: str, counts) -> None:
         )
     if fractional:
         raise ValueError(
-            f"The {which} labels contain {int(fractional)} non-integer values; daskdl trains "
+            f"The {which} labels contain {int(fractional)} non-integer (or NaN) values; daskdl "
+            "trains "
             "classifiers on integer class ids 0..n_classes-1. Map the labels to class ids "
             "(for example np.unique(y, return_inverse=True))."
         )

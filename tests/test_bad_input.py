@@ -3,6 +3,7 @@ usable."""
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -10,7 +11,9 @@ import pandas as pd
 import pytest
 
 import daskdl
-from daskdl import Dataset
+from daskdl import Dataset, comm
+from daskdl.cluster import workers_info
+from daskdl.run import _Launch
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
 y = np.arange(200) % 2
@@ -71,6 +74,16 @@ def test_truncated_cifar_file(tmp_path):
 good = Dataset.from_numpy(X, y, chunks=50)
 
 
+@pytest.fixture
+def no_rank_may_start(monkeypatch):
+    """Any rank task submitted fails the test: every bad input is found before."""
+
+    def submit(*args, **kwargs):
+        raise AssertionError("a rank task was submitted before the problem was found")
+
+    monkeypatch.setattr(_Launch, "submit", submit)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -103,7 +116,7 @@ good = Dataset.from_numpy(X, y, chunks=50)
         (
             {"train": Dataset.from_numpy(X, y + 0.5, chunks=50)},
             ValueError,
-            "200 non-integer values",
+            "200 non-integer",
         ),
         (
             {"train": Dataset.from_numpy(np.where(X > 2, np.nan, X), y, chunks=50)},
@@ -111,15 +124,184 @@ good = Dataset.from_numpy(X, y, chunks=50)
             r"NaN or infinite values.*dropna",
         ),
         ({"resume": "/no/such/run"}, Exception, "No checkpoint in '/no/such/run'"),
+        # Numbers: type, range and finiteness, checked once (TrainConfig).
+        ({"comm_timeout": float("nan")}, ValueError, "comm_timeout must be a positive number"),
+        ({"comm_timeout": float("inf")}, ValueError, "comm_timeout must be a positive number"),
+        ({"comm_timeout": "60s"}, ValueError, "comm_timeout must be a number, got '60s'"),
+        ({"lr": float("nan")}, ValueError, "lr must be a positive number, got nan"),
+        ({"lr": float("inf")}, ValueError, "lr must be a positive number, got inf"),
+        ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"weight_decay": float("nan")}, ValueError, "weight_decay must be >= 0, got nan"),
+        ({"warmup_epochs": 2}, ValueError, r"warmup_epochs must be in \[0, 1\]"),
+        ({"bucket_mb": 0}, ValueError, "bucket_mb must be a positive number"),
+        ({"outer_lr": float("nan")}, ValueError, "outer_lr must be a positive number"),
+        ({"batch_size": 1.5}, ValueError, "batch_size must be an integer, got 1.5"),
+        ({"batch_size": 16.0}, ValueError, "batch_size must be an integer, got 16.0. Pass"),
+        ({"epochs": True}, ValueError, "epochs must be an integer, got True"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
+        ({"torch_threads": 0}, ValueError, "torch_threads must be a positive integer"),
+        ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be a positive integer"),
+        ({"sync_every": 0}, ValueError, "sync_every must be a positive integer"),
+        ({"shuffle": "no"}, ValueError, "shuffle must be True or False, got 'no'"),
+        ({"augment": 1}, ValueError, r"augment must be True, False or None \(automatic\)"),
+        ({"max_failures": -1}, ValueError, "max_failures must be an integer >= 0"),
+        ({"max_failures": 1.0}, ValueError, "max_failures must be an integer, got 1.0"),
+        ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be one of"),
+        ({"wire_dtype": "fp16"}, ValueError, "wire_dtype must be one of"),
+        ({"backend": "nccl"}, ValueError, "backend must be one of"),
+        ({"schedule": "linear"}, ValueError, "schedule must be one of"),
+        # Workers, in the forms Python users pass them.
+        ({"workers": 0}, ValueError, "workers must be a positive integer, got 0"),
+        ({"workers": 2.0}, ValueError, r"workers must be an integer, got 2.0. Pass workers=2"),
+        ({"workers": []}, ValueError, r"workers=\[\] names no worker"),
+        ({"workers": "tcp://127.0.0.1:1"}, ValueError, r"Workers \['tcp://127.0.0.1:1'\] are"),
+        ({"workers": [1, 2]}, TypeError, "workers must be a count or a list of worker addr"),
+        # Run folders and resume, in the forms Python users pass them.
+        ({"resume": True}, ValueError, "resume=True continues the run in out=, but out is not"),
+        ({"resume": 3}, TypeError, "resume must be a folder path, got int"),
+        ({"overwrite": True}, ValueError, "overwrite=True replaces the run in out=, but out is"),
+        ({"out": "/dev/null"}, NotADirectoryError, "out='/dev/null' is a file, not a folder"),
+        ({"out": "/dev/null/run"}, OSError, "cannot write the run folder '/dev/null/run'"),
+        ({"meta": {"when": object()}}, TypeError, "meta must be JSON-able"),
+        # Targets.
+        (
+            {"train": Dataset.from_numpy(X, 1000 + 997 * np.arange(200), chunks=50)},
+            ValueError,
+            r"look like regression targets.*\[1000, 199403\].*199,404 classes for 200 samples",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, np.full(200, 10**9), chunks=50)},
+            ValueError,
+            r"look like regression targets.*1,000,000,001 classes",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, np.where(y, np.nan, 0), chunks=50)},
+            ValueError,
+            r"The train labels contain 100 non-integer \(or NaN\) values",
+        ),
+        (
+            {"val": Dataset.from_numpy(np.where(X > 2, np.inf, X), y, chunks=50)},
+            ValueError,
+            "The val features contain",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_bad_fit_arguments(client, kwargs, error, message):
+def test_bad_fit_arguments(client, no_rank_may_start, kwargs, error, message):
     args = {"model": "mlp", "train": good, "epochs": 1, "batch_size": 16, "progress": False}
     args.update(kwargs)
     model, train = args.pop("model"), args.pop("train")
     with pytest.raises(error, match=message):
         daskdl.fit(client, model, train, **args)
+
+
+def test_numbers_of_any_numeric_type_are_accepted(client):
+    """numpy scalars (from a grid or an array) are options like any other number, and are
+    kept as plain Python numbers (the config is JSON in events and checkpoints)."""
+    run = daskdl.fit(
+        client,
+        "mlp",
+        good,
+        epochs=np.int64(1),
+        batch_size=np.int32(16),
+        lr=np.float32(0.05),
+        momentum=np.float64(0.9),
+        shuffle=np.bool_(True),
+        workers=np.int64(2),
+        max_failures=np.int64(1),
+        progress=False,
+    )
+    config = run._launch.config
+    assert config["batch_size"] == 16 and type(config["batch_size"]) is int
+    assert type(config["lr"]) is float and type(config["shuffle"]) is bool
+    assert run.status == "finished" and len(run.workers) == 2
+
+
+def test_one_worker_address_as_a_string_is_that_worker(client):
+    address = sorted(workers_info(client))[1]
+    run = daskdl.fit(client, "mlp", good, workers=address, epochs=1, batch_size=16, progress=False)
+    assert run.workers == [address]
+
+
+def test_a_worker_listed_twice_is_refused_at_once(client, no_rank_may_start):
+    address = sorted(workers_info(client))[0]
+    with pytest.raises(ValueError, match=r"workers lists \['tcp://.*'\] more than once"):
+        daskdl.fit(client, "mlp", good, workers=[address, address], progress=False)
+
+
+def test_a_nan_timeout_never_hangs_the_cluster(client):
+    """The NaN timeout used to make a rank wait for ever one try in five, and every later fit
+    on the cluster with it: now it is refused at once, every time, and the cluster trains."""
+    for _ in range(10):
+        with pytest.raises(ValueError, match="comm_timeout must be a positive number"):
+            daskdl.fit(client, "mlp", good, comm_timeout=float("nan"), progress=False)
+    with dask.config.set({"daskdl.comm-timeout": float("nan")}):  # the configured default too
+        with pytest.raises(ValueError, match="daskdl.comm-timeout is nan in the Dask config"):
+            daskdl.fit(client, "mlp", good, progress=False)
+    with dask.config.set({"daskdl.comm-timeout": "soon"}):
+        with pytest.raises(ValueError, match="daskdl.comm-timeout is 'soon' in the Dask config"):
+            daskdl.fit(client, "mlp", good, progress=False)
+    run = daskdl.fit(client, "mlp", good, epochs=1, batch_size=16, progress=False)
+    assert run.status == "finished"
+
+
+def test_a_wait_with_a_nan_or_infinite_deadline_is_refused():
+    box = comm.Mailbox()
+    for timeout in (float("nan"), float("inf"), 0, -1):
+        with pytest.raises(ValueError, match="timeout must be finite seconds > 0"):
+            box.take("tag", timeout, lambda: "peer")
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, message",
+    [
+        (Dataset.from_numpy(X, y + 0.5, chunks=50), {}, "The data labels contain 200 non-integer"),
+        (
+            Dataset.from_numpy(np.where(X > 2, np.nan, X), y, chunks=50),
+            {},
+            r"The data features contain \d+ NaN or infinite values.*dropna",
+        ),
+        (
+            Dataset.from_numpy(X, np.where(y, 11, 0), chunks=50),
+            {},
+            r"Labels must be in \[0, 2\) but range over \[0, 11\]",
+        ),
+        (good, {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        (good, {"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+        (X, {}, "data must be a daskdl.Dataset"),
+        (Dataset.from_numpy(X[:, :3], y), {}, r"data has samples of shape \(3,\)"),
+    ],
+    ids=["fractional", "nan", "beyond-classes", "batch-0", "batch-float", "array", "shape"],
+)
+def test_evaluate_checks_its_data_as_fit_does(client, trained, data, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        trained.evaluate(data, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(client):
+    """A finished run on two classes, to evaluate."""
+    data = Dataset.from_numpy(X, y, chunks=50)
+    return daskdl.fit(client, "mlp", data, epochs=1, batch_size=16, progress=False)
+
+
+def test_evaluate_scores_good_data_after_bad(trained):
+    assert 0 <= trained.evaluate(good)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_workers": 0}, "n_workers must be a positive integer, got 0"),
+        ({"n_workers": -2}, "n_workers must be a positive integer, got -2"),
+        ({"n_workers": 1.5}, "n_workers must be an integer, got 1.5"),
+        ({"n_workers": 1, "threads_per_worker": 0}, "threads_per_worker must be a positive"),
+        ({"gpus": True, "n_workers": 2}, "a GPU cluster has one worker per GPU"),
+    ],
+)
+def test_impossible_clusters_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        daskdl.local_cluster(**kwargs)
 
 
 def test_client_must_be_a_client():
