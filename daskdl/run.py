@@ -869,6 +869,8 @@ def fit(
             "distributed.Client(address)."
         )
     out_path, resume = _run_paths(out, resume, overwrite)
+    if out_path is not None:
+        rundir.check(out_path, resume, overwrite)
     # Keys are read here, on the client, so that a bad key file fails before any training.
     key = security.signing_key(signing_key) if out_path is not None else None
     verify_key = security.verify_key(verify_key) if resume is not None else None

@@ -52,13 +52,12 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def claim(out: Path, resume: Path | None, overwrite: bool, run_id: str) -> Path | None:
-    """Make ``out`` this run's folder, before any rank starts; return the staging folder the
-    run writes into until its first checkpoint replaces ``out`` (``overwrite``), else None.
+def check(out: Path, resume: Path | None, overwrite: bool) -> None:
+    """Whether a run may write into ``out``; changes nothing.
 
-    Refuses, naming what is there and the fixes: a path that is a file or cannot be written,
-    a folder that holds another run (unless ``resume`` continues its newest checkpoint), and
-    resuming an older checkpoint of ``out`` into ``out`` (its newer ones would stay beside).
+    Refuses, naming what is there and the fixes: a path that is a file, a folder that holds
+    another run (unless ``resume`` continues its newest checkpoint), and resuming an older
+    checkpoint of ``out`` into ``out`` (its newer ones would stay beside the new run's).
     """
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(
@@ -82,6 +81,14 @@ def claim(out: Path, resume: Path | None, overwrite: bool, run_id: str) -> Path 
             "once the new run has written its first checkpoint (CLI: --resume, another "
             "--out, --overwrite)."
         )
+
+
+def claim(out: Path, resume: Path | None, overwrite: bool, run_id: str) -> Path | None:
+    """Make ``out`` this run's folder (after :func:`check`, once the run is about to start);
+    return the staging folder the run writes into until its first checkpoint replaces
+    ``out`` (``overwrite``), else None. A folder that cannot be written is an ``OSError``
+    naming it."""
+    check(out, resume, overwrite)
     staging = None
     if overwrite and holds_run(out):
         staging = out.parent / f".{out.name}.new-{run_id}"
