@@ -58,7 +58,9 @@ def test_resuming_an_older_checkpoint_into_the_same_folder_is_refused(client, fi
     with pytest.raises(FileExistsError, match="is not the newest checkpoint.*epoch-0003 is"):
         daskdl.fit(client, "mlp", data, epochs=4, out=first_run, resume=older, **QUICK)
     # Into a folder of its own it is a new branch, and fine.
-    run = daskdl.fit(client, "mlp", data, epochs=2, out=first_run.parent / "b", resume=older, **QUICK)
+    run = daskdl.fit(
+        client, "mlp", data, epochs=2, out=first_run.parent / "b", resume=older, **QUICK
+    )
     assert list(run.history["epoch"]) == [1, 2]
 
 
@@ -141,7 +143,9 @@ def test_resume_checks_the_checkpoint_fits_before_any_rank(
 ):
     monkeypatch.setattr(_Launch, "submit", lambda *a, **k: pytest.fail("a rank started"))
     with pytest.raises(ValueError, match=message) as e:
-        daskdl.fit(client, model, train, epochs=5, out=first_run, resume=first_run, **kwargs, **QUICK)
+        daskdl.fit(
+            client, model, train, epochs=5, out=first_run, resume=first_run, **kwargs, **QUICK
+        )
     assert "does not fit this run (mlp before)" in str(e.value)
 
 
