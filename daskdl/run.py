@@ -484,7 +484,9 @@ def _check_compatible(data, input_shape, name: str) -> None:
         )
 
 
-def _validate_labels(train: Dataset, val: Dataset | None, n_classes: int | None) -> int:
+def _validate_labels(
+    client: Client, train: Dataset, val: Dataset | None, n_classes: int | None
+) -> int:
     """Check labels and features on the cluster (only a few numbers come back); return the
     number of classes."""
     sets = {"train": train, "val": val} if val is not None else {"train": train}
@@ -493,7 +495,7 @@ def _validate_labels(train: Dataset, val: Dataset | None, n_classes: int | None)
         y = ds.y
         fractional = (y != da.round(y)).sum() if np.issubdtype(y.dtype, np.floating) else 0
         checks.append([y.min(), y.max(), fractional, (~da.isfinite(ds.X)).sum(), len(y)])
-    counts = dask.compute(*checks)
+    counts = client.compute(checks, sync=True)
     for which, c in zip(sets, counts):
         preflight.check_values(which, c)
     lo = min(float(c[0]) for c in counts)
@@ -516,7 +518,8 @@ def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, li
     arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)], optimize_graph=False)
     out = []
     for i, ds in enumerate(datasets):
-        persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
+        with client.as_current():  # chunk sizes from this client's futures, not the default's
+            persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
         out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
     return out
 
@@ -910,7 +913,7 @@ def fit(
         train, x_futs, y_futs = persisted[0]
         if val is not None:
             val, xv_futs, yv_futs = persisted[1]
-        n_classes = _validate_labels(train, val, train._n_classes)
+        n_classes = _validate_labels(client, train, val, train._n_classes)
         # Build one replica here and train it on a few real samples: a bad model fails now,
         # naming what it saw, not on every worker from deep inside torch.
         k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
