@@ -364,9 +364,11 @@ def _dashboard_parser(sub) -> None:
 
 
 def dashboard(args) -> int:
-    from daskdl.webapp.serve import check_exposure, serve, shared_client
+    from daskdl.webapp.serve import check_exposure, check_port, serve, shared_client
 
     check_exposure(args.address, args.basic_auth, args.insecure)  # before starting a cluster
+    if args.port:
+        check_port(args.address, args.port)
     if args.insecure and not args.basic_auth:
         print(f"daskdl: warning: serving on {args.address} without a password", file=sys.stderr)
     client = shared_client(args.scheduler, args.workers, _security(args), args.secure)

@@ -150,6 +150,22 @@ def test_train_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
         (["train", "--dataset", "mnist", "--epochs", "1"], "Unknown dataset 'mnist'"),
         (["train", "--dataset", "cifar10", "--epochs", "1"], "--dataset cifar10 needs --data-path"),
         (["train", "--resume", "--epochs", "1"], "--resume continues the run in --out"),
+        (
+            ["train", "--out", "/dev/null", "--workers", "1", "--epochs", "1"],
+            "out='/dev/null' is a file, not a folder",
+        ),
+        (
+            ["train", "--out", "/dev/null/run", "--workers", "1", "--epochs", "1"],
+            "cannot write the run folder '/dev/null/run'",
+        ),
+        (
+            ["verify", "/no/such/run", "--key", "/no/such/key"],
+            "cannot read the key file /no/such/key",
+        ),
+        (
+            ["words", "README.md", "--workers", "1", "--plot", "/dev/null/words.png"],
+            "/dev/null/words.png: Not a directory. Check that the path is right",
+        ),
     ],
 )
 def test_cli_errors_are_one_clear_line(args, message):
@@ -157,6 +173,40 @@ def test_cli_errors_are_one_clear_line(args, message):
     assert proc.returncode == 2
     assert f"daskdl: error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) > len("daskdl: error: ") + 20
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
+        (
+            ["train", "--workers", "two"],
+            "argument --workers: must be a positive integer, got 'two'",
+        ),
+        (["dashboard", "--port", "99999"], "argument --port: must be a port number 0-65535"),
+    ],
+)
+def test_cli_refuses_impossible_numbers_before_starting_anything(args, message):
+    proc = _run(*args, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_dashboard_on_a_busy_port_says_so_before_announcing_an_address():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _run("dashboard", "--port", str(port), timeout=60)
+    assert proc.returncode == 2
+    assert "http://" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"daskdl: error: cannot listen on 127.0.0.1:{port} (Address already in use): another "
+        "program (a dashboard already running?) has it. Choose another with --port, or "
+        "--port 0 for any free one."
+    )
 
 
 def test_train_on_cifar10_binary_files(tmp_path):
