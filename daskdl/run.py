@@ -909,6 +909,7 @@ def fit(
         _check_gpus(client, ranks)
     persisted = _persist(client, train, *([val] if val is not None else []))
     data = [f for _, xs, ys in persisted for f in xs + ys]
+    staging = None
     try:
         train, x_futs, y_futs = persisted[0]
         if val is not None:
@@ -951,6 +952,8 @@ def fit(
     except BaseException:
         for f in data:  # nothing started: this call's hold on the data goes
             f.release()
+        if staging is not None:
+            rundir.abandon(out_path, staging, "could not start")
         raise
     if block:
         run.wait()

@@ -9,6 +9,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+from distributed import Client
 
 import daskdl
 from daskdl import Dataset, comm
@@ -313,3 +314,10 @@ def test_the_cluster_still_trains_after_bad_input(client):
     run = daskdl.fit(client, "mlp", good, val=good, epochs=1, batch_size=16, progress=False)
     assert run.status == "finished"
     assert not client.processing() or not any(client.processing().values())
+
+
+def test_a_closed_client_is_refused_with_the_fix(client):
+    closed = Client(client.scheduler.address)
+    closed.close()
+    with pytest.raises(RuntimeError, match="fit was given a closed client. Start a new one"):
+        daskdl.fit(closed, "mlp", good, progress=False)
