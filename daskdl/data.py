@@ -4,6 +4,7 @@ samples, plus the shard plan that assigns their partitions to training ranks."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -13,6 +14,7 @@ import numpy as np
 from pandas.api.types import is_numeric_dtype
 
 from daskdl import preprocess
+from daskdl.config import integer
 
 
 class Dataset:
@@ -77,8 +79,8 @@ class Dataset:
                 )
         elif X.chunks[0] != y.chunks[0]:
             y = y.rechunk((X.chunks[0],))
-        if n_classes is not None and (isinstance(n_classes, bool) or n_classes < 2):
-            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
+        if n_classes is not None:
+            n_classes = integer("n_classes", n_classes, minimum=2)
         self.X = X.astype(np.float32) if X.dtype != np.float32 else X
         self.y = y
         self._n_classes = n_classes
@@ -104,8 +106,9 @@ class Dataset:
         if chunks == "auto":
             per_sample = max(1, X[:1].nbytes)
             chunks = max(1, min(64 * 2**20 // per_sample, math.ceil(len(X) / 4)))
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1:
             raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}.")
+        chunks = int(chunks)
         X_chunks = (chunks,) + tuple(-1 for _ in X.shape[1:])
         return cls(da.from_array(X, chunks=X_chunks), da.from_array(y, chunks=chunks), n_classes)
 

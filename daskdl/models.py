@@ -270,13 +270,21 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
         )
     if not callable(spec):
         raise TypeError(f"model must be a name or a callable returning nn.Module, got {spec!r}.")
-    if factory_takes_shape(spec):
-        model = spec(tuple(input_shape), n_classes)
-    else:
-        model = spec()
+    takes_shape = factory_takes_shape(spec)
+    try:
+        model = spec(tuple(input_shape), n_classes) if takes_shape else spec()
+    except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+        raise FactoryError(
+            f"Building the model {describe(spec)} for samples of shape {tuple(input_shape)} "
+            f"and {n_classes} classes failed: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"The model factory returned {type(model).__name__}, not nn.Module.")
     return model
+
+
+class FactoryError(ValueError):
+    """A user's model factory raised: the message names it, what it was given and its error."""
 
 
 FACTORY_FORMS = "f() or f(input_shape, n_classes), returning an nn.Module"

@@ -46,6 +46,17 @@ def no_signing_keys(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def no_rank_may_start(monkeypatch):
+    """Any rank task submitted fails the test: every bad input must be found before."""
+    from daskdl.run import _Launch
+
+    def submit(*args, **kwargs):
+        raise AssertionError("a rank task was submitted before the problem was found")
+
+    monkeypatch.setattr(_Launch, "submit", submit)
+
+
 # Dask's threads log while the session cluster shuts down, after pytest has closed its capture
 # streams; without this every such line prints a "Logging error" traceback.
 logging.raiseExceptions = False

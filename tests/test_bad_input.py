@@ -14,7 +14,6 @@ from distributed import Client
 import daskdl
 from daskdl import Dataset, comm
 from daskdl.cluster import workers_info
-from daskdl.run import _Launch
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
 y = np.arange(200) % 2
@@ -56,6 +55,16 @@ y = np.arange(200) % 2
             r"\.cat\.codes",
         ),
         (lambda: Dataset.from_numpy(X, y).split(1.5), ValueError, "test_size must be"),
+        (
+            lambda: Dataset.from_numpy(X, y, n_classes=1),
+            ValueError,
+            "n_classes must be an integer >= 2",
+        ),
+        (
+            lambda: Dataset.from_numpy(X, y, n_classes=3.0),
+            ValueError,
+            r"n_classes must be an integer, got 3.0. Pass n_classes=3.",
+        ),
         (lambda: daskdl.datasets.cifar10("/no/such/dir"), FileNotFoundError, "binary version"),
         (lambda: daskdl.datasets.load("imagenet"), ValueError, "Unknown dataset 'imagenet'"),
     ],
@@ -73,16 +82,6 @@ def test_truncated_cifar_file(tmp_path):
 
 
 good = Dataset.from_numpy(X, y, chunks=50)
-
-
-@pytest.fixture
-def no_rank_may_start(monkeypatch):
-    """Any rank task submitted fails the test: every bad input is found before."""
-
-    def submit(*args, **kwargs):
-        raise AssertionError("a rank task was submitted before the problem was found")
-
-    monkeypatch.setattr(_Launch, "submit", submit)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +201,7 @@ def test_numbers_of_any_numeric_type_are_accepted(client):
     run = daskdl.fit(
         client,
         "mlp",
-        good,
+        Dataset.from_numpy(X, y, chunks=np.int64(50), n_classes=np.int64(2)),
         epochs=np.int64(1),
         batch_size=np.int32(16),
         lr=np.float32(0.05),
@@ -216,6 +215,7 @@ def test_numbers_of_any_numeric_type_are_accepted(client):
     assert config["batch_size"] == 16 and type(config["batch_size"]) is int
     assert type(config["lr"]) is float and type(config["shuffle"]) is bool
     assert run.status == "finished" and len(run.workers) == 2
+    assert type(run._launch.public["n_classes"]) is int
 
 
 def test_one_worker_address_as_a_string_is_that_worker(client):

@@ -15,7 +15,6 @@ from torch import nn
 
 import daskdl
 from daskdl import Dataset, checkpoint
-from daskdl.run import _Launch
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
 
@@ -37,14 +36,15 @@ def first_run(client, tmp_path):
     return out
 
 
-def test_another_run_is_refused_and_the_first_one_stays_intact(client, first_run, monkeypatch):
+def test_another_run_is_refused_and_the_first_one_stays_intact(
+    client, first_run, no_rank_may_start
+):
     before = _files(first_run)
     assert {p.name for p in checkpoint.list_checkpoints(first_run / "checkpoints")} == {
         "epoch-0001",
         "epoch-0002",
         "epoch-0003",
     }
-    monkeypatch.setattr(_Launch, "submit", lambda *a, **k: pytest.fail("a rank started"))
     with pytest.raises(FileExistsError) as e:
         daskdl.fit(client, "mlp", data, epochs=1, out=first_run, seed=1, **QUICK)
     message = str(e.value)
@@ -139,9 +139,8 @@ def _another_mlp(input_shape, n_classes):
     ids=["model", "classes", "input-shape", "optimizer"],
 )
 def test_resume_checks_the_checkpoint_fits_before_any_rank(
-    client, first_run, monkeypatch, model, train, kwargs, message
+    client, first_run, no_rank_may_start, model, train, kwargs, message
 ):
-    monkeypatch.setattr(_Launch, "submit", lambda *a, **k: pytest.fail("a rank started"))
     with pytest.raises(ValueError, match=message) as e:
         daskdl.fit(
             client, model, train, epochs=5, out=first_run, resume=first_run, **kwargs, **QUICK
