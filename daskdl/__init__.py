@@ -7,7 +7,8 @@ from daskdl.cluster import local_cluster
 from daskdl.comm import CollectiveAborted, PeerTimeoutError
 from daskdl.config import TrainConfig
 from daskdl.data import Dataset, plan_shards
-from daskdl.run import Run, RunError, fit
+from daskdl.launcher import fit
+from daskdl.run import Run, RunError
 from daskdl.webapp import dashboard
 
 __version__ = "0.1.0"

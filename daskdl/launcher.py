@@ -1,0 +1,582 @@
+"""Starting a run: :func:`fit` checks its inputs (in the order that ``docs/errors.md``
+describes), persists the data, plans the shards and submits one rank task per worker.
+:class:`Launch` keeps what it takes to start the rank tasks again when a run regroups."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from distributed import Client, futures_of
+
+from daskdl import checkpoint, comm, config, events, models, preflight, rundir, security
+from daskdl.cluster import workers_info
+from daskdl.config import TrainConfig
+from daskdl.data import (
+    Dataset,
+    balanced_shards,
+    match_workers,
+    shard_sizes,
+    who_has_to_locations,
+)
+from daskdl.engine import RankSpec, rank_main
+from daskdl.run import Run, check_compatible
+
+
+def fit(
+    client: Client,
+    model: models.ModelSpec,
+    train: Dataset,
+    val: Dataset | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    precision: str = "fp32",
+    augment: bool | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    checkpoint_every: int = 1,
+    backend: str = "dask",
+    sync_every: int = 1,
+    wire_dtype: str = "fp32",
+    bucket_mb: float = 25.0,
+    outer_optimizer: str | None = None,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    comm_timeout: float | None = None,
+    torch_threads: int | None = None,
+    device: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    fused: bool | None = None,
+    on_nonfinite: str = "raise",
+    max_failures: int = 2,
+    workers: list[str] | int | None = None,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | bool | None = None,
+    overwrite: bool = False,
+    signing_key: str | os.PathLike | security.Key | None = None,
+    verify_key: str | os.PathLike | security.Key | None = None,
+    block: bool = True,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> Run:
+    """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
+
+    Parameters
+    ----------
+    client
+        Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
+    model
+        A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
+        ``"vgg11"``, ``"vgg16"``) or a factory ``f(input_shape, n_classes) -> nn.Module``.
+    train, val
+        :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
+        evaluates its share of ``val`` after every epoch.
+    batch_size
+        Per rank; the global batch is ``batch_size * number of ranks``.
+    workers
+        Which workers get a rank (addresses, or a count); default all.
+    out
+        Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
+        Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
+    resume
+        A run directory or checkpoint to continue from (the newest checkpoint that verifies).
+    signing_key, verify_key
+        Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
+        :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
+        ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
+        a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
+        (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
+        modified checkpoint; with no key at all it warns.
+    block
+        ``False`` returns the :class:`Run` at once; call ``run.wait()``.
+    meta
+        JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
+        checkpoints), such as the name of the data set; the dashboard reads them.
+
+    backend
+        ``"dask"``: the all-reduce over Dask's worker-to-worker comms (encrypted with the
+        cluster's TLS); ``"torch"``: a ``torch.distributed`` gloo process group over the same
+        ranks.
+    sync_every
+        1 averages gradients after every backward pass; ``H > 1`` is local SGD: each rank
+        takes H steps on its own, then parameters and optimizer momentum are averaged.
+    wire_dtype
+        ``"bf16"`` sends gradients as bfloat16 between ranks: half the bytes.
+    bucket_mb
+        Gradients are all-reduced in buckets of about this many MB (the first is 1 MB), each
+        starting as soon as backward has produced it, as in DDP (``bucket_cap_mb``).
+    outer_optimizer
+        ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
+        synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
+    device
+        ``"auto"`` (each rank on its worker's GPU where it has one, else the CPU), ``"cpu"``
+        or ``"cuda"`` (an error before training if a worker has no GPU). Use
+        ``daskdl.local_cluster(gpus=True)`` for one worker per GPU.
+    on_nonfinite
+        A NaN or infinite loss or gradient on any rank is caught before the optimizer step
+        (on every rank alike): ``"raise"`` ends the run with an error naming the rank(s), step
+        and batch; ``"skip"`` skips that step everywhere and logs a ``nonfinite`` event.
+    max_failures
+        Workers that may be lost (killed, or retired) before the run fails: after each loss
+        the surviving ranks regroup and carry on from the last step they all finished, with
+        the lost ranks' partitions shared among them. 0 makes a lost worker an error at once.
+    channels_last, compile
+        CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
+        CUDA) and ``torch.compile``.
+    fused
+        The optimizer's fused kernel (default: on CUDA, off on the CPU). With one rank it also
+        skips non-finite steps on the device, so the host never waits for the GPU per step;
+        ``nonfinite`` events and ``on_nonfinite="raise"`` then come at the next log interval
+        (still naming the step, which was not applied).
+
+    The remaining options are :class:`daskdl.config.TrainConfig`'s.
+
+    Examples
+    --------
+    >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
+    >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
+    >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
+    >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
+    """
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        precision=precision,
+        augment=augment,
+        shuffle=shuffle,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        backend=backend,
+        sync_every=sync_every,
+        wire_dtype=wire_dtype,
+        bucket_mb=bucket_mb,
+        outer_optimizer=outer_optimizer,
+        outer_lr=outer_lr,
+        outer_momentum=outer_momentum,
+        comm_timeout=comm_timeout,
+        torch_threads=torch_threads,
+        device=device,
+        channels_last=channels_last,
+        compile=compile,
+        fused=fused,
+        on_nonfinite=on_nonfinite,
+    )
+    # Settings from the client's dask.config travel with the run: workers may differ.
+    cfg.comm_timeout = cfg.timeout
+    cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
+    max_failures = config.integer("max_failures", max_failures, minimum=0)
+    try:
+        json.dumps(meta or {})
+    except TypeError as e:
+        raise TypeError(f"meta must be JSON-able (str, numbers, lists, dicts): {e}") from None
+    if not isinstance(client, Client):
+        raise TypeError(
+            f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
+            " HINT: client = daskdl.local_cluster(n_workers=2)."
+        )
+    if client.status in ("closing", "closed"):
+        raise RuntimeError(
+            "fit was given a closed client. Start a new one: daskdl.local_cluster(...) or "
+            "distributed.Client(address)."
+        )
+    out_path, resume = _run_paths(out, resume, overwrite)
+    if out_path is not None:
+        rundir.check(out_path, resume, overwrite)
+    # Keys are read here, on the client, so that a bad key file fails before any training.
+    key = security.signing_key(signing_key) if out_path is not None else None
+    verify_key = security.verify_key(verify_key) if resume is not None else None
+    check_compatible(train, getattr(train, "sample_shape", None), name="train")
+    if val is not None:
+        check_compatible(val, train.sample_shape, name="val")
+    if cfg.augment and not train.is_image:
+        raise ValueError(
+            f"augment=True needs images (n, C, H, W); the data's samples are {train.sample_shape}."
+        )
+    preflight.check_factory(model)
+    resume_state, manifest, history = None, None, []
+    if resume is not None:
+        resume_path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
+        if manifest["epoch"] >= cfg.epochs:
+            raise ValueError(
+                f"Checkpoint {resume_path} has already finished epoch {manifest['epoch']}; ask "
+                f"for more than {manifest['epoch']} epochs to continue it."
+            )
+        resume_state = {"model": model_t, "optimizer": opt_state}
+        history = manifest.get("history", [])
+
+    if cfg.backend == "torch" and client.scheduler.address.startswith("tls://"):
+        raise ValueError(
+            "backend='torch' would send gradients over plain TCP (gloo and NCCL do not use "
+            "the cluster's TLS), and this cluster encrypts its connections: use "
+            "backend='dask' (the default), whose all-reduce runs over the cluster's TLS comms."
+        )
+    if key is not None:
+        security.warn_if_sent_in_clear(client, "The checkpoint signing key")
+    ranks = _choose_workers(client, workers)
+    if cfg.device == "cuda":
+        _check_gpus(client, ranks)
+    persisted = _persist(client, train, *([val] if val is not None else []))
+    data = [f for _, xs, ys in persisted for f in xs + ys]
+    staging = None
+    try:
+        train, x_futs, y_futs = persisted[0]
+        if val is not None:
+            val, xv_futs, yv_futs = persisted[1]
+        n_classes = _validate_labels(client, train, val, train._n_classes)
+        # Build one replica here and train it on a few real samples: a bad model fails now,
+        # naming what it saw, not on every worker from deep inside torch.
+        k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
+        sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
+        probe = preflight.dry_run(model, sample_x, sample_y, n_classes, cfg.seed)
+        if manifest is not None:
+            preflight.check_resume(
+                probe, model_t, manifest, resume_path, train.sample_shape, n_classes, cfg.to_dict()
+            )
+        n_params = sum(p.numel() for p in probe.parameters())
+        del probe
+        run_id = uuid.uuid4().hex[:8]
+        staging = rundir.claim(out_path, resume, overwrite, run_id) if out_path else None
+        launch = Launch(
+            client=client,
+            run_id=run_id,
+            model=model,
+            train=train,
+            val=val,
+            x_futs=x_futs,
+            y_futs=y_futs,
+            xv_futs=xv_futs if val is not None else [],
+            yv_futs=yv_futs if val is not None else [],
+            n_classes=n_classes,
+            config=cfg.to_dict(),
+            out=str(out_path.resolve()) if out_path else None,
+            out_arg=str(out_path) if out_path else None,
+            staging=str(staging.resolve()) if staging else None,
+            elastic=max_failures > 0,
+            signing_key=key,
+        )
+        facts = {"n_params": n_params, "meta": meta or {}, "max_failures": max_failures}
+        run = _start(launch, ranks, manifest, resume_state, history, data, facts, progress)
+        run._max_failures, run._grow = max_failures, workers is None
+    except BaseException:
+        for f in data:  # nothing started: this call's hold on the data goes
+            f.release()
+        if staging is not None:
+            rundir.abandon(out_path, staging, "could not start")
+        raise
+    if block:
+        run.wait()
+    return run
+
+
+def _run_paths(out, resume, overwrite) -> tuple[Path | None, Path | None]:
+    """``out`` and ``resume`` as paths, in the forms users pass them: ``resume=True``
+    continues the run in ``out``."""
+    overwrite = config.flag("overwrite", overwrite)
+    for name, value in (("out", out), ("resume", resume)):
+        if value is not None and not isinstance(value, (str, os.PathLike, bool)):
+            raise TypeError(f"{name} must be a folder path, got {type(value).__name__}.")
+    if isinstance(out, bool):
+        raise TypeError(f"out must be a folder path, got {out!r}.")
+    if resume is True:
+        if out is None:
+            raise ValueError("resume=True continues the run in out=, but out is not given.")
+        resume = out
+    elif resume is False:
+        resume = None
+    if overwrite and out is None:
+        raise ValueError("overwrite=True replaces the run in out=, but out is not given.")
+    if overwrite and resume is not None:
+        raise ValueError(
+            "overwrite=True replaces the run in out=, and resume= continues one: choose one."
+        )
+    return (Path(out) if out is not None else None), (Path(resume) if resume else None)
+
+
+def _start(
+    launch: Launch, ranks, manifest, resume_state, history, data, facts: dict, progress
+) -> Run:
+    """Plan the shards of a checked run, write its config and submit its rank tasks.
+    ``facts`` join the run's public description (its start event and ``config.json``)."""
+    client, train, cfg = launch.client, launch.train, TrainConfig.from_dict(launch.config)
+    sizes = [int(c) for c in train.X.chunks[0]]
+    plan = None
+    if (
+        manifest is not None
+        and len(manifest["plan"]) == len(ranks)
+        and manifest["partition_sizes"] == sizes
+    ):
+        plan = manifest["plan"]  # the same shards as before, so the resumed run is identical
+    start_epoch = manifest["epoch"] if manifest else 0
+    ranks, rank_plans, steps = launch.plan(ranks, plan)
+    out = Path(launch.out_arg) if launch.out_arg else None
+    launch.public = public = {
+        "run": launch.run_id,
+        "model": models.describe(launch.model),
+        "config": launch.config,
+        "world_size": len(ranks),
+        "workers": ranks,
+        "steps_per_epoch": steps,
+        "n_train": sum(sizes),
+        "input_shape": list(train.sample_shape),
+        "n_classes": launch.n_classes,
+        "start_epoch": start_epoch,
+        "out": launch.out_arg,
+        **facts,
+    }
+    if out is not None:
+        folder = rundir.writing_to(launch.out, launch.staging)
+        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
+
+    recorder = events.Recorder(launch.run_id, steps * cfg.epochs, start_epoch * steps, progress)
+    recorder.epochs.extend(history)
+    events.subscribe(client, events.topic(launch.run_id), recorder.handle)
+    client.log_event(events.topic(launch.run_id), {"kind": "start", **public})
+    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
+    comm.ensure_plugin(client)
+
+    futures = launch.submit(ranks, rank_plans, steps, resume_state, start_epoch, 0, history)
+    spec = {"model": launch.model, "input_shape": train.sample_shape, "n_classes": launch.n_classes}
+    staging = Path(launch.staging) if launch.staging else None
+    run = Run(client, launch.run_id, spec, futures, data, recorder, ranks, out, staging)
+    run._launch = launch
+    return run
+
+
+def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str]:
+    info = workers_info(client)
+    if not info:
+        client.wait_for_workers(1, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        info = workers_info(client)
+    available = sorted(info)
+    if workers is None:
+        return available
+    if isinstance(workers, str):
+        workers = [workers]  # one address, not its characters
+    if isinstance(workers, numbers.Number):
+        workers = config.integer("workers", workers, minimum=1)
+        if workers > len(available):
+            raise ValueError(
+                f"workers={workers}, but the cluster has {len(available)} workers. Start more "
+                "workers or ask for fewer ranks."
+            )
+        return available[:workers]
+    if not isinstance(workers, (list, tuple, set)) or not all(isinstance(w, str) for w in workers):
+        raise TypeError(
+            f"workers must be a count or a list of worker addresses, got {workers!r}. "
+            f"The cluster's workers are {available}."
+        )
+    workers = list(workers)
+    if not workers:
+        raise ValueError(f"workers=[] names no worker; the cluster has {available}.")
+    twice = sorted({w for w in workers if workers.count(w) > 1})
+    if twice:
+        raise ValueError(
+            f"workers lists {twice} more than once; a worker runs one rank of a run. List each "
+            "once, or start more workers."
+        )
+    unknown = [w for w in workers if w not in info]
+    if unknown:
+        raise ValueError(f"Workers {unknown} are not in the cluster; it has {available}.")
+    return workers
+
+
+def _check_gpus(client: Client, ranks: list[str]) -> None:
+    counts = client.run(_cuda_device_count, workers=ranks)
+    missing = sorted(w for w, n in counts.items() if n == 0)
+    if missing:
+        raise RuntimeError(
+            f"device='cuda', but workers {missing} see no CUDA GPU. Start GPU workers "
+            "(daskdl.local_cluster(gpus=True), or `dask cuda worker`), or use device='auto', "
+            "which trains on the CPU where there is no GPU."
+        )
+
+
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count()
+
+
+def _validate_labels(
+    client: Client, train: Dataset, val: Dataset | None, n_classes: int | None
+) -> int:
+    """Check labels and features on the cluster (only a few numbers come back); return the
+    number of classes."""
+    sets = {"train": train, "val": val} if val is not None else {"train": train}
+    checks = []
+    for ds in sets.values():
+        y = ds.y
+        fractional = (y != da.round(y)).sum() if np.issubdtype(y.dtype, np.floating) else 0
+        checks.append([y.min(), y.max(), fractional, (~da.isfinite(ds.X)).sum(), len(y)])
+    counts = client.compute(checks, sync=True)
+    for which, c in zip(sets, counts):
+        preflight.check_values(which, c)
+    lo = min(float(c[0]) for c in counts)
+    hi = max(float(c[1]) for c in counts)
+    return preflight.class_count("train", lo, hi, len(train), n_classes)
+
+
+def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
+    """Persist the data sets in one graph (they share keys, such as standardisation stats).
+
+    Unoptimised, so that each key keeps the task it has in the user's collections: a later
+    computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
+    every shared key instead of resubmitting it fused differently.
+    """
+    arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)], optimize_graph=False)
+    out = []
+    for i, ds in enumerate(datasets):
+        with client.as_current():  # chunk sizes from this client's futures, not the default's
+            persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
+        out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
+    return out
+
+
+def _block_futures(arr) -> list:
+    by_key = {f.key: f for f in futures_of(arr)}
+    return [by_key[k] for k in dask.core.flatten(arr.__dask_keys__())]
+
+
+def _locations(client: Client, futures: list) -> list[list[str]]:
+    return who_has_to_locations([f.key for f in futures], client.who_has(futures))
+
+
+@dataclass
+class Launch:
+    """What it takes to start (and, after losing a worker, restart) a run's rank tasks."""
+
+    client: Client
+    run_id: str
+    model: models.ModelSpec
+    train: Dataset
+    val: Dataset | None
+    x_futs: list
+    y_futs: list
+    xv_futs: list
+    yv_futs: list
+    n_classes: int
+    config: dict
+    out: str | None
+    elastic: bool
+    signing_key: security.Key | None = None
+    out_arg: str | None = None  # out as the user gave it (relative paths stay relative)
+    staging: str | None = None  # where a replacing run writes until its first checkpoint
+    public: dict = field(default_factory=dict)
+    generation: int = 0
+
+    @property
+    def comm_id(self) -> str:
+        # Each membership talks under its own id: a survivor's mailbox for the old one was
+        # aborted, and stays so.
+        return self.run_id if self.generation == 0 else f"{self.run_id}.{self.generation}"
+
+    def plan(self, ranks: list[str], plan: list[list[int]] | None = None):
+        """Shards for ``ranks``: (ranks in rank order, (train, val) partitions per rank,
+        steps per epoch)."""
+        cfg = TrainConfig.from_dict(self.config)
+        sizes = [int(c) for c in self.train.X.chunks[0]]
+        if len(sizes) < len(ranks):
+            raise ValueError(
+                f"The training data has {len(sizes)} partitions for {len(ranks)} ranks; each "
+                "rank needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) "
+                f"or use workers={len(sizes)}."
+            )
+        plan = plan or balanced_shards(sizes, len(ranks))
+        # Rank r always trains on shard r; where the data lives only decides which worker is r.
+        where = _locations(self.client, self.x_futs)
+        ranks = [ranks[j] for j in match_workers(plan, sizes, where, ranks)]
+        shards = shard_sizes(plan, sizes)
+        if cfg.batch_size > min(shards):
+            r = int(np.argmin(shards))
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is larger than rank {r}'s shard ({shards[r]} "
+                f"samples). Use batch_size <= {min(shards)}, or fewer workers."
+            )
+        steps = math.ceil(max(shards) / cfg.batch_size)
+        val_plan = [[] for _ in ranks]
+        if self.val is not None:
+            val_sizes = [int(c) for c in self.val.X.chunks[0]]
+            if len(val_sizes) >= len(ranks):
+                val_shards = balanced_shards(val_sizes, len(ranks))
+            else:  # some ranks evaluate nothing
+                val_shards = [[i] for i in range(len(val_sizes))]
+                val_shards += [[] for _ in range(len(ranks) - len(val_sizes))]
+            where = _locations(self.client, self.xv_futs)
+            for shard, r in zip(val_shards, match_workers(val_shards, val_sizes, where, ranks)):
+                val_plan[r] = shard
+        self._plan, self._sizes = plan, sizes
+        return ranks, list(zip(plan, val_plan)), steps
+
+    def submit(self, ranks, rank_plans, steps, resume, start_epoch, start_step, history):
+        # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
+        manifest = {**self.public, "plan": self._plan, "partition_sizes": self._sizes}
+        if resume is not None:
+            # Model and optimizer state (85 MiB for ResNet-18 with momentum) inside each rank's
+            # task would pass through the scheduler once per rank as graph. Scattered once to
+            # the first rank's worker instead, it reaches the others worker-to-worker.
+            [resume] = self.client.scatter([resume], workers=ranks[:1], hash=False)
+        futures = []
+        for r, (addr, (train_parts, val_parts)) in enumerate(zip(ranks, rank_plans)):
+            rank_spec = RankSpec(
+                run_id=self.run_id,
+                rank=r,
+                peers=ranks,
+                model=self.model,
+                input_shape=self.train.sample_shape,
+                n_classes=self.n_classes,
+                config=self.config,
+                n_train_parts=len(train_parts),
+                has_val=self.val is not None,
+                steps_per_epoch=steps,
+                start_epoch=start_epoch,
+                out=self.out,
+                staging=self.staging,
+                manifest=manifest,
+                history=history,
+                log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
+                keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
+                pause_profiler=dask.config.get("daskdl.pause-dask-profiler"),
+                comm_id=self.comm_id,
+                start_step=start_step,
+                elastic=self.elastic,
+                signing_key=self.signing_key if r == 0 else None,  # only rank 0 writes
+            )
+            parts = [f for i in train_parts for f in (self.x_futs[i], self.y_futs[i])]
+            parts += [f for i in val_parts for f in (self.xv_futs[i], self.yv_futs[i])]
+            futures.append(
+                self.client.submit(
+                    rank_main,
+                    rank_spec,
+                    resume,
+                    *parts,
+                    key=f"daskdl-rank-{r}-{self.comm_id}",
+                    workers=[addr],
+                    allow_other_workers=False,
+                    pure=False,
+                    retries=0,
+                )
+            )
+        return futures
