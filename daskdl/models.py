@@ -248,21 +248,15 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """Instantiate a model by name, ``(name, options)``, or call a user factory.
-
-    A factory may take ``(input_shape, n_classes)`` or no arguments. Options are keyword
-    arguments of the named model, such as ``("fasttext", {"vocab_size": len(vocab)})``.
-    """
+def check(spec: ModelSpec) -> bool:
+    """What can be checked of a model spec without building it: a known name, or a factory
+    that can be called the way daskdl calls one. Returns whether it is a user factory."""
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
-        name, options = spec
-        if name not in REGISTRY:
-            raise ValueError(f"Unknown model {name!r}; choose one of {sorted(REGISTRY)}.")
-        return REGISTRY[name](tuple(input_shape), n_classes, **dict(options))
+        spec = spec[0]
     if isinstance(spec, str):
         if spec not in REGISTRY:
             raise ValueError(f"Unknown model {spec!r}; choose one of {sorted(REGISTRY)}.")
-        return REGISTRY[spec](tuple(input_shape), n_classes)
+        return False
     if isinstance(spec, nn.Module):
         raise TypeError(
             "Pass a function that builds the model, not a model instance: every rank builds "
@@ -270,9 +264,24 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
         )
     if not callable(spec):
         raise TypeError(f"model must be a name or a callable returning nn.Module, got {spec!r}.")
-    takes_shape = factory_takes_shape(spec)
+    factory_takes_shape(spec)
+    return True
+
+
+def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Instantiate a model by name, ``(name, options)``, or call a user factory.
+
+    A factory may take ``(input_shape, n_classes)`` or no arguments. Options are keyword
+    arguments of the named model, such as ``("fasttext", {"vocab_size": len(vocab)})``.
+    """
+    if not check(spec):
+        name, options = (spec, {}) if isinstance(spec, str) else spec
+        return REGISTRY[name](tuple(input_shape), n_classes, **dict(options))
     try:
-        model = spec(tuple(input_shape), n_classes) if takes_shape else spec()
+        if factory_takes_shape(spec):
+            model = spec(tuple(input_shape), n_classes)
+        else:
+            model = spec()
     except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
         raise FactoryError(
             f"Building the model {describe(spec)} for samples of shape {tuple(input_shape)} "

@@ -34,12 +34,10 @@ class ModelCheckError(ValueError):
 
 
 def check_factory(spec: models.ModelSpec) -> None:
-    """A factory's signature fits one of the accepted forms, and Dask can pickle it."""
-    if isinstance(spec, str) or (isinstance(spec, (tuple, list)) and len(spec) == 2):
-        if isinstance(spec, str) or isinstance(spec[0], str):
-            return  # a registered model: its name and options travel
-    if callable(spec) and not isinstance(spec, torch.nn.Module):
-        models.factory_takes_shape(spec)
+    """A model name is known; a factory's signature fits one of the accepted forms, and Dask
+    can pickle it."""
+    if not models.check(spec):
+        return  # a registered model: its name and options travel
     try:
         cloudpickle.dumps(spec)  # as Dask sends it (without Dask's error log)
     except Exception as e:  # noqa: BLE001 - whatever pickling raises, the fix is the same

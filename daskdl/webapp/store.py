@@ -20,7 +20,7 @@ import param
 
 from daskdl import events
 
-FINISHED = ("finished", "stopped", "failed")
+FINISHED = ("finished", "stopped", "failed", "cancelled")
 
 
 def _round(value, digits: int = 0, scale: float = 1.0) -> float | None:
