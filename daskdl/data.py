@@ -287,11 +287,23 @@ class Dataset:
         a generator seeded by ``(seed, partition index)``, to the test set: no data moves and
         the result does not depend on the cluster.
         """
+        if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
+            raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}.")
+        test_size = float(test_size)
         if not 0 < test_size < 1:
             raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}.")
+        seed = integer("seed", seed, minimum=0)
         masks = _split_masks(self.y, test_size, seed)
         n_test = tuple(round(test_size * m) if not math.isnan(m) else m for m in self.y.chunks[0])
         n_train = tuple(m - t for m, t in zip(self.y.chunks[0], n_test))
+        for side, counts in (("test", n_test), ("train", n_train)):
+            if not any(math.isnan(c) for c in counts) and sum(counts) == 0:
+                raise ValueError(
+                    f"split(test_size={test_size:g}) leaves the {side} set empty: each "
+                    "partition gives round(test_size * its length) samples to the test set, and "
+                    f"these partitions hold {sorted(set(self.y.chunks[0]))} samples. Choose "
+                    "another test_size, or fewer, larger partitions (chunks=...)."
+                )
         test = self._like(_take_rows(self.X, masks, n_test), _take_rows(self.y, masks, n_test))
         train_masks = masks.map_blocks(np.logical_not, dtype=bool)
         train = self._like(
@@ -306,6 +318,11 @@ class Dataset:
         tabular data, per channel for images. Pass ``like=train`` to apply the training set's
         statistics to a test set.
         """
+        if like is not None and not isinstance(like, Dataset):
+            raise TypeError(
+                f"like must be a daskdl.Dataset (the one whose statistics to use, such as the "
+                f"training set), got {type(like).__name__}."
+            )
         mean, std = (like if like is not None else self).stats()
         return self._like(preprocess.standardize(self.X, mean, std), self.y)
 

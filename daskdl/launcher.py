@@ -190,6 +190,9 @@ def fit(
     cfg.comm_timeout = cfg.timeout
     cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
     max_failures = config.integer("max_failures", max_failures, minimum=0)
+    block, progress = config.flag("block", block), config.flag("progress", progress)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict of JSON-able facts, got {type(meta).__name__}.")
     try:
         json.dumps(meta or {})
     except TypeError as e:

@@ -55,6 +55,18 @@ y = np.arange(200) % 2
             r"\.cat\.codes",
         ),
         (lambda: Dataset.from_numpy(X, y).split(1.5), ValueError, "test_size must be"),
+        (lambda: Dataset.from_numpy(X, y).split("0.2"), ValueError, "test_size must be a fraction"),
+        (lambda: Dataset.from_numpy(X, y).split(0.2, seed=-1), ValueError, "seed must be an int"),
+        (
+            lambda: Dataset.from_numpy(X, y, chunks=5).split(0.05),
+            ValueError,
+            r"split\(test_size=0.05\) leaves the test set empty.*partitions hold \[5\] samples",
+        ),
+        (
+            lambda: Dataset.from_numpy(X, y).standardize(like=X),
+            TypeError,
+            "like must be a daskdl.Dataset",
+        ),
         (
             lambda: Dataset.from_numpy(X, y, n_classes=1),
             ValueError,
@@ -163,6 +175,9 @@ good = Dataset.from_numpy(X, y, chunks=50)
         ({"out": "/dev/null"}, NotADirectoryError, "out='/dev/null' is a file, not a folder"),
         ({"out": "/dev/null/run"}, OSError, "cannot write the run folder '/dev/null/run'"),
         ({"meta": {"when": object()}}, TypeError, "meta must be JSON-able"),
+        ({"meta": ["cifar"]}, TypeError, "meta must be a dict of JSON-able facts, got list"),
+        ({"progress": "no"}, ValueError, "progress must be True or False, got 'no'"),
+        ({"block": None}, ValueError, "block must be True or False, got None"),
         # Targets.
         (
             {"train": Dataset.from_numpy(X, 1000 + 997 * np.arange(200), chunks=50)},
