@@ -89,6 +89,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every"):
             setattr(self, name, integer(name, getattr(self, name), minimum=1))
         self.seed = integer("seed", self.seed, minimum=0)
+        if self.seed >= 2**63:  # torch.manual_seed's limit
+            raise ValueError(f"seed must be below 2**63, got {self.seed}.")
         if self.torch_threads is not None:
             self.torch_threads = integer("torch_threads", self.torch_threads, minimum=1)
         self.lr = real("lr", self.lr, low=0, open_low=True, hint=" Try lr=0.05.")

@@ -47,8 +47,14 @@ class Dataset:
                 f"X must have a sample axis and at least one feature axis, got shape {X.shape}. "
                 "For one feature per sample, use X.reshape(-1, 1)."
             )
+        if y.ndim == 2 and y.shape[1] == 1:
+            raise ValueError(
+                f"y must be one label per sample (1-D), got shape {y.shape}: use y.ravel()."
+            )
         if y.ndim != 1:
             raise ValueError(f"y must be one label per sample (1-D), got shape {y.shape}.")
+        if y.dtype == bool:
+            y = y.astype(np.int64)  # False/True are classes 0 and 1
         if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
             raise TypeError(
                 f"X must hold real numbers, got dtype {X.dtype}. Encode categorical or text "

@@ -305,6 +305,9 @@ def _run_paths(out, resume, overwrite) -> tuple[Path | None, Path | None]:
             raise TypeError(f"{name} must be a folder path, got {type(value).__name__}.")
     if isinstance(out, bool):
         raise TypeError(f"out must be a folder path, got {out!r}.")
+    for name, value in (("out", out), ("resume", resume)):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{name}={value!r} names no folder; give a path such as 'runs/x'.")
     if resume is True:
         if out is None:
             raise ValueError("resume=True continues the run in out=, but out is not given.")

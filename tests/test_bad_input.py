@@ -34,6 +34,11 @@ y = np.arange(200) % 2
         (lambda: Dataset.from_numpy(X, y, chunks=0), ValueError, "chunks must be a positive"),
         (lambda: Dataset.from_numpy(X[:, 0], y), ValueError, "reshape"),
         (
+            lambda: Dataset.from_numpy(X, y[:, None]),
+            ValueError,
+            r"got shape \(200, 1\): use y.ravel",
+        ),
+        (
             lambda: Dataset.from_dataframe(
                 dd.from_pandas(pd.DataFrame({"a": X[:, 0], "label": y}), npartitions=2),
                 ["a", "b"],
@@ -151,6 +156,8 @@ good = Dataset.from_numpy(X, y, chunks=50)
         ({"batch_size": 16.0}, ValueError, "batch_size must be an integer, got 16.0. Pass"),
         ({"epochs": True}, ValueError, "epochs must be an integer, got True"),
         ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
+        ({"seed": 2**70}, ValueError, "seed must be below 2\\*\\*63"),
+        ({"out": ""}, ValueError, "out='' names no folder"),
         ({"torch_threads": 0}, ValueError, "torch_threads must be a positive integer"),
         ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be a positive integer"),
         ({"sync_every": 0}, ValueError, "sync_every must be a positive integer"),
@@ -336,3 +343,10 @@ def test_a_closed_client_is_refused_with_the_fix(client):
     closed.close()
     with pytest.raises(RuntimeError, match="fit was given a closed client. Start a new one"):
         daskdl.fit(closed, "mlp", good, progress=False)
+
+
+def test_boolean_labels_are_classes_0_and_1(client):
+    data = Dataset.from_numpy(X, y.astype(bool), chunks=50)
+    assert data.y.dtype == np.int64
+    run = daskdl.fit(client, "mlp", data, epochs=1, batch_size=16, progress=False)
+    assert run._launch.n_classes == 2
