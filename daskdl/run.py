@@ -192,7 +192,14 @@ class Run:
 
     def stop(self, timeout: float | None = None) -> Run:
         """Ask every rank to stop after the current step, and wait for them: at most
-        ``timeout`` seconds, then :meth:`cancel` (a rank stuck in its step never gets there)."""
+        ``timeout`` seconds, then :meth:`cancel` (a rank stuck in its step never gets there).
+
+        The default, twice the run's ``comm_timeout`` and 30 s, is longer than any step can
+        take without its peers giving up on it.
+        """
+        if timeout is None:
+            comm_timeout = self._launch.config["comm_timeout"] if self._launch else 60.0
+            timeout = 2 * comm_timeout + 30
         self.client.run(comm.request_stop, self._comm_id, workers=self.workers, on_error="ignore")
         try:
             return self.wait(timeout)

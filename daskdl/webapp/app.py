@@ -19,8 +19,6 @@ from daskdl.webapp.views import Curves, RunList, Status, Workers
 
 logger = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 120.0  # seconds a run started here may take to stop before it is cancelled
-
 DATASETS = ["digits", "synthetic_images", "cifar10"]
 MODELS = ["small_cnn", "mlp", "resnet18", "vgg11", "vgg16"]
 
@@ -116,8 +114,7 @@ class Launcher(Viewer):
         if run is None or run.status != "running":
             raise ValueError("Select a running run to stop.")
         if run.run_id in self.runs:
-            # A rank stuck in its step never sees the request: cancel it after a while.
-            self.runs[run.run_id].stop(timeout=STOP_TIMEOUT)
+            self.runs[run.run_id].stop()  # cancels it if a rank is stuck in its step
         else:  # started elsewhere (a notebook, the CLI): ask its ranks directly
             comm_id = run.spec.get("comm_id", run.run_id)  # changes when a run regroups
             self.client.run(comm.request_stop, comm_id, workers=run.workers, on_error="ignore")
