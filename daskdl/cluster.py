@@ -93,6 +93,8 @@ def local_cluster(
     >>> client.scheduler.address              # doctest: +SKIP
     'tls://127.0.0.1:40241'
     """
+    if dashboard_address is not None:
+        _check_address("dashboard_address", dashboard_address)
     if gpus is not False and n_workers is not None:
         raise ValueError(
             f"n_workers={n_workers!r} with gpus={gpus!r}: a GPU cluster has one worker per GPU. "
@@ -108,6 +110,17 @@ def local_cluster(
             )
         return _cpu_cluster(
             n_workers, threads_per_worker, memory_limit, dashboard_address, **kwargs
+        )
+
+
+def _check_address(name: str, address) -> None:
+    # Dask takes a bare name for a host, fails to resolve it, and then hangs for a minute
+    # closing the half-started cluster.
+    host, _, port = str(address).rpartition(":")
+    if not isinstance(address, str) or not port.isdigit() or (host and " " in host):
+        raise ValueError(
+            f"{name} must be 'host:port' (such as '127.0.0.1:8787', or '127.0.0.1:0' for any "
+            f"free port) or None for none, got {address!r}."
         )
 
 

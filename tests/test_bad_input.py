@@ -320,6 +320,8 @@ def test_evaluate_scores_good_data_after_bad(trained):
         ({"n_workers": 1.5}, "n_workers must be an integer, got 1.5"),
         ({"n_workers": 1, "threads_per_worker": 0}, "threads_per_worker must be a positive"),
         ({"gpus": True, "n_workers": 2}, "a GPU cluster has one worker per GPU"),
+        ({"n_workers": 1, "dashboard_address": "nope"}, "dashboard_address must be 'host:port'"),
+        ({"n_workers": 1, "memory_limit": "lots"}, "Could not interpret 'lots' as a byte unit"),
     ],
 )
 def test_impossible_clusters_are_errors(kwargs, message):
