@@ -30,7 +30,7 @@ from distributed import get_worker
 import daskdl
 from daskdl import comm
 from daskdl.cluster import workers_info
-from daskdl.engine import torch_friendly_malloc
+from daskdl.process import torch_friendly_malloc
 
 RESNET18 = 11_173_962
 

@@ -21,8 +21,8 @@ import torch
 from _report import report
 
 import daskdl
-from daskdl.engine import torch_friendly_malloc
 from daskdl.loader import ShardLoader
+from daskdl.process import torch_friendly_malloc
 
 
 def loader_rate(batch_size: int, epochs: int, n_parts: int, *parts):
