@@ -293,11 +293,10 @@ class Dataset:
         a generator seeded by ``(seed, partition index)``, to the test set: no data moves and
         the result does not depend on the cluster.
         """
-        if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
+        real = isinstance(test_size, numbers.Real) and not isinstance(test_size, bool)
+        if not (real and 0 < test_size < 1):
             raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}.")
         test_size = float(test_size)
-        if not 0 < test_size < 1:
-            raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}.")
         seed = integer("seed", seed, minimum=0)
         masks = _split_masks(self.y, test_size, seed)
         n_test = tuple(round(test_size * m) if not math.isnan(m) else m for m in self.y.chunks[0])

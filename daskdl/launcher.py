@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import torch
 from distributed import Client, futures_of
@@ -250,7 +249,10 @@ def fit(
         train, x_futs, y_futs = persisted[0]
         if val is not None:
             val, xv_futs, yv_futs = persisted[1]
-        n_classes = _validate_labels(client, train, val, train._n_classes)
+        parts = {"train": (x_futs, y_futs)}
+        if val is not None:
+            parts["val"] = (xv_futs, yv_futs)
+        n_classes = _validate_labels(client, parts, train._n_classes)
         # Build one replica here and train it on a few real samples: a bad model fails now,
         # naming what it saw, not on every worker from deep inside torch.
         k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
@@ -426,23 +428,18 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
-def _validate_labels(
-    client: Client, train: Dataset, val: Dataset | None, n_classes: int | None
-) -> int:
-    """Check labels and features on the cluster (only a few numbers come back); return the
-    number of classes."""
-    sets = {"train": train, "val": val} if val is not None else {"train": train}
-    checks = []
-    for ds in sets.values():
-        y = ds.y
-        fractional = (y != da.round(y)).sum() if np.issubdtype(y.dtype, np.floating) else 0
-        checks.append([y.min(), y.max(), fractional, (~da.isfinite(ds.X)).sum(), len(y)])
-    counts = client.compute(checks, sync=True)
-    for which, c in zip(sets, counts):
+def _validate_labels(client: Client, parts: dict[str, tuple[list, list]], n_classes) -> int:
+    """Check labels and features where each persisted partition lives (five numbers of each
+    come back, :func:`daskdl.preflight.value_counts`, as ``Run.evaluate`` checks them);
+    ``parts`` maps "train" (and "val") to their X and y futures. Returns the number of
+    classes."""
+    futures = [client.map(preflight.value_counts, xs, ys) for xs, ys in parts.values()]
+    counts = {which: preflight.total_counts(c) for which, c in zip(parts, client.gather(futures))}
+    for which, c in counts.items():
         preflight.check_values(which, c)
-    lo = min(float(c[0]) for c in counts)
-    hi = max(float(c[1]) for c in counts)
-    return preflight.class_count("train", lo, hi, len(train), n_classes)
+    lo = min(c[0] for c in counts.values())
+    hi = max(c[1] for c in counts.values())
+    return preflight.class_count("train", lo, hi, counts["train"][4], n_classes)
 
 
 def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:

@@ -221,10 +221,15 @@ def value_counts(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([y.min(), y.max(), fractional, bad, len(y)], dtype=np.float64)
 
 
+def total_counts(parts) -> np.ndarray:
+    """A whole data set's five numbers from its partitions' :func:`value_counts`."""
+    parts = np.asarray(parts, dtype=np.float64).reshape(-1, 5)
+    return np.array([parts[:, 0].min(), parts[:, 1].max(), *parts[:, 2:].sum(axis=0)])
+
+
 def check_values(which: str, counts) -> None:
     """Raise on non-finite features or non-integer labels, from the counts of
-    :func:`value_counts` (or the same five numbers from Dask reductions). ``which`` names the
-    data in the messages ("train", "val", "data")."""
+    :func:`total_counts`. ``which`` names the data in the messages ("train", "val", "data")."""
     _, _, fractional, bad, _ = counts
     if bad:
         raise ValueError(

@@ -381,12 +381,10 @@ class Run:
         spec = {k: self.spec[k] for k in ("model", "input_shape", "n_classes")}
         parts = [score(spec, state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
         parts = np.array(self.client.compute(parts, sync=True))
-        counts, sums = parts[:, :5], parts[:, 5:]
-        n = counts[:, 4].sum()
-        total = [counts[:, 0].min(), counts[:, 1].max(), *counts[:, 2:4].sum(axis=0), n]
-        preflight.check_values("data", total)
-        preflight.class_count("data", total[0], total[1], n, self.spec["n_classes"])
-        total = sums.sum(axis=0)
+        counts = preflight.total_counts(parts[:, :5])
+        preflight.check_values("data", counts)
+        preflight.class_count("data", counts[0], counts[1], counts[4], self.spec["n_classes"])
+        total = parts[:, 5:].sum(axis=0)
         return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
 
     def _result_model(self) -> dict:
@@ -458,8 +456,10 @@ def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batc
     """A partition's checks (:func:`daskdl.preflight.value_counts`), then its summed loss,
     correct predictions and count; only scored when the checks pass (else zeros)."""
     counts = preflight.value_counts(X, y)
-    lo, hi, fractional, bad, n = counts
-    if fractional or bad or not n or lo < 0 or hi >= spec["n_classes"]:
+    try:  # the client raises the error, from every partition's counts
+        preflight.check_values("data", counts)
+        preflight.class_count("data", counts[0], counts[1], counts[4], spec["n_classes"])
+    except ValueError:
         return np.concatenate([counts, np.zeros(3)])
     model = models.build(spec["model"], spec["input_shape"], spec["n_classes"])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
