@@ -5,6 +5,7 @@ a worker is lost or joins, stops or cancels them, and scores the trained model
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,6 +69,7 @@ class Run:
         self._grow = False  # whether workers that join the cluster get ranks
         self._join_asked = False
         self._cancelled = False
+        self._following = threading.Lock()  # held by the one thread in wait()
 
     def __repr__(self) -> str:
         return f"<daskdl.Run {self.run_id} {self.status}, {len(self.workers)} ranks>"
@@ -128,11 +130,24 @@ class Run:
 
     def wait(self, timeout: float | None = None) -> Run:
         """Block until every rank has finished; raise the first rank's error if one failed."""
-        if self._error is not None:
-            raise self._error
-        if self._result is not None:
-            return self
         deadline = None if timeout is None else time.monotonic() + timeout
+        # One follower at a time: the dashboard's stop() waits beside the thread that started
+        # the run, and a second follower would find the futures the first one released (and
+        # take them for cancelled).
+        if not self._following.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"run {self.run_id} still running after {timeout}s")
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._result is None:
+                self._follow(deadline, timeout)
+        finally:
+            self._following.release()
+        return self
+
+    def _follow(self, deadline: float | None, timeout: float | None) -> None:
+        """Watch the rank tasks until the run ends: regroup on lost or joined workers, fail
+        on a rank's error, and record the result."""
         try:
             while True:
                 try:
@@ -172,7 +187,6 @@ class Run:
             self._finish("stopped" if self._result["stopped"] else "finished")
         except KeyboardInterrupt:
             self._fail(RunError(f"run {self.run_id} interrupted"))
-        return self
 
     def dashboard(self):
         """A live dashboard of this run (and the others on the cluster), for a notebook.
