@@ -302,6 +302,9 @@ def check_robustness(
             f"the checkpoint's model {spec!r} is not a registry name; measure it from Python "
             "with daskdl.audit.fgsm_accuracy(model, X, y)."
         )
+    if manifest.get("task", "classification") != "classification":
+        report.add("info", "robustness", "not measured: FGSM accuracy is for classifiers")
+        return None
     model = models.build(spec, tuple(manifest["input_shape"]), manifest["n_classes"])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
     meta = manifest.get("meta") or {}

@@ -1,5 +1,6 @@
-"""``Dataset``: features ``X`` (n, ...) and integer labels ``y`` (n,) as Dask arrays chunked along
-samples, plus the shard plan that assigns their partitions to training ranks."""
+"""``Dataset``: features ``X`` (n, ...) and targets ``y`` (class ids (n,), multi-hot labels (n, k)
+or numbers (n,) / (n, k)) as Dask arrays chunked along samples, plus the shard plan that assigns
+their partitions to training ranks."""
 
 from __future__ import annotations
 
@@ -15,13 +16,21 @@ from pandas.api.types import is_numeric_dtype
 
 from daskdl import preprocess
 from daskdl.config import integer
+from daskdl.objective import check_task, infer_task
 
 
 class Dataset:
-    """A labelled data set held as two lazy Dask arrays with the same partitions.
+    """A data set held as two lazy Dask arrays with the same partitions: features ``X`` and
+    targets ``y``.
 
     Partition ``i`` is ``X.blocks[i]`` together with ``y.blocks[i]``: whole samples, never a
     slice of a sample. Nothing is computed until training (or ``persist``).
+
+    ``task`` says what ``y`` holds: ``"classification"`` (integer class ids, shape (n,)),
+    ``"multilabel"`` (multi-hot 0/1, shape (n, k)) or ``"regression"`` (numbers, shape (n,) or
+    (n, k)). When not given it follows the labels: floats are regression targets, integers
+    (or booleans) class ids, or multi-hot labels when there are several per sample; giving
+    ``n_classes`` means classification.
 
     Build one with :meth:`from_numpy`, :meth:`from_dask`, :meth:`from_dataframe`,
     :meth:`from_xarray`, or :meth:`load` one written by :meth:`save`.
@@ -30,13 +39,19 @@ class Dataset:
     --------
     >>> import numpy as np, daskdl
     >>> ds = daskdl.Dataset.from_numpy(np.zeros((100, 4)), np.arange(100) % 2, chunks=25)
-    >>> ds.npartitions, ds.n_classes
-    (4, 2)
+    >>> ds.npartitions, ds.n_classes, ds.task
+    (4, 2, 'classification')
+    >>> daskdl.Dataset.from_numpy(np.zeros((100, 4)), np.linspace(0, 1, 100)).task
+    'regression'
     """
 
     classes: list | None = None  # label names, where labels were names (from_text)
+    # Lazy (mean, std) of the targets, where standardize() scaled them (regression).
+    target_scale: tuple[da.Array, da.Array] | None = None
 
-    def __init__(self, X: da.Array, y: da.Array, n_classes: int | None = None):
+    def __init__(
+        self, X: da.Array, y: da.Array, n_classes: int | None = None, task: str | None = None
+    ):
         if not isinstance(X, da.Array) or not isinstance(y, da.Array):
             raise TypeError(
                 f"Dataset needs Dask arrays, got X={type(X).__name__}, y={type(y).__name__}. "
@@ -47,24 +62,23 @@ class Dataset:
                 f"X must have a sample axis and at least one feature axis, got shape {X.shape}. "
                 "For one feature per sample, use X.reshape(-1, 1)."
             )
-        if y.ndim == 2 and y.shape[1] == 1:
-            raise ValueError(
-                f"y must be one label per sample (1-D), got shape {y.shape}: use y.ravel()."
-            )
-        if y.ndim != 1:
-            raise ValueError(f"y must be one label per sample (1-D), got shape {y.shape}.")
-        if y.dtype == bool:
-            y = y.astype(np.int64)  # False/True are classes 0 and 1
         if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
             raise TypeError(
                 f"X must hold real numbers, got dtype {X.dtype}. Encode categorical or text "
                 "features as numbers first."
             )
+        if y.dtype == bool:
+            y = y.astype(np.int64)  # False/True are classes 0 and 1 (or labels off and on)
         if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
             raise TypeError(
-                f"y must hold integer class labels, got dtype {y.dtype}. Encode labels as "
-                "integers 0..n_classes-1 (for a pandas category: .cat.codes)."
+                f"y must hold numbers (class ids, 0/1 labels or regression targets), got dtype "
+                f"{y.dtype}. Encode labels as integers 0..n_classes-1 (for a pandas category: "
+                ".cat.codes)."
             )
+        if check_task(task) is None:
+            task = "classification" if n_classes is not None else infer_task(y.dtype, y.shape)
+        self.task = task
+        y = _check_target_shape(y, task)
         for axis, chunks in enumerate(X.chunks[1:], start=1):
             if len(chunks) > 1:
                 raise ValueError(
@@ -84,8 +98,14 @@ class Dataset:
                     "y.compute_chunk_sizes() first."
                 )
         elif X.chunks[0] != y.chunks[0]:
-            y = y.rechunk((X.chunks[0],))
+            y = y.rechunk((X.chunks[0],) + y.chunks[1:])
         if n_classes is not None:
+            if task != "classification":
+                raise ValueError(
+                    f"n_classes is for classification; this data set's task is {task!r}. "
+                    "Leave n_classes out (the outputs follow y's shape), or pass "
+                    "task='classification'."
+                )
             n_classes = integer("n_classes", n_classes, minimum=2)
         self.X = X.astype(np.float32) if X.dtype != np.float32 else X
         self.y = y
@@ -100,6 +120,7 @@ class Dataset:
         y: np.ndarray,
         chunks: int | str = "auto",
         n_classes: int | None = None,
+        task: str | None = None,
     ) -> Dataset:
         """From in-memory arrays, split into partitions of ``chunks`` samples.
 
@@ -116,48 +137,65 @@ class Dataset:
             raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}.")
         chunks = int(chunks)
         X_chunks = (chunks,) + tuple(-1 for _ in X.shape[1:])
-        return cls(da.from_array(X, chunks=X_chunks), da.from_array(y, chunks=chunks), n_classes)
+        y_chunks = (chunks,) + tuple(-1 for _ in y.shape[1:])
+        X, y = da.from_array(X, chunks=X_chunks), da.from_array(y, chunks=y_chunks)
+        return cls(X, y, n_classes, task)
 
     @classmethod
-    def from_dask(cls, X: da.Array, y: da.Array, n_classes: int | None = None) -> Dataset:
+    def from_dask(
+        cls, X: da.Array, y: da.Array, n_classes: int | None = None, task: str | None = None
+    ) -> Dataset:
         """From Dask arrays chunked along the first (sample) axis only."""
-        return cls(X, y, n_classes)
+        return cls(X, y, n_classes, task)
 
     @classmethod
     def from_dataframe(
         cls,
         ddf,
         features: Sequence[str],
-        label: str,
+        label: str | Sequence[str],
         n_classes: int | None = None,
+        task: str | None = None,
     ) -> Dataset:
-        """From a Dask dataframe: ``features`` columns become X (n, len(features)), ``label`` y.
+        """From a Dask dataframe: ``features`` columns become X (n, len(features)); ``label``
+        (one column, or a list of them: several regression targets or multi-hot labels) y.
 
         One partition per dataframe partition; their lengths are found at training time.
         """
         features = list(features)
-        missing = [c for c in [*features, label] if c not in ddf.columns]
+        labels = [label] if isinstance(label, str) else list(label)
+        missing = [c for c in [*features, *labels] if c not in ddf.columns]
         if missing:
             raise KeyError(
                 f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}."
             )
         if not features:
             raise ValueError("features is empty: name at least one feature column.")
+        if not labels:
+            raise ValueError("label is empty: name the target column(s).")
+        both = sorted(set(features) & set(labels))
+        if both:
+            raise ValueError(f"Columns {both} are both features and labels; name each once.")
         bad = [c for c in features if not is_numeric_dtype(ddf[c].dtype)]
         if bad:
             raise TypeError(
                 f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
                 "Encode them as numbers first (for categories: ddf[col].cat.codes)."
             )
-        label_dtype = ddf[label].dtype
-        if not is_numeric_dtype(label_dtype):
+        bad = [c for c in labels if not is_numeric_dtype(ddf[c].dtype)]
+        if bad:
             raise TypeError(
-                f"Label column {label!r} has dtype {label_dtype}; it must hold integer class "
-                f"ids. For a category column use ddf[{label!r}].cat.codes."
+                f"Label column(s) {bad} have dtype(s) {[str(ddf[c].dtype) for c in bad]}; a "
+                "label must hold numbers (class ids, 0/1 labels or regression targets). For a "
+                f"category column use ddf[{bad[0]!r}].cat.codes."
             )
         X = ddf[features].astype(np.float32).to_dask_array()
-        y = ddf[label].to_dask_array()
-        return cls(X, y, n_classes)
+        if isinstance(label, str):
+            y = ddf[label].to_dask_array()
+        else:
+            dtype = np.result_type(*[ddf[c].dtype for c in labels])
+            y = ddf[labels].astype(dtype).to_dask_array()
+        return cls(X, y, n_classes, task)
 
     @classmethod
     def from_text(cls, ddf, text: str, label: str, vocab, seq_len: int = 64) -> Dataset:
@@ -204,6 +242,7 @@ class Dataset:
         features: Sequence[str],
         label: str,
         n_classes: int | None = None,
+        task: str | None = None,
     ) -> Dataset:
         """From an xarray Dataset whose variables share the dimension ``sample_dim``.
 
@@ -241,16 +280,28 @@ class Dataset:
             raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
         y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
         X = X.rechunk({i: -1 for i in range(1, X.ndim)})
-        return cls(X, y.rechunk((X.chunks[0],)), n_classes)
+        return cls(X, y.rechunk((X.chunks[0],)), n_classes, task)
 
     # ---------------------------------------------------------------- properties
 
     @property
     def n_classes(self) -> int:
         """The number of classes; when not given, ``max(y) + 1`` (computed once)."""
+        if self.task != "classification":
+            raise ValueError(
+                f"A {self.task} data set has no classes; its model has n_outputs="
+                f"{self.n_outputs} outputs."
+            )
         if self._n_classes is None:
             self._n_classes = max(2, int(self.y.max().compute()) + 1)
         return self._n_classes
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs a model needs: one per class, per label, or per regression target."""
+        if self.task == "classification":
+            return self.n_classes
+        return int(self.y.shape[1]) if self.y.ndim == 2 else 1
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -274,14 +325,20 @@ class Dataset:
     def __repr__(self) -> str:
         n = self.X.shape[0]
         n = "?" if math.isnan(n) else int(n)
+        if self.task == "classification":
+            what = f"n_classes={self._n_classes or '?'}"
+        else:
+            what = f"{self.task}, n_outputs={self.n_outputs}"
         return (
             f"<daskdl.Dataset: {n} samples of shape {self.sample_shape}, "
-            f"{self.npartitions} partitions, n_classes={self._n_classes or '?'}>"
+            f"{self.npartitions} partitions, {what}>"
         )
 
-    def _like(self, X: da.Array, y: da.Array) -> Dataset:
-        ds = Dataset(X, y, self._n_classes)
+    def _like(self, X: da.Array, y: da.Array, target_scale=None) -> Dataset:
+        """A data set of the same kind (task, classes, target scale) over new arrays."""
+        ds = Dataset(X, y, self._n_classes, task=self.task)
         ds.classes = self.classes
+        ds.target_scale = target_scale if target_scale is not None else self.target_scale
         return ds
 
     # ---------------------------------------------------------------- transforms
@@ -317,19 +374,36 @@ class Dataset:
         return train, test
 
     def standardize(self, like: Dataset | None = None) -> Dataset:
-        """Scale features to zero mean and unit variance (lazily).
+        """Scale features to zero mean and unit variance (lazily); regression targets too.
 
         The mean and standard deviation are Dask reductions over all samples: per feature for
-        tabular data, per channel for images. Pass ``like=train`` to apply the training set's
-        statistics to a test set.
+        tabular data, per channel for images, per target for regression. Pass ``like=train``
+        to apply the training set's statistics to a test set. A model trained on standardised
+        targets reports its metrics (and ``Run.evaluate`` its scores) in the targets' own
+        units: the scale is kept with the data set, the run and its checkpoints.
         """
         if like is not None and not isinstance(like, Dataset):
             raise TypeError(
                 f"like must be a daskdl.Dataset (the one whose statistics to use, such as the "
                 f"training set), got {type(like).__name__}."
             )
-        mean, std = (like if like is not None else self).stats()
-        return self._like(preprocess.standardize(self.X, mean, std), self.y)
+        source = like if like is not None else self
+        mean, std = source.stats()
+        X = preprocess.standardize(self.X, mean, std)
+        if self.task != "regression":
+            return self._like(X, self.y)
+        if like is not None and like.task != "regression":
+            raise ValueError(
+                f"like= is a {like.task} data set; a regression data set needs the statistics "
+                "of a regression training set."
+            )
+        if source.target_scale is not None:  # already standardised: keep the first scale
+            raise ValueError(
+                "These targets are standardised already (standardize() was called before); "
+                "call it once, on the data as they are."
+            )
+        scale = preprocess.target_moments(source.y)
+        return self._like(X, preprocess.standardize(self.y, *scale), target_scale=scale)
 
     def stats(self) -> tuple[da.Array, da.Array]:
         """Lazy (mean, std) used by :meth:`standardize`."""
@@ -353,11 +427,11 @@ class Dataset:
             X, y = client.persist([self.X, self.y], optimize_graph=False)
         return self._persisted(X, y)
 
-    def _persisted(self, X: da.Array, y: da.Array) -> Dataset:
+    def _persisted(self, X: da.Array, y: da.Array, target_scale=None) -> Dataset:
         if math.isnan(X.shape[0]):
             # Lengths of partitions made by dropna or a dataframe are now cheap to find.
             X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
-        return Dataset(X, y, self._n_classes)
+        return self._like(X, y, target_scale)
 
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) as numpy arrays in this process; only for data that fits in memory."""
@@ -390,6 +464,36 @@ class Dataset:
         return storage.load(path, key)
 
 
+def _check_target_shape(y: da.Array, task: str) -> da.Array:
+    """``y`` as the task needs it (one class id per sample; k labels or targets per sample),
+    whole samples per partition."""
+    if task == "classification":
+        if y.ndim == 2 and y.shape[1] == 1:
+            raise ValueError(
+                f"y must be one label per sample (1-D), got shape {y.shape}: use y.ravel()."
+            )
+        if y.ndim != 1:
+            hint = (
+                " For several 0/1 labels per sample, pass task='multilabel'." if y.ndim == 2 else ""
+            )
+            raise ValueError(
+                f"y must be one class label per sample (1-D), got shape {y.shape}.{hint}"
+            )
+    elif task == "multilabel" and y.ndim != 2:
+        raise ValueError(
+            f"task='multilabel' needs y of shape (n, k): one 0/1 column per label, got shape "
+            f"{y.shape}. For one class per sample use task='classification'."
+        )
+    elif y.ndim not in (1, 2):
+        raise ValueError(
+            f"Regression targets must be (n,) or (n, k), got shape {y.shape}. Flatten the "
+            "targets of a sample: y.reshape(len(y), -1)."
+        )
+    if y.ndim == 2 and len(y.chunks[1]) > 1:
+        y = y.rechunk({1: -1})
+    return y
+
+
 def _chunk_numpy(values: np.ndarray) -> da.Array:
     per_sample = max(1, values[:1].nbytes)
     rows = max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
@@ -409,7 +513,8 @@ def _split_masks(y: da.Array, test_size: float, seed: int) -> da.Array:
         mask[rng.permutation(n)[: round(test_size * n)]] = True
         return mask
 
-    return y.map_blocks(block_mask, dtype=bool)
+    # One mask value per sample, also for (n, k) targets.
+    return y.map_blocks(block_mask, dtype=bool, drop_axis=list(range(1, y.ndim)))
 
 
 def _take_rows(arr: da.Array, masks: da.Array, counts: tuple | None = None) -> da.Array:

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 from distributed import get_worker
 
 from daskdl import averaging, checkpoint, events, models, rundir, security
+from daskdl import metrics as metrics_
 from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
+from daskdl.objective import Objective, Scale
 from daskdl.process import dask_profiler_paused, flush_denormals, torch_friendly_malloc
 
 
@@ -36,11 +37,13 @@ class RankSpec:
     peers: list[str]
     model: models.ModelSpec
     input_shape: tuple[int, ...]
-    n_classes: int
+    objective: Objective
     config: dict
     n_train_parts: int
     steps_per_epoch: int
     has_val: bool = False
+    metrics: dict = field(default_factory=dict)  # validation metrics: names or Metric objects
+    val_scale: Scale | None = None  # how the validation targets were standardised
     start_epoch: int = 0
     out: str | None = None
     staging: str | None = None  # a replacing run's folder until its first checkpoint
@@ -144,14 +147,14 @@ def prepare_optimizer(opt: torch.optim.Optimizer, fused: bool) -> None:
                 opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
-def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
+def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool, objective: Objective):
     """Forward, backward, agree with the other ranks, update. Returns this rank's loss and
-    number of correct predictions on the batch, as tensors on the device: reading them
-    (``.item()``) would make the host wait for a GPU every step."""
+    number of correct predictions on the batch (classification), as tensors on the device:
+    reading them (``.item()``) would make the host wait for a GPU every step."""
     sync.zero_grad()
     with autocast:
-        logits = model(xb)
-    loss = F.cross_entropy(logits.float(), yb)
+        outputs = model(xb)
+    loss = objective.loss_of(outputs, yb)
     loss.backward()
     # Per-step averaging all-reduces the gradients here (local SGD only notes the stop request);
     # either way it checks the loss and gradients, and no rank steps on non-finite ones.
@@ -162,29 +165,7 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool):
         opt.step()
     elif not sync.bad_ranks:
         opt.step()
-    return loss.detach(), (logits.argmax(1) == yb).sum()
-
-
-@torch.no_grad()
-def evaluate_shard(
-    model, X, y, batch_size: int, autocast, device=None, channels_last: bool = False
-) -> np.ndarray:
-    """Summed loss, correct predictions and count over one shard (to be summed over ranks)."""
-    was_training = model.training
-    model.eval()
-    device = device or X.device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(X), batch_size):
-        xb = X[start : start + batch_size].to(device, non_blocking=True)
-        yb = y[start : start + batch_size].to(device, non_blocking=True)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(xb)
-        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum")
-        sums[1] += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
-    return np.array([*sums.tolist(), len(X)], dtype=np.float64)
+    return loss.detach(), objective.correct(outputs, yb)
 
 
 def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
@@ -274,6 +255,7 @@ class Rank:
         self.ctx = RankContext(spec.rank, len(spec.peers), self.device, spec.run_id, worker)
         n = 2 * spec.n_train_parts
         augment = cfg.augment if cfg.augment is not None else _auto_augment(spec.input_shape)
+        self.objective = objective = spec.objective
         self.loader = ShardLoader(
             parts[0:n:2],
             parts[1:n:2],
@@ -285,13 +267,16 @@ class Rank:
             augment,
             self.device,
             self.channels_last,
+            y_dtype=objective.target_dtype,
         )
-        self.Xv, self.yv = concat(parts[n::2], np.float32), concat(parts[n + 1 :: 2], np.int64)
+        self.Xv = concat(parts[n::2], np.float32)
+        self.yv = concat(parts[n + 1 :: 2], objective.target_dtype)
         if self.loader.on_device:  # room for the training shard: the validation one goes too
             self.Xv, self.yv = self.Xv.to(self.device), self.yv.to(self.device)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = models.build(spec.model, spec.input_shape, spec.n_classes).to(self.device)
+        self.model = models.build(spec.model, spec.input_shape, objective.n_outputs)
+        self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
@@ -360,6 +345,7 @@ class Rank:
                 self.sync,
                 self.autocast,
                 self.group.box.stop_requested,
+                self.objective,
             )
             pending = self.sync.pending_bad
             if pending is not None:
@@ -387,14 +373,14 @@ class Rank:
             "step": (epoch + 1) * steps,
             # No step ran when a regrouped run picks up an epoch whose steps were all done.
             "train_loss": loss_sum / applied if applied else float("nan"),
-            "train_accuracy": correct / (applied * B) if applied else float("nan"),
+            "train_accuracy": (correct / (applied * B) if applied else float("nan"))
+            if self.objective.is_classifier
+            else None,
             "skipped_steps": skipped,
             "samples_per_s": self.ctx.world_size * B * ran / train_time,
             "epoch_time": train_time,
             "lr": lr,
             "val_loss": None,
-            "val_accuracy": None,
-            "val_perplexity": None,
         }
 
     def _orphaned(self) -> bool:
@@ -461,35 +447,44 @@ class Rank:
     def finish_epoch(self, epoch: int, metrics: dict) -> None:
         """Agree on batch-norm statistics, evaluate, and (rank 0) report and checkpoint."""
         average_buffers(self.model, self.group)
-        # One small all-reduce: this rank's training means, its validation sums (zeros on a
-        # rank without validation partitions; every rank joins either way), its skipped steps.
-        sums = np.zeros(7)
-        sums[:2] = metrics["train_loss"], metrics["train_accuracy"]
-        sums[5] = metrics["skipped_steps"]
-        sums[6] = float(self.group.box.regroup_requested)
+        # One small all-reduce: this rank's training means, its validation loss sum and count
+        # (zeros on a rank without validation partitions; every rank joins either way), its
+        # skipped steps, its regroup request; then the metrics' states.
+        sums = np.zeros(6)
+        sums[0] = metrics["train_loss"]
+        sums[1] = metrics["train_accuracy"] or 0.0
+        sums[4] = metrics["skipped_steps"]
+        sums[5] = float(self.group.box.regroup_requested)
         if self.spec.has_val:
-            sums[2:5] = evaluate_shard(
+            scores = metrics_.build(self.spec.metrics, self.objective, self.device)
+            sums[2:4] = metrics_.score(
                 self.forward,
                 self.Xv,
                 self.yv,
                 self.cfg.eval_batch_size,
                 self.autocast,
+                self.objective,
+                scores,
+                self.spec.val_scale,
                 self.device,
                 self.channels_last,
             )
         self.group.allreduce_(sums)
-        self.regroup = bool(sums[6] > 0)  # every rank agrees to hand back its state now
+        self.regroup = bool(sums[5] > 0)  # every rank agrees to hand back its state now
         metrics["train_loss"] = float(sums[0] / self.ctx.world_size)
-        metrics["train_accuracy"] = float(sums[1] / self.ctx.world_size)
+        if metrics["train_accuracy"] is not None:
+            metrics["train_accuracy"] = float(sums[1] / self.ctx.world_size)
         # Per-step averaging skips a step on every rank at once: count it once. Local SGD
         # ranks skip on their own: count every rank's.
         shared = isinstance(self.sync, averaging.GradientAveraging)
-        metrics["skipped_steps"] = int(round(sums[5] / (self.ctx.world_size if shared else 1)))
+        metrics["skipped_steps"] = int(round(sums[4] / (self.ctx.world_size if shared else 1)))
         if self.spec.has_val:
-            metrics["val_loss"] = float(sums[2] / sums[4])
-            metrics["val_accuracy"] = float(sums[3] / sums[4])
-            # exp(mean cross-entropy): the language models' metric, defined for any classifier.
-            metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 700.0))
+            metrics["val_loss"] = float(sums[2] / sums[3])
+            for name, value in metrics_.values(scores, self.group).items():
+                metrics[f"val_{name}"] = value
+            if self.objective.loss == "cross_entropy":
+                # exp(mean cross-entropy): the language models' metric, for any classifier.
+                metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 700.0))
         self.history.append(metrics)
         if not self.ctx.is_main:
             return

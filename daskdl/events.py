@@ -134,12 +134,26 @@ HISTORY_COLUMNS = [
     "epoch_time",
     "lr",
 ]
+_NOT_METRICS = {"kind", "run", "rank", "time"}
+_CLASSIFIER_ONLY = ("train_accuracy", "val_accuracy", "val_perplexity")
 
 
 def history_frame(epoch_events: list[dict]) -> pd.DataFrame:
-    """One row per epoch (the latest event wins if an epoch was reported twice, after resume)."""
-    rows = {e["epoch"]: {c: e.get(c) for c in HISTORY_COLUMNS} for e in epoch_events}
-    frame = pd.DataFrame([rows[k] for k in sorted(rows)], columns=HISTORY_COLUMNS)
+    """One row per epoch (the latest event wins if an epoch was reported twice, after resume).
+
+    The columns are :data:`HISTORY_COLUMNS` (what a classifier reports) with any other
+    validation metric the run reported (``val_f1``, ``val_r2``, ...) after ``val_loss``; a run
+    that is not a classifier has no accuracy or perplexity columns.
+    """
+    rows = [e for _, e in sorted({e["epoch"]: e for e in epoch_events}.items())]
+    known = set(HISTORY_COLUMNS) | _NOT_METRICS
+    extra = list(dict.fromkeys(k for e in rows for k in e if k not in known))  # as reported
+    columns = HISTORY_COLUMNS[:7] + extra + HISTORY_COLUMNS[7:]
+    if rows and all(e.get("train_accuracy") is None for e in rows):
+        # Not a classifier: what only classifiers report goes (a multi-label accuracy stays).
+        filled = {c for e in rows for c, v in e.items() if v is not None}
+        columns = [c for c in columns if c not in _CLASSIFIER_ONLY or c in filled]
+    frame = pd.DataFrame([{c: e.get(c) for c in columns} for e in rows], columns=columns)
     return frame.astype({"epoch": "int64", "step": "int64"})
 
 

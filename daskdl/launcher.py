@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from distributed import Client, futures_of
 
 from daskdl import checkpoint, comm, config, events, models, preflight, rundir, security
+from daskdl import metrics as metrics_
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 from daskdl.data import (
@@ -28,7 +30,8 @@ from daskdl.data import (
     who_has_to_locations,
 )
 from daskdl.engine import RankSpec, rank_main
-from daskdl.run import Run, check_compatible
+from daskdl.objective import Objective, Scale, check_loss, describe_loss
+from daskdl.run import Run, check_compatible, target_scale
 
 
 def fit(
@@ -37,6 +40,8 @@ def fit(
     train: Dataset,
     val: Dataset | None = None,
     *,
+    loss: str | Callable | None = None,
+    metrics: str | Sequence | Mapping | None = None,
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 0.05,
@@ -87,7 +92,19 @@ def fit(
         ``"vgg11"``, ``"vgg16"``) or a factory ``f(input_shape, n_classes) -> nn.Module``.
     train, val
         :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
-        evaluates its share of ``val`` after every epoch.
+        evaluates its share of ``val`` after every epoch. The data set's ``task``
+        (classification, multilabel or regression) decides the model's outputs, the default
+        loss and the default metrics.
+    loss
+        ``"cross_entropy"`` (classification's default), ``"bce"`` (multi-label's, on logits),
+        ``"mse"`` (regression's), ``"l1"``, ``"huber"``, or a function
+        ``loss(outputs, targets) -> scalar tensor`` (the batch's mean).
+    metrics
+        Validation metrics, reported per epoch as ``val_<name>``: built-in names (``accuracy``,
+        ``top5``, ``f1``, ``precision``, ``recall``; multi-label ``accuracy``, ``exact_match``,
+        ``f1``, ...; regression ``mae``, ``mse``, ``rmse``, ``r2``), ``torchmetrics.Metric``
+        objects, or a dict of names to either. Each is computed over the whole validation set
+        (metric states are combined over the ranks), regression ones in the targets' units.
     batch_size
         Per rank; the global batch is ``batch_size * number of ranks``.
     workers
@@ -214,7 +231,15 @@ def fit(
     verify_key = security.verify_key(verify_key) if resume is not None else None
     check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
-        check_compatible(val, train.sample_shape, name="val")
+        check_compatible(val, train.sample_shape, name="val", task=train.task)
+    check_loss(loss, train.task)
+    metric_specs = metrics_.normalize(metrics, train.task)
+    for what, obj in [
+        ("The loss", loss),
+        *[(f"The metric {n!r}", m) for n, m in metric_specs.items()],
+    ]:
+        if obj is not None and not isinstance(obj, str):
+            preflight.check_picklable(obj, f"{what} {describe_loss(obj)}")
     if cfg.augment and not train.is_image:
         raise ValueError(
             f"augment=True needs images (n, C, H, W); the data's samples are {train.sample_shape}."
@@ -252,15 +277,17 @@ def fit(
         parts = {"train": (x_futs, y_futs)}
         if val is not None:
             parts["val"] = (xv_futs, yv_futs)
-        n_classes = _validate_labels(client, parts, train._n_classes)
+        n_outputs = _validate_labels(client, parts, train)
+        scales = _target_scales(client, persisted)
+        objective = Objective(train.task, n_outputs, loss, scales[0], train.y.ndim)
         # Build one replica here and train it on a few real samples: a bad model fails now,
         # naming what it saw, not on every worker from deep inside torch.
         k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
         sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
-        probe = preflight.dry_run(model, sample_x, sample_y, n_classes, cfg.seed)
+        probe = preflight.dry_run(model, sample_x, sample_y, objective, cfg.seed, metric_specs)
         if manifest is not None:
             preflight.check_resume(
-                probe, model_t, manifest, resume_path, train.sample_shape, n_classes, cfg.to_dict()
+                probe, model_t, manifest, resume_path, train.sample_shape, objective, cfg.to_dict()
             )
         n_params = sum(p.numel() for p in probe.parameters())
         del probe
@@ -276,7 +303,9 @@ def fit(
             y_futs=y_futs,
             xv_futs=xv_futs if val is not None else [],
             yv_futs=yv_futs if val is not None else [],
-            n_classes=n_classes,
+            objective=objective,
+            metrics=metric_specs,
+            val_scale=scales[1] if val is not None else None,
             config=cfg.to_dict(),
             out=str(out_path.resolve()) if out_path else None,
             out_arg=str(out_path) if out_path else None,
@@ -351,7 +380,9 @@ def _start(
         "steps_per_epoch": steps,
         "n_train": sum(sizes),
         "input_shape": list(train.sample_shape),
-        "n_classes": launch.n_classes,
+        **launch.objective.describe(),
+        "n_classes": launch.objective.n_outputs if launch.objective.is_classifier else None,
+        "metrics": list(launch.metrics),
         "start_epoch": start_epoch,
         "out": launch.out_arg,
         **facts,
@@ -368,7 +399,12 @@ def _start(
     comm.ensure_plugin(client)
 
     futures = launch.submit(ranks, rank_plans, steps, resume_state, start_epoch, 0, history)
-    spec = {"model": launch.model, "input_shape": train.sample_shape, "n_classes": launch.n_classes}
+    spec = {
+        "model": launch.model,
+        "input_shape": train.sample_shape,
+        "objective": launch.objective,
+        "metrics": launch.metrics,
+    }
     staging = Path(launch.staging) if launch.staging else None
     run = Run(client, launch.run_id, spec, futures, data, recorder, ranks, out, staging)
     run._launch = launch
@@ -428,18 +464,26 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
-def _validate_labels(client: Client, parts: dict[str, tuple[list, list]], n_classes) -> int:
-    """Check labels and features where each persisted partition lives (five numbers of each
+def _validate_labels(client: Client, parts: dict[str, tuple[list, list]], train: Dataset) -> int:
+    """Check targets and features where each persisted partition lives (a few numbers of each
     come back, :func:`daskdl.preflight.value_counts`, as ``Run.evaluate`` checks them);
-    ``parts`` maps "train" (and "val") to their X and y futures. Returns the number of
-    classes."""
+    ``parts`` maps "train" (and "val") to their X and y futures. Returns the number of model
+    outputs (classes, labels or targets)."""
     futures = [client.map(preflight.value_counts, xs, ys) for xs, ys in parts.values()]
     counts = {which: preflight.total_counts(c) for which, c in zip(parts, client.gather(futures))}
     for which, c in counts.items():
-        preflight.check_values(which, c)
+        preflight.check_values(which, c, train.task)
+    if train.task != "classification":
+        return train.n_outputs
     lo = min(c[0] for c in counts.values())
     hi = max(c[1] for c in counts.values())
-    return preflight.class_count("train", lo, hi, counts["train"][4], n_classes)
+    return preflight.class_count("train", lo, hi, counts["train"][4], train._n_classes)
+
+
+def _target_scales(client: Client, persisted) -> list[Scale | None]:
+    """Each data set's target scale (persisted with it), or None where its targets were not
+    standardised."""
+    return [target_scale(client, ds) for ds, _, _ in persisted]
 
 
 def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
@@ -449,11 +493,14 @@ def _persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, li
     computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
     every shared key instead of resubmitting it fused differently.
     """
-    arrays = client.persist([a for ds in datasets for a in (ds.X, ds.y)], optimize_graph=False)
-    out = []
-    for i, ds in enumerate(datasets):
+    collections = [(ds.X, ds.y, *(ds.target_scale or ())) for ds in datasets]
+    arrays = client.persist([a for c in collections for a in c], optimize_graph=False)
+    out, i = [], 0
+    for ds, c in zip(datasets, collections):
+        X, y, *scale = arrays[i : i + len(c)]
+        i += len(c)
         with client.as_current():  # chunk sizes from this client's futures, not the default's
-            persisted = ds._persisted(arrays[2 * i], arrays[2 * i + 1])
+            persisted = ds._persisted(X, y, tuple(scale) or None)
         out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
     return out
 
@@ -480,7 +527,9 @@ class Launch:
     y_futs: list
     xv_futs: list
     yv_futs: list
-    n_classes: int
+    objective: Objective
+    metrics: dict
+    val_scale: Scale | None
     config: dict
     out: str | None
     elastic: bool
@@ -549,10 +598,12 @@ class Launch:
                 peers=ranks,
                 model=self.model,
                 input_shape=self.train.sample_shape,
-                n_classes=self.n_classes,
+                objective=self.objective,
                 config=self.config,
                 n_train_parts=len(train_parts),
                 has_val=self.val is not None,
+                metrics=self.metrics,
+                val_scale=self.val_scale,
                 steps_per_epoch=steps,
                 start_epoch=start_epoch,
                 out=self.out,

@@ -61,9 +61,10 @@ class ShardLoader:
         device: torch.device | str = "cpu",
         channels_last: bool = False,
         device_fraction: float = 0.5,
+        y_dtype=np.int64,
     ):
         self.X = concat(X_parts, np.float32)
-        self.y = concat(y_parts, np.int64)
+        self.y = concat(y_parts, y_dtype)
         self.batch_size, self.steps = batch_size, steps
         self.seed, self.rank, self.shuffle = seed, rank, shuffle
         self.augment, self.device = augment, torch.device(device)

@@ -1,5 +1,8 @@
-"""Reference models by name. Input shape and class count come from the data; any callable
-``factory(input_shape, n_classes) -> nn.Module`` works wherever a name does."""
+"""Reference models by name. Input shape and output count come from the data; any callable
+``factory(input_shape, n_classes) -> nn.Module`` works wherever a name does.
+
+``n_classes`` is the number of outputs the model needs: one per class (classification), per
+label (multi-label) or per target (regression: 1 for targets of shape (n,))."""
 
 from __future__ import annotations
 
@@ -285,7 +288,7 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
     except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
         raise FactoryError(
             f"Building the model {describe(spec)} for samples of shape {tuple(input_shape)} "
-            f"and {n_classes} classes failed: {type(e).__name__}: {e}"
+            f"and {n_classes} outputs failed: {type(e).__name__}: {e}"
         ) from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"The model factory returned {type(model).__name__}, not nn.Module.")

@@ -26,17 +26,25 @@ def moments(X: da.Array) -> tuple[da.Array, da.Array]:
     return mean[0].astype(np.float32), std[0].astype(np.float32)
 
 
+def target_moments(y: da.Array) -> tuple[da.Array, da.Array]:
+    """Lazy mean and standard deviation of regression targets, per target (shape () for
+    (n,) targets, (k,) for (n, k)); a constant target gets a standard deviation of 1."""
+    y64 = y.astype(np.float64)
+    std = y64.std(axis=0)
+    return y64.mean(axis=0).astype(np.float32), da.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
 def standardize(X: da.Array, mean: da.Array, std: da.Array) -> da.Array:
     """``(X - mean) / std``, lazily, broadcast over samples."""
     return ((X - mean) / std).astype(np.float32)
 
 
 def finite_rows(X: da.Array, y: da.Array) -> da.Array:
-    """Per-sample boolean: all features finite and the label not NaN."""
+    """Per-sample boolean: all features finite and no target NaN."""
     axes = tuple(range(1, X.ndim))
     ok = da.isfinite(X).all(axis=axes)
     if np.issubdtype(y.dtype, np.floating):
-        ok = ok & ~da.isnan(y)
+        ok = ok & ~da.isnan(y).any(axis=tuple(range(1, y.ndim)))
     return ok
 
 

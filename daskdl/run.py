@@ -17,9 +17,10 @@ import torch
 from distributed import Client, wait
 
 from daskdl import checkpoint, comm, config, events, models, preflight, rundir
+from daskdl import metrics as metrics_
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
-from daskdl.engine import evaluate_shard
+from daskdl.objective import Scale
 
 if TYPE_CHECKING:
     from daskdl.launcher import Launch
@@ -121,7 +122,7 @@ class Run:
         if self._model is None:
             self.wait()
             model = models.build(
-                self.spec["model"], self.spec["input_shape"], self.spec["n_classes"]
+                self.spec["model"], self.spec["input_shape"], self.spec["objective"].n_outputs
             )
             state = {k: torch.from_numpy(v) for k, v in self._result["model"].items()}
             model.load_state_dict(state)
@@ -375,31 +376,36 @@ class Run:
         self.workers = ranks
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float]:
-        """Loss and accuracy of the trained model on ``data``, computed on the cluster.
+        """The trained model's loss and metrics on ``data`` (the run's metrics: accuracy for a
+        classifier by default; mae, rmse, r2 for regression, in the targets' own units),
+        computed on the cluster.
 
-        Each partition is scored where it lives; only a few numbers per partition come back.
-        The data are checked as ``fit`` checks them (labels within the run's classes and
-        integral, features finite), in the same pass, with the same messages.
+        Each partition is scored where it lives; only its metrics' states come back, merged
+        here. The data are checked as ``fit`` checks them (targets that suit the task,
+        features finite), in the same pass, with the same messages.
         """
         batch_size = config.integer("batch_size", batch_size, minimum=1)
-        check_compatible(data, self.spec["input_shape"], name="data")
+        objective = self.spec["objective"]
+        check_compatible(data, self.spec["input_shape"], name="data", task=objective.task)
         if self._state is None:
             # One future for the whole state dict, under a fresh key: scattering the dict itself
             # would key each tensor by its bare name, and a content hash would reuse a key that
             # an earlier call may be releasing at this very moment.
             [self._state] = self.client.scatter([self._result_model()], broadcast=True, hash=False)
-        state = self._state
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
         score = dask.delayed(_score_partition, pure=True)
-        spec = {k: self.spec[k] for k in ("model", "input_shape", "n_classes")}
-        parts = [score(spec, state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
-        parts = np.array(self.client.compute(parts, sync=True))
-        counts = preflight.total_counts(parts[:, :5])
-        preflight.check_values("data", counts)
-        preflight.class_count("data", counts[0], counts[1], counts[4], self.spec["n_classes"])
-        total = parts[:, 5:].sum(axis=0)
-        return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+        spec = {k: self.spec[k] for k in ("model", "input_shape", "objective", "metrics")}
+        spec["data_scale"] = target_scale(self.client, data)
+        parts = [score(spec, self._state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
+        parts = self.client.compute(parts, sync=True)
+        counts = preflight.total_counts([p[0] for p in parts])
+        preflight.check_values("data", counts, objective.task)
+        if objective.is_classifier:
+            preflight.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
+        loss, n = np.sum([p[1] for p in parts], axis=0)
+        scores = metrics_.values(metrics_.merge([p[2] for p in parts]))
+        return {"loss": float(loss / n), **scores}
 
     def _result_model(self) -> dict:
         self.wait()
@@ -467,27 +473,47 @@ def _running_keys(keys: list[str], dask_worker=None) -> list[str]:
 
 
 def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batch_size: int):
-    """A partition's checks (:func:`daskdl.preflight.value_counts`), then its summed loss,
-    correct predictions and count; only scored when the checks pass (else zeros)."""
+    """A partition's checks (:func:`daskdl.preflight.value_counts`), then its summed loss and
+    count and its metrics (updated); only scored when the checks pass."""
+    objective = spec["objective"]
     counts = preflight.value_counts(X, y)
+    scores = metrics_.build(spec["metrics"], objective, "cpu")
     try:  # the client raises the error, from every partition's counts
-        preflight.check_values("data", counts)
-        preflight.class_count("data", counts[0], counts[1], counts[4], spec["n_classes"])
+        preflight.check_values("data", counts, objective.task)
+        if objective.is_classifier:
+            preflight.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
     except ValueError:
-        return np.concatenate([counts, np.zeros(3)])
-    model = models.build(spec["model"], spec["input_shape"], spec["n_classes"])
+        return counts, np.zeros(2), scores
+    model = models.build(spec["model"], spec["input_shape"], objective.n_outputs)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    sums = evaluate_shard(model, X, y, batch_size, autocast=torch.autocast("cpu", enabled=False))
-    return np.concatenate([counts, sums])
+    y = torch.from_numpy(np.asarray(y, dtype=objective.target_dtype))
+    no_autocast = torch.autocast("cpu", enabled=False)
+    sums = metrics_.score(
+        model, X, y, batch_size, no_autocast, objective, scores, spec["data_scale"]
+    )
+    return counts, sums, scores
 
 
-def check_compatible(data, input_shape, name: str) -> None:
+def target_scale(client: Client, data: Dataset) -> Scale | None:
+    """How ``data``'s targets were standardised (computed on the cluster), or None."""
+    if data.target_scale is None:
+        return None
+    stats = client.compute(list(data.target_scale), sync=True, optimize_graph=False)
+    return Scale.from_arrays(*stats)
+
+
+def check_compatible(data, input_shape, name: str, task: str | None = None) -> None:
+    """``data`` is a Dataset whose samples (and task, when given) are the model's."""
     if not isinstance(data, Dataset):
         raise TypeError(
             f"{name} must be a daskdl.Dataset, got {type(data).__name__}. "
             "Wrap arrays with daskdl.Dataset.from_numpy(X, y) or Dataset.from_dask(X, y)."
+        )
+    if task is not None and data.task != task:
+        raise ValueError(
+            f"{name} is a {data.task} data set, but the model learns {task}. Give it the "
+            f"same kind of targets (Dataset(..., task={task!r}))."
         )
     if tuple(data.sample_shape) != tuple(input_shape):
         raise ValueError(

@@ -123,14 +123,19 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             )
         ]
         written = dask.compute(*writes)
+        scale = None
+        if ds.target_scale is not None:
+            scale = [np.atleast_1d(s).tolist() for s in dask.compute(*ds.target_scale)]
         doc = {
             "format": FORMAT,
             "version": VERSION,
             "id": dataset_id,
             "n_classes": ds._n_classes,
+            "task": ds.task,
             "classes": ds.classes,
+            "target_scale": scale,
             "x": {"dtype": str(ds.X.dtype), "sample_shape": list(ds.sample_shape)},
-            "y": {"dtype": str(ds.y.dtype)},
+            "y": {"dtype": str(ds.y.dtype), "sample_shape": list(ds.y.shape[1:])},
             "partitions": [
                 {"file": name, "rows": rows, **({} if key is not None else {"sha256": digest})}
                 for name, (rows, digest) in zip(names, written)
@@ -195,6 +200,7 @@ def load(path: str | os.PathLike, key=None):
 
     sample_shape = tuple(doc["x"]["sample_shape"])
     x_dtype, y_dtype = np.dtype(doc["x"]["dtype"]), np.dtype(doc["y"]["dtype"])
+    y_shape = tuple(doc["y"].get("sample_shape", ()))
     xs, ys = [], []
     for i, part in enumerate(doc["partitions"]):
         rows = int(part["rows"])
@@ -208,7 +214,12 @@ def load(path: str | os.PathLike, key=None):
             dask_key_name=f"daskdl-load-{doc['id']}-{i}",
         )
         xs.append(da.from_delayed(read[0], shape=(rows, *sample_shape), dtype=x_dtype))
-        ys.append(da.from_delayed(read[1], shape=(rows,), dtype=y_dtype))
-    ds = Dataset(da.concatenate(xs), da.concatenate(ys), doc.get("n_classes"))
+        ys.append(da.from_delayed(read[1], shape=(rows, *y_shape), dtype=y_dtype))
+    ds = Dataset(da.concatenate(xs), da.concatenate(ys), doc.get("n_classes"), doc.get("task"))
     ds.classes = doc.get("classes")
+    if doc.get("target_scale") is not None:
+        mean, std = (np.asarray(v, dtype=np.float32) for v in doc["target_scale"])
+        if not y_shape:  # (n,) targets: scalar statistics
+            mean, std = mean.reshape(()), std.reshape(())
+        ds.target_scale = (da.from_array(mean), da.from_array(std))
     return ds

@@ -13,6 +13,10 @@ import daskdl
 from daskdl import averaging, comm, models
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
+from daskdl.objective import Objective
+
+# What the rank loop trains these small classifiers with (the engine's default objective).
+CLASSES = Objective("classification", 3)
 
 
 class _OneRank:
@@ -48,7 +52,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
             xb = torch.from_numpy(rng.normal(size=(8, 6)).astype(np.float32))
             yb = torch.from_numpy(rng.integers(0, 3, 8))
             daskdl.engine.train_step(
-                model, opt, xb, yb, sync, torch.autocast("cpu", enabled=False), False
+                model, opt, xb, yb, sync, torch.autocast("cpu", enabled=False), False, CLASSES
             )
             sync.step_done(step, end_of_epoch=step == steps - 1)
     finally:
@@ -182,7 +186,8 @@ def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_devic
     # On a GPU, any of these would make the host wait for the step.
     for name in ("__bool__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    daskdl.engine.train_step(model, opt, xb, yb, sync, torch.autocast("cpu", enabled=False), False)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    daskdl.engine.train_step(model, opt, xb, yb, sync, no_autocast, False, CLASSES)
     monkeypatch.undo()
 
     assert sync.bad_ranks == [] and bool(sync.pending_bad)

@@ -9,6 +9,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from distributed import Client
 
 import daskdl
@@ -30,7 +31,7 @@ y = np.arange(200) % 2
             ValueError,
             r"chunked along axis 1.*X.rechunk\(\{1: -1\}\)",
         ),
-        (lambda: Dataset.from_numpy(X, y.astype(str)), TypeError, "integer class labels"),
+        (lambda: Dataset.from_numpy(X, y.astype(str)), TypeError, "y must hold numbers"),
         (lambda: Dataset.from_numpy(X, y, chunks=0), ValueError, "chunks must be a positive"),
         (lambda: Dataset.from_numpy(X[:, 0], y), ValueError, "reshape"),
         (
@@ -101,6 +102,18 @@ def test_truncated_cifar_file(tmp_path):
 good = Dataset.from_numpy(X, y, chunks=50)
 
 
+def _not_a_scalar_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def _detached_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets).detach()
+
+
+def _one_output(input_shape, n_outputs):
+    return torch.nn.Linear(input_shape[0], 3)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -131,7 +144,7 @@ good = Dataset.from_numpy(X, y, chunks=50)
             r"Labels must be in \[0, 2\) but range over \[-1, 0\]",
         ),
         (
-            {"train": Dataset.from_numpy(X, y + 0.5, chunks=50)},
+            {"train": Dataset.from_numpy(X, y + 0.5, chunks=50, task="classification")},
             ValueError,
             "200 non-integer",
         ),
@@ -197,9 +210,54 @@ good = Dataset.from_numpy(X, y, chunks=50)
             r"look like regression targets.*1,000,000,001 classes",
         ),
         (
-            {"train": Dataset.from_numpy(X, np.where(y, np.nan, 0), chunks=50)},
+            {"train": Dataset.from_numpy(X, np.where(y, np.nan, 0), chunks=50, n_classes=2)},
             ValueError,
             r"The train labels contain 100 non-integer \(or NaN\) values",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, np.where(y, np.nan, 0.5), chunks=50)},
+            ValueError,
+            r"The train regression targets contain 100 NaN or infinite values.*dropna",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, np.stack([y, 2 * y], 1), chunks=50)},
+            ValueError,
+            r"labels are multi-hot.*every value must be 0 or 1; they range over \[0, 2\]",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "loss": "mse"},
+            ValueError,
+            r"loss='mse' does not suit task='classification'",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "loss": "hinge"},
+            ValueError,
+            r"loss must be one of \['bce', 'cross_entropy', 'huber', 'l1', 'mse'\]",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "metrics": ["r2"]},
+            ValueError,
+            r"Unknown metric 'r2' for task='classification'; built-in ones are \['accuracy'",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "metrics": [len]},
+            TypeError,
+            r"Metric 'builtin_function_or_method' is a builtin_function_or_method; give a",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "loss": _not_a_scalar_loss},
+            ValueError,
+            r"The loss _not_a_scalar_loss returned shape \(8,\); it must return one",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "loss": _detached_loss},
+            ValueError,
+            r"The loss _detached_loss returned a tensor without a gradient",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y.astype(float)), "model": _one_output},
+            ValueError,
+            r"gives 3 outputs per sample, but the data have 1 regression targets",
         ),
         (
             {"val": Dataset.from_numpy(np.where(X > 2, np.inf, X), y, chunks=50)},
@@ -278,7 +336,16 @@ def test_a_wait_with_a_nan_or_infinite_deadline_is_refused():
 @pytest.mark.parametrize(
     "data, kwargs, message",
     [
-        (Dataset.from_numpy(X, y + 0.5, chunks=50), {}, "The data labels contain 200 non-integer"),
+        (
+            Dataset.from_numpy(X, y + 0.5, chunks=50, task="classification"),
+            {},
+            "The data labels contain 200 non-integer",
+        ),
+        (
+            Dataset.from_numpy(X, y + 0.5, chunks=50),
+            {},
+            "data is a regression data set, but the model learns classification",
+        ),
         (
             Dataset.from_numpy(np.where(X > 2, np.nan, X), y, chunks=50),
             {},
@@ -294,7 +361,7 @@ def test_a_wait_with_a_nan_or_infinite_deadline_is_refused():
         (X, {}, "data must be a daskdl.Dataset"),
         (Dataset.from_numpy(X[:, :3], y), {}, r"data has samples of shape \(3,\)"),
     ],
-    ids=["fractional", "nan", "beyond-classes", "batch-0", "batch-float", "array", "shape"],
+    ids=["fractional", "task", "nan", "beyond-classes", "batch-0", "batch-float", "array", "shape"],
 )
 def test_evaluate_checks_its_data_as_fit_does(client, trained, data, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -351,4 +418,4 @@ def test_boolean_labels_are_classes_0_and_1(client):
     data = Dataset.from_numpy(X, y.astype(bool), chunks=50)
     assert data.y.dtype == np.int64
     run = daskdl.fit(client, "mlp", data, epochs=1, batch_size=16, progress=False)
-    assert run._launch.n_classes == 2
+    assert run._launch.objective.n_outputs == 2

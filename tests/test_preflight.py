@@ -13,6 +13,7 @@ from torch import nn
 
 import daskdl
 from daskdl import Dataset, preflight
+from daskdl.objective import Objective
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
 y = np.arange(200) % 3
@@ -142,7 +143,7 @@ def test_more_logits_than_classes_train(client):
 def test_the_dry_run_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    preflight.dry_run("mlp", X[:8], y[:8], 3)
+    preflight.dry_run("mlp", X[:8], y[:8], Objective("classification", 3))
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
