@@ -6,9 +6,11 @@ from daskdl.checkpoint import CheckpointError
 from daskdl.cluster import local_cluster
 from daskdl.comm import CollectiveAborted, PeerTimeoutError
 from daskdl.config import TrainConfig
-from daskdl.data import Dataset, plan_shards
+from daskdl.data import Dataset
 from daskdl.launcher import fit
 from daskdl.run import Run, RunError
+from daskdl.shards import plan_shards
+from daskdl.sources import publish
 from daskdl.webapp import dashboard
 
 __version__ = "0.1.0"
@@ -27,4 +29,5 @@ __all__ = [
     "local_cluster",
     "models",
     "plan_shards",
+    "publish",
 ]

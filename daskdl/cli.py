@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from daskdl.config import BACKENDS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, WIRE_DTYPES
+from daskdl import config
+from daskdl.objective import TASKS
 
 
 def _count(text: str) -> int:
@@ -51,71 +53,30 @@ def _train_parser(sub) -> None:
         description="Train a model data-parallel, one rank per Dask worker. Without "
         "--scheduler, a local cluster of --workers worker processes is started.",
     )
-    p.add_argument(
-        "--dataset", default="digits", help="digits, cifar10 (with --data-path) or synthetic_images"
-    )
+    from daskdl import datasets, models
+
+    names = ", ".join([*datasets.REGISTRY, "cifar10 (with --data-path)"])
+    p.add_argument("--dataset", help=f"a built-in data set (default digits): {names}")
     p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
-    p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet18, vgg11 or vgg16")
+    data = p.add_argument_group("your own data (instead of --dataset)")
+    data.add_argument(
+        "--data",
+        help="Parquet, CSV (globs too), Zarr, netCDF, .npz/.npy, or a Dataset.save folder",
+    )
+    data.add_argument("--label", nargs="+", help="target column(s), variable or array")
+    data.add_argument("--features", nargs="+", help="feature columns (default: all the others)")
+    data.add_argument(
+        "--categorical", nargs="+", help="columns to encode as categories (Parquet, CSV)"
+    )
+    data.add_argument(
+        "--task", choices=TASKS, help="what the targets are (default: from their type)"
+    )
+    data.add_argument("--sample-dim", help="the samples' dimension (Zarr, netCDF)")
+    p.add_argument(
+        "--model", default="small_cnn", help=f"a registered model: {', '.join(models.REGISTRY)}"
+    )
     _cluster_args(p, "local cluster; with --scheduler, ranks to use (default all)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument(
-        "--sync-every",
-        type=int,
-        default=1,
-        help="1: average gradients every step; H > 1: local SGD, average every H",
-    )
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="dask",
-        help="dask: all-reduce over Dask comms; torch: torch.distributed (gloo)",
-    )
-    p.add_argument(
-        "--wire-dtype",
-        choices=WIRE_DTYPES,
-        default="fp32",
-        help="precision of the gradients sent between ranks",
-    )
-    p.add_argument(
-        "--outer-optimizer",
-        choices=["nesterov"],
-        default=None,
-        help="DiLoCo-style outer step at each local-SGD synchronisation",
-    )
-    p.add_argument("--outer-lr", type=float, default=0.7)
-    p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument(
-        "--gpus",
-        default=None,
-        help="local cluster on GPUs (dask-cuda), one worker each: 'all', a count or '0,2'",
-    )
-    p.add_argument("--device", choices=DEVICES, default="auto", help="where each rank trains")
-    p.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels-last memory format for conv nets (default: on for images on CUDA)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model on each rank")
-    p.add_argument(
-        "--max-failures",
-        type=int,
-        default=2,
-        help="workers the run may lose and go on with the rest (0: stop at the first)",
-    )
-    p.add_argument(
-        "--on-nonfinite",
-        choices=["raise", "skip"],
-        default="raise",
-        help="a NaN or infinite loss or gradient: stop with an error, or skip that step",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    _config_arguments(p)
     p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
     p.add_argument(
         "--no-standardize",
@@ -144,9 +105,53 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _load_dataset(args):
-    from daskdl import datasets
+def _config_arguments(p) -> None:
+    """One flag per :class:`daskdl.TrainConfig` field, with its type, default, choices and
+    help: the options are defined there once."""
+    group = p.add_argument_group("training options (daskdl.TrainConfig; see fit)")
+    for f in config.fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type.split("|")[0].strip()
+        kwargs = {"dest": f.name, "default": f.default}
+        help = f.metadata["help"]
+        if f.metadata["choices"] is not None:
+            kwargs["choices"] = [c for c in f.metadata["choices"] if c is not None]
+        elif kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+            if f.default is None:
+                help += " (default: automatic)"
+        else:
+            kwargs["type"] = {"int": int, "float": float}[kind]
+        if f.default is not None and kwargs.get("action") is None:
+            help += f" (default: {f.default})"
+        group.add_argument(flag, help=help.replace("%", "%%"), **kwargs)
 
+
+def config_options(args) -> dict:
+    """The training options of parsed ``args``."""
+    return {f.name: getattr(args, f.name) for f in config.fields()}
+
+
+def _load_dataset(args):
+    from daskdl import datasets, sources
+
+    if args.data:
+        if args.dataset or args.data_path:
+            raise ValueError(
+                "Give --data (your own files) or --dataset (a built-in one), not both."
+            )
+        label = args.label[0] if args.label and len(args.label) == 1 else args.label
+        data = sources.read(
+            args.data, label, args.features, args.task, args.sample_dim, None, args.categorical
+        )
+        train, test = data.split(args.test_size, args.seed)
+        if args.standardize:
+            train, test = train.standardize(), test.standardize(like=train)
+        return train, test
+    for flag in ("label", "features", "task", "sample_dim", "categorical"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is for --data (your own files).")
+    args.dataset = args.dataset or "digits"
     if args.dataset == "cifar10" and not args.data_path:
         raise ValueError("--dataset cifar10 needs --data-path FOLDER with the .bin files.")
     if args.data_path and args.dataset != "cifar10":
@@ -154,6 +159,13 @@ def _load_dataset(args):
     return datasets.train_test(
         args.dataset, args.data_path, args.test_size, args.seed, args.standardize
     )
+
+
+def _meta(args) -> dict:
+    """What the run records about its data, for the dashboard (which resumes built-ins)."""
+    if args.data:
+        return {"data": str(args.data), "launched_by": "cli"}
+    return {"dataset": args.dataset, "data_path": args.data_path, "launched_by": "cli"}
 
 
 def _security(args):
@@ -209,25 +221,7 @@ def train(args) -> int:
             args.model,
             train_ds,
             val=test_ds,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            precision=args.precision,
-            backend=args.backend,
-            sync_every=args.sync_every,
-            wire_dtype=args.wire_dtype,
-            outer_optimizer=args.outer_optimizer,
-            outer_lr=args.outer_lr,
-            outer_momentum=args.outer_momentum,
-            device=args.device,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            on_nonfinite=args.on_nonfinite,
-            max_failures=args.max_failures,
-            seed=args.seed,
+            **config_options(args),
             workers=args.workers if args.scheduler else None,
             out=args.out,
             resume=args.out if args.resume else None,
@@ -235,16 +229,16 @@ def train(args) -> int:
             signing_key=args.signing_key,
             verify_key=args.verify_key,
             progress=args.progress,
-            meta={"dataset": args.dataset, "data_path": args.data_path, "launched_by": "cli"},
+            meta=_meta(args),
         )
         last = run.history.iloc[-1]
+        scores = [c for c in run.history.columns if c.startswith("val_") and c != "val_perplexity"]
         fields = [
             f"run={run.run_id}",
             f"status={run.status}",
             f"epochs={int(last['epoch'])}",
             f"train_loss={last['train_loss']:.4f}",
-            f"val_loss={last['val_loss']:.4f}",
-            f"val_accuracy={last['val_accuracy']:.4f}",
+            *(f"{c}={last[c]:.4f}" for c in scores if isinstance(last[c], float)),
             f"samples_per_s={run.history['samples_per_s'].mean():.0f}",
         ]
         if args.out:
@@ -574,6 +568,16 @@ def bench(args) -> int:
     return 1 if failed else 0
 
 
+def _log_to_stderr() -> None:
+    """daskdl's own news (a checkpoint written, a worker lost, a step skipped) as lines on
+    stderr, beside the progress bar."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("daskdl: %(message)s"))
+    log = logging.getLogger("daskdl")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="daskdl", description="Distributed deep learning on Dask clusters."
@@ -587,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     _verify_parser(sub)
     _audit_parser(sub)
     args = parser.parse_args(argv)
+    _log_to_stderr()
     from daskdl.checkpoint import CheckpointError
     from daskdl.run import RunError
 

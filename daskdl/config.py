@@ -4,6 +4,7 @@ checkpoints and the dashboard."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
@@ -18,63 +19,95 @@ _defaults_file = os.path.join(os.path.dirname(__file__), "daskdl.yaml")
 with open(_defaults_file) as f:
     dask.config.update_defaults(yaml.safe_load(f))
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
-PRECISIONS = ("fp32", "bf16")
-OUTER_OPTIMIZERS = (None, "nesterov")
-WIRE_DTYPES = ("fp32", "bf16")
-BACKENDS = ("dask", "torch")
-DEVICES = ("auto", "cpu", "cuda")
-ON_NONFINITE = ("raise", "skip")
+
+def option(default, help: str, choices: tuple | None = None, cli: bool = True):
+    """A :class:`TrainConfig` field: its default, its help (for ``fit``'s docstring, the
+    command line and the dashboard) and, for a choice, its choices."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "cli": cli}
+    )
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides what a training run computes.
+    """Every option of a training run, each defined once: type, default, choices and help.
+
+    ``fit(..., **options)``, ``daskdl train --option`` and the dashboard's launcher are made
+    from these fields; ``TrainConfig.to_dict()`` is what events, ``config.json`` and
+    checkpoints record.
 
     ``batch_size`` is per rank: the global batch is ``batch_size * world_size``, as with
     PyTorch's DistributedDataParallel. ``sync_every=H > 1`` is local SGD: parameters and
     optimizer state are averaged every H steps instead of gradients every step;
     ``outer_optimizer="nesterov"`` adds a DiLoCo-style outer step (``outer_lr``,
     ``outer_momentum``) on the averaged change.
-
-    ``device="auto"`` trains on the worker's GPU where it sees one (``cuda:0``: dask-cuda
-    gives each worker its own GPU first in ``CUDA_VISIBLE_DEVICES``), else on the CPU.
-    ``channels_last`` (default: on for images on CUDA) and ``compile`` (``torch.compile``)
-    only change speed, not results beyond float rounding. So does ``fused`` (default: on
-    CUDA): the optimizer's fused kernel, which also lets a lone rank, or a local SGD rank
-    between synchronisations, skip a non-finite step without waiting for the GPU.
     """
 
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    precision: str = "fp32"
-    augment: bool | None = None
-    shuffle: bool = True
-    seed: int = 0
-    eval_batch_size: int = 512
-    checkpoint_every: int = 1
-    backend: str = "dask"
-    sync_every: int = 1
-    wire_dtype: str = "fp32"
-    bucket_mb: float = 25.0
-    outer_optimizer: str | None = None
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    comm_timeout: float | None = None
-    torch_threads: int | None = None
-    device: str = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    fused: bool | None = None
-    on_nonfinite: str = "raise"
+    epochs: int = option(10, "passes over the training data")
+    batch_size: int = option(32, "samples per step and rank (the global batch is this x ranks)")
+    lr: float = option(0.05, "peak learning rate")
+    optimizer: str = option("sgd", "the optimizer", ("sgd", "adamw"))
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "L2 penalty (SGD) or decoupled weight decay (AdamW)")
+    schedule: str = option(
+        "cosine", "learning-rate schedule after warm-up", ("constant", "cosine", "onecycle")
+    )
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up")
+    precision: str = option("fp32", "bf16: bfloat16 autocast on the forward pass", ("fp32", "bf16"))
+    augment: bool | None = option(
+        None, "random crops and flips of images (default: on for colour images of >= 16 px)"
+    )
+    shuffle: bool = option(True, "reshuffle each rank's shard every epoch (seeded)")
+    seed: int = option(0, "seeds the weights, the shuffles and the augmentation")
+    eval_batch_size: int = option(512, "samples per batch when scoring the validation set")
+    checkpoint_every: int = option(1, "epochs between checkpoints (with out=)")
+    backend: str = option(
+        "dask",
+        "dask: all-reduce over Dask's worker-to-worker comms (TLS where the cluster has it); "
+        "torch: a torch.distributed gloo group",
+        ("dask", "torch"),
+    )
+    sync_every: int = option(
+        1, "1: average gradients every step; H > 1: local SGD, average parameters every H"
+    )
+    wire_dtype: str = option(
+        "fp32", "bf16 sends gradients between ranks as bfloat16: half the bytes", ("fp32", "bf16")
+    )
+    bucket_mb: float = option(
+        25.0, "gradients are all-reduced in buckets of about this many MB, as backward makes them"
+    )
+    outer_optimizer: str | None = option(
+        None, "nesterov: a DiLoCo-style outer step at each local-SGD average", (None, "nesterov")
+    )
+    outer_lr: float = option(0.7, "outer step's learning rate (outer_optimizer)")
+    outer_momentum: float = option(0.9, "outer step's momentum (outer_optimizer)")
+    comm_timeout: float | None = option(
+        None, "seconds a rank waits for a peer before giving up (default: daskdl.comm-timeout)"
+    )
+    torch_threads: int | None = option(None, "torch threads per rank (default: worker threads)")
+    device: str = option(
+        "auto",
+        "auto: each rank on its worker's GPU (cuda:0 under dask-cuda) where it has one, else "
+        "the CPU",
+        ("auto", "cpu", "cuda"),
+    )
+    channels_last: bool | None = option(
+        None, "channels-last memory for conv nets (default: on for images on CUDA)"
+    )
+    compile: bool = option(False, "torch.compile the model on each rank (speed only)")
+    fused: bool | None = option(
+        None, "the optimizer's fused kernel (default: on CUDA); skips non-finite steps on the GPU"
+    )
+    on_nonfinite: str = option(
+        "raise",
+        "a NaN or infinite loss or gradient: raise (end the run naming the step) or skip it on "
+        "every rank",
+        ("raise", "skip"),
+    )
+    max_failures: int = option(
+        2, "workers the run may lose (and regroup without) before it fails; 0: none"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +122,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every"):
             setattr(self, name, integer(name, getattr(self, name), minimum=1))
         self.seed = integer("seed", self.seed, minimum=0)
+        self.max_failures = integer("max_failures", self.max_failures, minimum=0)
         if self.seed >= 2**63:  # torch.manual_seed's limit
             raise ValueError(f"seed must be below 2**63, got {self.seed}.")
         if self.torch_threads is not None:
@@ -114,22 +148,9 @@ class TrainConfig:
             setattr(self, name, flag(name, getattr(self, name)))
         for name in ("augment", "channels_last", "fused"):
             setattr(self, name, flag(name, getattr(self, name), allow_none=True))
-        for name, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("precision", PRECISIONS),
-            ("backend", BACKENDS),
-            ("wire_dtype", WIRE_DTYPES),
-            ("outer_optimizer", OUTER_OPTIMIZERS),
-            ("on_nonfinite", ON_NONFINITE),
-        ):
-            choice(name, getattr(self, name), choices)
-        choice(
-            "device",
-            self.device,
-            DEVICES,
-            " Each rank uses its worker's GPU (cuda:0 under dask-cuda) or the CPU.",
-        )
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"] is not None:
+                choice(f.name, getattr(self, f.name), f.metadata["choices"])
 
     @property
     def timeout(self) -> float:
@@ -149,13 +170,63 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown training option(s) {unknown}; known options are {sorted(known)}."
-            )
+        check_names(values)
         return cls(**values)
+
+    def replace(self, **options) -> TrainConfig:
+        """A copy with ``options`` changed (checked like any other)."""
+        check_names(options)
+        return dataclasses.replace(self, **options)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(TrainConfig)
+
+
+def check_names(options) -> None:
+    """An error naming each unknown option, with the nearest known one."""
+    known = [f.name for f in fields()]
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            near = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        raise ValueError(
+            f"Unknown training option(s) {', '.join(hints)}; the options are {sorted(known)}."
+        )
+
+
+def options_doc() -> str:
+    """The options as numpydoc parameters, for ``fit``'s docstring."""
+    lines = []
+    for f in fields():
+        choices = f.metadata["choices"]
+        kind = " | ".join(map(repr, choices)) if choices else _type_name(f.type)
+        lines.append(f"    {f.name} : {kind}, default {f.default!r}")
+        lines.append(f"        {f.metadata['help']}.")
+    return "\n".join(lines)
+
+
+def options_table() -> str:
+    """The options as a Markdown table (the README's, which a test keeps equal to this)."""
+    rows = ["| option | default | |", "| --- | --- | --- |"]
+    for f in fields():
+        choices = f.metadata["choices"]
+        default = repr(f.default)
+        what = f.metadata["help"]
+        if choices:
+            what += "; one of " + ", ".join(f"`{c!r}`" for c in choices)
+        rows.append(f"| `{f.name}` | `{default}` | {what} |")
+    return "\n".join(rows)
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "")
 
 
 def integer(name: str, value, minimum: int | None = None) -> int:

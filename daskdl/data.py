@@ -1,19 +1,20 @@
 """``Dataset``: features ``X`` (n, ...) and targets ``y`` (class ids (n,), multi-hot labels (n, k)
-or numbers (n,) / (n, k)) as Dask arrays chunked along samples, plus the shard plan that assigns
-their partitions to training ranks."""
+or numbers (n,) / (n, k)) as Dask arrays chunked along samples (the shard plan that gives their
+partitions to ranks is :mod:`daskdl.shards`)."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
+from daskdl import categorical as categorical_
 from daskdl import preprocess
 from daskdl.config import integer
 from daskdl.objective import check_task, infer_task
@@ -46,6 +47,10 @@ class Dataset:
     """
 
     classes: list | None = None  # label names, where labels were names (from_text)
+    features: list[str] | None = None  # feature names, where they have names (dataframes)
+    # Categorical features' categories, {column: [category, ...]}: code 0 is "unknown", the
+    # categories are 1..K (daskdl.categorical).
+    categories: dict[str, list] | None = None
     # Lazy (mean, std) of the targets, where standardize() scaled them (regression).
     target_scale: tuple[da.Array, da.Array] | None = None
 
@@ -156,46 +161,54 @@ class Dataset:
         label: str | Sequence[str],
         n_classes: int | None = None,
         task: str | None = None,
+        categorical: Sequence[str] | None = None,
+        categories: Mapping[str, Sequence] | None = None,
     ) -> Dataset:
         """From a Dask dataframe: ``features`` columns become X (n, len(features)); ``label``
         (one column, or a list of them: several regression targets or multi-hot labels) y.
 
-        One partition per dataframe partition; their lengths are found at training time.
+        ``categorical`` features (and any feature of ``category`` dtype) are encoded as integer
+        codes, lazily: 0 for a value not in the mapping, 1..K for the categories. The mapping
+        is found in one pass over those columns (a ``category`` dtype's own where known),
+        or given: build validation or test data with ``categories=train.categories`` so that
+        they share the training codes (the columns it maps are categorical then). One
+        partition per dataframe partition; their lengths are found at training time.
         """
         features = list(features)
         labels = [label] if isinstance(label, str) else list(label)
-        missing = [c for c in [*features, *labels] if c not in ddf.columns]
-        if missing:
-            raise KeyError(
-                f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}."
-            )
-        if not features:
-            raise ValueError("features is empty: name at least one feature column.")
-        if not labels:
-            raise ValueError("label is empty: name the target column(s).")
-        both = sorted(set(features) & set(labels))
-        if both:
-            raise ValueError(f"Columns {both} are both features and labels; name each once.")
-        bad = [c for c in features if not is_numeric_dtype(ddf[c].dtype)]
+        _check_columns(ddf, features, labels)
+        cats = list(categorical or [])
+        outside = [c for c in cats if c not in features]
+        if outside:
+            raise ValueError(f"categorical columns {outside} are not among the features.")
+        mapped = categories if isinstance(categories, Mapping) else {}
+        cats += [
+            c for c in features if c not in cats and (c in mapped or _is_category(ddf[c].dtype))
+        ]
+        bad = [c for c in features if c not in cats and not is_numeric_dtype(ddf[c].dtype)]
         if bad:
             raise TypeError(
                 f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
-                "Encode them as numbers first (for categories: ddf[col].cat.codes)."
+                f"Name them in categorical=[...] to encode them as categories, or encode them "
+                "as numbers first."
             )
-        bad = [c for c in labels if not is_numeric_dtype(ddf[c].dtype)]
-        if bad:
-            raise TypeError(
-                f"Label column(s) {bad} have dtype(s) {[str(ddf[c].dtype) for c in bad]}; a "
-                "label must hold numbers (class ids, 0/1 labels or regression targets). For a "
-                f"category column use ddf[{bad[0]!r}].cat.codes."
+        mapping = None
+        if cats:
+            mapping = (
+                categorical_.check_mapping(categories, cats)
+                if categories is not None
+                else categorical_.categories_of(ddf, cats)
             )
+            ddf = ddf.map_partitions(categorical_.encode, mapping)
         X = ddf[features].astype(np.float32).to_dask_array()
         if isinstance(label, str):
             y = ddf[label].to_dask_array()
         else:
             dtype = np.result_type(*[ddf[c].dtype for c in labels])
             y = ddf[labels].astype(dtype).to_dask_array()
-        return cls(X, y, n_classes, task)
+        ds = cls(X, y, n_classes, task)
+        ds.features, ds.categories = features, mapping
+        return ds
 
     @classmethod
     def from_text(cls, ddf, text: str, label: str, vocab, seq_len: int = 64) -> Dataset:
@@ -337,7 +350,7 @@ class Dataset:
     def _like(self, X: da.Array, y: da.Array, target_scale=None) -> Dataset:
         """A data set of the same kind (task, classes, target scale) over new arrays."""
         ds = Dataset(X, y, self._n_classes, task=self.task)
-        ds.classes = self.classes
+        ds.classes, ds.features, ds.categories = self.classes, self.features, self.categories
         ds.target_scale = target_scale if target_scale is not None else self.target_scale
         return ds
 
@@ -389,6 +402,9 @@ class Dataset:
             )
         source = like if like is not None else self
         mean, std = source.stats()
+        if self.categories:  # codes stay codes
+            keep = np.isin(self.features, list(self.categories))
+            mean, std = da.where(keep, 0.0, mean), da.where(keep, 1.0, std)
         X = preprocess.standardize(self.X, mean, std)
         if self.task != "regression":
             return self._like(X, self.y)
@@ -462,6 +478,30 @@ class Dataset:
         from daskdl import storage
 
         return storage.load(path, key)
+
+
+def _check_columns(ddf, features: list[str], labels: list[str]) -> None:
+    missing = [c for c in [*features, *labels] if c not in ddf.columns]
+    if missing:
+        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
+    if not features:
+        raise ValueError("features is empty: name at least one feature column.")
+    if not labels:
+        raise ValueError("label is empty: name the target column(s).")
+    both = sorted(set(features) & set(labels))
+    if both:
+        raise ValueError(f"Columns {both} are both features and labels; name each once.")
+    bad = [c for c in labels if not is_numeric_dtype(ddf[c].dtype)]
+    if bad:
+        raise TypeError(
+            f"Label column(s) {bad} have dtype(s) {[str(ddf[c].dtype) for c in bad]}; a "
+            "label must hold numbers (class ids, 0/1 labels or regression targets). For a "
+            f"category column use ddf[{bad[0]!r}].cat.codes."
+        )
+
+
+def _is_category(dtype) -> bool:
+    return isinstance(dtype, pd.CategoricalDtype)
 
 
 def _check_target_shape(y: da.Array, task: str) -> da.Array:
@@ -538,123 +578,3 @@ def _take_rows(arr: da.Array, masks: da.Array, counts: tuple | None = None) -> d
 
 def _select_rows(block: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return block[mask]
-
-
-# -------------------------------------------------------------------- shard plan
-
-
-class ShardPlan(NamedTuple):
-    """Partitions per rank, and the worker each rank runs on."""
-
-    shards: list[list[int]]
-    workers: list[str]
-
-
-def balanced_shards(sizes: Sequence[int], n_ranks: int) -> list[list[int]]:
-    """Group partitions into ``n_ranks`` shards of nearly equal sample counts.
-
-    Largest partitions first, each to the lightest shard (ties to the lower index): a pure
-    function of the sizes, so the same data always gives the same shards, wherever Dask happens
-    to keep it, and a seeded run is reproducible.
-
-    Examples
-    --------
-    >>> balanced_shards([300, 100, 100, 100], 2)
-    [[0], [1, 2, 3]]
-    """
-    if n_ranks < 1:
-        raise ValueError("No ranks to plan for: the cluster has no workers.")
-    if len(sizes) < n_ranks:
-        raise ValueError(
-            f"{len(sizes)} partitions cannot feed {n_ranks} ranks: every rank needs at "
-            f"least one partition. Use fewer workers or repartition the data (for example "
-            f"Dataset.from_numpy(..., chunks=len(X) // {n_ranks}))."
-        )
-    shards: list[list[int]] = [[] for _ in range(n_ranks)]
-    loads = [0] * n_ranks
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        # A shard without any partition yet goes first, so no rank is left empty.
-        r = min(range(n_ranks), key=lambda r: (bool(shards[r]), loads[r], r))
-        shards[r].append(i)
-        loads[r] += sizes[i]
-    return [sorted(s) for s in shards]
-
-
-def match_workers(
-    shards: Sequence[Sequence[int]],
-    sizes: Sequence[int],
-    locations: Sequence[Sequence[str]],
-    workers: Sequence[str],
-) -> list[int]:
-    """For each shard, the index of the worker that should hold it: one shard per worker,
-    chosen so that as many samples as possible are already where they are needed.
-
-    Greedy on the (shard, worker) pairs with the most samples in place; ties go to the lower
-    shard and worker indices, so the answer depends only on the arguments.
-    """
-    if len(shards) != len(workers):
-        raise ValueError(f"{len(shards)} shards for {len(workers)} workers.")
-    index = {w: j for j, w in enumerate(workers)}
-    local = [[0] * len(workers) for _ in shards]
-    for r, shard in enumerate(shards):
-        for i in shard:
-            for w in set(locations[i]):
-                if w in index:
-                    local[r][index[w]] += sizes[i]
-    pairs = sorted(
-        ((local[r][j], r, j) for r in range(len(shards)) for j in range(len(workers))),
-        key=lambda t: (-t[0], t[1], t[2]),
-    )
-    chosen: list[int | None] = [None] * len(shards)
-    taken: set[int] = set()
-    for _, r, j in pairs:
-        if chosen[r] is None and j not in taken:
-            chosen[r] = j
-            taken.add(j)
-    return chosen
-
-
-def plan_shards(
-    sizes: Sequence[int],
-    locations: Sequence[Sequence[str]],
-    workers: Sequence[str],
-) -> ShardPlan:
-    """Assign partitions to ranks and ranks to workers.
-
-    Parameters
-    ----------
-    sizes
-        Number of samples in each partition.
-    locations
-        For each partition, the workers that hold it now (``Client.who_has``); may be empty.
-    workers
-        The workers that get a rank.
-
-    Returns
-    -------
-    ``ShardPlan(shards, workers)``: rank ``r`` trains on partitions ``shards[r]`` on worker
-    ``workers[r]``.
-
-    The shards depend only on the partition sizes (:func:`balanced_shards`), so a seeded run
-    computes the same thing wherever Dask placed the data; the data's location decides which
-    worker runs which shard (:func:`match_workers`), so as little as possible moves.
-
-    Examples
-    --------
-    >>> plan_shards([10, 10, 10, 10], [["b"], ["a"], ["b"], ["a"]], ["a", "b"])
-    ShardPlan(shards=[[0, 2], [1, 3]], workers=['b', 'a'])
-    """
-    shards = balanced_shards(sizes, len(workers))
-    matched = match_workers(shards, sizes, locations, workers)
-    return ShardPlan(shards, [workers[j] for j in matched])
-
-
-def shard_sizes(plan: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:
-    return [sum(sizes[i] for i in part) for part in plan]
-
-
-def who_has_to_locations(
-    keys: Sequence[str], who_has: Mapping[str, Sequence[str]]
-) -> list[list[str]]:
-    """``Client.who_has()`` output, in partition order."""
-    return [list(who_has.get(k, ())) for k in keys]

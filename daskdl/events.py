@@ -7,8 +7,8 @@ Every event is a flat dict with at least ``run`` and ``kind``:
 - ``start``   (client) the config, world size, steps per epoch, model name.
 - ``step``    (every rank, at most every ``daskdl.log-interval``) rank, epoch, step, loss,
   samples_per_s, step_time, comm_time, rss.
-- ``epoch``   (rank 0) epoch, step, train_loss, train_accuracy, val_loss, val_accuracy,
-  val_perplexity,
+- ``epoch``   (rank 0) epoch, step, train_loss, train_accuracy (classifiers), val_loss, a
+  ``val_<name>`` per metric (val_accuracy, val_r2, ...), val_perplexity (cross-entropy),
   samples_per_s, epoch_time, lr.
 - ``checkpoint`` (rank 0) epoch, path.
 - ``nonfinite`` (a rank that saw it) epoch, step, batch, ranks: a step skipped for a NaN or
@@ -20,9 +20,13 @@ Every event is a flat dict with at least ``run`` and ``kind``:
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 
 import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "daskdl-run-"
 RUNS_TOPIC = "daskdl-runs"
@@ -98,6 +102,7 @@ class Recorder:
                 self.epochs.append(msg)
             elif kind == "step":
                 self.steps.append(msg)
+        _report(self.run_id, kind, msg)
         if self.bar is None:
             return
         if kind == "step" and msg.get("rank") == 0:
@@ -119,6 +124,34 @@ class Recorder:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _report(run_id: str, kind: str, msg: dict) -> None:
+    """Log what happens to a run as it happens (the CLI prints these lines)."""
+    if kind == "checkpoint":
+        logger.info("run %s: checkpoint %s written", run_id, Path(msg["path"]).name)
+    elif kind == "nonfinite":
+        logger.warning(
+            "run %s: step %s skipped (non-finite loss or gradient on ranks %s)",
+            run_id,
+            msg.get("step"),
+            msg.get("ranks"),
+        )
+    elif kind == "membership":
+        lost, joined = msg.get("lost") or [], msg.get("joined") or []
+        change = "; ".join(
+            [
+                *([f"lost {', '.join(lost)}"] if lost else []),
+                *([f"joined {', '.join(joined)}"] if joined else []),
+            ]
+        )
+        logger.warning(
+            "run %s: %s; regrouped onto %d ranks, going on from epoch %s",
+            run_id,
+            change or "membership changed",
+            msg.get("world_size"),
+            msg.get("epoch"),
+        )
 
 
 HISTORY_COLUMNS = [

@@ -18,20 +18,16 @@ import numpy as np
 import torch
 from distributed import Client, futures_of
 
-from daskdl import checkpoint, comm, config, events, models, preflight, rundir, security
+from daskdl import categorical, checkpoint, comm, events, models, preflight, rundir, security
+from daskdl import config as config_
 from daskdl import metrics as metrics_
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
-from daskdl.data import (
-    Dataset,
-    balanced_shards,
-    match_workers,
-    shard_sizes,
-    who_has_to_locations,
-)
+from daskdl.data import Dataset
 from daskdl.engine import RankSpec, rank_main
 from daskdl.objective import Objective, Scale, check_loss, describe_loss
-from daskdl.run import Run, check_compatible, target_scale
+from daskdl.run import Run, check_categories, check_compatible, target_scale
+from daskdl.shards import balanced_shards, match_workers, shard_sizes, who_has_to_locations
 
 
 def fit(
@@ -40,37 +36,9 @@ def fit(
     train: Dataset,
     val: Dataset | None = None,
     *,
+    config: TrainConfig | Mapping | None = None,
     loss: str | Callable | None = None,
     metrics: str | Sequence | Mapping | None = None,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    warmup_epochs: float = 0.0,
-    precision: str = "fp32",
-    augment: bool | None = None,
-    shuffle: bool = True,
-    seed: int = 0,
-    checkpoint_every: int = 1,
-    backend: str = "dask",
-    sync_every: int = 1,
-    wire_dtype: str = "fp32",
-    bucket_mb: float = 25.0,
-    outer_optimizer: str | None = None,
-    outer_lr: float = 0.7,
-    outer_momentum: float = 0.9,
-    comm_timeout: float | None = None,
-    torch_threads: int | None = None,
-    device: str = "auto",
-    channels_last: bool | None = None,
-    compile: bool = False,
-    fused: bool | None = None,
-    on_nonfinite: str = "raise",
-    max_failures: int = 2,
     workers: list[str] | int | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | bool | None = None,
@@ -80,133 +48,78 @@ def fit(
     block: bool = True,
     progress: bool = True,
     meta: dict | None = None,
+    **options,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
 
-    Parameters
-    ----------
-    client
-        Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
-    model
-        A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
-        ``"vgg11"``, ``"vgg16"``) or a factory ``f(input_shape, n_classes) -> nn.Module``.
-    train, val
-        :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
-        evaluates its share of ``val`` after every epoch. The data set's ``task``
-        (classification, multilabel or regression) decides the model's outputs, the default
-        loss and the default metrics.
-    loss
-        ``"cross_entropy"`` (classification's default), ``"bce"`` (multi-label's, on logits),
-        ``"mse"`` (regression's), ``"l1"``, ``"huber"``, or a function
-        ``loss(outputs, targets) -> scalar tensor`` (the batch's mean).
-    metrics
-        Validation metrics, reported per epoch as ``val_<name>``: built-in names (``accuracy``,
-        ``top5``, ``f1``, ``precision``, ``recall``; multi-label ``accuracy``, ``exact_match``,
-        ``f1``, ...; regression ``mae``, ``mse``, ``rmse``, ``r2``), ``torchmetrics.Metric``
-        objects, or a dict of names to either. Each is computed over the whole validation set
-        (metric states are combined over the ranks), regression ones in the targets' units.
-    batch_size
-        Per rank; the global batch is ``batch_size * number of ranks``.
-    workers
-        Which workers get a rank (addresses, or a count); default all.
-    out
-        Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
-        Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
-    resume
-        A run directory or checkpoint to continue from (the newest checkpoint that verifies).
-    signing_key, verify_key
-        Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
-        :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
-        ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
-        a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
-        (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
-        modified checkpoint; with no key at all it warns.
-    block
-        ``False`` returns the :class:`Run` at once; call ``run.wait()``.
-    meta
-        JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
-        checkpoints), such as the name of the data set; the dashboard reads them.
+        Parameters
+        ----------
+        client
+            Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
+        model
+            A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
+            ``"vgg11"``, ``"vgg16"``, ...) or a factory ``f(input_shape, n_outputs) -> nn.Module``.
+        train, val
+            :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
+            evaluates its share of ``val`` after every epoch. The data set's ``task``
+            (classification, multilabel or regression) decides the model's outputs, the default
+            loss and the default metrics.
+        config
+            A :class:`daskdl.TrainConfig` (or a dict of its fields); ``options`` override it.
+        loss
+            ``"cross_entropy"`` (classification's default), ``"bce"`` (multi-label's, on logits),
+            ``"mse"`` (regression's), ``"l1"``, ``"huber"``, or a function
+            ``loss(outputs, targets) -> scalar tensor`` (the batch's mean).
+        metrics
+            Validation metrics, reported per epoch as ``val_<name>``: built-in names (``accuracy``,
+            ``top5``, ``f1``, ``precision``, ``recall``; multi-label ``accuracy``, ``exact_match``,
+            ``f1``, ...; regression ``mae``, ``mse``, ``rmse``, ``r2``), ``torchmetrics.Metric``
+            objects, or a dict of names to either. Each is computed over the whole validation set
+            (metric states are combined over the ranks), regression ones in the targets' units.
+        workers
+            Which workers get a rank (addresses, or a count); default all.
+        out
+            Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
+            Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
+        resume
+            A run directory or checkpoint to continue from (the newest checkpoint that verifies);
+            ``True``: the run in ``out``.
+        overwrite
+            Replace the run in ``out`` (once this run has written its first checkpoint).
+        signing_key, verify_key
+            Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
+            :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
+            ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
+            a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
+            (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
+            modified checkpoint; with no key at all it warns.
+        block
+            ``False`` returns the :class:`Run` at once; call ``run.wait()``.
+        progress
+            A progress bar (tqdm) on the client.
+        meta
+            JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
+            checkpoints), such as the name of the data set; the dashboard reads them.
+        **options
+            Any :class:`daskdl.TrainConfig` field (below).
 
-    backend
-        ``"dask"``: the all-reduce over Dask's worker-to-worker comms (encrypted with the
-        cluster's TLS); ``"torch"``: a ``torch.distributed`` gloo process group over the same
-        ranks.
-    sync_every
-        1 averages gradients after every backward pass; ``H > 1`` is local SGD: each rank
-        takes H steps on its own, then parameters and optimizer momentum are averaged.
-    wire_dtype
-        ``"bf16"`` sends gradients as bfloat16 between ranks: half the bytes.
-    bucket_mb
-        Gradients are all-reduced in buckets of about this many MB (the first is 1 MB), each
-        starting as soon as backward has produced it, as in DDP (``bucket_cap_mb``).
-    outer_optimizer
-        ``"nesterov"``: a DiLoCo-style outer step on the averaged change at each
-        synchronisation (``outer_lr``, ``outer_momentum``), which lets large H work.
-    device
-        ``"auto"`` (each rank on its worker's GPU where it has one, else the CPU), ``"cpu"``
-        or ``"cuda"`` (an error before training if a worker has no GPU). Use
-        ``daskdl.local_cluster(gpus=True)`` for one worker per GPU.
-    on_nonfinite
-        A NaN or infinite loss or gradient on any rank is caught before the optimizer step
-        (on every rank alike): ``"raise"`` ends the run with an error naming the rank(s), step
-        and batch; ``"skip"`` skips that step everywhere and logs a ``nonfinite`` event.
-    max_failures
-        Workers that may be lost (killed, or retired) before the run fails: after each loss
-        the surviving ranks regroup and carry on from the last step they all finished, with
-        the lost ranks' partitions shared among them. 0 makes a lost worker an error at once.
-    channels_last, compile
-        CUDA speed-ups: channels-last memory format for conv nets (default: on for images on
-        CUDA) and ``torch.compile``.
-    fused
-        The optimizer's fused kernel (default: on CUDA, off on the CPU). With one rank it also
-        skips non-finite steps on the device, so the host never waits for the GPU per step;
-        ``nonfinite`` events and ``on_nonfinite="raise"`` then come at the next log interval
-        (still naming the step, which was not applied).
+        Other Parameters
+        ----------------
+    {options}
 
-    The remaining options are :class:`daskdl.config.TrainConfig`'s.
-
-    Examples
-    --------
-    >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
-    >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
-    >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
-    >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
+        Examples
+        --------
+        >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
+        >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
+        >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
+        >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
     """
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        precision=precision,
-        augment=augment,
-        shuffle=shuffle,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        backend=backend,
-        sync_every=sync_every,
-        wire_dtype=wire_dtype,
-        bucket_mb=bucket_mb,
-        outer_optimizer=outer_optimizer,
-        outer_lr=outer_lr,
-        outer_momentum=outer_momentum,
-        comm_timeout=comm_timeout,
-        torch_threads=torch_threads,
-        device=device,
-        channels_last=channels_last,
-        compile=compile,
-        fused=fused,
-        on_nonfinite=on_nonfinite,
-    )
+    cfg = _train_config(config, options)
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
     cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
-    max_failures = config.integer("max_failures", max_failures, minimum=0)
-    block, progress = config.flag("block", block), config.flag("progress", progress)
+    max_failures = cfg.max_failures
+    block, progress = config_.flag("block", block), config_.flag("progress", progress)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict of JSON-able facts, got {type(meta).__name__}.")
     try:
@@ -232,6 +145,8 @@ def fit(
     check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
         check_compatible(val, train.sample_shape, name="val", task=train.task)
+        check_categories(val, train.categories, name="val")
+    model = _with_embeddings(model, train)
     check_loss(loss, train.task)
     metric_specs = metrics_.normalize(metrics, train.task)
     for what, obj in [
@@ -287,7 +202,14 @@ def fit(
         probe = preflight.dry_run(model, sample_x, sample_y, objective, cfg.seed, metric_specs)
         if manifest is not None:
             preflight.check_resume(
-                probe, model_t, manifest, resume_path, train.sample_shape, objective, cfg.to_dict()
+                probe,
+                model_t,
+                manifest,
+                resume_path,
+                train.sample_shape,
+                objective,
+                cfg.to_dict(),
+                train.categories,
             )
         n_params = sum(p.numel() for p in probe.parameters())
         del probe
@@ -327,10 +249,35 @@ def fit(
     return run
 
 
+fit.__doc__ = fit.__doc__.replace("{options}", config_.options_doc())
+
+
+def _train_config(config, options: dict) -> TrainConfig:
+    """``config`` (a TrainConfig, a dict or None) with ``options`` over it."""
+    if config is not None and not isinstance(config, (TrainConfig, Mapping)):
+        raise TypeError(
+            f"config must be a daskdl.TrainConfig or a dict of its options, got "
+            f"{type(config).__name__}."
+        )
+    values = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+    return TrainConfig.from_dict({**values, **options})
+
+
+def _with_embeddings(model: models.ModelSpec, train: Dataset) -> models.ModelSpec:
+    """The registered mlp, told which features are categorical (and how many codes each
+    has), so that it embeds them; other models get the codes as numbers."""
+    name, options = (model, {}) if isinstance(model, str) else (None, {})
+    if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[0], str):
+        name, options = model[0], dict(model[1])
+    if name != "mlp" or not train.categories or "categorical" in options:
+        return model
+    return ("mlp", {**options, "categorical": categorical.layout(train.features, train.categories)})
+
+
 def _run_paths(out, resume, overwrite) -> tuple[Path | None, Path | None]:
     """``out`` and ``resume`` as paths, in the forms users pass them: ``resume=True``
     continues the run in ``out``."""
-    overwrite = config.flag("overwrite", overwrite)
+    overwrite = config_.flag("overwrite", overwrite)
     for name, value in (("out", out), ("resume", resume)):
         if value is not None and not isinstance(value, (str, os.PathLike, bool)):
             raise TypeError(f"{name} must be a folder path, got {type(value).__name__}.")
@@ -380,6 +327,8 @@ def _start(
         "steps_per_epoch": steps,
         "n_train": sum(sizes),
         "input_shape": list(train.sample_shape),
+        "features": train.features,
+        "categories": train.categories,
         **launch.objective.describe(),
         "n_classes": launch.objective.n_outputs if launch.objective.is_classifier else None,
         "metrics": list(launch.metrics),
@@ -404,6 +353,7 @@ def _start(
         "input_shape": train.sample_shape,
         "objective": launch.objective,
         "metrics": launch.metrics,
+        "categories": train.categories,
     }
     staging = Path(launch.staging) if launch.staging else None
     run = Run(client, launch.run_id, spec, futures, data, recorder, ranks, out, staging)
@@ -422,7 +372,7 @@ def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str
     if isinstance(workers, str):
         workers = [workers]  # one address, not its characters
     if isinstance(workers, numbers.Number):
-        workers = config.integer("workers", workers, minimum=1)
+        workers = config_.integer("workers", workers, minimum=1)
         if workers > len(available):
             raise ValueError(
                 f"workers={workers}, but the cluster has {len(available)} workers. Start more "

@@ -16,9 +16,19 @@ from torch import nn
 ModelSpec = str | tuple[str, dict] | Callable[..., nn.Module]
 
 
-def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: int = 128) -> nn.Module:
-    """Two hidden layers on the flattened input."""
+def mlp(
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    hidden: int = 128,
+    categorical: list[list[int]] | None = None,
+) -> nn.Module:
+    """Two hidden layers on the flattened input. With ``categorical`` (``[[feature index,
+    number of codes], ...]``, which ``fit`` fills in for a data set with categorical columns)
+    each categorical feature is embedded (``min(50, (codes + 1) // 2)`` dimensions, the
+    fast.ai rule) and joined with the numeric ones: the standard tabular network."""
     d = math.prod(input_shape)
+    if categorical:
+        return _TabularMLP(d, n_classes, hidden, categorical)
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(d, hidden),
@@ -27,6 +37,35 @@ def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: int = 128) -> nn.M
         nn.ReLU(),
         nn.Linear(hidden, n_classes),
     )
+
+
+class _TabularMLP(nn.Module):
+    def __init__(self, d: int, n_outputs: int, hidden: int, categorical: list[list[int]]):
+        super().__init__()
+        columns = [int(i) for i, _ in categorical]
+        if len(set(columns)) != len(columns) or not all(0 <= i < d for i in columns):
+            raise ValueError(f"categorical names feature indices out of 0..{d - 1}: {columns}.")
+        self.register_buffer("cat_index", torch.tensor(columns, dtype=torch.long))
+        numeric = [i for i in range(d) if i not in columns]
+        self.register_buffer("num_index", torch.tensor(numeric, dtype=torch.long))
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(int(n), min(50, (int(n) + 1) // 2)) for _, n in categorical
+        )
+        width = len(numeric) + sum(e.embedding_dim for e in self.embeddings)
+        self.body = nn.Sequential(
+            nn.Linear(width, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, n_outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        codes = x.index_select(1, self.cat_index).long()
+        parts = [x.index_select(1, self.num_index)]
+        parts += [embed(codes[:, j]) for j, embed in enumerate(self.embeddings)]
+        return self.body(torch.cat(parts, dim=1))
 
 
 def small_cnn(input_shape: tuple[int, ...], n_classes: int, width: int = 32) -> nn.Module:

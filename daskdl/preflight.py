@@ -238,6 +238,7 @@ def check_resume(
     input_shape: tuple[int, ...],
     objective: Objective,
     config: dict,
+    categories: dict | None = None,
 ) -> None:
     """Whether the checkpoint at ``path`` fits the run asked for; one error naming every
     difference otherwise (before any rank starts, not as a ``load_state_dict`` error on each)."""
@@ -255,6 +256,8 @@ def check_resume(
         problems.append(f"tensor shapes differ (checkpoint vs model): {_some(shapes)}")
     if tuple(manifest.get("input_shape", input_shape)) != tuple(input_shape):
         problems.append(f"samples were {tuple(manifest['input_shape'])}, now {tuple(input_shape)}")
+    if categories is not None and manifest.get("categories") != categories:
+        problems.append("its categorical features' categories differ from the data's")
     task = manifest.get("task", "classification")
     if task != objective.task:
         problems.append(f"it learned {task}, this run {objective.task}")

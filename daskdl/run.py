@@ -387,6 +387,7 @@ class Run:
         batch_size = config.integer("batch_size", batch_size, minimum=1)
         objective = self.spec["objective"]
         check_compatible(data, self.spec["input_shape"], name="data", task=objective.task)
+        check_categories(data, self.spec.get("categories"), name="data")
         if self._state is None:
             # One future for the whole state dict, under a fresh key: scattering the dict itself
             # would key each tensor by its bare name, and a content hash would reuse a key that
@@ -493,6 +494,17 @@ def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batc
         model, X, y, batch_size, no_autocast, objective, scores, spec["data_scale"]
     )
     return counts, sums, scores
+
+
+def check_categories(data: Dataset, categories: dict | None, name: str) -> None:
+    """``data`` encodes its categorical features with the codes the model learned."""
+    if data.categories != categories:
+        raise ValueError(
+            f"{name}'s categorical codes are not the training data's (categories "
+            f"{sorted(data.categories or {})} vs {sorted(categories or {})}, or other values): "
+            "build it with Dataset.from_dataframe(..., categories=train.categories), or split "
+            "it from the same data set."
+        )
 
 
 def target_scale(client: Client, data: Dataset) -> Scale | None:

@@ -133,6 +133,8 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             "n_classes": ds._n_classes,
             "task": ds.task,
             "classes": ds.classes,
+            "features": ds.features,
+            "categories": ds.categories,
             "target_scale": scale,
             "x": {"dtype": str(ds.X.dtype), "sample_shape": list(ds.sample_shape)},
             "y": {"dtype": str(ds.y.dtype), "sample_shape": list(ds.y.shape[1:])},
@@ -216,7 +218,8 @@ def load(path: str | os.PathLike, key=None):
         xs.append(da.from_delayed(read[0], shape=(rows, *sample_shape), dtype=x_dtype))
         ys.append(da.from_delayed(read[1], shape=(rows, *y_shape), dtype=y_dtype))
     ds = Dataset(da.concatenate(xs), da.concatenate(ys), doc.get("n_classes"), doc.get("task"))
-    ds.classes = doc.get("classes")
+    ds.classes, ds.features = doc.get("classes"), doc.get("features")
+    ds.categories = doc.get("categories")
     if doc.get("target_scale") is not None:
         mean, std = (np.asarray(v, dtype=np.float32) for v in doc["target_scale"])
         if not y_shape:  # (n,) targets: scalar statistics

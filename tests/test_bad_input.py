@@ -85,6 +85,35 @@ y = np.arange(200) % 2
         ),
         (lambda: daskdl.datasets.cifar10("/no/such/dir"), FileNotFoundError, "binary version"),
         (lambda: daskdl.datasets.load("imagenet"), ValueError, "Unknown dataset 'imagenet'"),
+        (
+            lambda: Dataset.from_numpy(X, y + 0.5, n_classes=2, task="regression"),
+            ValueError,
+            r"n_classes is for classification; this data set's task is 'regression'",
+        ),
+        (
+            lambda: Dataset.from_numpy(X, y, task="multilabel"),
+            ValueError,
+            r"task='multilabel' needs y of shape \(n, k\)",
+        ),
+        (
+            lambda: Dataset.from_numpy(X, y, task="clustering"),
+            ValueError,
+            r"task must be one of \('classification', 'regression', 'multilabel'\)",
+        ),
+        (
+            lambda: Dataset.from_dataframe(
+                dd.from_pandas(pd.DataFrame({"a": X[:, 0], "b": y}), npartitions=2),
+                ["a", "b"],
+                ["b"],
+            ),
+            ValueError,
+            r"Columns \['b'\] are both features and labels",
+        ),
+        (
+            lambda: Dataset.from_numpy(X, y + 0.5).standardize().standardize(),
+            ValueError,
+            r"These targets are standardised already",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -238,6 +267,11 @@ def _one_output(input_shape, n_outputs):
             {"train": Dataset.from_numpy(X, y, chunks=50), "metrics": ["r2"]},
             ValueError,
             r"Unknown metric 'r2' for task='classification'; built-in ones are \['accuracy'",
+        ),
+        (
+            {"train": Dataset.from_numpy(X, y, chunks=50), "metrics": ["top5"]},
+            ValueError,
+            r"top5 needs at least 5 classes; the data have 2",
         ),
         (
             {"train": Dataset.from_numpy(X, y, chunks=50), "metrics": [len]},

@@ -3,6 +3,8 @@ the served page in headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -212,16 +214,17 @@ def _stop_server(proc: subprocess.Popen, log) -> None:
     log.close()
 
 
-@pytest.fixture
-def served(tmp_path):
-    """``daskdl dashboard`` on a free localhost port with its own 2-worker cluster."""
+@contextlib.contextmanager
+def _serve(tmp_path, *cluster: str):
+    """``daskdl dashboard`` on a free localhost port (its own 2-worker cluster, or the one
+    ``cluster`` names); yields its address."""
     from daskdl.webapp.serve import free_port
 
     port = free_port("127.0.0.1")
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "2", "--port", str(port)]
-        + ["--runs-dir", str(tmp_path / "runs")],
+        [sys.executable, "-m", "daskdl.cli", "dashboard", *(cluster or ("--workers", "2"))]
+        + ["--port", str(port), "--runs-dir", str(tmp_path / "runs")],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
@@ -232,6 +235,12 @@ def served(tmp_path):
         yield url
     finally:
         _stop_server(proc, log)
+
+
+@pytest.fixture
+def served(tmp_path):
+    with _serve(tmp_path) as url:
+        yield url
 
 
 def _steps_drawn(page) -> int:
@@ -261,7 +270,7 @@ def test_start_watch_stop_and_resume_from_the_page(served, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(served)
-        # A short digits run with the form's defaults (small_cnn, 5 epochs, 2 workers).
+        # A short digits run with the form's defaults (small_cnn, 10 epochs, 2 workers).
         page.get_by_role("button", name="Start run").click(timeout=60_000)
         counts = []
 
@@ -274,7 +283,7 @@ def test_start_watch_stop_and_resume_from_the_page(served, tmp_path):
         assert len({c for c in counts if c > 0}) >= 2, f"the curve never grew: {counts}"
         # The checkpoint is written (and reported) just after the last epoch's event.
         poll_for(
-            lambda: page.locator(".daskdl-checkpoint").first.text_content().endswith("epoch-0005"),
+            lambda: page.locator(".daskdl-checkpoint").first.text_content().endswith("epoch-0010"),
             timeout=30,
         )
         page.screenshot(path=str(tmp_path / "dashboard-finished.png"), full_page=True)
@@ -434,3 +443,33 @@ def test_insecure_serves_beyond_loopback_without_a_password_and_says_so(tmp_path
         assert "/login" not in url and "<title>daskdl</title>" in body
     finally:
         _stop_server(proc, log)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)",
+)
+def test_a_published_data_set_trains_from_the_page(fresh_client, tmp_path):
+    """A data set prepared in a notebook (here: this process), published on the cluster, is
+    listed by the page beside the built-in ones and trains from it."""
+    from playwright.sync_api import sync_playwright
+
+    train, val = daskdl.datasets.digits().split(0.2, seed=0)
+    daskdl.publish(fresh_client, "my-digits", train.standardize(), val.standardize(like=train))
+    with _serve(tmp_path, "--scheduler", fresh_client.scheduler.address) as url:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            dataset = page.locator("select").first
+            poll_for(lambda: "my-digits" in dataset.inner_text(), timeout=30)
+            dataset.select_option("my-digits")
+            epochs = page.locator("input").nth(1)
+            epochs.fill("2")
+            epochs.press("Enter")
+            page.get_by_role("button", name="Start run").click(timeout=60_000)
+            poll_for(lambda: _status(page) == "finished", timeout=120, interval=0.25)
+            browser.close()
+    config = json.loads((tmp_path / "runs" / "my-digits-small_cnn-1" / "config.json").read_text())
+    assert config["meta"]["dataset"] == "my-digits" and config["meta"]["published"]
+    assert config["config"]["epochs"] == 2

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from daskdl.data import (
+from daskdl.shards import (
     ShardPlan,
     balanced_shards,
     match_workers,

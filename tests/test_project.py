@@ -42,22 +42,17 @@ def test_environment_matches_pyproject():
     assert set(project["optional-dependencies"]) == {"cuda", "app", "dev"}
 
 
-def test_readme_python_example_runs_as_written(tmp_path):
+def _run_readme_example(section: str, checks: str, tmp_path) -> None:
+    """Run the first Python block of the README's ``section`` as a script, then ``checks``."""
     import subprocess
     import sys
 
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## In Python", 1)[1]
-    code = re.search(r"```python\n(.+?)\n```", section, re.S).group(1)
+    code = re.search(r"```python\n(.+?)\n```", readme.split(section, 1)[1], re.S).group(1)
     script = tmp_path / "example.py"
-    checks = (
-        "\nassert run.history['val_accuracy'].iloc[-1] >= 0.97, run.history"
-        "\nassert abs(run.evaluate(test)['accuracy'] - run.history['val_accuracy'].iloc[-1])"
-        " < 1e-9\nprint('ok')\n"
-    )
     script.write_text(
         'if __name__ == "__main__":\n'
-        + "\n".join("    " + line for line in (code + checks).splitlines())
+        + "\n".join("    " + line for line in (code + checks + "\nprint('ok')").splitlines())
         + "\n"
     )
     proc = subprocess.run(
@@ -65,3 +60,22 @@ def test_readme_python_example_runs_as_written(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_readme_python_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert run.history['val_accuracy'].iloc[-1] >= 0.97, run.history"
+        "\nassert abs(run.evaluate(test)['accuracy'] - run.history['val_accuracy'].iloc[-1])"
+        " < 1e-9"
+    )
+    _run_readme_example("## In Python", checks, tmp_path)
+
+
+def test_readme_regression_example_runs_as_written(tmp_path):
+    checks = (
+        "\nscores = run.evaluate(test)"
+        "\nassert scores['r2'] >= 0.9 and scores['rmse'] > 0.5, scores"
+        "\nassert list(run.history.columns[:6]) == "
+        "['epoch', 'step', 'train_loss', 'val_loss', 'val_mae', 'val_rmse'], run.history"
+    )
+    _run_readme_example("## Targets, losses and metrics", checks, tmp_path)

@@ -5,22 +5,41 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import panel as pn
 import param
 from panel.viewable import Viewer
 
-from daskdl import comm, rundir
+from daskdl import comm, config, datasets, models, rundir, sources
 from daskdl.cluster import workers_info
-from daskdl.config import PRECISIONS
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.views import Curves, RunList, Status, Workers
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ["digits", "synthetic_images", "cifar10"]
-MODELS = ["small_cnn", "mlp", "resnet18", "vgg11", "vgg16"]
+LIST_EVERY = 2.0  # seconds between looks for newly published data sets
+# Shown in the form; the other TrainConfig options are under "more options".
+MAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "sync_every", "precision")
+
+
+def option_widget(f) -> pn.widgets.Widget:
+    """A widget for one :class:`daskdl.TrainConfig` field, with its default and help."""
+    kind = f.type.split("|")[0].strip()
+    choices = f.metadata["choices"]
+    common = {"name": f.name.replace("_", " "), "description": f.metadata["help"]}
+    if choices is not None:
+        options = {"none" if c is None else c: c for c in choices}
+        return pn.widgets.Select(options=options, value=f.default, **common)
+    if kind == "bool" and f.default is None:
+        options = {"automatic": None, "on": True, "off": False}
+        return pn.widgets.Select(options=options, value=None, **common)
+    if kind == "bool":  # a checkbox takes no description: its help is not shown
+        return pn.widgets.Checkbox(value=f.default, name=common["name"])
+    if kind == "int":
+        return pn.widgets.IntInput(value=f.default, **common)
+    return pn.widgets.FloatInput(value=f.default, **common)
 
 
 class Launcher(Viewer):
@@ -40,15 +59,14 @@ class Launcher(Viewer):
         self.runs_dir = Path(runs_dir)
         self.runs: dict = {}  # run id -> daskdl.Run started here
         n_workers = max(1, len(workers_info(client)))
-        self.dataset = pn.widgets.Select(name="dataset", options=DATASETS, value="digits")
+        self.dataset = pn.widgets.Select(name="dataset", options=self._datasets(), value="digits")
+        self._listed = time.monotonic()
         self.data_path = pn.widgets.TextInput(name="data path (cifar10)", value="")
-        self.model = pn.widgets.Select(name="model", options=MODELS, value="small_cnn")
-        self.epochs = pn.widgets.IntInput(name="epochs", value=5, start=1)
-        self.batch_size = pn.widgets.IntInput(name="batch size (per rank)", value=32, start=1)
-        self.lr = pn.widgets.FloatInput(name="learning rate", value=0.05, start=1e-6, step=0.01)
+        self.model = pn.widgets.Select(
+            name="model", options=list(models.REGISTRY), value="small_cnn"
+        )
+        self.options = {f.name: option_widget(f) for f in config.fields()}
         self.workers = pn.widgets.IntInput(name="workers", value=n_workers, start=1, end=n_workers)
-        self.sync_every = pn.widgets.IntInput(name="sync every (steps)", value=1, start=1)
-        self.precision = pn.widgets.Select(name="precision", options=list(PRECISIONS))
         self.start = pn.widgets.Button(name="Start run", button_type="primary")
         self.stop = pn.widgets.Button(name="Stop", button_type="warning")
         self.resume = pn.widgets.Button(name="Resume", button_type="success")
@@ -68,17 +86,32 @@ class Launcher(Viewer):
             self.message = f"{type(e).__name__}: {e}"
             logger.exception("dashboard: %s failed", getattr(work, "__name__", work))
 
+    def _datasets(self) -> list[str]:
+        """The built-in data sets, then those published on the cluster (daskdl.publish)."""
+        return [*datasets.REGISTRY, "cifar10", *sources.published(self.client)]
+
+    def _data(self, dataset: str, data_path: str, seed: int):
+        """(train, val, meta) of a built-in or a published data set."""
+        meta = {"dataset": dataset, "data_path": data_path, "launched_by": "dashboard"}
+        if dataset in datasets.REGISTRY or dataset == "cifar10":
+            return (*datasets.train_test(dataset, data_path or None), meta)
+        train, val = sources.get(self.client, dataset)  # as prepared, in a notebook say
+        if val is None:
+            train, val = train.split(0.2, seed)
+        return train, val, {**meta, "published": True}
+
     def _fit(self, options: dict, dataset: str, data_path: str, **extra):
         import daskdl
 
-        train, val = daskdl.datasets.train_test(dataset, data_path or None)
+        seed = options.get("seed", options.get("config", {}).get("seed", 0))
+        train, val, meta = self._data(dataset, data_path, seed)
         run = daskdl.fit(
             self.client,
             train=train,
             val=val,
             block=False,
             progress=False,
-            meta={"dataset": dataset, "data_path": data_path, "launched_by": "dashboard"},
+            meta=meta,
             **options,
             **extra,
         )
@@ -97,13 +130,9 @@ class Launcher(Viewer):
         self._fit(
             {
                 "model": self.model.value,
-                "epochs": self.epochs.value,
-                "batch_size": self.batch_size.value,
-                "lr": self.lr.value,
                 "workers": self.workers.value,
-                "sync_every": self.sync_every.value,
-                "precision": self.precision.value,
                 "out": str(out),
+                **{name: w.value for name, w in self.options.items()},
             },
             self.dataset.value,
             self.data_path.value,
@@ -131,17 +160,11 @@ class Launcher(Viewer):
             raise ValueError(
                 f"Run {run.run_id} does not record its data set; resume it where it was started."
             )
-        cfg = dict(run.config)
         self._fit(
             {
                 "model": run.spec["model"],
-                "epochs": cfg["epochs"],
-                "batch_size": cfg["batch_size"],
-                "lr": cfg["lr"],
+                "config": dict(run.config),  # every option as the run had it
                 "workers": run.spec.get("world_size"),
-                "sync_every": cfg["sync_every"],
-                "precision": cfg["precision"],
-                "seed": cfg["seed"],
                 "out": out,
             },
             meta["dataset"],
@@ -150,7 +173,13 @@ class Launcher(Viewer):
         )
 
     def show_message(self) -> None:
-        """Called on the page's thread: bring news from a worker thread to the page."""
+        """Called on the page's thread: bring news from a worker thread to the page, and
+        list data sets published since (every few seconds)."""
+        if time.monotonic() - self._listed > LIST_EVERY:
+            self._listed = time.monotonic()
+            names = self._datasets()
+            if names != self.dataset.options:
+                self.dataset.options = names
         if self.follow and self.follow in self.store.runs:
             self.store.selected, self.follow = self.follow, None
         if self.message:
@@ -166,12 +195,13 @@ class Launcher(Viewer):
             self.dataset,
             self.data_path,
             self.model,
-            self.epochs,
-            self.batch_size,
-            self.lr,
+            *(self.options[name] for name in MAIN_OPTIONS),
             self.workers,
-            self.sync_every,
-            self.precision,
+            pn.Card(
+                *(w for name, w in self.options.items() if name not in MAIN_OPTIONS),
+                title="more options",
+                collapsed=True,
+            ),
             self.start,
             "### The selected run",
             pn.Row(self.stop, self.resume),
