@@ -6,11 +6,13 @@ from daskdl.checkpoint import CheckpointError
 from daskdl.cluster import local_cluster
 from daskdl.comm import CollectiveAborted, PeerTimeoutError
 from daskdl.config import TrainConfig
+from daskdl.context import RankContext
 from daskdl.data import Dataset
 from daskdl.launcher import fit
 from daskdl.run import Run, RunError
 from daskdl.shards import plan_shards
 from daskdl.sources import publish
+from daskdl.userloop import launch
 from daskdl.webapp import dashboard
 
 __version__ = "0.1.0"
@@ -20,12 +22,14 @@ __all__ = [
     "CollectiveAborted",
     "Dataset",
     "PeerTimeoutError",
+    "RankContext",
     "Run",
     "RunError",
     "TrainConfig",
     "dashboard",
     "datasets",
     "fit",
+    "launch",
     "local_cluster",
     "models",
     "plan_shards",

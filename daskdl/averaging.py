@@ -45,6 +45,8 @@ class GradientAveraging:
         bucket_bytes: int = 25 * 2**20,
         first_bucket_bytes: int = 2**20,
         defer_nonfinite: bool = False,
+        copy_grads: bool = False,
+        on_step=None,
     ):
         self.params = params = [p for p in model.parameters() if p.requires_grad][::-1]
         total = sum(p.numel() for p in params)
@@ -74,7 +76,8 @@ class GradientAveraging:
             # The parameter's own strides (channels_last conv weights too), so that backward
             # accumulates into the bucket without a layout change.
             self._views.append(self.flat.as_strided(p.shape, p.stride(), offset))
-            p.grad = self._views[-1]
+            if not copy_grads:
+                p.grad = self._views[-1]
             offset += p.numel()
         bounds.append(total + n_slots)
         self.buckets = [self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -87,6 +90,10 @@ class GradientAveraging:
             for i, (p, b) in enumerate(zip(params, bucket_of))
         ]
         self._unbound: list[int] = []  # parameters whose grad is None this step
+        # A user's loop (daskdl.launch) owns its gradients: they are copied into the buffer
+        # as backward makes them and the averages copied back when backward ends, so that
+        # optimizer.zero_grad() (set_to_none or not) and accumulation work as in plain torch.
+        self.copy_grads, self._on_step, self._in_pass = copy_grads, on_step, False
         self._reset()
 
     def _reset(self) -> None:
@@ -102,13 +109,44 @@ class GradientAveraging:
         self._bad |= ~torch.isfinite(grads).all()
 
     def _hook(self, index: int, bucket: int):
-        def ready(_param: torch.Tensor) -> None:
+        def ready(param: torch.Tensor) -> None:
+            if self.copy_grads:
+                self._copy_in(index, param)
             self._used[index] = True
             if self._executor is not None:
                 self._missing[bucket] -= 1
                 self._launch_ready()
 
         return ready
+
+    def _copy_in(self, index: int, param: torch.Tensor) -> None:
+        if not self._in_pass:  # the first gradient of this backward
+            self._in_pass = True
+            self.flat.zero_()
+            self._reset()
+            # Runs when the autograd engine has finished this backward, as DDP's reducer does.
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+        self._views[index].copy_(param.grad)
+
+    def _end_pass(self) -> None:
+        self._in_pass = False
+        self.backward_done(self.group.box.stop_requested)
+        unbound = set(self._unbound)
+        for i, p in enumerate(self.params):
+            if i in unbound:
+                continue  # no rank's backward reached it: no gradient, as in plain torch
+            if p.grad is None:  # reached on other ranks only
+                p.grad = self._views[i].clone()
+            else:
+                p.grad.copy_(self._views[i])
+        self._unbound = []
+        if self._on_step is not None:
+            self._on_step(self)
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Whether every rank agreed, at the last backward, to stop."""
+        return self._stop
 
     def _launch_ready(self) -> None:
         # The last bucket holds the stop slot: it goes in backward_done.

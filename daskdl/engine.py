@@ -491,18 +491,16 @@ class Rank:
         self.ctx.log("epoch", **metrics)
         done = epoch + 1
         if self.spec.out and (done % self.cfg.checkpoint_every == 0 or done == self.cfg.epochs):
-            folder = rundir.writing_to(self.spec.out, self.spec.staging)
-            path = checkpoint.save(
-                folder / rundir.CHECKPOINTS,
+            path = rundir.save_checkpoint(
+                self.spec.out,
+                self.spec.staging,
                 done,
                 checkpoint.model_tensors(self.model),
                 checkpoint.optimizer_tensors(self.opt, outer=self.sync.state_tensors()),
                 {**self.spec.manifest, "step": metrics["step"], "history": self.history},
-                keep=self.spec.keep_checkpoints,
-                key=self.spec.signing_key,
+                self.spec.keep_checkpoints,
+                self.spec.signing_key,
             )
-            rundir.commit(self.spec.out, self.spec.staging)  # a replaced run goes only now
-            path = rundir.writing_to(self.spec.out, self.spec.staging) / path.relative_to(folder)
             self.ctx.log("checkpoint", epoch=done, path=str(path))
 
 

@@ -81,8 +81,11 @@ class Recorder:
     ``handle`` is called on the client's event loop for every event on the run's topic.
     """
 
-    def __init__(self, run_id: str, total_steps: int, initial_step: int, progress: bool):
+    def __init__(
+        self, run_id: str, total: int | None, initial: int, progress: bool, unit: str = "step"
+    ):
         self.run_id = run_id
+        self.unit = unit  # what the bar counts: steps (fit), or epochs (a user's loop)
         self._lock = threading.Lock()
         self.epochs: list[dict] = []
         self.steps: list[dict] = []
@@ -90,9 +93,7 @@ class Recorder:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(
-                total=total_steps, initial=initial_step, unit="step", desc=f"daskdl {run_id}"
-            )
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=f"daskdl {run_id}")
 
     def handle(self, event: tuple[float, dict]) -> None:
         _, msg = event
@@ -110,8 +111,10 @@ class Recorder:
             self.bar.set_postfix(epoch=msg["epoch"], loss=f"{msg['loss']:.4f}", refresh=False)
             self.bar.refresh()
         elif kind == "epoch":
-            self.bar.n = msg["step"]
-            postfix = {"epoch": msg["epoch"], "loss": f"{msg['train_loss']:.4f}"}
+            self.bar.n = msg[self.unit]
+            postfix = {"epoch": msg["epoch"]}
+            if msg.get("train_loss") is not None:
+                postfix["loss"] = f"{msg['train_loss']:.4f}"
             if msg.get("val_accuracy") is not None:
                 postfix["val_accuracy"] = f"{msg['val_accuracy']:.4f}"
             self.bar.set_postfix(postfix, refresh=False)
@@ -182,6 +185,9 @@ def history_frame(epoch_events: list[dict]) -> pd.DataFrame:
     known = set(HISTORY_COLUMNS) | _NOT_METRICS
     extra = list(dict.fromkeys(k for e in rows for k in e if k not in known))  # as reported
     columns = HISTORY_COLUMNS[:7] + extra + HISTORY_COLUMNS[7:]
+    if rows:  # what the run reports (a user's loop: what it logs)
+        reported = {k for e in rows for k in e}
+        columns = [c for c in columns if c in reported or c in ("epoch", "step")]
     if rows and all(e.get("train_accuracy") is None for e in rows):
         # Not a classifier: what only classifiers report goes (a multi-label accuracy stays).
         filled = {c for e in rows for c, v in e.items() if v is not None}

@@ -490,6 +490,17 @@ class Launch:
     generation: int = 0
 
     @property
+    def all_futures(self) -> list:
+        return self.x_futs + self.y_futs + self.xv_futs + self.yv_futs
+
+    def resume_from(self, state: dict) -> dict:
+        """What the ranks of a regrouped run start from: a survivor's replica."""
+        return {
+            "model": state["model"],
+            "optimizer": checkpoint.optimizer_state(*state["optimizer"]),
+        }
+
+    @property
     def comm_id(self) -> str:
         # Each membership talks under its own id: a survivor's mailbox for the old one was
         # aborted, and stays so.

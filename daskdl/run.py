@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from distributed import Client, wait
 
-from daskdl import checkpoint, comm, config, events, models, preflight, rundir
+from daskdl import comm, config, events, models, preflight, rundir
 from daskdl import metrics as metrics_
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
@@ -117,8 +117,19 @@ class Run:
         return self._recorder.history()
 
     @property
+    def result(self):
+        """What rank 0's ``train_fn`` returned (``daskdl.launch``; waits for the run)."""
+        self.wait()
+        return self._result.get("result")
+
+    @property
     def model(self) -> torch.nn.Module:
         """The trained model on the CPU (waits for the run to end)."""
+        if self.spec.get("loop"):
+            raise AttributeError(
+                "A launch() run's model is the loop's own: return it (or its state_dict) from "
+                "train_fn (run.result), or load it from the run's checkpoint."
+            )
         if self._model is None:
             self.wait()
             model = models.build(
@@ -342,8 +353,7 @@ class Run:
         # Partitions lost with a worker are recomputed first, while every worker thread is
         # free: a new rank that started early would hold its thread waiting for a peer whose
         # data needs that very thread.
-        launch = self._launch
-        wait(launch.x_futs + launch.y_futs + launch.xv_futs + launch.yv_futs)
+        wait(self._launch.all_futures)
         try:
             ranks, rank_plans, steps = self._launch.plan(survivors + list(joined))
         except ValueError:  # more ranks than partitions, or shards below a batch: do without
@@ -351,10 +361,7 @@ class Run:
             ranks, rank_plans, steps = self._launch.plan(survivors)
         # The epoch goes on from the same fraction of it, in the new shards' batches.
         start_step = min(steps, round(state["step"] * steps / state["steps_per_epoch"]))
-        resume = {
-            "model": state["model"],
-            "optimizer": checkpoint.optimizer_state(*state["optimizer"]),
-        }
+        resume = self._launch.resume_from(state)
         self.client.log_event(
             events.topic(self.run_id),
             {
@@ -384,6 +391,11 @@ class Run:
         here. The data are checked as ``fit`` checks them (targets that suit the task,
         features finite), in the same pass, with the same messages.
         """
+        if self.spec.get("loop"):
+            raise TypeError(
+                "evaluate() scores fit() runs; a launch() loop scores its own data (with "
+                "ctx.batches(name, ..., full=False) and ctx.all_reduce)."
+            )
         batch_size = config.integer("batch_size", batch_size, minimum=1)
         objective = self.spec["objective"]
         check_compatible(data, self.spec["input_shape"], name="data", task=objective.task)

@@ -136,3 +136,24 @@ def abandon(out: Path, staging: Path | None, status: str) -> None:
     logger.warning(
         "The run %s before writing a checkpoint; %s still holds the earlier run.", status, out
     )
+
+
+def save_checkpoint(
+    out: str,
+    staging: str | None,
+    epoch: int,
+    model: dict,
+    optimizer: tuple[dict, list],
+    manifest: dict,
+    keep: int | None,
+    key,
+) -> Path:
+    """Rank 0 writes the run's checkpoint ``epoch`` (signed with ``key``, atomic, ``keep``
+    newest); a replacing run's staging folder becomes ``out`` on its first one. Returns the
+    checkpoint's path in ``out``."""
+    from daskdl import checkpoint
+
+    folder = writing_to(out, staging)
+    path = checkpoint.save(folder / CHECKPOINTS, epoch, model, optimizer, manifest, keep, key)
+    commit(out, staging)  # a replaced run goes only now
+    return writing_to(out, staging) / path.relative_to(folder)

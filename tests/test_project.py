@@ -79,3 +79,12 @@ def test_readme_regression_example_runs_as_written(tmp_path):
         "['epoch', 'step', 'train_loss', 'val_loss', 'val_mae', 'val_rmse'], run.history"
     )
     _run_readme_example("## Targets, losses and metrics", checks, tmp_path)
+
+
+def test_readme_launch_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert run.status == 'finished' and list(run.history['epoch']) == [1, 2, 3, 4, 5]"
+        "\nassert run.history['val_accuracy'].iloc[-1] > 0.9, run.history"
+        "\nassert set(run.result) == {'1.weight', '1.bias'}"
+    )
+    _run_readme_example("## Your own training loop: `daskdl.launch`", checks, tmp_path)
