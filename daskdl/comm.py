@@ -1,9 +1,10 @@
 """Gradient averaging between ranks over Dask's own worker-to-worker comms.
 
-Every worker runs :class:`CommPlugin`, which adds one handler, ``daskdl_put``, to the worker's
-comm server (the way Dask's P2P shuffle adds its handlers). A rank sends a piece of its buffer
-to a peer with ``worker.rpc(peer).daskdl_put(...)``; the peer's handler drops it in a mailbox
-that the peer's rank thread reads. The scheduler never sees the bytes: the client-side
+Every worker runs :class:`daskdl.worker.DaskdlPlugin`, which adds one handler, ``daskdl_put``,
+to the worker's comm server (the way Dask's P2P shuffle adds its handlers). A rank sends a piece
+of its buffer to a peer with ``worker.rpc(peer).daskdl_put(...)``; the peer's handler drops it
+in the run's mailbox (held by the worker's :class:`daskdl.worker.RunManager`) that the peer's
+rank thread reads. The scheduler never sees the bytes: the client-side
 coordinator only tells every rank the addresses of its peers.
 
 The all-reduce is a ring: a reduce-scatter then an all-gather, each rank sending
@@ -15,21 +16,25 @@ collective at once with :func:`abort`.
 from __future__ import annotations
 
 import asyncio
-import math
-import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from distributed import WorkerPlugin
 from distributed.comm import Comm
 from distributed.protocol import to_serialize
 from distributed.worker import Worker
 
-HANDLER = "daskdl_put"
-
+from daskdl.worker import (  # noqa: F401 - the errors are part of this module's API
+    HANDLER,
+    CollectiveAborted,
+    CollectiveError,
+    DaskdlPlugin,
+    Mailbox,
+    PeerTimeoutError,
+    check_timeout,
+    manager,
+)
 
 WIRE_DTYPES = ("fp32", "bf16")
 
@@ -61,121 +66,31 @@ def _from_wire(data: np.ndarray, wire: str) -> np.ndarray:
     return torch.from_numpy(data).view(torch.bfloat16).float().numpy()
 
 
-class CollectiveError(RuntimeError):
-    """A collective could not complete."""
-
-
-class PeerTimeoutError(CollectiveError):
-    """A peer did not deliver its part of a collective in time (it died or is stuck)."""
-
-
-class CollectiveAborted(CollectiveError):
-    """The coordinator aborted the run (another rank failed, or the run was cancelled)."""
-
-
-class Mailbox:
-    """Messages for one run in one worker process, and the run's control flags."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._items: dict[str, np.ndarray] = {}
-        self.aborted: str | None = None
-        self.stop_requested = False
-        self.regroup_requested = False
-
-    def put(self, tag: str, data: np.ndarray) -> None:
-        with self._cond:
-            self._items[tag] = data
-            self._cond.notify_all()
-
-    def abort(self, reason: str) -> None:
-        with self._cond:
-            self.aborted = reason
-            self._cond.notify_all()
-
-    def take(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
-        _check_timeout(timeout)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while tag not in self._items:
-                if self.aborted is not None:
-                    raise CollectiveAborted(self.aborted)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeoutError(
-                        f"waited {timeout:g}s for {describe_peer()} (message {tag}); the peer "
-                        "died or is stuck. Raise comm_timeout= if steps are legitimately slow."
-                    )
-                self._cond.wait(min(left, 1.0))
-            return self._items.pop(tag)
-
-
-def _check_timeout(timeout: float) -> None:
-    # A NaN deadline never passes (every comparison with it is false), and an infinite one
-    # never comes: either would let a rank wait for a dead peer for ever.
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"A collective's timeout must be finite seconds > 0, got {timeout!r}.")
-
-
-# Mailboxes live in the worker process, one per run, created by whichever comes first: the
-# rank that reads or a peer's message.
-_mailboxes: dict[str, Mailbox] = {}
-_mailboxes_lock = threading.Lock()
-
-
-def mailbox(run_id: str) -> Mailbox:
-    with _mailboxes_lock:
-        box = _mailboxes.get(run_id)
-        if box is None:
-            box = _mailboxes[run_id] = Mailbox()
-        return box
-
-
-def discard_mailbox(run_id: str) -> None:
-    with _mailboxes_lock:
-        _mailboxes.pop(run_id, None)
-
-
-def abort(run_id: str, reason: str) -> None:
-    """Make every current and future wait of ``run_id`` in this process fail at once.
+def abort(run_id: str, reason: str, dask_worker=None) -> None:
+    """Make every current and future wait of ``run_id`` in this worker fail at once.
 
     Meant for ``client.run(abort, run_id, reason)``.
     """
-    mailbox(run_id).abort(reason)
+    manager(dask_worker).mailbox(run_id).abort(reason)
 
 
-def request_stop(run_id: str) -> None:
-    """Ask the ranks of ``run_id`` in this process to stop after the current step.
+def request_stop(run_id: str, dask_worker=None) -> None:
+    """Ask the ranks of ``run_id`` in this worker to stop after the current step.
 
     The flag travels with the next all-reduce, so all ranks stop after the same step.
     """
-    mailbox(run_id).stop_requested = True
+    manager(dask_worker).mailbox(run_id).stop_requested = True
 
 
-def request_regroup(run_id: str) -> None:
-    """Ask the ranks of ``run_id`` in this process to hand their state back at the end of the
+def request_regroup(run_id: str, dask_worker=None) -> None:
+    """Ask the ranks of ``run_id`` in this worker to hand their state back at the end of the
     current epoch, so that the run can go on with more ranks (workers that joined)."""
-    mailbox(run_id).regroup_requested = True
-
-
-def _put(run_id: str, tag: str, data) -> None:
-    # Called on the worker's event loop for each message; a plain function costs less than a
-    # coroutine, and senders ask for no reply.
-    mailbox(run_id).put(tag, data)
-
-
-class CommPlugin(WorkerPlugin):
-    """Adds the ``daskdl_put`` handler to each worker's comm server."""
-
-    name = "daskdl-comm"
-    idempotent = True
-
-    def setup(self, worker: Worker) -> None:
-        worker.handlers[HANDLER] = _put
+    manager(dask_worker).mailbox(run_id).regroup_requested = True
 
 
 def ensure_plugin(client) -> None:
-    client.register_plugin(CommPlugin())
+    """Every worker (and every worker that joins later) gets daskdl's extension."""
+    client.register_plugin(DaskdlPlugin())
 
 
 @dataclass
@@ -230,7 +145,7 @@ class DaskGroup:
         self.peers = list(peers)
         self.size = len(peers)
         self.timeout = timeout
-        self.box = mailbox(run_id)
+        self.box = manager(worker).mailbox(run_id)
         self.piece_bytes = piece_bytes
         self.direct_bytes = direct_bytes
         self._seq = 0
@@ -458,7 +373,7 @@ class DaskGroup:
         return self.allreduce_(buf, wire, divide_by=self.size)
 
     def close(self) -> None:
-        discard_mailbox(self.run_id)
+        manager(self.worker).discard(self.run_id)
         if self._links:
             try:
                 asyncio.run_coroutine_threadsafe(
@@ -499,7 +414,8 @@ class TorchGroup:
         from distributed.comm import get_address_host
 
         self.run_id, self.rank, self.size, self.timeout = run_id, rank, len(peers), timeout
-        self.box = mailbox(run_id)
+        self.worker = worker
+        self.box = manager(worker).mailbox(run_id)
         self._variable = Variable(f"daskdl-torch-{run_id}", client=get_client())
         wait = datetime.timedelta(seconds=timeout)
         if rank == 0:
@@ -563,13 +479,13 @@ class TorchGroup:
                 self._variable.delete()
             except Exception:  # the scheduler may already be gone at shutdown
                 pass
-        discard_mailbox(self.run_id)
+        manager(self.worker).discard(self.run_id)
 
 
 def make_group(
     backend: str, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float
 ) -> DaskGroup | TorchGroup:
-    _check_timeout(timeout)
+    check_timeout(timeout)
     if backend == "torch":
         return TorchGroup(worker, run_id, rank, peers, timeout)
     return DaskGroup(worker, run_id, rank, peers, timeout)

@@ -23,7 +23,7 @@ from daskdl import averaging, checkpoint, events, rundir, security
 from daskdl.comm import CollectiveError, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
-from daskdl.process import dask_profiler_paused, flush_denormals, torch_friendly_malloc
+from daskdl.worker import manager
 
 
 @dataclass
@@ -319,7 +319,8 @@ def _number(name: str, value) -> float:
 
 def loop_main(spec: LoopSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
     """The body of one rank task of ``daskdl.launch``: the user's ``train_fn(ctx)``."""
-    with torch_friendly_malloc(), flush_denormals(), dask_profiler_paused(get_worker(), True):
+    tuning = manager().tuning
+    with tuning.malloc(), tuning.denormals(), tuning.profiler_paused(get_worker(), True):
         ctx = RankContext(spec, resume, parts)
         try:
             result = spec.train_fn(ctx)

@@ -25,7 +25,7 @@ from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, concat
 from daskdl.objective import Objective, Scale
-from daskdl.process import dask_profiler_paused, flush_denormals, torch_friendly_malloc
+from daskdl.worker import manager
 
 
 @dataclass
@@ -197,10 +197,11 @@ def rank_main(spec: RankSpec, resume: dict | None, *parts: np.ndarray) -> dict |
     """The body of one rank task. ``parts`` are (X, y) blocks: the training partitions first,
     then the validation partitions; Dask delivered them to this worker before the task started.
     """
+    tuning = manager().tuning
     with (
-        torch_friendly_malloc(),
-        flush_denormals(),
-        dask_profiler_paused(get_worker(), spec.pause_profiler),
+        tuning.malloc(),
+        tuning.denormals(),
+        tuning.profiler_paused(get_worker(), spec.pause_profiler),
     ):
         return _rank_main(spec, resume, *parts)
 

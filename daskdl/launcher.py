@@ -118,30 +118,116 @@ def fit(
     # Settings from the client's dask.config travel with the run: workers may differ.
     cfg.comm_timeout = cfg.timeout
     cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
-    max_failures = cfg.max_failures
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
+    check_meta(meta)
+    check_client(client, "fit")
+    out_path, resume, key, verify_key = run_folder(out, resume, overwrite, signing_key, verify_key)
+    model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
+    resume_state, manifest, history = None, None, []
+    if resume is not None:
+        resume_state, manifest = _checkpoint_to_resume(resume, verify_key, cfg)
+        history = manifest.get("history", [])
+    ranks = check_cluster(client, cfg, key, workers)
+    persisted = _persist(client, train, *([val] if val is not None else []))
+    data = [f for _, xs, ys in persisted for f in xs + ys]
+    staging = None
+    try:
+        objective, scales, n_params = _dry_run(
+            client, persisted, model, loss, metric_specs, cfg, manifest, resume_state
+        )
+        run_id = uuid.uuid4().hex[:8]
+        staging = rundir.claim(out_path, resume, overwrite, run_id) if out_path else None
+        (train, x_futs, y_futs), *rest = persisted
+        (val, xv_futs, yv_futs) = rest[0] if rest else (None, [], [])
+        launch = Launch(
+            client=client,
+            run_id=run_id,
+            model=model,
+            train=train,
+            val=val,
+            x_futs=x_futs,
+            y_futs=y_futs,
+            xv_futs=xv_futs,
+            yv_futs=yv_futs,
+            objective=objective,
+            metrics=metric_specs,
+            val_scale=scales[1] if val is not None else None,
+            config=cfg.to_dict(),
+            out=str(out_path.resolve()) if out_path else None,
+            out_arg=str(out_path) if out_path else None,
+            staging=str(staging.resolve()) if staging else None,
+            elastic=cfg.max_failures > 0,
+            signing_key=key,
+        )
+        facts = {"n_params": n_params, "meta": meta or {}, "max_failures": cfg.max_failures}
+        run = _start(launch, ranks, manifest, resume_state, history, data, facts, progress)
+        run._max_failures, run._grow = cfg.max_failures, workers is None
+    except BaseException:
+        for f in data:  # nothing started: this call's hold on the data goes
+            f.release()
+        if staging is not None:
+            rundir.abandon(out_path, staging, "could not start")
+        raise
+    if block:
+        run.wait()
+    return run
+
+
+fit.__doc__ = fit.__doc__.replace("{options}", config_.options_doc())
+
+
+def check_meta(meta) -> None:
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict of JSON-able facts, got {type(meta).__name__}.")
     try:
         json.dumps(meta or {})
     except TypeError as e:
         raise TypeError(f"meta must be JSON-able (str, numbers, lists, dicts): {e}") from None
+
+
+def check_client(client, what: str) -> None:
     if not isinstance(client, Client):
         raise TypeError(
-            f"fit needs a distributed.Client as its first argument, got {type(client).__name__}."
-            " HINT: client = daskdl.local_cluster(n_workers=2)."
+            f"{what} needs a distributed.Client as its first argument, got "
+            f"{type(client).__name__}. HINT: client = daskdl.local_cluster(n_workers=2)."
         )
     if client.status in ("closing", "closed"):
         raise RuntimeError(
-            "fit was given a closed client. Start a new one: daskdl.local_cluster(...) or "
+            f"{what} was given a closed client. Start a new one: daskdl.local_cluster(...) or "
             "distributed.Client(address)."
         )
+
+
+def run_folder(out, resume, overwrite, signing_key, verify_key):
+    """The run's folder and the checkpoint it resumes, checked, with the keys that sign and
+    verify: read here, on the client, so that a bad key file fails before any training."""
     out_path, resume = _run_paths(out, resume, overwrite)
     if out_path is not None:
         rundir.check(out_path, resume, overwrite)
-    # Keys are read here, on the client, so that a bad key file fails before any training.
     key = security.signing_key(signing_key) if out_path is not None else None
     verify_key = security.verify_key(verify_key) if resume is not None else None
+    return out_path, resume, key, verify_key
+
+
+def check_cluster(client: Client, cfg: TrainConfig, key, workers) -> list[str]:
+    """The workers that get ranks, after what the cluster itself must allow."""
+    if cfg.backend == "torch" and client.scheduler.address.startswith("tls://"):
+        raise ValueError(
+            "backend='torch' would send gradients over plain TCP (gloo and NCCL do not use "
+            "the cluster's TLS), and this cluster encrypts its connections: use "
+            "backend='dask' (the default), whose all-reduce runs over the cluster's TLS comms."
+        )
+    if key is not None:
+        security.warn_if_sent_in_clear(client, "The checkpoint signing key")
+    ranks = _choose_workers(client, workers)
+    if cfg.device == "cuda":
+        _check_gpus(client, ranks)
+    return ranks
+
+
+def _what_to_learn(train, val, model, loss, metrics, cfg: TrainConfig):
+    """The data sets, the model, the loss and the metrics, checked before the cluster is
+    touched; the model (the mlp told of categorical features) and the metrics by name."""
     check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
         check_compatible(val, train.sample_shape, name="val", task=train.task)
@@ -160,96 +246,43 @@ def fit(
             f"augment=True needs images (n, C, H, W); the data's samples are {train.sample_shape}."
         )
     preflight.check_factory(model)
-    resume_state, manifest, history = None, None, []
-    if resume is not None:
-        resume_path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
-        if manifest["epoch"] >= cfg.epochs:
-            raise ValueError(
-                f"Checkpoint {resume_path} has already finished epoch {manifest['epoch']}; ask "
-                f"for more than {manifest['epoch']} epochs to continue it."
-            )
-        resume_state = {"model": model_t, "optimizer": opt_state}
-        history = manifest.get("history", [])
+    return model, metric_specs
 
-    if cfg.backend == "torch" and client.scheduler.address.startswith("tls://"):
+
+def _checkpoint_to_resume(resume, verify_key, cfg: TrainConfig) -> tuple[dict, dict]:
+    path, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
+    if manifest["epoch"] >= cfg.epochs:
         raise ValueError(
-            "backend='torch' would send gradients over plain TCP (gloo and NCCL do not use "
-            "the cluster's TLS), and this cluster encrypts its connections: use "
-            "backend='dask' (the default), whose all-reduce runs over the cluster's TLS comms."
+            f"Checkpoint {path} has already finished epoch {manifest['epoch']}; ask "
+            f"for more than {manifest['epoch']} epochs to continue it."
         )
-    if key is not None:
-        security.warn_if_sent_in_clear(client, "The checkpoint signing key")
-    ranks = _choose_workers(client, workers)
-    if cfg.device == "cuda":
-        _check_gpus(client, ranks)
-    persisted = _persist(client, train, *([val] if val is not None else []))
-    data = [f for _, xs, ys in persisted for f in xs + ys]
-    staging = None
-    try:
-        train, x_futs, y_futs = persisted[0]
-        if val is not None:
-            val, xv_futs, yv_futs = persisted[1]
-        parts = {"train": (x_futs, y_futs)}
-        if val is not None:
-            parts["val"] = (xv_futs, yv_futs)
-        n_outputs = _validate_labels(client, parts, train)
-        scales = _target_scales(client, persisted)
-        objective = Objective(train.task, n_outputs, loss, scales[0], train.y.ndim)
-        # Build one replica here and train it on a few real samples: a bad model fails now,
-        # naming what it saw, not on every worker from deep inside torch.
-        k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
-        sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
-        probe = preflight.dry_run(model, sample_x, sample_y, objective, cfg.seed, metric_specs)
-        if manifest is not None:
-            preflight.check_resume(
-                probe,
-                model_t,
-                manifest,
-                resume_path,
-                train.sample_shape,
-                objective,
-                cfg.to_dict(),
-                train.categories,
-            )
-        n_params = sum(p.numel() for p in probe.parameters())
-        del probe
-        run_id = uuid.uuid4().hex[:8]
-        staging = rundir.claim(out_path, resume, overwrite, run_id) if out_path else None
-        launch = Launch(
-            client=client,
-            run_id=run_id,
-            model=model,
-            train=train,
-            val=val,
-            x_futs=x_futs,
-            y_futs=y_futs,
-            xv_futs=xv_futs if val is not None else [],
-            yv_futs=yv_futs if val is not None else [],
-            objective=objective,
-            metrics=metric_specs,
-            val_scale=scales[1] if val is not None else None,
-            config=cfg.to_dict(),
-            out=str(out_path.resolve()) if out_path else None,
-            out_arg=str(out_path) if out_path else None,
-            staging=str(staging.resolve()) if staging else None,
-            elastic=max_failures > 0,
-            signing_key=key,
-        )
-        facts = {"n_params": n_params, "meta": meta or {}, "max_failures": max_failures}
-        run = _start(launch, ranks, manifest, resume_state, history, data, facts, progress)
-        run._max_failures, run._grow = max_failures, workers is None
-    except BaseException:
-        for f in data:  # nothing started: this call's hold on the data goes
-            f.release()
-        if staging is not None:
-            rundir.abandon(out_path, staging, "could not start")
-        raise
-    if block:
-        run.wait()
-    return run
+    return {"model": model_t, "optimizer": opt_state, "path": path}, manifest
 
 
-fit.__doc__ = fit.__doc__.replace("{options}", config_.options_doc())
+def _dry_run(client, persisted, model, loss, metric_specs, cfg, manifest, resume_state):
+    """Check the persisted data, then build one replica here and train it on a few real
+    samples: a bad model fails now, naming what it saw, not on every worker from deep inside
+    torch. Returns the objective, the data sets' target scales and the parameter count."""
+    train = persisted[0][0]
+    parts = {name: (xs, ys) for name, (_, xs, ys) in zip(("train", "val"), persisted)}
+    n_outputs = _validate_labels(client, parts, train)
+    scales = _target_scales(client, persisted)
+    objective = Objective(train.task, n_outputs, loss, scales[0], train.y.ndim)
+    k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
+    sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
+    probe = preflight.dry_run(model, sample_x, sample_y, objective, cfg.seed, metric_specs)
+    if manifest is not None:
+        preflight.check_resume(
+            probe,
+            resume_state["model"],
+            manifest,
+            resume_state["path"],
+            train.sample_shape,
+            objective,
+            cfg.to_dict(),
+            train.categories,
+        )
+    return objective, scales, sum(p.numel() for p in probe.parameters())
 
 
 def _train_config(config, options: dict) -> TrainConfig:

@@ -23,11 +23,13 @@ from daskdl import config as config_
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
 from daskdl.launcher import (
-    _choose_workers,
     _locations,
     _persist,
-    _run_paths,
     _train_config,
+    check_client,
+    check_cluster,
+    check_meta,
+    run_folder,
 )
 from daskdl.run import Run
 from daskdl.shards import balanced_shards, match_workers, shard_sizes
@@ -112,12 +114,10 @@ def launch(
     cfg.comm_timeout = cfg.timeout
     cfg.validate()
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
-    user_config = _check_loop(train_fn, data, config, meta)
-    out_path, resume = _run_paths(out, resume, overwrite)
-    if out_path is not None:
-        rundir.check(out_path, resume, overwrite)
-    key = security.signing_key(signing_key) if out_path is not None else None
-    verify_key = security.verify_key(verify_key) if resume is not None else None
+    check_client(client, "launch")
+    check_meta(meta)
+    user_config = _check_loop(train_fn, data, config)
+    out_path, resume, key, verify_key = run_folder(out, resume, overwrite, signing_key, verify_key)
     resume_state = None
     if resume is not None:
         _, model_t, opt_state, manifest = checkpoint.load_latest(resume, verify_key)
@@ -127,7 +127,7 @@ def launch(
             "optimizer": opt_state if opt_state.get("param_groups") else None,
             "history": manifest.get("history", []),
         }
-    ranks = _choose_workers(client, workers)
+    ranks = check_cluster(client, cfg, key, workers)
     names = list(data)
     persisted = _persist(client, *data.values())
     futures = [f for _, xs, ys in persisted for f in xs + ys]
@@ -165,7 +165,7 @@ def launch(
     return run
 
 
-def _check_loop(train_fn, data, config, meta) -> dict:
+def _check_loop(train_fn, data, config) -> dict:
     if not callable(train_fn):
         raise TypeError(f"train_fn must be a function of a RankContext, got {train_fn!r}.")
     preflight.check_picklable(train_fn, f"train_fn {getattr(train_fn, '__qualname__', '')}")
@@ -180,13 +180,12 @@ def _check_loop(train_fn, data, config, meta) -> dict:
                 f"data[{name!r}] must be a daskdl.Dataset under a str name, got "
                 f"{type(ds).__name__}."
             )
-    for what, value in (("config", config), ("meta", meta)):
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(f"{what} must be a dict, got {type(value).__name__}.")
-        try:
-            json.dumps(dict(value or {}))
-        except TypeError as e:
-            raise TypeError(f"{what} must be JSON-able (str, numbers, lists, dicts): {e}") from None
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}.")
+    try:
+        json.dumps(dict(config or {}))
+    except TypeError as e:
+        raise TypeError(f"config must be JSON-able (str, numbers, lists, dicts): {e}") from None
     return dict(config or {})
 
 

@@ -550,7 +550,7 @@ def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
     finally:
         proc.kill()
     # The cluster is clean (no mailbox left behind) and trains the next run.
-    boxes = fresh_client.run(lambda: len(daskdl.comm._mailboxes))
+    boxes = fresh_client.run(lambda dask_worker: len(daskdl.worker.manager(dask_worker).runs))
     assert not any(boxes.values())
     train, test = daskdl.datasets.train_test("digits")
     assert daskdl.fit(fresh_client, "mlp", train, epochs=1, progress=False).status == "finished"

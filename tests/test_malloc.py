@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from distributed import get_worker
 
-from daskdl import models, process
-from daskdl.process import torch_friendly_malloc
+from daskdl import models
+from daskdl.worker import manager
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
 
@@ -38,15 +38,16 @@ def _faults_per_step(steps: int = 8) -> float:
 def _faults_in_a_worker() -> dict:
     # While a rank of another run is on this worker, the ranks' settings are in force: wait
     # for it to end (its run may have ended on the client already).
+    tuning = manager(get_worker()).tuning  # what the ranks on this worker share
     deadline = time.monotonic() + 30
-    while process._malloc_users and time.monotonic() < deadline:
+    while tuning.users("malloc") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not process._malloc_users, f"ranks still running here: {get_worker().state.executing}"
+    assert not tuning.users("malloc"), f"ranks still running here: {get_worker().state.executing}"
     # Zero faults in every phase was seen once in the suite: say what this worker looked like.
     faults = {"env": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "pid": os.getpid()}
     faults["dask"] = _faults_per_step()
-    with torch_friendly_malloc():
-        with torch_friendly_malloc():  # another run's rank on this worker, ending first
+    with tuning.malloc():
+        with tuning.malloc():  # another run's rank on this worker, ending first
             pass
         faults["rank"] = _faults_per_step()
     faults["after"] = _faults_per_step()

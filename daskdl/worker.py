@@ -1,0 +1,151 @@
+"""The worker side's one owner of daskdl's per-worker state: :class:`RunManager`.
+
+Every worker gets one, as ``worker.extensions["daskdl"]``, from :class:`DaskdlPlugin` (as
+distributed's ``ShuffleWorkerPlugin`` gives each worker the shuffle's). It holds the runs'
+mailboxes, keyed by comm id (a run and its membership generation), the process tuning its
+ranks share, and a teardown that wakes every rank still waiting when the worker closes.
+
+A mailbox takes the messages peers send to a rank of the run (``daskdl_put``, the one handler
+the plugin adds) and the run's control flags (abort, stop, regroup) that the coordinator sets.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+from distributed import WorkerPlugin, get_worker
+
+from daskdl.process import ProcessTuning
+
+EXTENSION = "daskdl"
+HANDLER = "daskdl_put"
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not complete."""
+
+
+class PeerTimeoutError(CollectiveError):
+    """A peer did not deliver its part of a collective in time (it died or is stuck)."""
+
+
+class CollectiveAborted(CollectiveError):
+    """The coordinator aborted the run (another rank failed, or the run was cancelled)."""
+
+
+class Mailbox:
+    """Messages for one run in one worker process, and the run's control flags."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: dict[str, np.ndarray] = {}
+        self.aborted: str | None = None
+        self.stop_requested = False
+        self.regroup_requested = False
+
+    def put(self, tag: str, data: np.ndarray) -> None:
+        with self._cond:
+            self._items[tag] = data
+            self._cond.notify_all()
+
+    def abort(self, reason: str) -> None:
+        with self._cond:
+            self.aborted = reason
+            self._cond.notify_all()
+
+    def take(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
+        check_timeout(timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while tag not in self._items:
+                if self.aborted is not None:
+                    raise CollectiveAborted(self.aborted)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeoutError(
+                        f"waited {timeout:g}s for {describe_peer()} (message {tag}); the peer "
+                        "died or is stuck. Raise comm_timeout= if steps are legitimately slow."
+                    )
+                self._cond.wait(min(left, 1.0))
+            return self._items.pop(tag)
+
+
+def check_timeout(timeout: float) -> None:
+    # A NaN deadline never passes (every comparison with it is false), and an infinite one
+    # never comes: either would let a rank wait for a dead peer for ever.
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"A collective's timeout must be finite seconds > 0, got {timeout!r}.")
+
+
+class RunManager:
+    """daskdl's state in one worker: the runs' mailboxes and the shared process tuning."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.tuning = ProcessTuning()
+        self._boxes: dict[str, Mailbox] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def mailbox(self, comm_id: str) -> Mailbox:
+        """The mailbox of ``comm_id``, made by whichever comes first: the rank that reads or
+        a peer's message."""
+        with self._lock:
+            box = self._boxes.get(comm_id)
+            if box is None:
+                box = self._boxes[comm_id] = Mailbox()
+                if self.closed:
+                    box.abort("the worker is closing")
+            return box
+
+    def discard(self, comm_id: str) -> None:
+        with self._lock:
+            self._boxes.pop(comm_id, None)
+
+    @property
+    def runs(self) -> list[str]:
+        """The comm ids this worker holds a mailbox for."""
+        with self._lock:
+            return sorted(self._boxes)
+
+    def put(self, run_id: str, tag: str, data) -> None:
+        # The handler, called on the worker's event loop for each message; a plain function
+        # costs less than a coroutine, and senders ask for no reply.
+        self.mailbox(run_id).put(tag, data)
+
+    def close(self) -> None:
+        """The worker is closing: every rank still waiting on a peer here gives up at once."""
+        with self._lock:
+            self.closed = True
+            boxes = list(self._boxes.values())
+        for box in boxes:
+            box.abort("the worker is closing")
+
+
+def manager(worker=None) -> RunManager:
+    """The worker's :class:`RunManager` (made here if the plugin has not run yet, as for a
+    group built by hand)."""
+    worker = worker or get_worker()
+    extension = worker.extensions.get(EXTENSION)
+    if extension is None:
+        extension = worker.extensions.setdefault(EXTENSION, RunManager(worker))
+        worker.handlers.setdefault(HANDLER, extension.put)
+    return extension
+
+
+class DaskdlPlugin(WorkerPlugin):
+    """Gives each worker its :class:`RunManager` and the ``daskdl_put`` handler."""
+
+    name = "daskdl"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        worker.handlers[HANDLER] = manager(worker).put
+
+    def teardown(self, worker) -> None:
+        extension = worker.extensions.get(EXTENSION)
+        if extension is not None:
+            extension.close()
