@@ -52,67 +52,67 @@ def fit(
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
 
-        Parameters
-        ----------
-        client
-            Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
-        model
-            A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
-            ``"vgg11"``, ``"vgg16"``, ...) or a factory ``f(input_shape, n_outputs) -> nn.Module``.
-        train, val
-            :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
-            evaluates its share of ``val`` after every epoch. The data set's ``task``
-            (classification, multilabel or regression) decides the model's outputs, the default
-            loss and the default metrics.
-        config
-            A :class:`daskdl.TrainConfig` (or a dict of its fields); ``options`` override it.
-        loss
-            ``"cross_entropy"`` (classification's default), ``"bce"`` (multi-label's, on logits),
-            ``"mse"`` (regression's), ``"l1"``, ``"huber"``, or a function
-            ``loss(outputs, targets) -> scalar tensor`` (the batch's mean).
-        metrics
-            Validation metrics, reported per epoch as ``val_<name>``: built-in names (``accuracy``,
-            ``top5``, ``f1``, ``precision``, ``recall``; multi-label ``accuracy``, ``exact_match``,
-            ``f1``, ...; regression ``mae``, ``mse``, ``rmse``, ``r2``), ``torchmetrics.Metric``
-            objects, or a dict of names to either. Each is computed over the whole validation set
-            (metric states are combined over the ranks), regression ones in the targets' units.
-        workers
-            Which workers get a rank (addresses, or a count); default all.
-        out
-            Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
-            Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
-        resume
-            A run directory or checkpoint to continue from (the newest checkpoint that verifies);
-            ``True``: the run in ``out``.
-        overwrite
-            Replace the run in ``out`` (once this run has written its first checkpoint).
-        signing_key, verify_key
-            Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
-            :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
-            ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
-            a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
-            (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
-            modified checkpoint; with no key at all it warns.
-        block
-            ``False`` returns the :class:`Run` at once; call ``run.wait()``.
-        progress
-            A progress bar (tqdm) on the client.
-        meta
-            JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
-            checkpoints), such as the name of the data set; the dashboard reads them.
-        **options
-            Any :class:`daskdl.TrainConfig` field (below).
+    Parameters
+    ----------
+    client
+        Any ``distributed.Client``: a LocalCluster, ``dask scheduler``/``dask worker``, ...
+    model
+        A name from ``daskdl.models.REGISTRY`` (``"mlp"``, ``"small_cnn"``, ``"resnet18"``,
+        ``"vgg11"``, ``"vgg16"``, ...) or a factory ``f(input_shape, n_outputs) -> nn.Module``.
+    train, val
+        :class:`daskdl.Dataset`. Each rank trains on the partitions the shard plan gives it and
+        evaluates its share of ``val`` after every epoch. The data set's ``task``
+        (classification, multilabel or regression) decides the model's outputs, the default
+        loss and the default metrics.
+    config
+        A :class:`daskdl.TrainConfig` (or a dict of its fields); ``options`` override it.
+    loss
+        ``"cross_entropy"`` (classification's default), ``"bce"`` (multi-label's, on logits),
+        ``"mse"`` (regression's), ``"l1"``, ``"huber"``, or a function
+        ``loss(outputs, targets) -> scalar tensor`` (the batch's mean).
+    metrics
+        Validation metrics, reported per epoch as ``val_<name>``: built-in names (``accuracy``,
+        ``top5``, ``f1``, ``precision``, ``recall``; multi-label ``accuracy``, ``exact_match``,
+        ``f1``, ...; regression ``mae``, ``mse``, ``rmse``, ``r2``), ``torchmetrics.Metric``
+        objects, or a dict of names to either. Each is computed over the whole validation set
+        (metric states are combined over the ranks), regression ones in the targets' units.
+    workers
+        Which workers get a rank (addresses, or a count); default all.
+    out
+        Run directory for checkpoints (``out/checkpoints/epoch-NNNN``) and ``metrics.csv``.
+        Rank 0 writes the checkpoints, so on a multi-machine cluster it must be a shared path.
+    resume
+        A run directory or checkpoint to continue from (the newest checkpoint that verifies);
+        ``True``: the run in ``out``.
+    overwrite
+        Replace the run in ``out`` (once this run has written its first checkpoint).
+    signing_key, verify_key
+        Checkpoints are signed with ``signing_key`` (a key file from ``daskdl keygen``, or a
+        :class:`daskdl.security.Key`; default: ``DASKDL_SIGNING_KEY`` or
+        ``DASKDL_SIGNING_KEY_FILE``); the key travels with the rank that writes them, so use
+        a TLS cluster across machines. ``resume`` checks signatures with ``verify_key``
+        (default: ``DASKDL_VERIFY_KEY_FILE``, else the signing key) and refuses an unsigned or
+        modified checkpoint; with no key at all it warns.
+    block
+        ``False`` returns the :class:`Run` at once; call ``run.wait()``.
+    progress
+        A progress bar (tqdm) on the client.
+    meta
+        JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
+        checkpoints), such as the name of the data set; the dashboard reads them.
+    **options
+        Any :class:`daskdl.TrainConfig` field (below).
 
-        Other Parameters
-        ----------------
-    {options}
+    Other Parameters
+    ----------------
+    <options>
 
-        Examples
-        --------
-        >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
-        >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
-        >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
-        >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
+    Examples
+    --------
+    >>> client = daskdl.local_cluster(n_workers=2)                      # doctest: +SKIP
+    >>> train, test = daskdl.datasets.digits().split(0.2, seed=0)       # doctest: +SKIP
+    >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
+    >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
     """
     cfg = _train_config(config, options)
     # Settings from the client's dask.config travel with the run: workers may differ.
@@ -173,7 +173,7 @@ def fit(
     return run
 
 
-fit.__doc__ = fit.__doc__.replace("{options}", config_.options_doc())
+fit.__doc__ = fit.__doc__.replace("    <options>", config_.options_doc())
 
 
 def check_meta(meta) -> None:
