@@ -70,6 +70,9 @@ class RankContext:
         from daskdl.engine import resolve_device
 
         self.device = resolve_device(self.options.device)
+        # The same random state on every rank: a model built in train_fn starts alike on all
+        # of them (prepare() makes sure, from rank 0's), and a seeded run is reproducible.
+        torch.manual_seed(self.options.seed)
         self._data, i = {}, 0
         for name, n, dtype in zip(spec.names, spec.n_parts, spec.target_dtypes):
             xs, ys = parts[i : i + 2 * n : 2], parts[i + 1 : i + 2 * n : 2]
