@@ -111,7 +111,7 @@ def _config_arguments(p) -> None:
     group = p.add_argument_group("training options (daskdl.TrainConfig; see fit)")
     for f in config.fields():
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type.split("|")[0].strip()
+        kind = config.base_type(f)
         kwargs = {"dest": f.name, "default": f.default}
         help = f.metadata["help"]
         if f.metadata["choices"] is not None:

@@ -20,12 +20,10 @@ with open(_defaults_file) as f:
     dask.config.update_defaults(yaml.safe_load(f))
 
 
-def option(default, help: str, choices: tuple | None = None, cli: bool = True):
+def option(default, help: str, choices: tuple | None = None):
     """A :class:`TrainConfig` field: its default, its help (for ``fit``'s docstring, the
     command line and the dashboard) and, for a choice, its choices."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices, "cli": cli}
-    )
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -173,11 +171,6 @@ class TrainConfig:
         check_names(values)
         return cls(**values)
 
-    def replace(self, **options) -> TrainConfig:
-        """A copy with ``options`` changed (checked like any other)."""
-        check_names(options)
-        return dataclasses.replace(self, **options)
-
     @classmethod
     def defaults(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls)}
@@ -185,6 +178,12 @@ class TrainConfig:
 
 def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(TrainConfig)
+
+
+def base_type(f: dataclasses.Field) -> str:
+    """A field's type without ``| None``: ``"int"``, ``"float"``, ``"bool"`` or ``"str"``
+    (what the command line parses and the dashboard shows it as)."""
+    return f.type.split("|")[0].strip()
 
 
 def check_names(options) -> None:

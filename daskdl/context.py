@@ -201,10 +201,6 @@ class RankContext:
             self.steps_done += 1
             yield batch
 
-    def num_samples(self, name: str) -> int:
-        """Samples of the data set ``name`` on this rank."""
-        return len(self._data[name][0])
-
     # ------------------------------------------------------------------ collectives
 
     def all_reduce(self, value, op: str = "sum"):

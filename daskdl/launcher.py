@@ -27,7 +27,13 @@ from daskdl.data import Dataset
 from daskdl.engine import RankSpec, rank_main
 from daskdl.objective import Objective, Scale, check_loss, describe_loss
 from daskdl.run import Run, check_categories, check_compatible, target_scale
-from daskdl.shards import balanced_shards, match_workers, shard_sizes, who_has_to_locations
+from daskdl.shards import (
+    balanced_shards,
+    match_workers,
+    shard_sizes,
+    spread_shards,
+    who_has_to_locations,
+)
 
 
 def fit(
@@ -115,9 +121,6 @@ def fit(
     >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
     """
     cfg = _train_config(config, options)
-    # Settings from the client's dask.config travel with the run: workers may differ.
-    cfg.comm_timeout = cfg.timeout
-    cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
     check_meta(meta)
     check_client(client, "fit")
@@ -286,14 +289,19 @@ def _dry_run(client, persisted, model, loss, metric_specs, cfg, manifest, resume
 
 
 def _train_config(config, options: dict) -> TrainConfig:
-    """``config`` (a TrainConfig, a dict or None) with ``options`` over it."""
+    """``config`` (a TrainConfig, a dict or None) with ``options`` over it, and the
+    client's configured comm timeout in place of ``None``."""
     if config is not None and not isinstance(config, (TrainConfig, Mapping)):
         raise TypeError(
             f"config must be a daskdl.TrainConfig or a dict of its options, got "
             f"{type(config).__name__}."
         )
     values = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
-    return TrainConfig.from_dict({**values, **options})
+    cfg = TrainConfig.from_dict({**values, **options})
+    # Settings from the client's dask.config travel with the run: workers may differ.
+    cfg.comm_timeout = cfg.timeout
+    cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
+    return cfg
 
 
 def _with_embeddings(model: models.ModelSpec, train: Dataset) -> models.ModelSpec:
@@ -351,7 +359,7 @@ def _start(
     start_epoch = manifest["epoch"] if manifest else 0
     ranks, rank_plans, steps = launch.plan(ranks, plan)
     out = Path(launch.out_arg) if launch.out_arg else None
-    launch.public = public = {
+    launch.public = {
         "run": launch.run_id,
         "model": models.describe(launch.model),
         "config": launch.config,
@@ -369,16 +377,9 @@ def _start(
         "out": launch.out_arg,
         **facts,
     }
-    if out is not None:
-        folder = rundir.writing_to(launch.out, launch.staging)
-        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
-
     recorder = events.Recorder(launch.run_id, steps * cfg.epochs, start_epoch * steps, progress)
     recorder.epochs.extend(history)
-    events.subscribe(client, events.topic(launch.run_id), recorder.handle)
-    client.log_event(events.topic(launch.run_id), {"kind": "start", **public})
-    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
-    comm.ensure_plugin(client)
+    announce(launch, recorder)
 
     futures = launch.submit(ranks, rank_plans, steps, resume_state, start_epoch, 0, history)
     spec = {
@@ -392,6 +393,19 @@ def _start(
     run = Run(client, launch.run_id, spec, futures, data, recorder, ranks, out, staging)
     run._launch = launch
     return run
+
+
+def announce(launch, recorder: events.Recorder) -> None:
+    """Before a run's ranks start: its ``config.json`` (with ``out``), its recorder on its
+    events, its ``start`` event, and daskdl's extension on every worker."""
+    client, public = launch.client, launch.public
+    if launch.out is not None:
+        folder = rundir.writing_to(launch.out, launch.staging)
+        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
+    events.subscribe(client, events.topic(launch.run_id), recorder.handle)
+    client.log_event(events.topic(launch.run_id), {"kind": "start", **public})
+    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
+    comm.ensure_plugin(client)
 
 
 def _choose_workers(client: Client, workers: list[str] | int | None) -> list[str]:
@@ -447,15 +461,24 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
+def check_parts(client: Client, parts: dict[str, tuple[list, list, str]]) -> dict:
+    """Check each named data set's targets (for its task) and features where its persisted
+    partitions live: a few numbers of each partition come back
+    (:func:`daskdl.preflight.value_counts`), in one round trip for all. Returns each data
+    set's totals."""
+    futures = [client.map(preflight.value_counts, xs, ys) for xs, ys, _ in parts.values()]
+    counts = {name: preflight.total_counts(c) for name, c in zip(parts, client.gather(futures))}
+    for name, (_, _, task) in parts.items():
+        preflight.check_values(name, counts[name], task)
+    return counts
+
+
 def _validate_labels(client: Client, parts: dict[str, tuple[list, list]], train: Dataset) -> int:
     """Check targets and features where each persisted partition lives (a few numbers of each
     come back, :func:`daskdl.preflight.value_counts`, as ``Run.evaluate`` checks them);
     ``parts`` maps "train" (and "val") to their X and y futures. Returns the number of model
     outputs (classes, labels or targets)."""
-    futures = [client.map(preflight.value_counts, xs, ys) for xs, ys in parts.values()]
-    counts = {which: preflight.total_counts(c) for which, c in zip(parts, client.gather(futures))}
-    for which, c in counts.items():
-        preflight.check_values(which, c, train.task)
+    counts = check_parts(client, {which: (xs, ys, train.task) for which, (xs, ys) in parts.items()})
     if train.task != "classification":
         return train.n_outputs
     lo = min(c[0] for c in counts.values())
@@ -565,11 +588,7 @@ class Launch:
         val_plan = [[] for _ in ranks]
         if self.val is not None:
             val_sizes = [int(c) for c in self.val.X.chunks[0]]
-            if len(val_sizes) >= len(ranks):
-                val_shards = balanced_shards(val_sizes, len(ranks))
-            else:  # some ranks evaluate nothing
-                val_shards = [[i] for i in range(len(val_sizes))]
-                val_shards += [[] for _ in range(len(ranks) - len(val_sizes))]
+            val_shards = spread_shards(val_sizes, len(ranks))
             where = _locations(self.client, self.xv_futs)
             for shard, r in zip(val_shards, match_workers(val_shards, val_sizes, where, ranks)):
                 val_plan[r] = shard

@@ -127,7 +127,8 @@ def update(metrics: Mapping[str, Metric], preds: torch.Tensor, targets: torch.Te
         try:
             metric.update(preds, targets)
         except Exception as e:
-            raise type(e)(f"metric {name!r} failed on a batch: {e}") from e
+            e.add_note(f"(daskdl: while metric {name!r} was updated on a batch)")
+            raise
 
 
 def values(metrics: Mapping[str, Metric], group=None) -> dict[str, float | list]:

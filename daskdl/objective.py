@@ -38,6 +38,11 @@ def infer_task(dtype: np.dtype, shape: tuple) -> str:
     return "multilabel" if len(shape) == 2 and shape[1] != 1 else "classification"
 
 
+def target_dtype(task: str):
+    """What a rank holds a task's targets as: class ids, or floats (0/1 labels too, for BCE)."""
+    return np.int64 if task == "classification" else np.float32
+
+
 def check_task(task: str | None) -> str | None:
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} (or None: from the labels), got {task!r}.")
@@ -119,7 +124,7 @@ class Objective:
 
     @property
     def target_dtype(self):
-        return np.int64 if self.task == "classification" else np.float32
+        return target_dtype(self.task)
 
     @property
     def is_classifier(self) -> bool:

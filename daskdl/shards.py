@@ -47,6 +47,19 @@ def balanced_shards(sizes: Sequence[int], n_ranks: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
+def spread_shards(sizes: Sequence[int], n_ranks: int) -> list[list[int]]:
+    """Shards of a data set that every rank may or may not get a part of (validation): as
+    :func:`balanced_shards` where there is a partition per rank, else one partition each to
+    the first ranks and none to the rest.
+
+    >>> spread_shards([10, 10], 3)
+    [[0], [1], []]
+    """
+    if len(sizes) >= n_ranks:
+        return balanced_shards(sizes, n_ranks)
+    return [[i] for i in range(len(sizes))] + [[] for _ in range(n_ranks - len(sizes))]
+
+
 def match_workers(
     shards: Sequence[Sequence[int]],
     sizes: Sequence[int],

@@ -13,7 +13,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 
 from daskdl.data import Dataset
@@ -152,11 +151,7 @@ def _from_numpy(path, fmt, label, features, task, n_classes) -> Dataset:
                 "(label='y.npy'), or both arrays in one .npz."
             )
         X, y = np.load(path, mmap_mode="r"), np.load(label, mmap_mode="r")
-    per_sample = max(1, X[:1].nbytes)
-    rows = max(1, min(64 * 2**20 // per_sample, -(-len(X) // 4)))
-    X = da.from_array(X, chunks=(rows,) + X.shape[1:])
-    y = da.from_array(y, chunks=(rows,) + y.shape[1:])
-    return Dataset.from_dask(X, y, n_classes=n_classes, task=task)
+    return Dataset.from_numpy(X, y, n_classes=n_classes, task=task)  # partitions of ~64 MB
 
 
 # ------------------------------------------------------------------ published data sets

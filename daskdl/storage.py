@@ -31,6 +31,7 @@ from safetensors.numpy import save as save_numpy
 
 from daskdl import security
 from daskdl.checkpoint import parse_document
+from daskdl.objective import Scale
 
 FORMAT = "daskdl-dataset"
 VERSION = 1
@@ -125,7 +126,8 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
         written = dask.compute(*writes)
         scale = None
         if ds.target_scale is not None:
-            scale = [np.atleast_1d(s).tolist() for s in dask.compute(*ds.target_scale)]
+            stats = Scale.from_arrays(*dask.compute(*ds.target_scale))
+            scale = [stats.mean, stats.std]
         doc = {
             "format": FORMAT,
             "version": VERSION,

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
+import numpy as np
 from distributed import Client
 
-from daskdl import checkpoint, comm, events, preflight, rundir, security
+from daskdl import checkpoint, events, preflight, rundir, security
 from daskdl import config as config_
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
@@ -26,13 +27,16 @@ from daskdl.launcher import (
     _locations,
     _persist,
     _train_config,
+    announce,
     check_client,
     check_cluster,
     check_meta,
+    check_parts,
     run_folder,
 )
+from daskdl.objective import target_dtype
 from daskdl.run import Run
-from daskdl.shards import balanced_shards, match_workers, shard_sizes
+from daskdl.shards import balanced_shards, match_workers, shard_sizes, spread_shards
 
 # The TrainConfig fields that the contract itself uses; the others are fit's loop's.
 LOOP_OPTIONS = (
@@ -111,8 +115,6 @@ def launch(
             f"settings in config= (ctx.config[...]). launch's options are {list(LOOP_OPTIONS)}."
         )
     cfg = _train_config(None, options)
-    cfg.comm_timeout = cfg.timeout
-    cfg.validate()
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
     check_client(client, "launch")
     check_meta(meta)
@@ -133,9 +135,7 @@ def launch(
     futures = [f for _, xs, ys in persisted for f in xs + ys]
     staging = None
     try:
-        for name, (ds, xs, ys) in zip(names, persisted):
-            counts = client.gather(client.map(preflight.value_counts, xs, ys))
-            preflight.check_values(name, preflight.total_counts(counts), ds.task)
+        check_parts(client, {n: (xs, ys, ds.task) for n, (ds, xs, ys) in zip(names, persisted)})
         run_id = uuid.uuid4().hex[:8]
         staging = rundir.claim(out_path, resume, overwrite, run_id) if out_path else None
         loop = LoopLaunch(
@@ -207,15 +207,9 @@ def _start(loop: LoopLaunch, ranks, resume_state, futures, meta: dict, progress:
         "max_failures": loop.config["max_failures"],
         "launched_by": "launch",
     }
-    if loop.out is not None:
-        folder = rundir.writing_to(loop.out, loop.staging)
-        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
     recorder = events.Recorder(loop.run_id, epochs, public["start_epoch"], progress, unit="epoch")
     recorder.epochs.extend(resume_state["history"] if resume_state else [])
-    events.subscribe(client, events.topic(loop.run_id), recorder.handle)
-    client.log_event(events.topic(loop.run_id), {"kind": "start", **public})
-    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
-    comm.ensure_plugin(client)
+    announce(loop, recorder)
     ranks, rank_plans, steps = loop.plan(ranks)
     history = resume_state["history"] if resume_state else []
     epoch = public["start_epoch"]
@@ -287,10 +281,7 @@ class LoopLaunch:
         self._sizes = {self.names[0]: shard_sizes(shards, sizes)}
         for name, (ds, xs, _) in zip(self.names[1:], self.persisted[1:]):
             sizes = [int(c) for c in ds.X.chunks[0]]
-            if len(sizes) >= len(ranks):
-                shards = balanced_shards(sizes, len(ranks))
-            else:
-                shards = [[i] for i in range(len(sizes))] + [[]] * (len(ranks) - len(sizes))
+            shards = spread_shards(sizes, len(ranks))
             for r, shard in enumerate(shards):
                 plans[r].append(shard)
             self._sizes[name] = shard_sizes(shards, sizes)
@@ -311,7 +302,7 @@ class LoopLaunch:
                 options=self.config,
                 names=self.names,
                 n_parts=[len(p) for p in plans],
-                target_dtypes=[_target_dtype(ds) for ds, _, _ in self.persisted],
+                target_dtypes=[str(np.dtype(target_dtype(ds.task))) for ds, _, _ in self.persisted],
                 shard_sizes=self._sizes,
                 out=self.out,
                 staging=self.staging,
@@ -342,7 +333,3 @@ class LoopLaunch:
                 )
             )
         return futures
-
-
-def _target_dtype(ds: Dataset) -> str:
-    return "int64" if ds.task == "classification" else "float32"

@@ -26,7 +26,7 @@ MAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "sync_every", "precis
 
 def option_widget(f) -> pn.widgets.Widget:
     """A widget for one :class:`daskdl.TrainConfig` field, with its default and help."""
-    kind = f.type.split("|")[0].strip()
+    kind = config.base_type(f)
     choices = f.metadata["choices"]
     common = {"name": f.name.replace("_", " "), "description": f.metadata["help"]}
     if choices is not None:
