@@ -413,10 +413,16 @@ class Dataset:
                 f"like= is a {like.task} data set; a regression data set needs the statistics "
                 "of a regression training set."
             )
-        if source.target_scale is not None:  # already standardised: keep the first scale
+        if self.target_scale is not None:  # already standardised: keep the first scale
             raise ValueError(
                 "These targets are standardised already (standardize() was called before); "
                 "call it once, on the data as they are."
+            )
+        if source.target_scale is not None:
+            raise ValueError(
+                "like= is standardised already: its statistics would be those of standardised "
+                "targets. Pass the training set as it was before standardize() (train, test = "
+                "train.standardize(), test.standardize(like=train) does)."
             )
         scale = preprocess.target_moments(source.y)
         return self._like(X, preprocess.standardize(self.y, *scale), target_scale=scale)

@@ -183,12 +183,15 @@ def _parts(ds: Dataset) -> dict:
         "task": ds.task,
         "n_classes": ds._n_classes,
         "classes": ds.classes,
+        "features": ds.features,
+        "categories": ds.categories,
     }
 
 
 def _dataset(parts: dict) -> Dataset:
     ds = Dataset(parts["X"], parts["y"], parts["n_classes"], parts["task"])
-    ds.classes = parts["classes"]
+    ds.classes, ds.features = parts["classes"], parts["features"]
+    ds.categories = parts["categories"]
     if parts["target_scale"] is not None:
         ds.target_scale = tuple(parts["target_scale"])
     return ds

@@ -114,6 +114,13 @@ y = np.arange(200) % 2
             ValueError,
             r"These targets are standardised already",
         ),
+        (
+            lambda: Dataset.from_numpy(X, y + 0.5).standardize(
+                like=Dataset.from_numpy(X, y + 0.5).standardize()
+            ),
+            ValueError,
+            r"like= is standardised already",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

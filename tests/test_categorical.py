@@ -102,3 +102,13 @@ def test_bad_categorical_arguments(kwargs, error, message):
 def test_text_features_must_be_named_categorical():
     with pytest.raises(TypeError, match=r"Name them in categorical=\[...\]"):
         _data(_houses(100).astype({"city": object}))
+
+
+def test_a_published_data_set_keeps_its_categories(client):
+    data = _data(_houses(400), categorical=["city"])
+    daskdl.publish(client, "houses-categorical", data)
+    try:
+        got, _ = daskdl.sources.get(client, "houses-categorical")
+        assert got.categories == data.categories and got.features == data.features
+    finally:
+        daskdl.sources.unpublish(client, "houses-categorical")
