@@ -36,7 +36,7 @@ RESNET18 = 11_173_962
 
 
 def _daskdl_rank(run_id, rank, peers, size, iters, warmup, wire):
-    # The allocator settings every training rank runs with (see daskdl.engine).
+    # The allocator settings every training rank runs with (see daskdl.process).
     with torch_friendly_malloc():
         return _daskdl_loop(run_id, rank, peers, size, iters, warmup, wire)
 

@@ -26,7 +26,7 @@ from daskdl.process import torch_friendly_malloc
 
 
 def loader_rate(batch_size: int, epochs: int, n_parts: int, *parts):
-    # The allocator settings every training rank runs with (see daskdl.engine).
+    # The allocator settings every training rank runs with (see daskdl.process).
     with torch_friendly_malloc():
         return _loader_rate(batch_size, epochs, n_parts, *parts)
 

@@ -263,6 +263,7 @@ class LocalSGD:
         self.pending_bad: torch.Tensor | None = None
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self._stop_requested = False
+        self._stop = False
         if outer is not None:
             self.global_params = torch.cat([p.detach().reshape(-1) for p in self.params])
             self.velocity = torch.zeros_like(self.global_params)
@@ -308,7 +309,13 @@ class LocalSGD:
             offset += t.numel()
         if self.outer == "nesterov":
             self._outer_step()
-        return bool(flat[-1] > 0)
+        self._stop = bool(flat[-1] > 0)
+        return self._stop
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Whether every rank agreed, at the last synchronisation, to stop."""
+        return self._stop
 
     def _outer_step(self) -> None:
         average = torch.cat([p.detach().reshape(-1) for p in self.params])

@@ -8,7 +8,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from daskdl import config
+from daskdl import cli_security, config
 from daskdl.objective import TASKS
 
 
@@ -33,7 +33,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _cluster_args(p, what: str = "local cluster") -> None:
+def cluster_arguments(p, what: str = "local cluster") -> None:
     p.add_argument("--scheduler", help="address of a running scheduler, e.g. tls://host:8786")
     p.add_argument("--workers", type=_count, default=None, help=f"workers of the {what}")
     p.add_argument("--tls-ca-file", help="CA certificate of a TLS cluster (with --scheduler)")
@@ -75,7 +75,7 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--model", default="small_cnn", help=f"a registered model: {', '.join(models.REGISTRY)}"
     )
-    _cluster_args(p, "local cluster; with --scheduler, ranks to use (default all)")
+    cluster_arguments(p, "local cluster; with --scheduler, ranks to use (default all)")
     _config_arguments(p)
     p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
     p.add_argument(
@@ -186,7 +186,7 @@ def _security(args):
     return security.tls(*files) if any(files) else None
 
 
-def _client(args, stack: ExitStack):
+def client_for(args, stack: ExitStack):
     from daskdl.cluster import connect, local_cluster
 
     tls = _security(args)
@@ -211,7 +211,7 @@ def train(args) -> int:
         raise ValueError("--resume continues the run in --out; give --out DIR.")
     train_ds, test_ds = _load_dataset(args)
     with ExitStack() as stack:
-        client = _client(args, stack)
+        client = client_for(args, stack)
         print(
             f"daskdl: cluster {client.scheduler.address}, dashboard {client.dashboard_link}",
             file=sys.stderr,
@@ -293,7 +293,7 @@ def _words_parser(sub) -> None:
         help="what to do with bytes that are not UTF-8 (strict: stop, naming the file)",
     )
     p.add_argument("--plot", help="also save a bar chart of the top words (PNG, SVG, PDF)")
-    _cluster_args(p)
+    cluster_arguments(p)
 
 
 def words(args) -> int:
@@ -308,7 +308,7 @@ def words(args) -> int:
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
     with ExitStack() as stack:
-        client = _client(args, stack)
+        client = client_for(args, stack)
         freqs = text.word_frequencies(
             args.paths,
             stop_words=args.stop_words,
@@ -339,7 +339,7 @@ def _dashboard_parser(sub) -> None:
         description="Serve daskdl's Panel dashboard: watch, start, stop and resume runs. "
         "Without --scheduler, a local cluster of --workers worker processes is started.",
     )
-    _cluster_args(p)
+    cluster_arguments(p)
     p.add_argument("--address", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=_port, default=5006, help="port (0: any free one)")
     p.add_argument("--runs-dir", default="runs", help="where runs started from the page write")
@@ -391,130 +391,6 @@ def dashboard(args) -> int:
     finally:
         client.close()
     return 0
-
-
-def _keygen_parser(sub) -> None:
-    p = sub.add_parser(
-        "keygen",
-        help="make a key for signing checkpoints",
-        description="Write an Ed25519 key pair (DIR/daskdl.key, private, mode 0600; "
-        "DIR/daskdl.pub, public) or, with --hmac, a random shared secret (DIR/daskdl.secret). "
-        "Sign with DASKDL_SIGNING_KEY_FILE=DIR/daskdl.key; verify elsewhere with "
-        "DASKDL_VERIFY_KEY_FILE=DIR/daskdl.pub.",
-    )
-    p.add_argument("directory", help="folder to write the key files to")
-    p.add_argument("--hmac", action="store_true", help="an HMAC-SHA256 secret instead")
-    p.add_argument("--force", action="store_true", help="overwrite existing key files")
-
-
-def keygen(args) -> int:
-    from daskdl import security
-
-    kind = security.HMAC if args.hmac else security.ED25519
-    written = security.keygen(args.directory, kind, force=args.force)
-    for path in written:
-        print(path)
-    key = security.load_key(written[0])  # daskdl.key, or daskdl.secret
-    print(f"key id {key.key_id} ({kind})", file=sys.stderr)
-    return 0
-
-
-def _verify_parser(sub) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check checkpoints' signatures and digests",
-        description="Verify a checkpoint, or every checkpoint of a run directory: the "
-        "signature of its manifest, then the SHA-256 of each file. Exit status 0 when all "
-        "verify, 1 when any is refused.",
-    )
-    p.add_argument("path", help="a checkpoint (epoch-NNNN) or a run directory")
-    p.add_argument(
-        "--key",
-        help="public key or HMAC secret file (default: DASKDL_VERIFY_KEY_FILE, "
-        "DASKDL_SIGNING_KEY or DASKDL_SIGNING_KEY_FILE)",
-    )
-
-
-def verify(args) -> int:
-    from daskdl import checkpoint, security
-
-    key = security.verify_key(args.key)
-    if key is None:
-        raise ValueError(
-            "no key to verify with: pass --key FILE (the daskdl.pub of `daskdl keygen`, or "
-            "an HMAC secret file), or set DASKDL_VERIFY_KEY_FILE or DASKDL_SIGNING_KEY."
-        )
-    paths = checkpoint.checkpoints_at(args.path)
-    if not paths:
-        raise FileNotFoundError(f"no checkpoint at {args.path} (nor epoch-NNNN folders under it).")
-    refused = 0
-    for path in paths:
-        try:
-            checkpoint.load(path, key)  # with a key it refuses, never warns
-            print(f"verified  {path}  ({key.algorithm} key {key.key_id})")
-        except checkpoint.CheckpointError as e:
-            refused += 1
-            print(f"REFUSED   {path}: {e}")
-    return 1 if refused else 0
-
-
-def _audit_parser(sub) -> None:
-    p = sub.add_parser(
-        "audit",
-        help="a security report: TLS, exposure, keys, checkpoints, robustness",
-        description="Report where a cluster, its checkpoints and a model stand: TLS on the "
-        "scheduler, workers and client; what listens beyond loopback (the Dask dashboard "
-        "included); the installed torch; signing keys; each checkpoint's signature; and, with "
-        "--robustness, the newest checkpoint's accuracy under FGSM. Exit status 1 when a "
-        "finding is at or above --fail-on. Without --scheduler (or --checkpoint alone), "
-        "a local cluster as daskdl starts one is checked.",
-    )
-    _cluster_args(p)
-    p.add_argument("--checkpoint", help="a checkpoint or run directory to check")
-    p.add_argument("--key", help="verify key for the checkpoints (default: the environment's)")
-    p.add_argument(
-        "--robustness", action="store_true", help="FGSM against the newest checkpoint's model"
-    )
-    p.add_argument(
-        "--epsilons",
-        default="0.01,0.05,0.1",
-        help="FGSM step sizes, in the units of the standardised features",
-    )
-    p.add_argument("--dataset", help="validation data for --robustness (default: the run's)")
-    p.add_argument(
-        "--fail-on",
-        choices=["low", "medium", "high"],
-        default="high",
-        help="exit 1 when a finding is at least this severe",
-    )
-    p.add_argument("--json", action="store_true", help="print the findings as JSON")
-
-
-def audit(args) -> int:
-    import json
-
-    from daskdl import audit as audits
-
-    try:
-        epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
-    except ValueError:
-        raise ValueError(f"--epsilons must be numbers separated by commas, got {args.epsilons!r}.")
-    with ExitStack() as stack:
-        cluster = args.scheduler or args.secure or args.workers or not args.checkpoint
-        client = _client(args, stack) if cluster else None
-        report = audits.audit(
-            client,
-            checkpoint=args.checkpoint,
-            robustness=args.robustness,
-            dataset=args.dataset,
-            epsilons=epsilons,
-            verify_key=args.key,
-        )
-    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
-    failing = report.at_or_above(args.fail_on)
-    if failing:
-        print(f"daskdl audit: {len(failing)} at or above {args.fail_on}", file=sys.stderr)
-    return 1 if failing else 0
 
 
 def _benchmarks_dir(args) -> Path:
@@ -587,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _dashboard_parser(sub)
     _words_parser(sub)
-    _keygen_parser(sub)
-    _verify_parser(sub)
-    _audit_parser(sub)
+    cli_security.add_parsers(sub)
     args = parser.parse_args(argv)
     _log_to_stderr()
     from daskdl.checkpoint import CheckpointError
@@ -601,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             "bench": bench,
             "dashboard": dashboard,
             "words": words,
-            "keygen": keygen,
-            "verify": verify,
-            "audit": audit,
+            "keygen": cli_security.keygen,
+            "verify": cli_security.verify,
+            "audit": cli_security.audit,
         }
         return commands[args.command](args)
     except (

@@ -1,11 +1,11 @@
 """The contract a training loop runs against on its rank: :class:`RankContext`.
 
 ``daskdl.launch(client, train_fn, data=...)`` runs ``train_fn(ctx)`` once per rank, one rank per
-worker. The context gives the loop what daskdl gives every run: its place among the ranks, the
-device, the run's config, a model whose gradients are averaged on backward
-(:meth:`RankContext.prepare`), batches of this rank's shard of each data set, all-reduces,
-events (``log``: the run's history and the dashboard), and signed, atomic checkpoints that
-also let the run go on without a lost worker (``checkpoint``/``restore``).
+worker; ``daskdl.fit`` is one such loop (:mod:`daskdl.fitloop`). The context gives the loop what
+daskdl gives every run: its place among the ranks, the device, the run's config, a model whose
+gradients are averaged on backward (:meth:`RankContext.prepare`), batches of this rank's shard
+of each data set, all-reduces, events (``log``: the run's history and the dashboard), and
+signed, atomic checkpoints that also let the run go on without a lost worker.
 """
 
 from __future__ import annotations
@@ -28,48 +28,57 @@ from daskdl.worker import manager
 
 @dataclass
 class LoopSpec:
-    """Everything one rank of a user loop needs besides its data."""
+    """Everything one rank needs besides its data: small, so it travels with the task."""
 
     run_id: str
     rank: int
     peers: list[str]
     train_fn: Callable
-    config: dict  # the user's own, as given to launch
+    config: dict  # the loop's own, as given to launch
     options: dict  # TrainConfig fields: device, backend, wire_dtype, seed, ...
     names: list[str]  # the data sets, in the order their partitions come
     n_parts: list[int]  # partitions of each data set for this rank
     target_dtypes: list[str]
     shard_sizes: dict[str, list[int]]  # every rank's shard size, per data set
     out: str | None = None
-    staging: str | None = None
+    staging: str | None = None  # a replacing run's folder until its first checkpoint
     manifest: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    # Elastic training: the ranks of one membership talk under their own comm id, and a
+    # regrouped run starts where the survivors were, possibly part-way through an epoch.
     comm_id: str = ""
+    start_step: int = 0
     elastic: bool = False
+    # Resolved from the client's dask.config: workers may have other settings.
     keep_checkpoints: int | None = 3
-    signing_key: security.Key | None = None
+    pause_profiler: bool = True
+    signing_key: security.Key | None = None  # signs the checkpoints rank 0 writes
+
+
+class Regroup(Exception):
+    """Raised by :meth:`RankContext.regroup`: hand this rank's state back to regroup."""
 
 
 class RankContext:
     """What a training loop can ask of daskdl on its rank.
 
     ``rank``, ``world_size``, ``is_main`` (rank 0), ``device``, ``config`` (the dict given to
-    ``launch``). Every rank must make the same collective calls in the same order
-    (``prepare``'s backward, ``all_reduce``, ``mean``, ``checkpoint``), as with
+    ``launch``), ``options`` (the run's :class:`daskdl.TrainConfig`), ``history`` (the rows
+    logged so far). Every rank must make the same collective calls in the same order
+    (``prepare``'s backward, ``all_reduce``, ``mean``, ``should_regroup``), as with
     ``torch.distributed``; ``batches(..., full=True)`` gives every rank the same number of
     batches so that a training loop's steps line up.
     """
 
     def __init__(self, spec: LoopSpec, resume: dict | None, parts: tuple[np.ndarray, ...]):
         self.worker = get_worker()
+        self._task_key = self.worker.get_current_task()
         self.spec = spec
         self.options = TrainConfig.from_dict(spec.options)
         self.rank, self.world_size = spec.rank, len(spec.peers)
         self.config = copy.deepcopy(spec.config)
         torch.set_num_threads(self.options.torch_threads or max(1, self.worker.state.nthreads))
-        from daskdl.engine import resolve_device
-
-        self.device = resolve_device(self.options.device)
+        self.device = _device(self.options.device)
         # The same random state on every rank: a model built in train_fn starts alike on all
         # of them (prepare() makes sure, from rank 0's), and a seeded run is reproducible.
         torch.manual_seed(self.options.seed)
@@ -86,13 +95,18 @@ class RankContext:
             spec.peers,
             self.options.timeout,
         )
-        self._resume = resume
-        self._averaging: list[averaging.GradientAveraging] = []
-        self._saved: dict | None = None  # the last checkpoint, for a regroup without disk
+        self.resume_state = resume
+        self.resume_step = spec.start_step if resume is not None else 0
         self.history = list(spec.history)
         self.steps_done = 0
         self.stopped = False
+        self._averaging: list = []
         self._loaders: dict = {}
+        self._saved: dict | None = None  # the last checkpoint, for a regroup without disk
+        self._live: tuple | None = None  # what follow() named: handed back as it is
+        self._position = (resume["epoch"], self.resume_step) if resume else (0, 0)
+        self._steps_per_epoch = 1
+        self._batches: list | None = None  # [name, batch size] of the last training batches
 
     @property
     def is_main(self) -> bool:
@@ -108,6 +122,12 @@ class RankContext:
         ``FloatingPointError`` from ``backward()`` on every rank (``on_nonfinite="skip"``:
         no gradient at all, so ``optimizer.step()`` changes nothing, and a ``nonfinite``
         event)."""
+        if self.options.sync_every != 1 or self.options.outer_optimizer is not None:
+            raise ValueError(
+                f"sync_every={self.options.sync_every} (local SGD) averages parameters and the "
+                "optimizer's state, not gradients: use ctx.averaging(model, optimizer) and "
+                "call its zero_grad/backward_done/step_done around each step, as fit's loop does."
+            )
         model = model.to(self.device)
         self._broadcast_parameters(model)
         sync = averaging.GradientAveraging(
@@ -121,6 +141,16 @@ class RankContext:
         )
         self._averaging.append(sync)
         return model
+
+    def averaging(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """For a loop that drives the averaging step by step, as ``fit``'s does: the run's
+        averager for ``model`` (its ``sync_every``: every step's gradients, or local SGD),
+        whose ``zero_grad()``, ``backward_done(stop, loss)`` and ``step_done(step, last)`` the
+        loop calls around each step (see :mod:`daskdl.averaging`). The model must start
+        alike on every rank, as it does when built from the context's seeded random state."""
+        sync = averaging.make(model, optimizer, self.group, self.options)
+        self._averaging.append(sync)
+        return sync
 
     def _broadcast_parameters(self, model: torch.nn.Module) -> None:
         tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
@@ -150,18 +180,48 @@ class RankContext:
         if self.rank == sync.bad_ranks[0]:
             self.emit("nonfinite", step=self.steps_done, ranks=sync.bad_ranks)
 
+    # ------------------------------------------------------------------ stopping
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether this rank was asked to stop (``run.stop()``, or the client that started the
+        run is gone): not yet agreed with the other ranks (see ``should_stop``)."""
+        box = self.group.box
+        if not box.stop_requested and self._orphaned():
+            # Nobody wants the result any more: stop after the next agreed step, on every
+            # rank alike, as run.stop() does.
+            box.stop_requested = True
+        return box.stop_requested
+
+    def _orphaned(self) -> bool:
+        task = self.worker.state.tasks.get(self._task_key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
     @property
     def should_stop(self) -> bool:
-        """Whether the run was asked to stop (``run.stop()``): agreed by every rank at the
-        last backward, so all of them see it after the same step."""
+        """Whether the run was asked to stop: agreed by every rank (at the last averaged
+        backward or synchronisation, else by an all-reduce now), so all of them see it after
+        the same step."""
         if self._averaging:
             stop = any(sync.stop_agreed for sync in self._averaging)
         else:
-            stop = self.all_reduce(float(self.group.box.stop_requested)) > 0
+            stop = self.all_reduce(float(self.stop_requested)) > 0
         self.stopped = self.stopped or stop
         return stop
 
     # ------------------------------------------------------------------ data
+
+    def shard(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the data set ``name``: all its samples and targets, on the CPU
+        (empty where the data set has fewer partitions than there are ranks)."""
+        if name not in self._data:
+            raise KeyError(f"No data set {name!r}; this run has {sorted(self._data)}.")
+        return self._data[name]
+
+    def steps_per_epoch(self, name: str, batch_size: int) -> int:
+        """How many batches ``batches(name, batch_size)`` gives each rank per epoch."""
+        self.shard(name)
+        return math.ceil(max(self.spec.shard_sizes[name]) / batch_size)
 
     def batches(
         self,
@@ -170,36 +230,45 @@ class RankContext:
         epoch: int = 0,
         shuffle: bool = True,
         full: bool = True,
+        *,
+        start: int = 0,
+        augment: bool = False,
+        channels_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of this rank's shard of the data set ``name``, on ``ctx.device``.
 
-        ``full=True`` (training): every rank gets the same number of full batches, the
-        largest shard's ceil(n / batch_size), smaller shards wrapping around; shuffled per
-        ``epoch`` (seeded by the run's ``seed``, the epoch and the rank). ``full=False``
+        ``full=True`` (training): every rank gets the same number of full batches
+        (``steps_per_epoch``: the largest shard's ceil(n / batch_size), smaller shards
+        wrapping around), shuffled per ``epoch`` (seeded by the run's ``seed``, the epoch and
+        the rank), from batch ``start`` on (``ctx.resume_step`` in the epoch a regrouped run
+        resumes within); ``augment`` crops and flips images on the device. ``full=False``
         (evaluation): each sample of the shard once, in order, the last batch smaller, and a
         number of batches that differs between ranks (sum the results with ``all_reduce``).
         """
-        if name not in self._data:
-            raise KeyError(f"No data set {name!r}; this run has {sorted(self._data)}.")
-        X, y = self._data[name]
+        X, y = self.shard(name)
         if not full:
-            for start in range(0, len(X), batch_size):
+            for first in range(0, len(X), batch_size):
                 yield (
-                    X[start : start + batch_size].to(self.device),
-                    y[start : start + batch_size].to(self.device),
+                    X[first : first + batch_size].to(self.device),
+                    y[first : first + batch_size].to(self.device),
                 )
             return
-        loader = self._loaders.get((name, batch_size, shuffle))
+        key = (name, batch_size, shuffle, augment, channels_last)
+        loader = self._loaders.get(key)
         if loader is None:
-            steps = math.ceil(max(self.spec.shard_sizes[name]) / batch_size)
+            steps = self.steps_per_epoch(name, batch_size)
             loader = ShardLoader(
                 [X.numpy()], [y.numpy()], batch_size, steps, self.options.seed, self.rank,
-                shuffle, False, self.device, y_dtype=y.numpy().dtype,
+                shuffle, augment, self.device, channels_last, y_dtype=y.numpy().dtype,
             )  # fmt: skip
-            self._loaders[(name, batch_size, shuffle)] = loader
-        for batch in loader.epoch(epoch):
+            self._loaders[key] = loader
+        self._steps_per_epoch, self._batches = loader.steps, [name, batch_size]
+        for s, batch in enumerate(loader.epoch(epoch, start), start):
+            self._position = (epoch, s)  # steps of this epoch every rank has finished
+            self.stop_requested  # noqa: B018 - notices a client that went away
             self.steps_done += 1
             yield batch
+        self._position = (epoch, loader.steps)
 
     # ------------------------------------------------------------------ collectives
 
@@ -228,76 +297,123 @@ class RankContext:
     # ------------------------------------------------------------------ events
 
     def emit(self, kind: str, **fields) -> None:
+        """An event of this run (``step``, ``nonfinite``, ...): the dashboard and the CLI
+        show them; ``log`` is the one for epochs."""
         events.emit(self.worker, self.spec.run_id, kind, rank=self.rank, **fields)
 
-    def log(self, epoch: int, **metrics) -> None:
-        """Report an epoch's metrics (numbers; compute them with ``mean``/``all_reduce`` so
-        that they hold for the whole run): a row of ``run.history`` and the dashboard's
-        curves. ``epoch`` counts from 0, as in ``range(epochs)``; the history's counts epochs
-        done (``epoch + 1``), as ``fit``'s does. Only rank 0's call is recorded."""
-        row = {k: _number(k, v) for k, v in metrics.items()}
-        row.update(epoch=int(epoch) + 1, step=self.steps_done)
+    def log(self, epoch: int, step: int | None = None, **metrics) -> None:
+        """Report an epoch's metrics (numbers, lists of numbers or ``None``; compute them with
+        ``mean``/``all_reduce`` so that they hold for the whole run): a row of
+        ``run.history`` and the dashboard's curves. ``epoch`` counts from 0, as in
+        ``range(epochs)``; the history's counts epochs done (``epoch + 1``), as ``fit``'s
+        does; ``step`` defaults to the batches this rank has trained on. Only rank 0's call
+        is recorded."""
+        step = self.steps_done if step is None else int(step)
+        row = {"epoch": int(epoch) + 1, "step": step}
+        row.update({k: _loggable(k, v) for k, v in metrics.items()})
         self.history.append(row)
+        self._position = (int(epoch) + 1, 0)  # a regroup goes on with the next epoch
         if self.is_main:
             self.emit("epoch", **row)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, epoch: int, model: torch.nn.Module, optimizer=None) -> None:
+    def checkpoint(
+        self,
+        epoch: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        averaging=None,
+        step: int | None = None,
+    ) -> None:
         """Keep ``model`` and ``optimizer`` as they are after ``epoch`` (from 0): rank 0
         writes them to the run's folder (signed, atomic, the newest few kept) when the run has
-        ``out=``, and every rank keeps them in memory, so that a run that loses a worker
-        starts ``train_fn`` again on the survivors from here. Call it on every rank."""
-        state = {
-            "epoch": int(epoch) + 1,
-            "model": checkpoint.model_tensors(model),
-            "optimizer": checkpoint.optimizer_tensors(optimizer) if optimizer else None,
-            "history": list(self.history),
-        }
-        self._saved = state
+        ``out=``, and with ``max_failures`` every rank keeps them in memory, so that a run
+        that loses a worker starts ``train_fn`` again on the survivors from here. Call it on
+        every rank. ``averaging`` (from :meth:`averaging`) adds local SGD's outer state."""
+        keep = self.spec.elastic and self._live is None
+        if not keep and not (self.is_main and self.spec.out):
+            return
+        state = self._state(model, optimizer, averaging)
+        state.update(epoch=int(epoch) + 1, step=0)
+        if keep:
+            self._saved = state
         if self.is_main and self.spec.out:
+            step = self.steps_done if step is None else int(step)
             path = rundir.save_checkpoint(
                 self.spec.out,
                 self.spec.staging,
                 state["epoch"],
                 state["model"],
                 state["optimizer"] or ({}, []),
-                {**self.spec.manifest, "step": self.steps_done, "history": self.history},
+                {**self.spec.manifest, "step": step, "history": self.history},
                 self.spec.keep_checkpoints,
                 self.spec.signing_key,
             )
             self.emit("checkpoint", epoch=state["epoch"], path=str(path))
 
-    def restore(self, model: torch.nn.Module, optimizer=None) -> int:
-        """Load the state this run starts from (``launch(resume=...)``, or the last
-        ``checkpoint`` after a regroup) into ``model`` (and ``optimizer``); the epoch to start
-        from: 0 when there is none."""
-        if self._resume is None:
+    def follow(self, model: torch.nn.Module, optimizer=None, *, averaging=None) -> None:
+        """Hand ``model`` and ``optimizer`` back as they are when the run regroups, instead of
+        the last checkpoint: the survivors of a lost worker go on from the last step every
+        rank finished (a failed collective never reaches the optimizer), part-way through an
+        epoch (``ctx.resume_step``), losing no step."""
+        self._live = (model, optimizer, averaging)
+
+    def _state(self, model, optimizer, averaging_) -> dict:
+        outer = averaging_.state_tensors() if averaging_ is not None else None
+        return {
+            "model": checkpoint.model_tensors(model),
+            "optimizer": checkpoint.optimizer_tensors(optimizer, outer=outer)
+            if optimizer is not None
+            else None,
+            "history": list(self.history),
+        }
+
+    def restore(self, model: torch.nn.Module, optimizer=None, *, averaging=None) -> int:
+        """Load the state this run starts from (``resume=``, or where the survivors were after
+        a regroup) into ``model`` (and ``optimizer``, and ``averaging``'s outer state); the
+        epoch to start from: 0 when there is none (see also ``resume_step``)."""
+        state = self.resume_state
+        if state is None:
             return 0
-        state = self._resume
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
-        if optimizer is not None and state.get("optimizer"):
-            opt_state = state["optimizer"]
-            optimizer.load_state_dict(
-                copy.deepcopy({k: opt_state[k] for k in ("state", "param_groups")})
-            )
+        load_state(model, optimizer, state)
+        if averaging is not None and state.get("optimizer"):
+            averaging.load_state(state["optimizer"].get("outer", {}))
         return int(state["epoch"])
 
-    # ------------------------------------------------------------------ end
+    # ------------------------------------------------------------------ regrouping
 
-    def elastic_state(self, error: Exception) -> dict:
-        """What the coordinator needs to start the loop again on the survivors: the last
-        checkpoint this rank holds (``None``: from the start)."""
-        saved = self._saved or {}
+    @property
+    def should_regroup(self) -> bool:
+        """Whether workers joined the cluster and the run should take them in now (agreed by
+        every rank; an all-reduce, so call it on every rank, at an epoch's end)."""
+        if not self.spec.elastic:
+            return False
+        return self.all_reduce(float(self.group.box.regroup_requested)) > 0
+
+    def regroup(self) -> None:
+        """Hand this rank's state back (what ``follow`` named, else the last checkpoint: call
+        it after ``checkpoint``) and let the run start ``train_fn`` again on its new workers;
+        does not return."""
+        raise Regroup()
+
+    def elastic_state(self, error: Exception | None) -> dict:
+        """What the coordinator needs to start the loop again on a new set of workers."""
+        epoch, step = self._position
+        if self._live is not None:
+            state = self._state(*self._live)
+        else:
+            state = self._saved or {"model": None, "optimizer": None, "history": []}
+            epoch, step = state.get("epoch", 0), 0
         return {
-            "elastic": f"{type(error).__name__}: {error}",
+            **state,
+            "elastic": "join" if error is None else f"{type(error).__name__}: {error}",
             "rank": self.rank,
-            "epoch": saved.get("epoch", 0),
-            "step": 0,
-            "steps_per_epoch": 1,
-            "model": saved.get("model"),
-            "optimizer": saved.get("optimizer"),
-            "history": saved.get("history", []),
+            "epoch": epoch,
+            "step": step,
+            "steps_per_epoch": self._steps_per_epoch,
+            "batches": self._batches,
         }
 
     def close(self) -> None:
@@ -306,27 +422,68 @@ class RankContext:
         self.group.close()
 
 
-def _number(name: str, value) -> float:
+def load_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Load a resumed or regrouped run's model (and optimizer) state, leaving ``state`` as it
+    was.
+
+    ``state`` is a task input, one object on the worker that holds it, which Dask sends to the
+    other ranks' workers when they ask for it; the optimizer keeps (and steps in place) the
+    tensors it is given, so it gets copies, or a peer could start from this rank's steps.
+    """
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
+    opt_state = state.get("optimizer")
+    if optimizer is not None and opt_state:
+        optimizer.load_state_dict(
+            copy.deepcopy({k: opt_state[k] for k in ("state", "param_groups")})
+        )
+
+
+def _loggable(name: str, value):
+    if value is None:
+        return None
     if torch.is_tensor(value):
         if value.numel() != 1:
             raise ValueError(f"log({name}=...) takes numbers; got a tensor of {value.numel()}.")
         return float(value.detach().cpu())
+    if isinstance(value, (list, tuple)):
+        return [_loggable(name, v) for v in value]
     if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"log({name}=...) takes numbers, got {type(value).__name__}.")
 
 
+def _device(name: str) -> torch.device:
+    """``"auto"``: the worker's GPU if it sees one, else the CPU. dask-cuda puts each worker's
+    own GPU first in ``CUDA_VISIBLE_DEVICES``, so that is always ``cuda:0``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda', but this worker sees no CUDA GPU.")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
 def loop_main(spec: LoopSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
-    """The body of one rank task of ``daskdl.launch``: the user's ``train_fn(ctx)``."""
+    """The body of every rank task: ``train_fn(ctx)``. ``parts`` are (X, y) blocks of each
+    data set in turn; Dask delivered them to this worker before the task started."""
     tuning = manager().tuning
-    with tuning.malloc(), tuning.denormals(), tuning.profiler_paused(get_worker(), True):
+    with (
+        tuning.malloc(),
+        tuning.denormals(),
+        tuning.profiler_paused(get_worker(), spec.pause_profiler),
+    ):
         ctx = RankContext(spec, resume, parts)
         try:
             result = spec.train_fn(ctx)
+        except Regroup:
+            return ctx.elastic_state(None)  # workers joined: go on with more ranks
         except CollectiveError as e:
             if not spec.elastic:
                 raise
-            return ctx.elastic_state(e)  # a peer is gone: the coordinator regroups
+            # A peer is gone: the coordinator regroups the survivors and carries on.
+            return ctx.elastic_state(e)
         finally:
             ctx.close()
     if not ctx.is_main:

@@ -11,11 +11,8 @@ from collections.abc import Mapping, Sequence
 import dask
 import dask.array as da
 import numpy as np
-import pandas as pd
-from pandas.api.types import is_numeric_dtype
 
-from daskdl import categorical as categorical_
-from daskdl import preprocess
+from daskdl import frames, preprocess
 from daskdl.config import integer
 from daskdl.objective import check_task, infer_task
 
@@ -174,38 +171,9 @@ class Dataset:
         they share the training codes (the columns it maps are categorical then). One
         partition per dataframe partition; their lengths are found at training time.
         """
-        features = list(features)
-        labels = [label] if isinstance(label, str) else list(label)
-        _check_columns(ddf, features, labels)
-        cats = list(categorical or [])
-        outside = [c for c in cats if c not in features]
-        if outside:
-            raise ValueError(f"categorical columns {outside} are not among the features.")
-        mapped = categories if isinstance(categories, Mapping) else {}
-        cats += [
-            c for c in features if c not in cats and (c in mapped or _is_category(ddf[c].dtype))
-        ]
-        bad = [c for c in features if c not in cats and not is_numeric_dtype(ddf[c].dtype)]
-        if bad:
-            raise TypeError(
-                f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
-                f"Name them in categorical=[...] to encode them as categories, or encode them "
-                "as numbers first."
-            )
-        mapping = None
-        if cats:
-            mapping = (
-                categorical_.check_mapping(categories, cats)
-                if categories is not None
-                else categorical_.categories_of(ddf, cats)
-            )
-            ddf = ddf.map_partitions(categorical_.encode, mapping)
-        X = ddf[features].astype(np.float32).to_dask_array()
-        if isinstance(label, str):
-            y = ddf[label].to_dask_array()
-        else:
-            dtype = np.result_type(*[ddf[c].dtype for c in labels])
-            y = ddf[labels].astype(dtype).to_dask_array()
+        X, y, features, mapping = frames.from_dataframe(
+            ddf, features, label, categorical, categories
+        )
         ds = cls(X, y, n_classes, task)
         ds.features, ds.categories = features, mapping
         return ds
@@ -264,35 +232,7 @@ class Dataset:
         concatenated. The partitions follow the chunks of ``sample_dim`` (or one partition per
         about 64 MB when the dataset is not chunked).
         """
-        features = list(features)
-        missing = [v for v in [*features, label] if v not in ds.variables]
-        if missing:
-            raise KeyError(
-                f"Variables {missing} are not in the xarray dataset; it has "
-                f"{sorted(map(str, ds.data_vars))}."
-            )
-        if sample_dim not in ds.dims:
-            raise ValueError(
-                f"sample_dim={sample_dim!r} is not a dimension; dimensions are {list(ds.dims)}."
-            )
-        arrays = []
-        for name in features:
-            var = ds[name]
-            if sample_dim not in var.dims:
-                raise ValueError(
-                    f"Feature {name!r} has dims {var.dims}, without sample_dim {sample_dim!r}."
-                )
-            var = var.transpose(sample_dim, ...)
-            data = var.data if isinstance(var.data, da.Array) else _chunk_numpy(var.values)
-            arrays.append(data)
-        X = arrays[0] if len(arrays) == 1 else _flat_concat(arrays)
-        if X.ndim == 1:
-            X = X[:, None]
-        y_var = ds[label]
-        if y_var.dims != (sample_dim,):
-            raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
-        y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
-        X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+        X, y = frames.from_xarray(ds, sample_dim, features, label)
         return cls(X, y.rechunk((X.chunks[0],)), n_classes, task)
 
     # ---------------------------------------------------------------- properties
@@ -486,30 +426,6 @@ class Dataset:
         return storage.load(path, key)
 
 
-def _check_columns(ddf, features: list[str], labels: list[str]) -> None:
-    missing = [c for c in [*features, *labels] if c not in ddf.columns]
-    if missing:
-        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
-    if not features:
-        raise ValueError("features is empty: name at least one feature column.")
-    if not labels:
-        raise ValueError("label is empty: name the target column(s).")
-    both = sorted(set(features) & set(labels))
-    if both:
-        raise ValueError(f"Columns {both} are both features and labels; name each once.")
-    bad = [c for c in labels if not is_numeric_dtype(ddf[c].dtype)]
-    if bad:
-        raise TypeError(
-            f"Label column(s) {bad} have dtype(s) {[str(ddf[c].dtype) for c in bad]}; a "
-            "label must hold numbers (class ids, 0/1 labels or regression targets). For a "
-            f"category column use ddf[{bad[0]!r}].cat.codes."
-        )
-
-
-def _is_category(dtype) -> bool:
-    return isinstance(dtype, pd.CategoricalDtype)
-
-
 def _check_target_shape(y: da.Array, task: str) -> da.Array:
     """``y`` as the task needs it (one class id per sample; k labels or targets per sample),
     whole samples per partition."""
@@ -538,17 +454,6 @@ def _check_target_shape(y: da.Array, task: str) -> da.Array:
     if y.ndim == 2 and len(y.chunks[1]) > 1:
         y = y.rechunk({1: -1})
     return y
-
-
-def _chunk_numpy(values: np.ndarray) -> da.Array:
-    per_sample = max(1, values[:1].nbytes)
-    rows = max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
-    return da.from_array(values, chunks=(rows,) + values.shape[1:])
-
-
-def _flat_concat(arrays: list[da.Array]) -> da.Array:
-    flat = [a.reshape(a.shape[0], -1) if a.ndim > 1 else a[:, None] for a in arrays]
-    return da.concatenate([f.rechunk((flat[0].chunks[0], -1)) for f in flat], axis=1)
 
 
 def _split_masks(y: da.Array, test_size: float, seed: int) -> da.Array:

@@ -34,6 +34,10 @@ def epoch_order(n: int, steps: int, batch: int, seed: int, epoch: int, rank: int
 def concat(parts: Sequence[np.ndarray], dtype) -> torch.Tensor:
     if not len(parts):
         return torch.empty(0)
+    if len(parts) == 1:  # no copy where the one part already is what is asked for
+        part = np.ascontiguousarray(parts[0], dtype=dtype)
+        # Received over the network, a part can be a read-only view of the message.
+        return torch.from_numpy(part if part.flags.writeable else part.copy())
     return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts), dtype=dtype))
 
 

@@ -49,14 +49,12 @@ def no_signing_keys(monkeypatch):
 @pytest.fixture
 def no_rank_may_start(monkeypatch):
     """Any rank task submitted fails the test: every bad input must be found before."""
-    from daskdl.launcher import Launch
-    from daskdl.userloop import LoopLaunch
+    from daskdl.launching import Launch
 
     def submit(*args, **kwargs):
         raise AssertionError("a rank task was submitted before the problem was found")
 
     monkeypatch.setattr(Launch, "submit", submit)
-    monkeypatch.setattr(LoopLaunch, "submit", submit)
 
 
 # Dask's threads log while the session cluster shuts down, after pytest has closed its capture

@@ -332,11 +332,11 @@ def test_numbers_of_any_numeric_type_are_accepted(client):
         max_failures=np.int64(1),
         progress=False,
     )
-    config = run._launch.config
+    config = run.info["config"]
     assert config["batch_size"] == 16 and type(config["batch_size"]) is int
     assert type(config["lr"]) is float and type(config["shuffle"]) is bool
     assert run.status == "finished" and len(run.workers) == 2
-    assert type(run._launch.public["n_classes"]) is int
+    assert type(run.info["n_classes"]) is int
 
 
 def test_one_worker_address_as_a_string_is_that_worker(client):
@@ -459,4 +459,4 @@ def test_boolean_labels_are_classes_0_and_1(client):
     data = Dataset.from_numpy(X, y.astype(bool), chunks=50)
     assert data.y.dtype == np.int64
     run = daskdl.fit(client, "mlp", data, epochs=1, batch_size=16, progress=False)
-    assert run._launch.objective.n_outputs == 2
+    assert run.spec["objective"].n_outputs == 2

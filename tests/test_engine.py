@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from daskdl import checkpoint, models
 from daskdl.config import TrainConfig
-from daskdl.engine import load_resumed, lr_at, make_optimizer
+from daskdl.context import load_state
+from daskdl.engine import lr_at, make_optimizer
 from daskdl.loader import ShardLoader, epoch_order
 from daskdl.preprocess import augment_images
 
@@ -100,7 +101,7 @@ def test_loading_a_resumed_state_leaves_it_as_it_was():
 
     model = models.mlp((6,), 3)
     opt = make_optimizer(model, cfg)
-    load_resumed(model, opt, resume)
+    load_state(model, opt, resume)
     for _ in range(2):
         opt.zero_grad()
         F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.int64)).backward()

@@ -196,3 +196,79 @@ def test_run_stop_reaches_every_rank_after_the_same_step(client):
     poll_for(lambda: len(run.history) >= 2, timeout=60)
     run.stop()
     assert run.status == "stopped" and 2 <= len(run.history) < 50
+
+
+def follow_loop(ctx: daskdl.RankContext):
+    """Hands its live replica back on a regroup: the survivors go on mid-epoch."""
+    cfg = ctx.config
+    model = ctx.prepare(_net(cfg["d"], cfg["k"]))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+    ctx.follow(model, opt)
+    start = ctx.restore(model, opt)
+    for epoch in range(start, cfg["epochs"]):
+        first = ctx.resume_step if epoch == start else 0
+        for xb, yb in ctx.batches("train", cfg["batch"], epoch=epoch, start=first):
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            time.sleep(cfg["pause"])
+        ctx.log(epoch=epoch, train_loss=ctx.mean(loss))
+    return {"resumed_at": [start, ctx.resume_step], "world_size": ctx.world_size}
+
+
+def test_a_followed_loop_goes_on_mid_epoch_without_a_lost_worker(fresh_client):
+    X = np.random.default_rng(0).normal(size=(1600, 8)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    cfg = {"d": 8, "k": 2, "lr": 0.05, "epochs": 4, "batch": 32, "pause": 0.1}
+    run = daskdl.launch(
+        fresh_client, follow_loop, {"train": Dataset.from_numpy(X, y, chunks=200)}, config=cfg,
+        block=False, progress=False, comm_timeout=20,
+    )  # fmt: skip
+    poll_for(lambda: len(run.history) >= 1, timeout=120)
+    time.sleep(1.0)  # epoch 2 is 25 steps of 0.1 s: about 10 of them in
+    victim = run.workers[1]
+    os.kill(fresh_client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    run.wait(timeout=240)
+    assert run.status == "finished" and run.lost == [victim]
+    epoch, step = run.result["resumed_at"]
+    assert run.result["world_size"] == 1 and epoch >= 1
+    assert 0 < step < 50  # part-way through the epoch (50 steps on one rank), not its start
+    assert list(run.history["epoch"]) == [1, 2, 3, 4]
+    assert run.history["train_loss"].iloc[-1] < 0.5
+
+
+def local_sgd_loop(ctx: daskdl.RankContext):
+    """Drives the run's averager step by step, as fit's loop does."""
+    model = _net(8, 2).to(ctx.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sync = ctx.averaging(model, opt)
+    steps = ctx.steps_per_epoch("train", 32)
+    spreads = []
+    for epoch in range(2):
+        for s, (xb, yb) in enumerate(ctx.batches("train", 32, epoch=epoch)):
+            sync.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            sync.backward_done(ctx.stop_requested, loss.detach())
+            opt.step()
+            sync.step_done(epoch * steps + s, end_of_epoch=s == steps - 1)
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            spreads.append(float((ctx.all_reduce(flat, "mean") - flat).abs().max()))
+    return {"spreads": spreads, "steps": steps, "loss": ctx.mean(loss)}
+
+
+def test_a_loop_drives_local_sgd_through_the_context(client):
+    X = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    data = {"train": Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64), chunks=128)}
+    run = daskdl.launch(client, local_sgd_loop, data, sync_every=4, workers=2, progress=False)
+    spreads, steps = run.result["spreads"], run.result["steps"]
+    assert steps == 8 and len(spreads) == 16
+    # The replicas drift apart between synchronisations and agree right after each one.
+    for s, spread in enumerate(spreads):
+        if (s + 1) % 4 == 0:
+            assert spread < 1e-6, s
+        else:
+            assert spread > 1e-6, s
+    with pytest.raises(daskdl.RunError, match=r"use ctx.averaging\(model, optimizer\)"):
+        daskdl.launch(client, sgd_loop, data, config={"d": 8, "k": 2}, sync_every=4)

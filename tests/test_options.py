@@ -87,8 +87,8 @@ def test_a_config_with_overrides(client):
     base = TrainConfig(epochs=1, batch_size=16, lr=0.02)
     train, val = daskdl.datasets.digits().split(0.2, seed=0)
     run = daskdl.fit(client, "mlp", train, val=val, config=base, lr=0.05, progress=False)
-    assert run._launch.config["lr"] == 0.05
-    assert run._launch.config["batch_size"] == 16 and run._launch.config["epochs"] == 1
+    assert run.info["config"]["lr"] == 0.05
+    assert run.info["config"]["batch_size"] == 16 and run.info["config"]["epochs"] == 1
     assert dataclasses.asdict(base)["lr"] == 0.02  # the caller's config is left as it was
     with pytest.raises(TypeError, match="config must be a daskdl.TrainConfig or a dict"):
         daskdl.fit(client, "mlp", train, config="fast")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -106,3 +107,31 @@ def test_no_workers_is_an_error():
 def test_who_has_to_locations_keeps_partition_order():
     who_has = {"k1": ("w1",), "k0": ("w0", "w1")}
     assert who_has_to_locations(["k0", "k1", "k2"], who_has) == [["w0", "w1"], ["w1"], []]
+
+
+def test_a_layout_is_planned_from_sizes_and_locations_alone():
+    from daskdl.plan import Layout, layout
+
+    first, second = balanced_shards([100] * 4, 2)
+    where = [["w1"] if i in first else ["w0"] for i in range(4)]  # shard 0 lives on w1
+    lay = layout(
+        ["train", "val"], [[100, 100, 100, 100], [30, 30]], [where, [["w0"], ["w1"]]],
+        ["w0", "w1"], batch_size=32,
+    )  # fmt: skip
+    assert isinstance(lay, Layout) and lay.steps == 7  # ceil(200 / 32)
+    assert lay.ranks == ("w1", "w0")
+    # Rank r's training shard is where most of its samples are; val follows where it lives.
+    for r, worker in enumerate(lay.ranks):
+        train_parts, val_parts = lay.parts[r]
+        assert all(where[i] == [worker] for i in train_parts)
+        assert val_parts == ((0,) if worker == "w0" else (1,))
+    assert lay.shard_sizes == {"train": [200, 200], "val": [30, 30]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lay.steps = 1  # a regroup makes a new layout; nothing changes one
+    # A resumed run's shards are kept as they were.
+    again = layout(["train"], [[100] * 4], [where], ["w0", "w1"], shards=[[3], [0, 1, 2]])
+    assert again.shards == ((3,), (0, 1, 2)) and again.shard_sizes["train"] == [100, 300]
+    with pytest.raises(ValueError, match="batch_size=300 is larger than rank 0's shard"):
+        layout(["train"], [[100] * 4], [where], ["w0", "w1"], batch_size=300)
+    with pytest.raises(ValueError, match="has 4 partitions for 5 ranks"):
+        layout(["train"], [[100] * 4], [where], ["a", "b", "c", "d", "e"])

@@ -228,7 +228,7 @@ def test_a_user_loss_trains_multi_output_regression(client):
         client, "mlp", train, val=val, loss=_smooth_l1, epochs=6, optimizer="adamw", lr=3e-3,
         progress=False,
     )  # fmt: skip
-    assert run._launch.public["loss"] == "_smooth_l1"
+    assert run.info["loss"] == "_smooth_l1"
     history = run.history
     assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
     scores = run.evaluate(val)

@@ -1,0 +1,126 @@
+"""Arrays from tables: the feature and target columns of a Dask dataframe (categorical
+columns encoded), and the variables of an xarray dataset along its sample dimension, as the
+Dask arrays a :class:`daskdl.Dataset` holds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+from pandas.api.types import is_numeric_dtype
+
+from daskdl import categorical as categorical_
+
+
+def from_dataframe(
+    ddf,
+    features: Sequence[str],
+    label: str | Sequence[str],
+    categorical: Sequence[str] | None = None,
+    categories: Mapping[str, Sequence] | None = None,
+):
+    """X (float32) and y of ``ddf``'s columns, the features' names and the categorical
+    mapping (or None); see :meth:`daskdl.Dataset.from_dataframe`."""
+    features = list(features)
+    labels = [label] if isinstance(label, str) else list(label)
+    _check_columns(ddf, features, labels)
+    cats = list(categorical or [])
+    outside = [c for c in cats if c not in features]
+    if outside:
+        raise ValueError(f"categorical columns {outside} are not among the features.")
+    mapped = categories if isinstance(categories, Mapping) else {}
+    cats += [c for c in features if c not in cats and (c in mapped or _is_category(ddf[c].dtype))]
+    bad = [c for c in features if c not in cats and not is_numeric_dtype(ddf[c].dtype)]
+    if bad:
+        raise TypeError(
+            f"Feature columns {bad} are not numeric ({[str(ddf[c].dtype) for c in bad]}). "
+            f"Name them in categorical=[...] to encode them as categories, or encode them "
+            "as numbers first."
+        )
+    mapping = None
+    if cats:
+        mapping = (
+            categorical_.check_mapping(categories, cats)
+            if categories is not None
+            else categorical_.categories_of(ddf, cats)
+        )
+        ddf = ddf.map_partitions(categorical_.encode, mapping)
+    X = ddf[features].astype(np.float32).to_dask_array()
+    if isinstance(label, str):
+        y = ddf[label].to_dask_array()
+    else:
+        dtype = np.result_type(*[ddf[c].dtype for c in labels])
+        y = ddf[labels].astype(dtype).to_dask_array()
+    return X, y, features, mapping
+
+
+def from_xarray(ds, sample_dim: str, features: Sequence[str], label: str):
+    """X and y of ``ds``'s variables; see :meth:`daskdl.Dataset.from_xarray`."""
+    features = list(features)
+    missing = [v for v in [*features, label] if v not in ds.variables]
+    if missing:
+        raise KeyError(
+            f"Variables {missing} are not in the xarray dataset; it has "
+            f"{sorted(map(str, ds.data_vars))}."
+        )
+    if sample_dim not in ds.dims:
+        raise ValueError(
+            f"sample_dim={sample_dim!r} is not a dimension; dimensions are {list(ds.dims)}."
+        )
+    arrays = []
+    for name in features:
+        var = ds[name]
+        if sample_dim not in var.dims:
+            raise ValueError(
+                f"Feature {name!r} has dims {var.dims}, without sample_dim {sample_dim!r}."
+            )
+        var = var.transpose(sample_dim, ...)
+        data = var.data if isinstance(var.data, da.Array) else _chunk_numpy(var.values)
+        arrays.append(data)
+    X = arrays[0] if len(arrays) == 1 else _flat_concat(arrays)
+    if X.ndim == 1:
+        X = X[:, None]
+    y_var = ds[label]
+    if y_var.dims != (sample_dim,):
+        raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
+    y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
+    X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+    return X, y
+
+
+def _check_columns(ddf, features: list[str], labels: list[str]) -> None:
+    missing = [c for c in [*features, *labels] if c not in ddf.columns]
+    if missing:
+        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
+    if not features:
+        raise ValueError("features is empty: name at least one feature column.")
+    if not labels:
+        raise ValueError("label is empty: name the target column(s).")
+    both = sorted(set(features) & set(labels))
+    if both:
+        raise ValueError(f"Columns {both} are both features and labels; name each once.")
+    bad = [c for c in labels if not is_numeric_dtype(ddf[c].dtype)]
+    if bad:
+        raise TypeError(
+            f"Label column(s) {bad} have dtype(s) {[str(ddf[c].dtype) for c in bad]}; a "
+            "label must hold numbers (class ids, 0/1 labels or regression targets). For a "
+            f"category column use ddf[{bad[0]!r}].cat.codes."
+        )
+
+
+def _is_category(dtype) -> bool:
+    return isinstance(dtype, pd.CategoricalDtype)
+
+
+def _chunk_numpy(values: np.ndarray) -> da.Array:
+    per_sample = max(1, values[:1].nbytes)
+    rows = max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
+    return da.from_array(values, chunks=(rows,) + values.shape[1:])
+
+
+def _flat_concat(arrays: list[da.Array]) -> da.Array:
+    flat = [a.reshape(a.shape[0], -1) if a.ndim > 1 else a[:, None] for a in arrays]
+    return da.concatenate([f.rechunk((flat[0].chunks[0], -1)) for f in flat], axis=1)

@@ -1,0 +1,248 @@
+"""Putting a planned run on the cluster: :class:`Launch` submits one rank task per worker (the
+loop, the rank's partitions, the state it starts from) and, when the run regroups, the next
+membership's; :func:`start` is what ``fit`` and ``launch`` share once their inputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import dask
+from distributed import Client, futures_of
+
+from daskdl import checkpoint, comm, events, rundir
+from daskdl.checks import RunFolder
+from daskdl.context import LoopSpec, loop_main
+from daskdl.data import Dataset
+from daskdl.plan import LaunchPlan, Layout, layout
+from daskdl.run import Run
+from daskdl.shards import who_has_to_locations
+
+
+class Launch:
+    """A plan's rank tasks: the persisted data they read, the membership's generation (each
+    talks under its own comm id), and the description of the run as it now is."""
+
+    def __init__(self, client: Client, plan: LaunchPlan, persisted: list):
+        self.client, self.plan, self.persisted = client, plan, persisted
+        self.generation = 0
+        self.public = dict(plan.public)
+
+    @property
+    def comm_id(self) -> str:
+        # A survivor's mailbox for the old membership was aborted, and stays so.
+        p = self.plan
+        return p.run_id if self.generation == 0 else f"{p.run_id}.{self.generation}"
+
+    @property
+    def config(self) -> dict:
+        return self.plan.options
+
+    @property
+    def all_futures(self) -> list:
+        return [f for _, xs, ys in self.persisted for f in xs + ys]
+
+    def layout(self, workers: list[str], shards=None) -> Layout:
+        sizes = [[int(c) for c in ds.X.chunks[0]] for ds, _, _ in self.persisted]
+        where = [_locations(self.client, xs) for _, xs, _ in self.persisted]
+        return layout(self.plan.names, sizes, where, workers, self.plan.batch_size, shards)
+
+    def resume_from(self, state: dict) -> dict | None:
+        """What a regrouped run's ranks start from: the state a survivor handed back (its
+        replica, or its last checkpoint), or nothing when it had none yet."""
+        if state.get("model") is None:
+            return None
+        opt = state.get("optimizer")
+        return {
+            "epoch": state["epoch"],
+            "model": state["model"],
+            "optimizer": checkpoint.optimizer_state(*opt) if opt else None,
+        }
+
+    def submit(self, lay: Layout, resume: dict | None, start_step: int, history: list) -> list:
+        plan = self.plan
+        # Checkpoints record the shard plan, so that a resumed run trains on the same shards.
+        manifest = {
+            **self.public,
+            "plan": [list(s) for s in lay.shards],
+            "partition_sizes": list(lay.partition_sizes),
+        }
+        if resume is not None:
+            # Model and optimizer state (85 MiB for ResNet-18 with momentum) inside each rank's
+            # task would pass through the scheduler once per rank as graph. Scattered once to
+            # the first rank's worker instead, it reaches the others worker-to-worker.
+            [resume] = self.client.scatter([resume], workers=list(lay.ranks[:1]), hash=False)
+        futures = []
+        for r, (addr, shards) in enumerate(zip(lay.ranks, lay.parts)):
+            spec = LoopSpec(
+                run_id=plan.run_id,
+                rank=r,
+                peers=list(lay.ranks),
+                train_fn=plan.train_fn,
+                config=plan.loop_config,
+                options=plan.options,
+                names=list(plan.names),
+                n_parts=[len(s) for s in shards],
+                target_dtypes=list(plan.target_dtypes),
+                shard_sizes=lay.shard_sizes,
+                out=plan.out,
+                staging=plan.staging,
+                manifest=manifest,
+                history=history,
+                comm_id=self.comm_id,
+                start_step=start_step,
+                elastic=plan.elastic,
+                keep_checkpoints=plan.keep_checkpoints,
+                pause_profiler=plan.pause_profiler,
+                signing_key=plan.signing_key if r == 0 else None,  # only rank 0 writes
+            )
+            parts = [
+                f
+                for (_, xs, ys), shard in zip(self.persisted, shards)
+                for i in shard
+                for f in (xs[i], ys[i])
+            ]
+            futures.append(
+                self.client.submit(
+                    loop_main,
+                    spec,
+                    resume,
+                    *parts,
+                    key=f"daskdl-rank-{r}-{self.comm_id}",
+                    workers=[addr],
+                    allow_other_workers=False,
+                    pure=False,
+                    retries=0,
+                )
+            )
+        return futures
+
+
+class Starting:
+    """What a run holds while it starts, given up if it does not: its data, persisted on the
+    cluster, and its folder, claimed once every check has passed (:meth:`claim`).
+
+    >>> with Starting(client, folder, [train]) as starting:           # doctest: +SKIP
+    ...     ...  # checks on starting.persisted
+    ...     run = start(Launch(client, starting.plan(...), starting.persisted), ...)
+    """
+
+    def __init__(self, client: Client, folder: RunFolder, datasets):
+        self.client, self.folder = client, folder
+        self.persisted = persist(client, *datasets)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.staging: Path | None = None
+
+    def __enter__(self) -> Starting:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None:
+            for f in (f for _, xs, ys in self.persisted for f in xs + ys):
+                f.release()  # nothing started: this call's hold on the data goes
+            if self.staging is not None:
+                rundir.abandon(self.folder.out, self.staging, "could not start")
+        return False
+
+    def claim(self) -> None:
+        self.staging = self.folder.claim(self.run_id)
+
+    def plan(self, **fields) -> LaunchPlan:
+        """The run's frozen plan: ``fields`` and what every run has (id, folder, key)."""
+        out = self.folder.out
+        return LaunchPlan(
+            run_id=self.run_id,
+            out=str(out.resolve()) if out else None,
+            out_arg=str(out) if out else None,
+            staging=str(self.staging.resolve()) if self.staging else None,
+            signing_key=self.folder.key,
+            keep_checkpoints=dask.config.get("daskdl.keep-checkpoints"),
+            pause_profiler=dask.config.get("daskdl.pause-dask-profiler"),
+            **fields,
+        )
+
+
+def start(launch: Launch, workers: list[str], resume: dict | None, spec: dict, progress) -> Run:
+    """Lay out a checked run's shards, describe it (its ``config.json`` and ``start`` event)
+    and submit its rank tasks. ``resume`` is the state it starts from (``epoch``, ``model``,
+    ``optimizer``, ``history``, ``shards``), ``spec`` what its :class:`Run` needs to rebuild
+    the model."""
+    plan = launch.plan
+    sizes = [int(c) for c in launch.persisted[0][0].X.chunks[0]]
+    shards = None
+    if resume and resume.get("partition_sizes") == sizes and len(resume["shards"]) == len(workers):
+        shards = resume["shards"]  # the same shards as before, so the resumed run is identical
+    lay = launch.layout(workers, shards)
+    start_epoch = resume["epoch"] if resume else 0
+    launch.public.update(world_size=len(lay.ranks), workers=list(lay.ranks))
+    launch.public["start_epoch"] = start_epoch
+    epochs = plan.public["config"].get("epochs")
+    if plan.batch_size is not None:
+        launch.public["steps_per_epoch"] = lay.steps
+        recorder = events.Recorder(
+            plan.run_id, lay.steps * epochs, start_epoch * lay.steps, progress
+        )
+    else:
+        recorder = events.Recorder(plan.run_id, epochs, start_epoch, progress, unit="epoch")
+    history = resume["history"] if resume else []
+    recorder.epochs.extend(history)
+    announce(launch, recorder)
+    futures = launch.submit(lay, resume, 0, history)
+    out = Path(plan.out_arg) if plan.out_arg else None
+    staging = Path(plan.staging) if plan.staging else None
+    return Run(launch.client, launch, spec, futures, recorder, list(lay.ranks), out, staging)
+
+
+def announce(launch: Launch, recorder: events.Recorder) -> None:
+    """Before a run's ranks start: its ``config.json`` (with ``out``), its recorder on its
+    events, its ``start`` event, and daskdl's extension on every worker."""
+    client, public, plan = launch.client, launch.public, launch.plan
+    if plan.out is not None:
+        folder = rundir.writing_to(plan.out, plan.staging)
+        (folder / rundir.CONFIG).write_text(json.dumps(public, indent=1))
+    events.subscribe(client, events.topic(plan.run_id), recorder.handle)
+    client.log_event(events.topic(plan.run_id), {"kind": "start", **public})
+    client.log_event(events.RUNS_TOPIC, {"kind": "start", **public})
+    comm.ensure_plugin(client)
+
+
+def persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
+    """Persist the data sets in one graph (they share keys, such as standardisation stats).
+
+    Unoptimised, so that each key keeps the task it has in the user's collections: a later
+    computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
+    every shared key instead of resubmitting it fused differently.
+    """
+    collections = [(ds.X, ds.y, *(ds.target_scale or ())) for ds in datasets]
+    arrays = client.persist([a for c in collections for a in c], optimize_graph=False)
+    out, i = [], 0
+    for ds, c in zip(datasets, collections):
+        X, y, *scale = arrays[i : i + len(c)]
+        i += len(c)
+        with client.as_current():  # chunk sizes from this client's futures, not the default's
+            persisted = ds._persisted(X, y, tuple(scale) or None)
+        out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
+    return out
+
+
+def resume_state(manifest: dict, model: dict, optimizer: dict) -> dict:
+    """A checkpoint read from disk as the state a run starts from."""
+    return {
+        "epoch": manifest["epoch"],
+        "model": model,
+        "optimizer": optimizer if optimizer.get("param_groups") else None,
+        "history": manifest.get("history", []),
+        "shards": manifest.get("plan"),
+        "partition_sizes": manifest.get("partition_sizes"),
+    }
+
+
+def _block_futures(arr) -> list:
+    by_key = {f.key: f for f in futures_of(arr)}
+    return [by_key[k] for k in dask.core.flatten(arr.__dask_keys__())]
+
+
+def _locations(client: Client, futures: list) -> list[list[str]]:
+    return who_has_to_locations([f.key for f in futures], client.who_has(futures))
