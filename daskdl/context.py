@@ -63,11 +63,15 @@ class RankContext:
     """What a training loop can ask of daskdl on its rank.
 
     ``rank``, ``world_size``, ``is_main`` (rank 0), ``device``, ``config`` (the dict given to
-    ``launch``), ``options`` (the run's :class:`daskdl.TrainConfig`), ``history`` (the rows
-    logged so far). Every rank must make the same collective calls in the same order
-    (``prepare``'s backward, ``all_reduce``, ``mean``, ``should_regroup``), as with
-    ``torch.distributed``; ``batches(..., full=True)`` gives every rank the same number of
-    batches so that a training loop's steps line up.
+    ``launch``), ``options`` (the run's :class:`daskdl.TrainConfig`), ``datasets`` (the names
+    of ``launch``'s data sets), ``history`` (the rows logged so far), ``resume_state`` and
+    ``resume_step`` (where a resumed or regrouped run starts), ``group`` (the ranks'
+    collective, :class:`daskdl.comm.DaskGroup`: ``allreduce_`` of an array in place).
+
+    Every rank must make the same collective calls in the same order (``prepare``'s
+    backward, ``all_reduce``, ``mean``, ``should_regroup``), as with ``torch.distributed``;
+    ``batches(..., full=True)`` gives every rank the same number of batches so that a training
+    loop's steps line up.
     """
 
     def __init__(self, spec: LoopSpec, resume: dict | None, parts: tuple[np.ndarray, ...]):
@@ -111,6 +115,11 @@ class RankContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def datasets(self) -> list[str]:
+        """The names of the run's data sets (the keys of ``launch``'s ``data``)."""
+        return list(self.spec.names)
 
     # ------------------------------------------------------------------ model
 

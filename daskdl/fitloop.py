@@ -75,7 +75,7 @@ class Trainer:
         self.start_epoch = ctx.restore(self.model, self.opt, averaging=self.sync)
         prepare_optimizer(self.opt, fused)
         ctx.follow(self.model, self.opt, averaging=self.sync)
-        self.has_val = "val" in ctx.spec.names
+        self.has_val = "val" in ctx.datasets
         if self.has_val:
             self.Xv, self.yv = ctx.shard("val")
             if self.device.type == "cuda" and self.Xv.nbytes <= 0.25 * _free(self.device):

@@ -121,32 +121,37 @@ def launch(
             client, {n: (xs, ys, ds.task) for n, (ds, xs, ys) in zip(names, persisted)}
         )
         starting.claim()
-        epochs = user_config.get("epochs")
-        public = {
-            "run": starting.run_id,
-            "model": f"train_fn {getattr(train_fn, '__qualname__', 'train_fn')}",
-            # The contract's options; epochs are the loop's own (for the dashboard's progress).
-            "config": {**cfg.to_dict(), "epochs": epochs if isinstance(epochs, int) else None},
-            "loop_config": user_config,
-            "data": {n: len(ds) for n, (ds, _, _) in zip(names, persisted)},
-            "out": str(folder.out) if folder.out else None,
-            "meta": meta or {},
-            "max_failures": cfg.max_failures,
-            "launched_by": "launch",
-        }
         plan = starting.plan(
             train_fn=train_fn,
             loop_config=user_config,
             names=names,
             target_dtypes=tuple(str(np.dtype(target_dtype(ds.task))) for ds, _, _ in persisted),
             options=cfg.to_dict(),
-            public=public,
+            public=_describe(starting, names, train_fn, user_config, cfg, meta),
             grow=workers is None,
         )
         run = start(Launch(client, plan, persisted), ranks, resume_from, {"loop": True}, progress)
     if block:
         run.wait()
     return run
+
+
+def _describe(starting: Starting, names, train_fn, user_config: dict, cfg, meta) -> dict:
+    """A launch run's public description (its start event, ``config.json``, checkpoints)."""
+    epochs = user_config.get("epochs")
+    out = starting.folder.out
+    return {
+        "run": starting.run_id,
+        "model": f"train_fn {getattr(train_fn, '__qualname__', 'train_fn')}",
+        # The contract's options; epochs are the loop's own (for the dashboard's progress).
+        "config": {**cfg.to_dict(), "epochs": epochs if isinstance(epochs, int) else None},
+        "loop_config": user_config,
+        "data": {n: len(ds) for n, (ds, _, _) in zip(names, starting.persisted)},
+        "out": str(out) if out else None,
+        "meta": meta or {},
+        "max_failures": cfg.max_failures,
+        "launched_by": "launch",
+    }
 
 
 def _check_loop(train_fn, data, config) -> dict:

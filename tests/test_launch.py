@@ -272,3 +272,24 @@ def test_a_loop_drives_local_sgd_through_the_context(client):
             assert spread > 1e-6, s
     with pytest.raises(daskdl.RunError, match=r"use ctx.averaging\(model, optimizer\)"):
         daskdl.launch(client, sgd_loop, data, config={"d": 8, "k": 2}, sync_every=4)
+
+
+def test_fits_loop_asks_its_context_only_what_any_loop_may():
+    """fit is a train_fn like a user's: every use of its RankContext is public and documented."""
+    import ast
+    import inspect
+
+    from daskdl import RankContext, fitloop
+
+    def is_ctx(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "ctx") or (
+            isinstance(node, ast.Attribute) and node.attr == "ctx"
+        )
+
+    tree = ast.parse(inspect.getsource(fitloop))
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_ctx(n.value)}
+    members = {name for name in vars(RankContext) if not name.startswith("_")}
+    documented = {name for name in used if f"``{name}``" in RankContext.__doc__}
+    assert {"averaging", "batches", "restore", "follow", "log", "checkpoint"} <= used
+    assert used <= members | documented, used - members - documented
+    assert not any(name.startswith("_") for name in used)
