@@ -9,6 +9,7 @@ from daskdl.config import TrainConfig
 from daskdl.context import RankContext
 from daskdl.data import Dataset
 from daskdl.launcher import fit
+from daskdl.predict import predict
 from daskdl.run import Run, RunError
 from daskdl.shards import plan_shards
 from daskdl.sources import publish
@@ -33,5 +34,6 @@ __all__ = [
     "local_cluster",
     "models",
     "plan_shards",
+    "predict",
     "publish",
 ]

@@ -8,7 +8,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from daskdl import cli_security, config
+from daskdl import cli_predict, cli_security, config
 from daskdl.objective import TASKS
 
 
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _dashboard_parser(sub)
     _words_parser(sub)
+    cli_predict.add_parser(sub)
     cli_security.add_parsers(sub)
     args = parser.parse_args(argv)
     _log_to_stderr()
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": bench,
             "dashboard": dashboard,
             "words": words,
+            "predict": cli_predict.predict,
             "keygen": cli_security.keygen,
             "verify": cli_security.verify,
             "audit": cli_security.audit,

@@ -48,6 +48,9 @@ class Dataset:
     # Categorical features' categories, {column: [category, ...]}: code 0 is "unknown", the
     # categories are 1..K (daskdl.categorical).
     categories: dict[str, list] | None = None
+    # The dataframe's index, one partition per partition of X (from_dataframe): predictions
+    # keep it. Transforms that drop or move samples (split, dropna) drop it.
+    index = None
     # Lazy (mean, std) of the targets, where standardize() scaled them (regression).
     target_scale: tuple[da.Array, da.Array] | None = None
 
@@ -175,7 +178,7 @@ class Dataset:
             ddf, features, label, categorical, categories
         )
         ds = cls(X, y, n_classes, task)
-        ds.features, ds.categories = features, mapping
+        ds.features, ds.categories, ds.index = features, mapping, ddf.index
         return ds
 
     @classmethod
@@ -287,10 +290,12 @@ class Dataset:
             f"{self.npartitions} partitions, {what}>"
         )
 
-    def _like(self, X: da.Array, y: da.Array, target_scale=None) -> Dataset:
-        """A data set of the same kind (task, classes, target scale) over new arrays."""
+    def _like(self, X: da.Array, y: da.Array, target_scale=None, same_rows=False) -> Dataset:
+        """A data set of the same kind (task, classes, target scale) over new arrays: the
+        same samples in the same order where ``same_rows``."""
         ds = Dataset(X, y, self._n_classes, task=self.task)
         ds.classes, ds.features, ds.categories = self.classes, self.features, self.categories
+        ds.index = self.index if same_rows else None
         ds.target_scale = target_scale if target_scale is not None else self.target_scale
         return ds
 
@@ -347,7 +352,7 @@ class Dataset:
             mean, std = da.where(keep, 0.0, mean), da.where(keep, 1.0, std)
         X = preprocess.standardize(self.X, mean, std)
         if self.task != "regression":
-            return self._like(X, self.y)
+            return self._like(X, self.y, same_rows=True)
         if like is not None and like.task != "regression":
             raise ValueError(
                 f"like= is a {like.task} data set; a regression data set needs the statistics "
@@ -365,7 +370,8 @@ class Dataset:
                 "train.standardize(), test.standardize(like=train) does)."
             )
         scale = preprocess.target_moments(source.y)
-        return self._like(X, preprocess.standardize(self.y, *scale), target_scale=scale)
+        y = preprocess.standardize(self.y, *scale)
+        return self._like(X, y, target_scale=scale, same_rows=True)
 
     def stats(self) -> tuple[da.Array, da.Array]:
         """Lazy (mean, std) used by :meth:`standardize`."""
@@ -393,7 +399,7 @@ class Dataset:
         if math.isnan(X.shape[0]):
             # Lengths of partitions made by dropna or a dataframe are now cheap to find.
             X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
-        return self._like(X, y, target_scale)
+        return self._like(X, y, target_scale, same_rows=True)
 
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) as numpy arrays in this process; only for data that fits in memory."""

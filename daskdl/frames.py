@@ -59,8 +59,24 @@ def from_dataframe(
 
 def from_xarray(ds, sample_dim: str, features: Sequence[str], label: str):
     """X and y of ``ds``'s variables; see :meth:`daskdl.Dataset.from_xarray`."""
+    if label not in ds.variables:
+        raise KeyError(
+            f"Variables {[label]} are not in the xarray dataset; it has "
+            f"{sorted(map(str, ds.data_vars))}."
+        )
+    X = xarray_features(ds, sample_dim, features)
+    y_var = ds[label]
+    if y_var.dims != (sample_dim,):
+        raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
+    y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
+    return X, y
+
+
+def xarray_features(ds, sample_dim: str, features: Sequence[str]) -> da.Array:
+    """X of ``ds``'s feature variables along ``sample_dim``: one variable as it is (an image
+    ``(sample, channel, y, x)`` stays one), several flattened per sample and joined."""
     features = list(features)
-    missing = [v for v in [*features, label] if v not in ds.variables]
+    missing = [v for v in features if v not in ds.variables]
     if missing:
         raise KeyError(
             f"Variables {missing} are not in the xarray dataset; it has "
@@ -83,12 +99,20 @@ def from_xarray(ds, sample_dim: str, features: Sequence[str], label: str):
     X = arrays[0] if len(arrays) == 1 else _flat_concat(arrays)
     if X.ndim == 1:
         X = X[:, None]
-    y_var = ds[label]
-    if y_var.dims != (sample_dim,):
-        raise ValueError(f"Label {label!r} must have dims ({sample_dim!r},), got {y_var.dims}.")
-    y = y_var.data if isinstance(y_var.data, da.Array) else da.from_array(y_var.values)
-    X = X.rechunk({i: -1 for i in range(1, X.ndim)})
-    return X, y
+    return X.rechunk({i: -1 for i in range(1, X.ndim)})
+
+
+def dataframe_features(ddf, features: Sequence[str], categories: Mapping | None) -> da.Array:
+    """X of ``ddf``'s ``features`` (float32), its categorical ones encoded with
+    ``categories`` (a training set's), one block per partition: what a model trained on a
+    ``from_dataframe`` data set reads."""
+    features = list(features)
+    missing = [c for c in features if c not in ddf.columns]
+    if missing:
+        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
+    if categories:
+        ddf = ddf.map_partitions(categorical_.encode, dict(categories))
+    return ddf[features].astype(np.float32).to_dask_array()
 
 
 def _check_columns(ddf, features: list[str], labels: list[str]) -> None:

@@ -6,6 +6,7 @@ few real samples."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -168,6 +169,8 @@ def _describe(run_id, loop: FitLoop, train: Dataset, cfg, folder, meta, n_params
     return {
         "run": run_id,
         "model": models.describe(loop.model),
+        # A registered model's name and options rebuild it (daskdl.predict); a factory's not.
+        "model_spec": _json_spec(loop.model),
         "config": cfg.to_dict(),
         "n_train": len(train),
         "input_shape": list(train.sample_shape),
@@ -184,6 +187,17 @@ def _describe(run_id, loop: FitLoop, train: Dataset, cfg, folder, meta, n_params
 
 
 fit.__doc__ = fit.__doc__.replace("    <options>", config_.options_doc())
+
+
+def _json_spec(model: models.ModelSpec):
+    if isinstance(model, str):
+        return model
+    if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[0], str):
+        try:
+            return json.loads(json.dumps([model[0], dict(model[1])]))
+        except TypeError:
+            return None
+    return None
 
 
 def _what_to_learn(train, val, model, loss, metrics, cfg: TrainConfig):

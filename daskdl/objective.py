@@ -178,4 +178,5 @@ class Objective:
             "n_outputs": self.n_outputs,
             "loss": describe_loss(self.loss),
             "target_scale": self.target_scale.to_dict() if self.target_scale else None,
+            "target_ndim": self.target_ndim,
         }

@@ -219,6 +219,42 @@ class Run:
         scores = metrics_.values(metrics_.merge([p[2] for p in parts]))
         return {"loss": float(loss / n), **scores}
 
+    def predict(
+        self,
+        data,
+        *,
+        output: str | None = None,
+        batch_size: int = 1024,
+        device: str = "auto",
+        precision: str = "fp32",
+    ):
+        """The trained model's predictions over ``data`` (a Dataset, or a Dask array of
+        samples), lazily: a Dask array with one block per partition, or, for a Dataset made
+        by ``from_dataframe``, a Dask dataframe with its index. Waits for the run.
+
+        ``output``: ``"labels"`` (a classifier's default: class ids), ``"proba"``
+        (probabilities; a multi-label model's default) or ``"logits"``; a regression's
+        ``"values"`` are in the targets' own units. ``device="auto"`` predicts on a worker's
+        GPU where it has one, ``precision="bf16"`` in bfloat16 there. The weights go to each
+        worker once, not with every task. Prepare ``data`` as the training data was
+        (``standardize(like=train)``, ``categories=train.categories``).
+        """
+        from daskdl.predict import make_predictor, predictions
+
+        if self.spec.get("loop"):
+            raise TypeError(
+                "predict() uses a fit() run's model; a launch() loop's model is its own "
+                "(daskdl.predict(checkpoint, data, model=...) rebuilds one from a checkpoint)."
+            )
+        if isinstance(data, Dataset):
+            check_categories(data, self.spec.get("categories"), name="data")
+        weights = self._result_model()
+        predictor = make_predictor(
+            self.spec["model"], self.spec["input_shape"], self.spec["objective"], weights,
+            output, batch_size, device, precision,
+        )  # fmt: skip
+        return predictions(self.client, data, predictor, weights)
+
     def _result_model(self) -> dict:
         return self.result["model"]
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pandas.api.types import is_numeric_dtype
 
 from daskdl.data import Dataset
 
@@ -89,23 +90,65 @@ def read(
     return _from_numpy(path, fmt, label, features, task, n_classes)
 
 
+def read_samples(
+    path: str | os.PathLike,
+    features: Sequence[str] | None = None,
+    categories: dict | None = None,
+    sample_dim: str | None = None,
+):
+    """The samples of ``path`` alone (no targets needed), to predict on: ``(X, index)``, the
+    index being a dataframe's (Parquet, CSV) and None otherwise. ``features`` and
+    ``categories`` are the training data's (a checkpoint has them); ``features`` defaults as
+    for :func:`read`."""
+    from daskdl import frames
+
+    fmt = detect_or_glob(path)
+    if fmt != "csv" and not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if fmt == "daskdl":
+        return Dataset.load(path).X, None
+    if fmt in ("parquet", "csv"):
+        ddf = _read_frame(path, fmt)
+        if features is None:
+            features = [c for c in ddf.columns if is_numeric_dtype(ddf[c].dtype)]
+        return frames.dataframe_features(ddf, features, categories), ddf.index
+    if fmt in ("zarr", "netcdf"):
+        import xarray as xr
+
+        ds = xr.open_zarr(path) if fmt == "zarr" else xr.open_dataset(path, chunks={})
+        features = list(features or [str(v) for v in ds.data_vars])
+        sample_dim = sample_dim or ds[features[0]].dims[0]
+        return frames.xarray_features(ds, sample_dim, features), None
+    if fmt == "npz":
+        arrays = np.load(path)
+        name = (features or ["X"])[0]
+        if name not in arrays:
+            raise KeyError(f"{path} has no array {name!r}; it has {sorted(arrays.files)}.")
+        X = arrays[name]
+    else:
+        X = np.load(path, mmap_mode="r")
+    return Dataset.from_numpy(X, np.zeros(len(X), np.int64)).X, None  # partitions of ~64 MB
+
+
+def _read_frame(path, fmt):
+    import dask.dataframe as dd
+
+    if fmt == "csv":
+        files = str(Path(path) / "*.csv") if Path(path).is_dir() else str(path)
+        if not glob.glob(files):
+            raise FileNotFoundError(f"No CSV file matches {files}.")
+        return dd.read_csv(files)
+    return dd.read_parquet(path)
+
+
 def _needs_label(label, path) -> None:
     if not label:
         raise ValueError(f"Name the target column of {path}: --label COLUMN (label=...).")
 
 
 def _from_frame(path, fmt, label, features, task, n_classes, categorical) -> Dataset:
-    import dask.dataframe as dd
-    from pandas.api.types import is_numeric_dtype
-
     _needs_label(label, path)
-    if fmt == "csv":
-        files = str(Path(path) / "*.csv") if Path(path).is_dir() else str(path)
-        if not glob.glob(files):
-            raise FileNotFoundError(f"No CSV file matches {files}.")
-        ddf = dd.read_csv(files)
-    else:
-        ddf = dd.read_parquet(path)
+    ddf = _read_frame(path, fmt)
     labels = [label] if isinstance(label, str) else list(label)
     categorical = list(categorical or [])
     if features is None:

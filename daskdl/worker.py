@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 from distributed import WorkerPlugin, get_worker
@@ -81,7 +82,11 @@ def check_timeout(timeout: float) -> None:
 
 
 class RunManager:
-    """daskdl's state in one worker: the runs' mailboxes and the shared process tuning."""
+    """daskdl's state in one worker: the runs' mailboxes, the shared process tuning, and the
+    models that predictions use."""
+
+    # Models kept for prediction, the most recently used first out of the cache last.
+    KEEP_MODELS = 2
 
     def __init__(self, worker) -> None:
         self.worker = worker
@@ -89,6 +94,22 @@ class RunManager:
         self._boxes: dict[str, Mailbox] = {}
         self._lock = threading.Lock()
         self.closed = False
+        self._models: OrderedDict[str, object] = OrderedDict()
+        self._model_lock = threading.Lock()
+        self.models_built = 0
+
+    def model(self, key: str, build):
+        """The model of weights ``key`` (a digest), built once (``build()``) while it is among
+        the last few used, whichever of the worker's threads asks first."""
+        with self._model_lock:
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = build()
+                self.models_built += 1
+                while len(self._models) > self.KEEP_MODELS:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return model
 
     def mailbox(self, comm_id: str) -> Mailbox:
         """The mailbox of ``comm_id``, made by whichever comes first: the rank that reads or

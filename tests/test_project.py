@@ -88,3 +88,12 @@ def test_readme_launch_example_runs_as_written(tmp_path):
         "\nassert set(run.result) == {'1.weight', '1.bias'}"
     )
     _run_readme_example("## Your own training loop: `daskdl.launch`", checks, tmp_path)
+
+
+def test_readme_prediction_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert accuracy > 0.9, accuracy"
+        "\nassert bool((again == labels).all().compute()) and proba.shape[1] == 10"
+        "\nassert abs(float(proba.sum(axis=1).mean().compute()) - 1) < 1e-5"
+    )
+    _run_readme_example("## Prediction: `run.predict` and `daskdl.predict`", checks, tmp_path)

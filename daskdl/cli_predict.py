@@ -1,0 +1,93 @@
+"""``daskdl predict``: a checkpoint's predictions over a data set's files, written beside them
+(Parquet for tabular input, with its index; Zarr for arrays)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    from daskdl.cli import cluster_arguments
+    from daskdl.predict import PRECISIONS
+
+    p = sub.add_parser(
+        "predict",
+        help="predict with a trained model over a data set's files",
+        description="Predictions of a checkpoint's model (verified first, as --resume "
+        "verifies) over Parquet, CSV, Zarr, netCDF, .npy/.npz or Dataset.save files, on a "
+        "Dask cluster: Parquet out for tabular input (its index kept), Zarr for arrays.",
+    )
+    cluster_arguments(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")
+    p.add_argument("--data", required=True, help="the samples to predict on")
+    p.add_argument("--out", required=True, help="where to write: preds.parquet or preds.zarr")
+    p.add_argument(
+        "--output",
+        choices=["labels", "proba", "logits", "values"],
+        help="labels (a classifier's default), proba (a multi-label model's), logits, or a "
+        "regression's values (in the targets' units)",
+    )
+    p.add_argument("--features", nargs="+", help="feature columns (default: the checkpoint's)")
+    p.add_argument("--sample-dim", help="the samples' dimension of a Zarr or netCDF data set")
+    p.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--verify-key", help="key that verifies the checkpoint's signature")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def predict(args) -> int:
+    from distributed import as_completed, futures_of
+
+    from daskdl import sources
+    from daskdl.cli import client_for
+    from daskdl.predict import from_checkpoint, predictions
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; choose another path or pass --overwrite.")
+    predictor, weights, manifest = from_checkpoint(
+        args.checkpoint, None, args.output, args.batch_size, args.device, args.precision,
+        args.verify_key,
+    )  # fmt: skip
+    features = args.features
+    if features is None and sources.detect_or_glob(args.data) in ("parquet", "csv"):
+        features = manifest.get("features")  # the training columns, by name
+    X, index = sources.read_samples(
+        args.data, features, manifest.get("categories"), args.sample_dim
+    )
+    kind = "parquet" if index is not None else "zarr"
+    if out.suffix in (".parquet", ".zarr") and out.suffix[1:] != kind:
+        raise ValueError(
+            f"{'Tabular' if index is not None else 'Array'} input is written as "
+            f"{kind.capitalize()}: give --out {out.with_suffix('.' + kind)}."
+        )
+    with ExitStack() as stack:
+        client = client_for(args, stack)
+        preds = predictions(client, X, predictor, weights, index)
+        # Held on the workers while the bar runs, and written from there (predictions are
+        # small beside the samples they come from).
+        preds = client.persist(preds)
+        _follow(futures_of(preds), as_completed, args.progress)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if kind == "parquet":
+            preds.to_parquet(out)
+        else:
+            preds.to_zarr(str(out))
+        n = len(preds)
+    print(f"predictions={n} output={predictor.output} out={out} epoch={manifest['epoch']}")
+    return 0
+
+
+def _follow(futures, as_completed, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(futures), unit="partition", disable=not progress, file=sys.stderr)
+    for _ in as_completed(futures):
+        bar.update()
+    bar.close()

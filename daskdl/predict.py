@@ -1,0 +1,282 @@
+"""Predictions of a trained model over partitioned data, on the cluster: one block per input
+partition, lazily, as a Dask array (or a Dask dataframe with the input's index).
+
+The weights go to each worker once, scattered ahead of the graph (never embedded in every
+task), and each worker builds the model once per set of weights, keyed by their digest
+(:meth:`daskdl.worker.RunManager.model`); losing a worker costs only the blocks it held.
+``Run.predict`` and :func:`predict` (from a checkpoint, verified first) share this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import torch
+from distributed import get_client
+
+from daskdl import checkpoint, models, security
+from daskdl import config as config_
+from daskdl.data import Dataset
+from daskdl.objective import Objective, Scale
+from daskdl.worker import manager
+
+OUTPUTS = {
+    "classification": ("labels", "proba", "logits"),
+    "multilabel": ("labels", "proba", "logits"),
+    "regression": ("values",),
+}
+DEFAULT_OUTPUT = {"classification": "labels", "multilabel": "proba", "regression": "values"}
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """What every prediction task carries (the weights travel apart): small."""
+
+    model: models.ModelSpec
+    input_shape: tuple[int, ...]
+    objective: Objective
+    output: str
+    digest: str  # of the weights: the worker's model cache key
+    batch_size: int = 1024
+    device: str = "auto"
+    precision: str = "fp32"
+
+    @property
+    def width(self) -> int | None:
+        """Values per sample, or None for one value per sample."""
+        obj = self.objective
+        if obj.task == "classification" and self.output == "labels":
+            return None
+        if obj.task == "regression" and obj.target_ndim == 1:
+            return None
+        return obj.n_outputs
+
+    @property
+    def dtype(self):
+        if self.output == "labels":
+            return np.dtype(np.int64)
+        return np.dtype(np.float32 if self.objective.task != "regression" else np.float64)
+
+    def columns(self) -> list[str]:
+        """Column names of dataframe predictions."""
+        if self.width is None:
+            return ["prediction"]
+        return [f"{self.output}_{i}" for i in range(self.width)]
+
+
+def make_predictor(
+    model, input_shape, objective: Objective, weights: dict, output, batch_size, device, precision
+) -> Predictor:
+    """A checked :class:`Predictor` for ``weights``."""
+    task = objective.task
+    output = DEFAULT_OUTPUT[task] if output is None else output
+    if output not in OUTPUTS[task]:
+        raise ValueError(
+            f"output={output!r} does not suit a {task} model; choose one of {list(OUTPUTS[task])}."
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
+    batch_size = config_.integer("batch_size", batch_size, minimum=1)
+    return Predictor(
+        model, tuple(input_shape), objective, output, digest(weights), batch_size, device, precision
+    )
+
+
+def digest(weights: dict[str, np.ndarray]) -> str:
+    """A content key for a state dict: names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        value = np.ascontiguousarray(weights[name])
+        h.update(f"{name}:{value.dtype}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()[:32]
+
+
+def predictions(client, data, predictor: Predictor, weights: dict, index=None):
+    """Lazy predictions of ``data`` (a Dataset, or a Dask array of samples): a Dask array with
+    one block per partition, or a Dask dataframe where the Dataset came from one (its index
+    kept), or where ``index`` (a Dask index, a partition per block) is given."""
+    X = data.X if isinstance(data, Dataset) else data
+    if not isinstance(X, da.Array):
+        raise TypeError(
+            f"data must be a daskdl.Dataset or a Dask array of samples, got {type(data).__name__}."
+        )
+    if tuple(X.shape[1:]) != predictor.input_shape:
+        raise ValueError(
+            f"data has samples of shape {tuple(X.shape[1:])}, but the model takes "
+            f"{predictor.input_shape}."
+        )
+    X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+    # One future for the whole state dict under a fresh key (a content hash could reuse a key
+    # that an earlier call is releasing); the graph refers to it and keeps it alive.
+    [held] = client.scatter([weights], broadcast=True, hash=False)
+    width = predictor.width
+    chunks = (X.chunks[0],) if width is None else (X.chunks[0], (width,))
+    drop = list(range(1, X.ndim)) if width is None else list(range(2, X.ndim))
+    kwargs = {"new_axis": 1} if width is not None and X.ndim == 1 else {}
+    out = X.map_blocks(
+        predict_block,
+        predictor,
+        held,
+        dtype=predictor.dtype,
+        chunks=chunks,
+        drop_axis=drop,
+        name=f"daskdl-predict-{predictor.output}-{dask.base.tokenize(X.name, predictor)}",
+        meta=np.empty((0,) * len(chunks), predictor.dtype),
+        **kwargs,
+    )
+    index = getattr(data, "index", None) if index is None else index
+    return out if index is None else _as_frame(out, index, predictor)
+
+
+def _as_frame(out: da.Array, index: dd.Index, predictor: Predictor) -> dd.DataFrame:
+    columns = predictor.columns()
+    blocks = out.to_delayed(optimize_graph=False).ravel()
+    parts = index.to_delayed(optimize_graph=False)
+    if len(parts) != len(blocks):
+        raise ValueError(
+            f"the data's index has {len(parts)} partitions and its samples {len(blocks)}: "
+            "predict on the Dataset as from_dataframe made it (split() and dropna() drop it)."
+        )
+    frame = dask.delayed(_frame, pure=True)
+    meta = pd.DataFrame({c: np.empty(0, predictor.dtype) for c in columns})
+    meta.index = index._meta
+    return dd.from_delayed(
+        [frame(b, i, columns) for b, i in zip(blocks, parts)],
+        meta=meta,
+        divisions=index.divisions,
+    )
+
+
+def _frame(block: np.ndarray, index: pd.Index, columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(block.reshape(len(block), -1), index=index, columns=columns)
+
+
+def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndarray:
+    """One partition's predictions, on the worker that holds it (a GPU where it has one)."""
+    device = _device(predictor.device)
+    model = manager().model(predictor.digest, lambda: _build(predictor, weights, device))
+    obj = predictor.objective
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if predictor.precision == "bf16"
+        else nullcontext()
+    )
+    outs = []
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(X), predictor.batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(X[start : start + predictor.batch_size]))
+            outs.append(_finish(model(xb.to(device, torch.float32)).float(), obj, predictor))
+    if not outs:
+        shape = (0,) if predictor.width is None else (0, predictor.width)
+        return np.empty(shape, predictor.dtype)
+    return np.concatenate(outs).astype(predictor.dtype, copy=False)
+
+
+def _finish(logits: torch.Tensor, obj: Objective, predictor: Predictor) -> np.ndarray:
+    logits = obj.fit_outputs(logits)
+    if obj.task == "classification":
+        logits = logits[:, : obj.n_outputs]  # a wider head's extra logits are no class
+        if predictor.output == "labels":
+            return logits.argmax(1).cpu().numpy()
+        if predictor.output == "proba":
+            logits = torch.softmax(logits, 1)
+    elif obj.task == "multilabel":
+        if predictor.output == "labels":
+            return (logits > 0).long().cpu().numpy()
+        if predictor.output == "proba":
+            logits = torch.sigmoid(logits)
+    else:
+        logits = logits.double()
+        if obj.target_scale is not None:
+            logits = obj.target_scale.restore(logits)
+    return logits.cpu().numpy()
+
+
+def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.nn.Module:
+    # Dask runs a partition per worker thread: that is the parallelism, not torch's threads
+    # within each (which would oversubscribe the cores).
+    torch.set_num_threads(1)
+    model = models.build(predictor.model, predictor.input_shape, predictor.objective.n_outputs)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return model.to(device).eval()
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda', but this worker sees no CUDA GPU.")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def predict(
+    checkpoint_or_run: str | os.PathLike,
+    data,
+    model: models.ModelSpec | None = None,
+    *,
+    client=None,
+    index=None,
+    output: str | None = None,
+    batch_size: int = 1024,
+    device: str = "auto",
+    precision: str = "fp32",
+    verify_key: str | os.PathLike | security.Key | None = None,
+):
+    """Predictions of a checkpoint's model over ``data`` (see :meth:`daskdl.Run.predict`).
+
+    ``checkpoint_or_run`` is a checkpoint folder or a run directory (its newest checkpoint
+    that verifies), checked as ``resume=`` checks it: signature and digests, before any
+    tensor is used. ``model`` rebuilds a model given to ``fit`` as a factory (a registered
+    model's name and options are in the checkpoint). ``client``: the current one by default;
+    ``index``: a Dask index (a partition per block of ``data``) to return a dataframe with.
+    """
+    client = client if client is not None else get_client()
+    predictor, weights, _ = from_checkpoint(
+        checkpoint_or_run, model, output, batch_size, device, precision, verify_key
+    )
+    return predictions(client, data, predictor, weights, index)
+
+
+def from_checkpoint(
+    checkpoint_or_run,
+    model=None,
+    output=None,
+    batch_size=1024,
+    device="auto",
+    precision="fp32",
+    verify_key=None,
+) -> tuple[Predictor, dict, dict]:
+    """The predictor and weights of a checkpoint (verified), and its manifest."""
+    key = security.verify_key(verify_key)
+    _, weights, _, manifest = checkpoint.load_latest(checkpoint_or_run, key)
+    spec = model if model is not None else manifest.get("model_spec")
+    if spec is None:
+        raise ValueError(
+            f"The checkpoint's model ({manifest.get('model')}) was built by a factory of the "
+            "user's: pass it as model= to rebuild it."
+        )
+    spec = tuple(spec) if isinstance(spec, list) else spec
+    scale = manifest.get("target_scale")
+    objective = Objective(
+        manifest["task"],
+        manifest["n_outputs"],
+        None,
+        Scale(**scale) if scale else None,
+        manifest.get("target_ndim", 1),
+    )
+    predictor = make_predictor(
+        spec, manifest["input_shape"], objective, weights, output, batch_size, device, precision
+    )
+    return predictor, weights, manifest
