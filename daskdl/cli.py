@@ -256,6 +256,7 @@ BENCHMARKS = {
     "dataload": ["--n", "4096", "--epochs", "3"],
     "ddp": ["--n", "1024", "--epochs", "2"],
     "words": ["--mb", "40", "--files", "4"],
+    "predict": ["--n", "200000", "--rounds", "2"],
 }
 LOWER_IS_BETTER = {"allreduce"}  # a time ratio; the others are throughput ratios
 

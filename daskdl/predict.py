@@ -74,9 +74,9 @@ class Predictor:
 
 
 def make_predictor(
-    model, input_shape, objective: Objective, weights: dict, output, batch_size, device, precision
+    model, input_shape, objective: Objective, key: str, output, batch_size, device, precision
 ) -> Predictor:
-    """A checked :class:`Predictor` for ``weights``."""
+    """A checked :class:`Predictor` for the weights of digest ``key``."""
     task = objective.task
     output = DEFAULT_OUTPUT[task] if output is None else output
     if output not in OUTPUTS[task]:
@@ -89,7 +89,7 @@ def make_predictor(
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
     batch_size = config_.integer("batch_size", batch_size, minimum=1)
     return Predictor(
-        model, tuple(input_shape), objective, output, digest(weights), batch_size, device, precision
+        model, tuple(input_shape), objective, output, key, batch_size, device, precision
     )
 
 
@@ -103,10 +103,11 @@ def digest(weights: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:32]
 
 
-def predictions(client, data, predictor: Predictor, weights: dict, index=None):
+def predictions(client, data, predictor: Predictor, weights, index=None):
     """Lazy predictions of ``data`` (a Dataset, or a Dask array of samples): a Dask array with
     one block per partition, or a Dask dataframe where the Dataset came from one (its index
-    kept), or where ``index`` (a Dask index, a partition per block) is given."""
+    kept), or where ``index`` (a Dask index, a partition per block) is given. ``weights``: a
+    state dict, or a future of one already on the workers."""
     X = data.X if isinstance(data, Dataset) else data
     if not isinstance(X, da.Array):
         raise TypeError(
@@ -118,9 +119,11 @@ def predictions(client, data, predictor: Predictor, weights: dict, index=None):
             f"{predictor.input_shape}."
         )
     X = X.rechunk({i: -1 for i in range(1, X.ndim)})
-    # One future for the whole state dict under a fresh key (a content hash could reuse a key
-    # that an earlier call is releasing); the graph refers to it and keeps it alive.
-    [held] = client.scatter([weights], broadcast=True, hash=False)
+    held = weights
+    if isinstance(weights, dict):
+        # One future for the whole state dict under a fresh key (a content hash could reuse a
+        # key that an earlier call is releasing); the graph refers to it and keeps it alive.
+        [held] = client.scatter([weights], broadcast=True, hash=False)
     width = predictor.width
     chunks = (X.chunks[0],) if width is None else (X.chunks[0], (width,))
     drop = list(range(1, X.ndim)) if width is None else list(range(2, X.ndim))
@@ -174,7 +177,8 @@ def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndar
         else nullcontext()
     )
     outs = []
-    with torch.inference_mode(), autocast:
+    tuning = manager().tuning  # as a training rank runs: denormals flushed (counted)
+    with tuning.denormals(), torch.inference_mode(), autocast:
         for start in range(0, len(X), predictor.batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(X[start : start + predictor.batch_size]))
             outs.append(_finish(model(xb.to(device, torch.float32)).float(), obj, predictor))
@@ -277,6 +281,7 @@ def from_checkpoint(
         manifest.get("target_ndim", 1),
     )
     predictor = make_predictor(
-        spec, manifest["input_shape"], objective, weights, output, batch_size, device, precision
-    )
+        spec, manifest["input_shape"], objective, digest(weights), output, batch_size, device,
+        precision,
+    )  # fmt: skip
     return predictor, weights, manifest

@@ -56,7 +56,8 @@ class Run:
         self._coordinator = Coordinator(client, launch, futures, workers, recorder, out, staging)
         self._recorder = recorder
         self._model: torch.nn.Module | None = None
-        self._state = None  # the trained weights, scattered to the workers by evaluate()
+        self._state = None  # the trained weights on the workers (evaluate, predict)
+        self._digest: str | None = None
         self._following = threading.Lock()  # held by the one thread in wait()
 
     def __repr__(self) -> str:
@@ -199,11 +200,7 @@ class Run:
         objective = self.spec["objective"]
         check_compatible(data, self.spec["input_shape"], name="data", task=objective.task)
         check_categories(data, self.spec.get("categories"), name="data")
-        if self._state is None:
-            # One future for the whole state dict, under a fresh key: scattering the dict itself
-            # would key each tensor by its bare name, and a content hash would reuse a key that
-            # an earlier call may be releasing at this very moment.
-            [self._state] = self.client.scatter([self._result_model()], broadcast=True, hash=False)
+        self._scatter_weights()
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
         score = dask.delayed(_score_partition, pure=True)
@@ -239,7 +236,7 @@ class Run:
         worker once, not with every task. Prepare ``data`` as the training data was
         (``standardize(like=train)``, ``categories=train.categories``).
         """
-        from daskdl.predict import make_predictor, predictions
+        from daskdl.predict import digest, make_predictor, predictions
 
         if self.spec.get("loop"):
             raise TypeError(
@@ -248,12 +245,20 @@ class Run:
             )
         if isinstance(data, Dataset):
             check_categories(data, self.spec.get("categories"), name="data")
-        weights = self._result_model()
+        self._scatter_weights()
+        self._digest = self._digest or digest(self._result_model())
         predictor = make_predictor(
-            self.spec["model"], self.spec["input_shape"], self.spec["objective"], weights,
+            self.spec["model"], self.spec["input_shape"], self.spec["objective"], self._digest,
             output, batch_size, device, precision,
         )  # fmt: skip
-        return predictions(self.client, data, predictor, weights)
+        return predictions(self.client, data, predictor, self._state)
+
+    def _scatter_weights(self) -> None:
+        """The trained weights on every worker, once per run: one future for the whole state
+        dict, under a fresh key (a content hash could reuse a key that an earlier call may be
+        releasing at this very moment)."""
+        if self._state is None:
+            [self._state] = self.client.scatter([self._result_model()], broadcast=True, hash=False)
 
     def _result_model(self) -> dict:
         return self.result["model"]
