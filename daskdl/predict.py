@@ -177,8 +177,11 @@ def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndar
         else nullcontext()
     )
     outs = []
-    tuning = manager().tuning  # as a training rank runs: denormals flushed (counted)
-    with tuning.denormals(), torch.inference_mode(), autocast:
+    # As a training rank runs: glibc's thresholds raised (a worker's nanny pins them so low
+    # that every activation is a fresh mmap) and denormals flushed; counted, so the last
+    # task of the process puts them back.
+    tuning = manager().tuning
+    with tuning.malloc(), tuning.denormals(), torch.inference_mode(), autocast:
         for start in range(0, len(X), predictor.batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(X[start : start + predictor.batch_size]))
             outs.append(_finish(model(xb.to(device, torch.float32)).float(), obj, predictor))
