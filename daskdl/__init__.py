@@ -9,7 +9,7 @@ from daskdl.config import TrainConfig
 from daskdl.context import RankContext
 from daskdl.data import Dataset
 from daskdl.launcher import fit
-from daskdl.predict import predict
+from daskdl.prediction import predict
 from daskdl.run import Run, RunError
 from daskdl.shards import plan_shards
 from daskdl.sources import publish

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     from daskdl.cli import cluster_arguments
-    from daskdl.predict import PRECISIONS
+    from daskdl.prediction import PRECISIONS
 
     p = sub.add_parser(
         "predict",
@@ -45,7 +45,7 @@ def predict(args) -> int:
 
     from daskdl import sources
     from daskdl.cli import client_for
-    from daskdl.predict import from_checkpoint, predictions
+    from daskdl.prediction import from_checkpoint, predictions
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -236,7 +236,7 @@ class Run:
         worker once, not with every task. Prepare ``data`` as the training data was
         (``standardize(like=train)``, ``categories=train.categories``).
         """
-        from daskdl.predict import digest, make_predictor, predictions
+        from daskdl.prediction import digest, make_predictor, predictions
 
         if self.spec.get("loop"):
             raise TypeError(
