@@ -82,7 +82,7 @@ class RankContext:
         self.rank, self.world_size = spec.rank, len(spec.peers)
         self.config = copy.deepcopy(spec.config)
         torch.set_num_threads(self.options.torch_threads or max(1, self.worker.state.nthreads))
-        self.device = _device(self.options.device)
+        self.device = resolve_device(self.options.device)
         # The same random state on every rank: a model built in train_fn starts alike on all
         # of them (prepare() makes sure, from rank 0's), and a seeded run is reproducible.
         torch.manual_seed(self.options.seed)
@@ -195,16 +195,19 @@ class RankContext:
     def stop_requested(self) -> bool:
         """Whether this rank was asked to stop (``run.stop()``, or the client that started the
         run is gone): not yet agreed with the other ranks (see ``should_stop``)."""
-        box = self.group.box
-        if not box.stop_requested and self._orphaned():
-            # Nobody wants the result any more: stop after the next agreed step, on every
-            # rank alike, as run.stop() does.
-            box.stop_requested = True
-        return box.stop_requested
+        self._notice_orphaned()
+        return self.group.box.stop_requested
 
-    def _orphaned(self) -> bool:
+    def _notice_orphaned(self) -> None:
+        """Whether the scheduler released this rank's task (its client is gone): then nobody
+        wants the result any more, so stop after the next agreed step, on every rank alike,
+        as run.stop() does."""
+        box = self.group.box
         task = self.worker.state.tasks.get(self._task_key)
-        return task is None or task.state in ("cancelled", "released", "forgotten")
+        if not box.stop_requested and (
+            task is None or task.state in ("cancelled", "released", "forgotten")
+        ):
+            box.stop_requested = True
 
     @property
     def should_stop(self) -> bool:
@@ -274,7 +277,7 @@ class RankContext:
         self._steps_per_epoch, self._batches = loader.steps, [name, batch_size]
         for s, batch in enumerate(loader.epoch(epoch, start), start):
             self._position = (epoch, s)  # steps of this epoch every rank has finished
-            self.stop_requested  # noqa: B018 - notices a client that went away
+            self._notice_orphaned()
             self.steps_done += 1
             yield batch
         self._position = (epoch, loader.steps)
@@ -461,7 +464,7 @@ def _loggable(name: str, value):
     raise TypeError(f"log({name}=...) takes numbers, got {type(value).__name__}.")
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """``"auto"``: the worker's GPU if it sees one, else the CPU. dask-cuda puts each worker's
     own GPU first in ``CUDA_VISIBLE_DEVICES``, so that is always ``cuda:0``."""
     if name == "auto":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 from distributed import Client, wait
 
 from daskdl import comm, events, rundir
@@ -66,6 +67,12 @@ class Coordinator:
     @property
     def ended(self) -> bool:
         return self.state in ENDED
+
+    def history(self) -> pd.DataFrame:
+        """One row per finished epoch: rank 0's at the end, the events' until then."""
+        if self.result is not None:
+            return events.history_frame(self.result["history"])
+        return self.recorder.history()
 
     def check_client(self) -> None:
         """A run whose client closed cannot be followed any more: the scheduler released its
@@ -332,8 +339,7 @@ class Coordinator:
         if state in (State.FINISHED, State.STOPPED):
             folder = rundir.writing_to(self.out, self.staging)
             folder.mkdir(parents=True, exist_ok=True)
-            history = self.result["history"] if self.result else self.recorder.epochs
-            events.history_frame(history).to_csv(folder / rundir.METRICS, index=False)
+            self.history().to_csv(folder / rundir.METRICS, index=False)
 
 
 def _running_keys(keys: list[str], dask_worker=None) -> list[str]:

@@ -136,8 +136,7 @@ class Dataset:
         if len(X) != len(y):
             raise ValueError(f"X has {len(X)} samples but y has {len(y)}; they must be equal.")
         if chunks == "auto":
-            per_sample = max(1, X[:1].nbytes)
-            chunks = max(1, min(64 * 2**20 // per_sample, math.ceil(len(X) / 4)))
+            chunks = frames.auto_rows(X)
         if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1:
             raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}.")
         chunks = int(chunks)

@@ -94,7 +94,7 @@ def xarray_features(ds, sample_dim: str, features: Sequence[str]) -> da.Array:
                 f"Feature {name!r} has dims {var.dims}, without sample_dim {sample_dim!r}."
             )
         var = var.transpose(sample_dim, ...)
-        data = var.data if isinstance(var.data, da.Array) else _chunk_numpy(var.values)
+        data = var.data if isinstance(var.data, da.Array) else chunk_numpy(var.values)
         arrays.append(data)
     X = arrays[0] if len(arrays) == 1 else _flat_concat(arrays)
     if X.ndim == 1:
@@ -139,10 +139,16 @@ def _is_category(dtype) -> bool:
     return isinstance(dtype, pd.CategoricalDtype)
 
 
-def _chunk_numpy(values: np.ndarray) -> da.Array:
+def auto_rows(values: np.ndarray) -> int:
+    """Samples per partition of in-memory data: about 64 MB, and at least 4 partitions where
+    there are enough samples, so that two ranks each get work."""
     per_sample = max(1, values[:1].nbytes)
-    rows = max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
-    return da.from_array(values, chunks=(rows,) + values.shape[1:])
+    return max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
+
+
+def chunk_numpy(values: np.ndarray) -> da.Array:
+    """``values`` as a Dask array of :func:`auto_rows` samples per partition."""
+    return da.from_array(values, chunks=(auto_rows(values),) + values.shape[1:])
 
 
 def _flat_concat(arrays: list[da.Array]) -> da.Array:

@@ -5,7 +5,6 @@ few real samples."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -14,13 +13,13 @@ import dask
 import numpy as np
 from distributed import Client
 
-from daskdl import categorical, checkpoint, checks, models, preflight, security
+from daskdl import categorical, checks, models, preflight, security
 from daskdl import config as config_
 from daskdl import metrics as metrics_
 from daskdl.config import TrainConfig
 from daskdl.data import Dataset
 from daskdl.fitloop import FitLoop
-from daskdl.launching import Launch, Starting, resume_state, start
+from daskdl.launching import Launch, Starting, read_resume, start
 from daskdl.objective import Objective, Scale, check_loss, describe_loss
 from daskdl.run import Run, check_categories, check_compatible, target_scale
 
@@ -123,15 +122,17 @@ def fit(
             client, persisted, model, loss, metric_specs, cfg, manifest, resume_state
         )
         starting.claim()
-        plan, spec = _plan(starting, model, objective, metric_specs, scales, cfg, meta, n_params)
-        plan = dataclasses.replace(plan, grow=workers is None)
+        plan, spec = _plan(
+            starting, model, objective, metric_specs, scales, cfg, meta, n_params,
+            grow=workers is None,  # workers that join get ranks, unless these were chosen
+        )  # fmt: skip
         run = start(Launch(client, plan, persisted), ranks, resume_state, spec, progress)
     if block:
         run.wait()
     return run
 
 
-def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta, n_params):
+def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta, n_params, grow):
     """The run's frozen plan (its loop: :class:`FitLoop`), and what its Run needs to rebuild
     and score the trained model."""
     persisted = starting.persisted
@@ -152,6 +153,7 @@ def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta,
         options=cfg.to_dict(),
         public=_describe(starting.run_id, loop, train, cfg, starting.folder, meta, n_params),
         batch_size=cfg.batch_size,
+        grow=grow,
     )
     spec = {
         "model": model,
@@ -225,16 +227,15 @@ def _what_to_learn(train, val, model, loss, metrics, cfg: TrainConfig):
 
 
 def _checkpoint_to_resume(folder, cfg: TrainConfig) -> tuple[dict | None, dict | None]:
-    """The state and manifest of the checkpoint that ``resume=`` names, verified."""
-    if folder.resume is None:
-        return None, None
-    path, model_t, opt_state, manifest = checkpoint.load_latest(folder.resume, folder.verify_key)
-    if manifest["epoch"] >= cfg.epochs:
+    """The state and manifest of the checkpoint that ``resume=`` names, verified, with
+    epochs left to train."""
+    state, manifest = read_resume(folder)
+    if manifest is not None and manifest["epoch"] >= cfg.epochs:
         raise ValueError(
-            f"Checkpoint {path} has already finished epoch {manifest['epoch']}; ask "
+            f"Checkpoint {state['path']} has already finished epoch {manifest['epoch']}; ask "
             f"for more than {manifest['epoch']} epochs to continue it."
         )
-    return {**resume_state(manifest, model_t, opt_state), "path": path}, manifest
+    return state, manifest
 
 
 def _dry_run(client, persisted, model, loss, metric_specs, cfg, manifest, resume_state):

@@ -227,6 +227,15 @@ def persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, lis
     return out
 
 
+def read_resume(folder: RunFolder) -> tuple[dict | None, dict | None]:
+    """The state a run starts from (``resume=``: the newest checkpoint there that verifies)
+    and that checkpoint's manifest; ``(None, None)`` for a fresh run."""
+    if folder.resume is None:
+        return None, None
+    path, model, optimizer, manifest = checkpoint.load_latest(folder.resume, folder.verify_key)
+    return {**resume_state(manifest, model, optimizer), "path": path}, manifest
+
+
 def resume_state(manifest: dict, model: dict, optimizer: dict) -> dict:
     """A checkpoint read from disk as the state a run starts from."""
     return {

@@ -334,6 +334,18 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
     return model
 
 
+def trained(
+    spec: ModelSpec, input_shape: tuple[int, ...], n_outputs: int, state: dict
+) -> nn.Module:
+    """The model ``spec`` with the weights ``state`` (a state dict of numpy arrays), in eval
+    mode. Arrays received over the network can be read-only views: those are copied."""
+    model = build(spec, input_shape, n_outputs)
+    model.load_state_dict(
+        {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in state.items()}
+    )
+    return model.eval()
+
+
 class FactoryError(ValueError):
     """A user's model factory raised: the message names it, what it was given and its error."""
 

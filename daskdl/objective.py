@@ -152,16 +152,22 @@ class Objective:
         """What metrics read: class logits and ids; label probabilities and 0/1 labels; or
         predictions and targets in the target's own units (``data_scale``: how these targets
         were standardised, if at all)."""
-        outputs = self.fit_outputs(outputs.float())
-        if self.task == "classification":
-            return outputs[:, : self.n_outputs], targets
+        outputs = self.scores(outputs.float())
         if self.task == "multilabel":
-            return torch.sigmoid(outputs), targets.round().long()
-        if self.target_scale is not None:
-            outputs = self.target_scale.restore(outputs)
-        if data_scale is not None:
+            targets = targets.round().long()
+        elif self.task == "regression" and data_scale is not None:
             targets = data_scale.restore(targets)
         return outputs, targets
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """What a model's outputs predict: class logits (a wider head's extra ones are no
+        class), label probabilities, or values in the targets' own units."""
+        outputs = self.fit_outputs(outputs)
+        if self.task == "classification":
+            return outputs[:, : self.n_outputs]
+        if self.task == "multilabel":
+            return torch.sigmoid(outputs)
+        return self.target_scale.restore(outputs) if self.target_scale is not None else outputs
 
     def model_targets(self, targets: torch.Tensor, data_scale: Scale | None) -> torch.Tensor:
         """Targets in the model's output space, for the loss: a validation set standardised

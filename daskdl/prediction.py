@@ -24,6 +24,7 @@ from distributed import get_client
 
 from daskdl import checkpoint, models, security
 from daskdl import config as config_
+from daskdl.context import resolve_device
 from daskdl.data import Dataset
 from daskdl.objective import Objective, Scale
 from daskdl.worker import manager
@@ -168,7 +169,7 @@ def _frame(block: np.ndarray, index: pd.Index, columns: list[str]) -> pd.DataFra
 
 def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndarray:
     """One partition's predictions, on the worker that holds it (a GPU where it has one)."""
-    device = _device(predictor.device)
+    device = resolve_device(predictor.device)
     model = manager().model(predictor.digest, lambda: _build(predictor, weights, device))
     obj = predictor.objective
     autocast = (
@@ -192,40 +193,26 @@ def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndar
 
 
 def _finish(logits: torch.Tensor, obj: Objective, predictor: Predictor) -> np.ndarray:
-    logits = obj.fit_outputs(logits)
-    if obj.task == "classification":
-        logits = logits[:, : obj.n_outputs]  # a wider head's extra logits are no class
-        if predictor.output == "labels":
-            return logits.argmax(1).cpu().numpy()
-        if predictor.output == "proba":
-            logits = torch.softmax(logits, 1)
-    elif obj.task == "multilabel":
-        if predictor.output == "labels":
-            return (logits > 0).long().cpu().numpy()
-        if predictor.output == "proba":
-            logits = torch.sigmoid(logits)
-    else:
-        logits = logits.double()
-        if obj.target_scale is not None:
-            logits = obj.target_scale.restore(logits)
-    return logits.cpu().numpy()
+    output = predictor.output
+    if obj.task == "regression":
+        return obj.scores(logits.double()).cpu().numpy()
+    if obj.task == "multilabel" and output != "proba":
+        raw = obj.fit_outputs(logits)  # labels from the logits' sign: exact where 0.5 rounds
+        return ((raw > 0).long() if output == "labels" else raw).cpu().numpy()
+    scores = obj.scores(logits)  # class logits, or label probabilities
+    if output == "labels":
+        scores = scores.argmax(1)
+    elif output == "proba" and obj.task == "classification":
+        scores = torch.softmax(scores, 1)
+    return scores.cpu().numpy()
 
 
 def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.nn.Module:
     # Dask runs a partition per worker thread: that is the parallelism, not torch's threads
     # within each (which would oversubscribe the cores).
     torch.set_num_threads(1)
-    model = models.build(predictor.model, predictor.input_shape, predictor.objective.n_outputs)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    return model.to(device).eval()
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda', but this worker sees no CUDA GPU.")
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    obj = predictor.objective
+    return models.trained(predictor.model, predictor.input_shape, obj.n_outputs, weights).to(device)
 
 
 def predict(

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from distributed import Client
 
-from daskdl import comm, config, events, models, preflight
+from daskdl import comm, config, models, preflight
 from daskdl import metrics as metrics_
 from daskdl.coordinator import Coordinator, RunError, State
 from daskdl.data import Dataset
@@ -98,10 +98,7 @@ class Run:
     def history(self) -> pd.DataFrame:
         """One row per finished epoch: epoch, step, train_loss, train_accuracy, val_loss,
         val_accuracy, val_perplexity, samples_per_s, epoch_time, lr."""
-        result = self._coordinator.result
-        if result is not None:
-            return events.history_frame(result["history"])
-        return self._recorder.history()
+        return self._coordinator.history()
 
     @property
     def result(self):
@@ -119,12 +116,11 @@ class Run:
                 "train_fn (run.result), or load it from the run's checkpoint."
             )
         if self._model is None:
-            model = models.build(
-                self.spec["model"], self.spec["input_shape"], self.spec["objective"].n_outputs
-            )
-            state = {k: torch.from_numpy(v) for k, v in self._result_model().items()}
-            model.load_state_dict(state)
-            self._model = model.eval()
+            spec = self.spec
+            self._model = models.trained(
+                spec["model"], spec["input_shape"], spec["objective"].n_outputs,
+                self._result_model(),
+            )  # fmt: skip
         return self._model
 
     def wait(self, timeout: float | None = None) -> Run:
@@ -276,8 +272,7 @@ def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batc
             preflight.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
     except ValueError:
         return counts, np.zeros(2), scores
-    model = models.build(spec["model"], spec["input_shape"], objective.n_outputs)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    model = models.trained(spec["model"], spec["input_shape"], objective.n_outputs, state)
     X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     y = torch.from_numpy(np.asarray(y, dtype=objective.target_dtype))
     no_autocast = torch.autocast("cpu", enabled=False)

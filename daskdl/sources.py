@@ -127,7 +127,7 @@ def read_samples(
         X = arrays[name]
     else:
         X = np.load(path, mmap_mode="r")
-    return Dataset.from_numpy(X, np.zeros(len(X), np.int64)).X, None  # partitions of ~64 MB
+    return frames.chunk_numpy(X), None
 
 
 def _read_frame(path, fmt):

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from distributed import Client
 
-from daskdl import checkpoint, checks, preflight, security
+from daskdl import checks, preflight, security
 from daskdl import config as config_
 from daskdl.data import Dataset
-from daskdl.launching import Launch, Starting, resume_state, start
+from daskdl.launching import Launch, Starting, read_resume, start
 from daskdl.objective import target_dtype
 from daskdl.run import Run
 
@@ -109,10 +109,7 @@ def launch(
     checks.check_meta(meta)
     user_config = _check_loop(train_fn, data, config)
     folder = checks.run_folder(out, resume, overwrite, signing_key, verify_key)
-    resume_from = None
-    if folder.resume is not None:
-        _, model_t, opt_state, manifest = checkpoint.load_latest(folder.resume, folder.verify_key)
-        resume_from = resume_state(manifest, model_t, opt_state)
+    resume_from, _ = read_resume(folder)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)
     names = tuple(data)
     with Starting(client, folder, data.values()) as starting:
