@@ -58,6 +58,15 @@ class TrainConfig:
     )
     shuffle: bool = option(True, "reshuffle each rank's shard every epoch (seeded)")
     seed: int = option(0, "seeds the weights, the shuffles and the augmentation")
+    stream: bool | None = option(
+        None,
+        "compute each rank's partitions as it trains instead of holding its shard in memory "
+        "(default: when the data would take over half the workers' memory limits)",
+    )
+    prefetch: int = option(2, "streamed partitions each rank computes ahead of training")
+    shuffle_buffer: int = option(
+        4096, "streamed samples each batch is drawn from, across the partitions in flight"
+    )
     eval_batch_size: int = option(512, "samples per batch when scoring the validation set")
     checkpoint_every: int = option(1, "epochs between checkpoints (with out=)")
     backend: str = option(
@@ -121,6 +130,8 @@ class TrainConfig:
             setattr(self, name, integer(name, getattr(self, name), minimum=1))
         self.seed = integer("seed", self.seed, minimum=0)
         self.max_failures = integer("max_failures", self.max_failures, minimum=0)
+        self.prefetch = integer("prefetch", self.prefetch, minimum=0)
+        self.shuffle_buffer = integer("shuffle_buffer", self.shuffle_buffer, minimum=0)
         if self.seed >= 2**63:  # torch.manual_seed's limit
             raise ValueError(f"seed must be below 2**63, got {self.seed}.")
         if self.torch_threads is not None:
@@ -144,7 +155,7 @@ class TrainConfig:
             )
         for name in ("nesterov", "shuffle", "compile"):
             setattr(self, name, flag(name, getattr(self, name)))
-        for name in ("augment", "channels_last", "fused"):
+        for name in ("augment", "channels_last", "fused", "stream"):
             setattr(self, name, flag(name, getattr(self, name), allow_none=True))
         for f in dataclasses.fields(self):
             if f.metadata["choices"] is not None:

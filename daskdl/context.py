@@ -22,7 +22,8 @@ from distributed import get_worker
 from daskdl import averaging, checkpoint, events, rundir, security
 from daskdl.comm import CollectiveError, make_group
 from daskdl.config import TrainConfig
-from daskdl.loader import ShardLoader, concat
+from daskdl.loader import ShardLoader, StreamLoader, concat
+from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
 
 
@@ -36,8 +37,7 @@ class LoopSpec:
     train_fn: Callable
     config: dict  # the loop's own, as given to launch
     options: dict  # TrainConfig fields: device, backend, wire_dtype, seed, ...
-    names: list[str]  # the data sets, in the order their partitions come
-    n_parts: list[int]  # partitions of each data set for this rank
+    names: list[str]  # the data sets
     target_dtypes: list[str]
     shard_sizes: dict[str, list[int]]  # every rank's shard size, per data set
     out: str | None = None
@@ -53,6 +53,8 @@ class LoopSpec:
     keep_checkpoints: int | None = 3
     pause_profiler: bool = True
     signing_key: security.Key | None = None  # signs the checkpoints rank 0 writes
+    # Streamed data sets: this rank's partitions, as graphs it computes (daskdl.streaming).
+    streams: dict[str, Shard] = field(default_factory=dict)
 
 
 class Regroup(Exception):
@@ -72,9 +74,13 @@ class RankContext:
     backward, ``all_reduce``, ``mean``, ``should_regroup``), as with ``torch.distributed``;
     ``batches(..., full=True)`` gives every rank the same number of batches so that a training
     loop's steps line up.
+
+    A streamed data set (``stream=True``, or data larger than the workers' memory) is never
+    held whole: ``batches`` and ``partitions`` compute its partitions on this worker as they
+    go, ``prefetch`` ahead, and ``shard`` refuses it.
     """
 
-    def __init__(self, spec: LoopSpec, resume: dict | None, parts: tuple[np.ndarray, ...]):
+    def __init__(self, spec: LoopSpec, resume: dict | None, data: dict):
         self.worker = get_worker()
         self._task_key = self.worker.get_current_task()
         self.spec = spec
@@ -86,11 +92,15 @@ class RankContext:
         # The same random state on every rank: a model built in train_fn starts alike on all
         # of them (prepare() makes sure, from rank 0's), and a seeded run is reproducible.
         torch.manual_seed(self.options.seed)
-        self._data, i = {}, 0
-        for name, n, dtype in zip(spec.names, spec.n_parts, spec.target_dtypes):
-            xs, ys = parts[i : i + 2 * n : 2], parts[i + 1 : i + 2 * n : 2]
-            self._data[name] = (concat(xs, np.float32), concat(ys, np.dtype(dtype)))
-            i += 2 * n
+        self._data, self._readers = {}, {}
+        for name, dtype in zip(spec.names, spec.target_dtypes):
+            if name in spec.streams:  # data[name]: the results its partitions' graphs read
+                self._readers[name] = PartitionReader(
+                    name, spec.streams[name], data[name], np.dtype(dtype), self.options.prefetch
+                )
+            else:  # data[name]: this rank's (X, y) blocks
+                xs, ys = [x for x, _ in data[name]], [y for _, y in data[name]]
+                self._data[name] = (concat(xs, np.float32), concat(ys, np.dtype(dtype)))
         self.group = make_group(
             self.options.backend,
             self.worker,
@@ -223,16 +233,38 @@ class RankContext:
 
     # ------------------------------------------------------------------ data
 
+    def streamed(self, name: str) -> bool:
+        """Whether the data set ``name`` is streamed (see the class's doc)."""
+        if name not in self.spec.names:
+            raise KeyError(f"No data set {name!r}; this run has {sorted(self.spec.names)}.")
+        return name in self._readers
+
     def shard(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of the data set ``name``: all its samples and targets, on the CPU
         (empty where the data set has fewer partitions than there are ranks)."""
-        if name not in self._data:
-            raise KeyError(f"No data set {name!r}; this run has {sorted(self._data)}.")
+        if self.streamed(name):
+            raise ValueError(
+                f"The data set {name!r} is streamed, so this rank never holds its whole shard: "
+                f"iterate ctx.batches({name!r}, ...) or ctx.partitions({name!r}), or launch "
+                "with stream=False where it fits in memory."
+            )
         return self._data[name]
+
+    def partitions(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shard of ``name`` piece by piece, on the CPU, in order: the whole shard
+        at once where it is held in memory, each partition as it is computed where it is
+        streamed (for evaluation: every sample once)."""
+        if not self.streamed(name):
+            X, y = self.shard(name)
+            if len(X):
+                yield X, y
+            return
+        for X, y in self._readers[name].stream(range(len(self._readers[name]))):
+            yield torch.from_numpy(X), torch.from_numpy(y)
 
     def steps_per_epoch(self, name: str, batch_size: int) -> int:
         """How many batches ``batches(name, batch_size)`` gives each rank per epoch."""
-        self.shard(name)
+        self.streamed(name)
         return math.ceil(max(self.spec.shard_sizes[name]) / batch_size)
 
     def batches(
@@ -254,25 +286,26 @@ class RankContext:
         wrapping around), shuffled per ``epoch`` (seeded by the run's ``seed``, the epoch and
         the rank), from batch ``start`` on (``ctx.resume_step`` in the epoch a regrouped run
         resumes within); ``augment`` crops and flips images on the device. ``full=False``
-        (evaluation): each sample of the shard once, in order, the last batch smaller, and a
-        number of batches that differs between ranks (sum the results with ``all_reduce``).
+        (evaluation): each sample of the shard once, in order, the last batch smaller (and,
+        streamed, the last of each partition), and a number of batches that differs between
+        ranks (sum the results with ``all_reduce``).
+
+        Streamed, an epoch reads the shard's partitions in a seeded order (reshuffled every
+        epoch) and draws each batch at random from a pool of the run's ``shuffle_buffer``
+        samples across the partitions in flight.
         """
-        X, y = self.shard(name)
         if not full:
-            for first in range(0, len(X), batch_size):
-                yield (
-                    X[first : first + batch_size].to(self.device),
-                    y[first : first + batch_size].to(self.device),
-                )
+            for X, y in self.partitions(name):
+                for first in range(0, len(X), batch_size):
+                    yield (
+                        X[first : first + batch_size].to(self.device),
+                        y[first : first + batch_size].to(self.device),
+                    )
             return
         key = (name, batch_size, shuffle, augment, channels_last)
         loader = self._loaders.get(key)
         if loader is None:
-            steps = self.steps_per_epoch(name, batch_size)
-            loader = ShardLoader(
-                [X.numpy()], [y.numpy()], batch_size, steps, self.options.seed, self.rank,
-                shuffle, augment, self.device, channels_last, y_dtype=y.numpy().dtype,
-            )  # fmt: skip
+            loader = self._loader(name, batch_size, shuffle, augment, channels_last)
             self._loaders[key] = loader
         self._steps_per_epoch, self._batches = loader.steps, [name, batch_size]
         for s, batch in enumerate(loader.epoch(epoch, start), start):
@@ -281,6 +314,22 @@ class RankContext:
             self.steps_done += 1
             yield batch
         self._position = (epoch, loader.steps)
+
+    def _loader(self, name, batch_size, shuffle, augment, channels_last):
+        steps = self.steps_per_epoch(name, batch_size)
+        seed = self.options.seed
+        if not self.streamed(name):
+            X, y = self.shard(name)
+            return ShardLoader(
+                [X.numpy()], [y.numpy()], batch_size, steps, seed, self.rank, shuffle,
+                augment, self.device, channels_last, y_dtype=y.numpy().dtype,
+            )  # fmt: skip
+        reader = self._readers[name]
+        return StreamLoader(
+            reader, reader.shard.sizes, batch_size, steps, seed, self.rank, shuffle,
+            self.options.shuffle_buffer, augment, self.device, channels_last,
+            reader.shard.sample_shape, reader.shard.target_shape, reader.y_dtype,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ collectives
 
@@ -477,16 +526,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def loop_main(spec: LoopSpec, resume: dict | None, *parts: np.ndarray) -> dict | None:
-    """The body of every rank task: ``train_fn(ctx)``. ``parts`` are (X, y) blocks of each
-    data set in turn; Dask delivered them to this worker before the task started."""
+def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
+    """The body of every rank task: ``train_fn(ctx)``. ``data`` holds, per data set, this
+    rank's (X, y) blocks, or for a streamed one the shared results its partitions read;
+    Dask delivered them to this worker before the task started."""
     tuning = manager().tuning
     with (
         tuning.malloc(),
         tuning.denormals(),
         tuning.profiler_paused(get_worker(), spec.pause_profiler),
     ):
-        ctx = RankContext(spec, resume, parts)
+        ctx = RankContext(spec, resume, data)
         try:
             result = spec.train_fn(ctx)
         except Regroup:

@@ -400,6 +400,13 @@ class Dataset:
             X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
         return self._like(X, y, target_scale, same_rows=True)
 
+    def _with_lengths(self, sizes: Sequence[int]) -> Dataset:
+        """The same data set with its partitions' lengths known (counted by a pass)."""
+        chunks = (tuple(int(n) for n in sizes),)
+        X = da.Array(self.X.dask, self.X.name, chunks + self.X.chunks[1:], meta=self.X._meta)
+        y = da.Array(self.y.dask, self.y.name, chunks + self.y.chunks[1:], meta=self.y._meta)
+        return self._like(X, y, same_rows=True)
+
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) as numpy arrays in this process; only for data that fits in memory."""
         return dask.compute(self.X, self.y)

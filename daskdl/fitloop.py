@@ -76,10 +76,12 @@ class Trainer:
         prepare_optimizer(self.opt, fused)
         ctx.follow(self.model, self.opt, averaging=self.sync)
         self.has_val = "val" in ctx.datasets
-        if self.has_val:
-            self.Xv, self.yv = ctx.shard("val")
-            if self.device.type == "cuda" and self.Xv.nbytes <= 0.25 * _free(self.device):
-                self.Xv, self.yv = self.Xv.to(self.device), self.yv.to(self.device)
+        self.val = None  # the validation shard, where it is held in memory
+        if self.has_val and not ctx.streamed("val"):
+            Xv, yv = ctx.shard("val")
+            if self.device.type == "cuda" and Xv.nbytes <= 0.25 * _free(self.device):
+                Xv, yv = Xv.to(self.device), yv.to(self.device)
+            self.val = [(Xv, yv)]
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -213,10 +215,11 @@ class Trainer:
         sums[4] = metrics["skipped_steps"]
         if self.has_val:
             scores = metrics_.build(self.loop.metrics, self.objective, self.device)
-            sums[2:4] = metrics_.score(
-                self.forward, self.Xv, self.yv, cfg.eval_batch_size, self.autocast,
-                self.objective, scores, self.loop.val_scale, self.device, self.channels_last,
-            )  # fmt: skip
+            for Xv, yv in self.val or ctx.partitions("val"):
+                sums[2:4] += metrics_.score(
+                    self.forward, Xv, yv, cfg.eval_batch_size, self.autocast,
+                    self.objective, scores, self.loop.val_scale, self.device, self.channels_last,
+                )  # fmt: skip
         sums = ctx.all_reduce(sums)
         metrics["train_loss"] = float(sums[0] / ctx.world_size)
         if metrics["train_accuracy"] is not None:

@@ -48,13 +48,20 @@ def from_dataframe(
             else categorical_.categories_of(ddf, cats)
         )
         ddf = ddf.map_partitions(categorical_.encode, mapping)
-    X = ddf[features].astype(np.float32).to_dask_array()
+    # X and y come from one frame whose columns are chosen once: projected apart, Dask's
+    # optimizer may read them in different partitions (it joins small ones for few columns).
+    frame = ddf[features + [c for c in labels if c not in features]]
+    X = frame.map_partitions(_select, features, np.float32).to_dask_array()
     if isinstance(label, str):
-        y = ddf[label].to_dask_array()
+        y = frame.map_partitions(_select, label, ddf[label].dtype).to_dask_array()
     else:
         dtype = np.result_type(*[ddf[c].dtype for c in labels])
-        y = ddf[labels].astype(dtype).to_dask_array()
+        y = frame.map_partitions(_select, labels, dtype).to_dask_array()
     return X, y, features, mapping
+
+
+def _select(df, columns, dtype):
+    return df[columns].astype(dtype)
 
 
 def from_xarray(ds, sample_dim: str, features: Sequence[str], label: str):

@@ -20,7 +20,7 @@ from daskdl.config import TrainConfig
 from daskdl.data import Dataset
 from daskdl.fitloop import FitLoop
 from daskdl.launching import Launch, Starting, read_resume, start
-from daskdl.objective import Objective, Scale, check_loss, describe_loss
+from daskdl.objective import Objective, check_loss, describe_loss
 from daskdl.run import Run, check_categories, check_compatible, target_scale
 
 
@@ -116,17 +116,18 @@ def fit(
     model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
     resume_state, manifest = _checkpoint_to_resume(folder, cfg)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)
-    with Starting(client, folder, [train, *([val] if val is not None else [])]) as starting:
-        persisted = starting.persisted
+    datasets = [train, *([val] if val is not None else [])]
+    with Starting(client, folder, datasets, ranks, cfg.stream) as starting:
+        held = starting.held
         objective, scales, n_params = _dry_run(
-            client, persisted, model, loss, metric_specs, cfg, manifest, resume_state
+            client, held, model, loss, metric_specs, cfg, manifest, resume_state
         )
         starting.claim()
         plan, spec = _plan(
             starting, model, objective, metric_specs, scales, cfg, meta, n_params,
             grow=workers is None,  # workers that join get ranks, unless these were chosen
         )  # fmt: skip
-        run = start(Launch(client, plan, persisted), ranks, resume_state, spec, progress)
+        run = start(Launch(client, plan, held), ranks, resume_state, spec, progress)
     if block:
         run.wait()
     return run
@@ -135,21 +136,21 @@ def fit(
 def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta, n_params, grow):
     """The run's frozen plan (its loop: :class:`FitLoop`), and what its Run needs to rebuild
     and score the trained model."""
-    persisted = starting.persisted
-    train = persisted[0][0]
+    held = starting.held
+    train = held[0].ds
     loop = FitLoop(
         model,
         train.sample_shape,
         objective,
         metric_specs,
-        val_scale=scales[1] if len(persisted) > 1 else None,
+        val_scale=scales[1] if len(held) > 1 else None,
         log_interval=dask.utils.parse_timedelta(dask.config.get("daskdl.log-interval")),
     )
     plan = starting.plan(
         train_fn=loop,
         loop_config={},
-        names=("train", "val")[: len(persisted)],
-        target_dtypes=(str(np.dtype(objective.target_dtype)),) * len(persisted),
+        names=("train", "val")[: len(held)],
+        target_dtypes=(str(np.dtype(objective.target_dtype)),) * len(held),
         options=cfg.to_dict(),
         public=_describe(starting.run_id, loop, train, cfg, starting.folder, meta, n_params),
         batch_size=cfg.batch_size,
@@ -238,17 +239,16 @@ def _checkpoint_to_resume(folder, cfg: TrainConfig) -> tuple[dict | None, dict |
     return state, manifest
 
 
-def _dry_run(client, persisted, model, loss, metric_specs, cfg, manifest, resume_state):
-    """Check the persisted data, then build one replica here and train it on a few real
+def _dry_run(client, held, model, loss, metric_specs, cfg, manifest, resume_state):
+    """Check the data's counts, then build one replica here and train it on a few real
     samples: a bad model fails now, naming what it saw, not on every worker from deep inside
     torch. Returns the objective, the data sets' target scales and the parameter count."""
-    train = persisted[0][0]
-    parts = {name: (xs, ys) for name, (_, xs, ys) in zip(("train", "val"), persisted)}
-    n_outputs = _validate_labels(client, parts, train)
-    scales = _target_scales(client, persisted)
+    train = held[0].ds
+    n_outputs = _validate_labels(dict(zip(("train", "val"), held)), train)
+    scales = [target_scale(client, h.ds) for h in held]
     objective = Objective(train.task, n_outputs, loss, scales[0], train.y.ndim)
     k = min(preflight.DRY_RUN_SAMPLES, cfg.batch_size, len(train))
-    sample_x, sample_y = client.compute([train.X[:k], train.y[:k]], sync=True)
+    sample_x, sample_y = held[0].head(client, k)
     probe = preflight.dry_run(model, sample_x, sample_y, objective, cfg.seed, metric_specs)
     if manifest is not None:
         preflight.check_resume(
@@ -275,22 +275,13 @@ def _with_embeddings(model: models.ModelSpec, train: Dataset) -> models.ModelSpe
     return ("mlp", {**options, "categorical": categorical.layout(train.features, train.categories)})
 
 
-def _validate_labels(client: Client, parts: dict[str, tuple[list, list]], train: Dataset) -> int:
-    """Check targets and features where each persisted partition lives (a few numbers of each
-    come back, :func:`daskdl.preflight.value_counts`, as ``Run.evaluate`` checks them);
-    ``parts`` maps "train" (and "val") to their X and y futures. Returns the number of model
-    outputs (classes, labels or targets)."""
-    counts = checks.check_parts(
-        client, {which: (xs, ys, train.task) for which, (xs, ys) in parts.items()}
-    )
+def _validate_labels(held: dict, train: Dataset) -> int:
+    """Check targets and features from each partition's counts (as ``Run.evaluate`` checks
+    them); ``held`` maps "train" (and "val") to them. Returns the number of model outputs
+    (classes, labels or targets)."""
+    counts = checks.check_parts({which: (h.counts, train.task) for which, h in held.items()})
     if train.task != "classification":
         return train.n_outputs
     lo = min(c[0] for c in counts.values())
     hi = max(c[1] for c in counts.values())
     return preflight.class_count("train", lo, hi, counts["train"][4], train._n_classes)
-
-
-def _target_scales(client: Client, persisted) -> list[Scale | None]:
-    """Each data set's target scale (persisted with it), or None where its targets were not
-    standardised."""
-    return [target_scale(client, ds) for ds, _, _ in persisted]

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
+import numpy as np
 from distributed import Client, futures_of
 
-from daskdl import checkpoint, comm, events, rundir
+from daskdl import checkpoint, comm, events, preflight, rundir, streaming
 from daskdl.checks import RunFolder
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
@@ -21,12 +24,48 @@ from daskdl.run import Run
 from daskdl.shards import who_has_to_locations
 
 
-class Launch:
-    """A plan's rank tasks: the persisted data they read, the membership's generation (each
-    talks under its own comm id), and the description of the run as it now is."""
+@dataclass
+class Held:
+    """A data set as a run holds it: persisted on the workers (its blocks' futures ``xs``
+    and ``ys``), or streamed (``stream``: its partitions' graphs); and every partition's
+    :func:`daskdl.preflight.value_counts`."""
 
-    def __init__(self, client: Client, plan: LaunchPlan, persisted: list):
-        self.client, self.plan, self.persisted = client, plan, persisted
+    ds: Dataset
+    xs: list = field(default_factory=list)
+    ys: list = field(default_factory=list)
+    stream: streaming.StreamSource | None = None
+    counts: np.ndarray | None = None
+
+    @property
+    def futures(self) -> list:
+        inputs = list(self.stream.inputs.values()) if self.stream else []
+        return self.xs + self.ys + inputs
+
+    def locations(self, client: Client) -> list[list[str]]:
+        if self.stream is not None:  # computed where it is used: nothing to be near
+            return [[] for _ in range(self.ds.npartitions)]
+        return _locations(client, self.xs)
+
+    def head(self, client: Client, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``k`` samples, here."""
+        if self.stream is not None:
+            return self.stream.head(client, k)
+        return client.compute([self.ds.X[:k], self.ds.y[:k]], sync=True)
+
+    def for_shard(self, shard: Sequence[int]):
+        """What a rank task gets for its shard: its blocks, or its partitions' inputs (and
+        the partitions' graphs, for its spec)."""
+        if self.stream is not None:
+            return self.stream.for_shard(shard)
+        return None, [(self.xs[i], self.ys[i]) for i in shard]
+
+
+class Launch:
+    """A plan's rank tasks: the data they read, the membership's generation (each talks
+    under its own comm id), and the description of the run as it now is."""
+
+    def __init__(self, client: Client, plan: LaunchPlan, held: list[Held]):
+        self.client, self.plan, self.held = client, plan, held
         self.generation = 0
         self.public = dict(plan.public)
 
@@ -42,11 +81,11 @@ class Launch:
 
     @property
     def all_futures(self) -> list:
-        return [f for _, xs, ys in self.persisted for f in xs + ys]
+        return [f for h in self.held for f in h.futures]
 
     def layout(self, workers: list[str], shards=None) -> Layout:
-        sizes = [[int(c) for c in ds.X.chunks[0]] for ds, _, _ in self.persisted]
-        where = [_locations(self.client, xs) for _, xs, _ in self.persisted]
+        sizes = [[int(c) for c in h.ds.X.chunks[0]] for h in self.held]
+        where = [h.locations(self.client) for h in self.held]
         return layout(self.plan.names, sizes, where, workers, self.plan.batch_size, shards)
 
     def resume_from(self, state: dict) -> dict | None:
@@ -76,6 +115,11 @@ class Launch:
             [resume] = self.client.scatter([resume], workers=list(lay.ranks[:1]), hash=False)
         futures = []
         for r, (addr, shards) in enumerate(zip(lay.ranks, lay.parts)):
+            streams, data = {}, {}
+            for name, held, shard in zip(plan.names, self.held, shards):
+                stream, data[name] = held.for_shard(shard)
+                if stream is not None:
+                    streams[name] = stream
             spec = LoopSpec(
                 run_id=plan.run_id,
                 rank=r,
@@ -84,7 +128,6 @@ class Launch:
                 config=plan.loop_config,
                 options=plan.options,
                 names=list(plan.names),
-                n_parts=[len(s) for s in shards],
                 target_dtypes=list(plan.target_dtypes),
                 shard_sizes=lay.shard_sizes,
                 out=plan.out,
@@ -97,19 +140,14 @@ class Launch:
                 keep_checkpoints=plan.keep_checkpoints,
                 pause_profiler=plan.pause_profiler,
                 signing_key=plan.signing_key if r == 0 else None,  # only rank 0 writes
+                streams=streams,
             )
-            parts = [
-                f
-                for (_, xs, ys), shard in zip(self.persisted, shards)
-                for i in shard
-                for f in (xs[i], ys[i])
-            ]
             futures.append(
                 self.client.submit(
                     loop_main,
                     spec,
                     resume,
-                    *parts,
+                    data,
                     key=f"daskdl-rank-{r}-{self.comm_id}",
                     workers=[addr],
                     allow_other_workers=False,
@@ -121,17 +159,21 @@ class Launch:
 
 
 class Starting:
-    """What a run holds while it starts, given up if it does not: its data, persisted on the
-    cluster, and its folder, claimed once every check has passed (:meth:`claim`).
+    """What a run holds while it starts, given up if it does not: its data (persisted on the
+    cluster, or ready to stream: ``stream`` is the run's option, None to decide by size),
+    counted and checked, and its folder, claimed once every check has passed
+    (:meth:`claim`).
 
-    >>> with Starting(client, folder, [train]) as starting:           # doctest: +SKIP
-    ...     ...  # checks on starting.persisted
-    ...     run = start(Launch(client, starting.plan(...), starting.persisted), ...)
+    >>> with Starting(client, folder, [train], workers, None) as starting:  # doctest: +SKIP
+    ...     ...  # checks on starting.held
+    ...     run = start(Launch(client, starting.plan(...), starting.held), ...)
     """
 
-    def __init__(self, client: Client, folder: RunFolder, datasets):
+    def __init__(self, client: Client, folder: RunFolder, datasets, workers, stream):
         self.client, self.folder = client, folder
-        self.persisted = persist(client, *datasets)
+        datasets = list(datasets)
+        self.streamed = streaming.should_stream(client, datasets, workers, stream)
+        self.held = (stream_data if self.streamed else persist)(client, *datasets)
         self.run_id = uuid.uuid4().hex[:8]
         self.staging: Path | None = None
 
@@ -140,7 +182,7 @@ class Starting:
 
     def __exit__(self, kind, error, tb) -> bool:
         if kind is not None:
-            for f in (f for _, xs, ys in self.persisted for f in xs + ys):
+            for f in (f for h in self.held for f in h.futures):
                 f.release()  # nothing started: this call's hold on the data goes
             if self.staging is not None:
                 rundir.abandon(self.folder.out, self.staging, "could not start")
@@ -170,7 +212,7 @@ def start(launch: Launch, workers: list[str], resume: dict | None, spec: dict, p
     ``optimizer``, ``history``, ``shards``), ``spec`` what its :class:`Run` needs to rebuild
     the model."""
     plan = launch.plan
-    sizes = [int(c) for c in launch.persisted[0][0].X.chunks[0]]
+    sizes = [int(c) for c in launch.held[0].ds.X.chunks[0]]
     shards = None
     if resume and resume.get("partition_sizes") == sizes and len(resume["shards"]) == len(workers):
         shards = resume["shards"]  # the same shards as before, so the resumed run is identical
@@ -178,6 +220,7 @@ def start(launch: Launch, workers: list[str], resume: dict | None, spec: dict, p
     start_epoch = resume["epoch"] if resume else 0
     launch.public.update(world_size=len(lay.ranks), workers=list(lay.ranks))
     launch.public["start_epoch"] = start_epoch
+    launch.public["streamed"] = [n for n, h in zip(plan.names, launch.held) if h.stream]
     epochs = plan.public["config"].get("epochs")
     if plan.batch_size is not None:
         launch.public["steps_per_epoch"] = lay.steps
@@ -208,8 +251,9 @@ def announce(launch: Launch, recorder: events.Recorder) -> None:
     comm.ensure_plugin(client)
 
 
-def persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, list]]:
-    """Persist the data sets in one graph (they share keys, such as standardisation stats).
+def persist(client: Client, *datasets: Dataset) -> list[Held]:
+    """Persist the data sets in one graph (they share keys, such as standardisation stats),
+    and count every partition's values where it lives.
 
     Unoptimised, so that each key keeps the task it has in the user's collections: a later
     computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
@@ -223,7 +267,30 @@ def persist(client: Client, *datasets: Dataset) -> list[tuple[Dataset, list, lis
         i += len(c)
         with client.as_current():  # chunk sizes from this client's futures, not the default's
             persisted = ds._persisted(X, y, tuple(scale) or None)
-        out.append((persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
+        out.append(Held(persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
+    counts = client.gather([client.map(preflight.value_counts, h.xs, h.ys) for h in out])
+    for h, c in zip(out, counts):
+        h.counts = np.asarray(c, dtype=np.float64)
+    return out
+
+
+def stream_data(client: Client, *datasets: Dataset) -> list[Held]:
+    """The data sets to be streamed: their shared inputs persisted (one graph: they may
+    share statistics), and one pass over them on the cluster that keeps nothing but every
+    partition's counts, from which unknown partition lengths follow."""
+    sources = streaming.sources(client, datasets)
+    graph, keys = {}, []
+    for n, source in enumerate(sources):
+        dsk, ks = source.map_partitions(preflight.value_counts, f"daskdl-count-{n}")
+        graph.update(dsk)
+        keys.append(ks)
+    flat = client.gather(client.get(graph, [k for ks in keys for k in ks], sync=False))
+    out, i = [], 0
+    for ds, source, ks in zip(datasets, sources, keys):
+        counts = np.asarray(flat[i : i + len(ks)], dtype=np.float64)
+        i += len(ks)
+        source.sizes = [int(n) for n in counts[:, 4]]
+        out.append(Held(ds._with_lengths(source.sizes), stream=source, counts=counts))
     return out
 
 

@@ -1,14 +1,17 @@
-"""A rank's shard in memory and the batches it trains on.
+"""A rank's shard and the batches it trains on.
 
-The partitions the shard plan gave a rank arrive on its worker as Dask task dependencies (moved
-worker-to-worker, never through the client); the loader joins them once and then cuts batches
-by index: a seeded reshuffle every epoch, wrap-around so that every rank runs the same number of
-full batches, and augmentation on the training device.
+Held in memory (:class:`ShardLoader`), the partitions the shard plan gave a rank arrive on its
+worker as Dask task dependencies (moved worker-to-worker, never through the client); the
+loader joins them once and then cuts batches by index: a seeded reshuffle every epoch,
+wrap-around so that every rank runs the same number of full batches, and augmentation on the
+training device. Streamed (:class:`StreamLoader`), the rank computes its partitions as it
+goes, in a seeded order per epoch, and mixes the samples in flight in a shuffle buffer.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -107,12 +110,166 @@ class ShardLoader:
             else:
                 xb = torch.index_select(self.X, 0, idx)
                 yb = torch.index_select(self.y, 0, idx)
-            if pin:
-                xb, yb = xb.pin_memory(), yb.pin_memory()
-            xb = xb.to(self.device, non_blocking=True)
-            yb = yb.to(self.device, non_blocking=True)
-            if self.augment:
-                xb = augment_images(xb, gen)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+            yield deliver(xb, yb, self.device, pin, self.augment and gen, self.channels_last)
+
+
+def deliver(xb, yb, device, pin: bool, augment, channels_last: bool):
+    """A batch on the training device: pinned and copied asynchronously from the host,
+    augmented there (``augment``: the generator, or False), in channels-last memory."""
+    if pin:
+        xb, yb = xb.pin_memory(), yb.pin_memory()
+    xb = xb.to(device, non_blocking=True)
+    yb = yb.to(device, non_blocking=True)
+    if augment:
+        xb = augment_images(xb, augment)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, yb
+
+
+def stream_plan(
+    sizes: Sequence[int], steps: int, batch: int, buffer: int, seed: int, epoch: int,
+    rank: int, shuffle: bool,
+) -> list[tuple[list[int], np.ndarray | None]]:  # fmt: skip
+    """One epoch of a streamed shard, decided from the partition sizes alone: for each step,
+    the partitions read into the pool before it, and the pool positions its batch takes.
+
+    Partitions come in a seeded order, reshuffled every epoch and on every further pass of
+    a shard smaller than the epoch; the pool holds up to ``buffer`` samples besides a
+    batch, and each batch draws its samples from all of it at random. A pass is drained
+    before the next begins, so the largest shard's samples each come once per epoch.
+    Unshuffled, the samples come in order.
+
+    >>> [ins for ins, _ in stream_plan([4, 4], 4, 2, 0, 0, 0, 0, shuffle=False)]
+    [[0], [], [1], []]
+    """
+    rng = np.random.default_rng([seed, epoch, rank])
+    live = [i for i, n in enumerate(sizes) if n]
+
+    def next_pass() -> deque:
+        return deque(int(i) for i in (rng.permutation(live) if shuffle else live))
+
+    todo, held, plan = next_pass(), 0, []
+    want = buffer + batch if shuffle else batch
+    for _ in range(steps):
+        inserts = []
+        while held < want:
+            if not todo:
+                if held >= batch:
+                    break  # drain this pass before the next
+                todo = next_pass()
+            p = todo.popleft()
+            inserts.append(p)
+            held += sizes[p]
+        draws = rng.choice(held, batch, replace=False) if shuffle else None
+        held -= batch
+        plan.append((inserts, draws))
+    return plan
+
+
+class _Pool:
+    """Samples in flight: columns of equal length (sample ids, features, targets), filled
+    by whole partitions, emptied a batch at a time."""
+
+    def __init__(self, columns: list[np.ndarray]):
+        self.columns, self.head, self.n = columns, 0, 0
+
+    def insert(self, values: Sequence[np.ndarray]) -> None:
+        if self.head:  # what is left moves to the front first
+            for c in self.columns:
+                c[: self.n - self.head] = c[self.head : self.n]
+            self.n, self.head = self.n - self.head, 0
+        m = len(values[0])
+        for c, v in zip(self.columns, values):
+            c[self.n : self.n + m] = v
+        self.n += m
+
+    def take(self, draws: np.ndarray | None, batch: int) -> list[np.ndarray]:
+        if draws is None:  # in order
+            out = [c[self.head : self.head + batch].copy() for c in self.columns]
+            self.head += batch
+            return out
+        out = [c[draws] for c in self.columns]
+        # The last samples move into the holes the batch left (those not taken themselves).
+        m = self.n - batch
+        holes = draws[draws < m]
+        movers = np.setdiff1d(np.arange(m, self.n), draws, assume_unique=True)
+        for c in self.columns:
+            c[holes] = c[movers]
+        self.n = m
+        return out
+
+    def held(self) -> np.ndarray:
+        return self.columns[0][self.head : self.n]
+
+
+class StreamLoader:
+    """Batches of a streamed shard (:class:`daskdl.streaming.PartitionReader`): the same
+    number per epoch as :class:`ShardLoader` gives, in the order :func:`stream_plan` makes.
+
+    Memory: the pool (``buffer`` + a batch + a partition of samples) and the partitions read
+    ahead, whatever the shard's size. ``epoch(e, start)`` replays the plan's first
+    ``start`` steps on sample ids alone, then reads only the partitions whose samples are
+    still in the pool, so a regrouped or resumed run goes on where it was."""
+
+    def __init__(
+        self, reader, sizes: Sequence[int], batch_size: int, steps: int, seed: int, rank: int,
+        shuffle: bool, buffer: int, augment: bool, device, channels_last: bool,
+        sample_shape: tuple, target_shape: tuple, y_dtype,
+    ):  # fmt: skip
+        self.reader, self.sizes = reader, [int(n) for n in sizes]
+        self.batch_size, self.steps = batch_size, steps
+        self.seed, self.rank, self.shuffle, self.buffer = seed, rank, shuffle, buffer
+        self.augment, self.device = augment, torch.device(device)
+        self.channels_last = channels_last
+        self.offsets = np.cumsum([0, *self.sizes])
+        capacity = (buffer if shuffle else 0) + batch_size + max(self.sizes)
+        self.pool = _Pool([
+            np.empty(capacity, np.int64),
+            np.empty((capacity, *sample_shape), np.float32),
+            np.empty((capacity, *target_shape), y_dtype),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        B = self.batch_size
+        plan = stream_plan(
+            self.sizes, self.steps, B, self.buffer, self.seed, epoch, self.rank, self.shuffle
+        )
+        held = self._held_at(plan, start)
+        owner = np.searchsorted(self.offsets, held, side="right") - 1
+        now = [int(p) for p in np.unique(owner)]
+        parts = self.reader.stream([*now, *(p for ins, _ in plan[start:] for p in ins)])
+        pool = self.pool
+        pool.head, pool.n = 0, len(held)
+        ids, X, y = pool.columns
+        ids[: len(held)] = held
+        for p in now:  # the pool as it was after step `start`, from the partitions still in it
+            Xp, yp = next(parts)
+            slots = np.flatnonzero(owner == p)
+            rows = held[slots] - self.offsets[p]
+            X[slots], y[slots] = Xp[rows], yp[rows]
+        gen = torch.Generator(self.device).manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        pin = self.device.type == "cuda"
+        for inserts, draws in plan[start:]:
+            for p in inserts:
+                Xp, yp = next(parts)
+                pool.insert([np.arange(self.offsets[p], self.offsets[p + 1]), Xp, yp])
+                del Xp, yp
+            _, xb, yb = pool.take(draws, B)
+            xb, yb = torch.from_numpy(xb), torch.from_numpy(yb)
+            yield deliver(xb, yb, self.device, pin, self.augment and gen, self.channels_last)
+        parts.close()
+
+    def _held_at(self, plan, start: int) -> np.ndarray:
+        """The ids of the samples in the pool after the plan's first ``start`` steps."""
+        if not start:
+            return np.empty(0, np.int64)
+        ids = _Pool([np.empty(len(self.pool.columns[0]), np.int64)])
+        for inserts, draws in plan[:start]:
+            for p in inserts:
+                ids.insert([np.arange(self.offsets[p], self.offsets[p + 1])])
+            ids.take(draws, self.batch_size)
+        return ids.held().copy()

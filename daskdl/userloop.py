@@ -25,6 +25,9 @@ from daskdl.run import Run
 # The TrainConfig fields that the contract itself uses; the others are fit's loop's.
 LOOP_OPTIONS = (
     "seed",
+    "stream",
+    "prefetch",
+    "shuffle_buffer",
     "device",
     "backend",
     "wire_dtype",
@@ -66,13 +69,14 @@ def launch(
         picklable value) is ``run.result``.
     data
         Named data sets, such as ``{"train": train, "val": val}``; each is persisted on the
-        cluster and cut into one shard per rank (the first by sample counts and where its
-        partitions live; it needs a partition per rank), which ``ctx.batches(name, ...)``
-        iterates.
+        cluster (or streamed: ``stream``) and cut into one shard per rank (the first by
+        sample counts and where its partitions live; it needs a partition per rank), which
+        ``ctx.batches(name, ...)`` iterates.
     config
         A JSON-able dict for the loop (``ctx.config``): learning rate, epochs, ...
     **options
         :class:`daskdl.TrainConfig` fields that the contract uses: ``seed`` (shuffling),
+        ``stream``, ``prefetch`` and ``shuffle_buffer`` (streamed data sets),
         ``device``, ``backend``, ``wire_dtype``, ``bucket_mb`` (``ctx.prepare``),
         ``sync_every`` and ``outer_*`` (``ctx.averaging``: local SGD), ``on_nonfinite``,
         ``comm_timeout``, ``torch_threads``, ``max_failures`` (workers the run may lose: then
@@ -112,22 +116,20 @@ def launch(
     resume_from, _ = read_resume(folder)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)
     names = tuple(data)
-    with Starting(client, folder, data.values()) as starting:
-        persisted = starting.persisted
-        checks.check_parts(
-            client, {n: (xs, ys, ds.task) for n, (ds, xs, ys) in zip(names, persisted)}
-        )
+    with Starting(client, folder, data.values(), ranks, cfg.stream) as starting:
+        held = starting.held
+        checks.check_parts({n: (h.counts, h.ds.task) for n, h in zip(names, held)})
         starting.claim()
         plan = starting.plan(
             train_fn=train_fn,
             loop_config=user_config,
             names=names,
-            target_dtypes=tuple(str(np.dtype(target_dtype(ds.task))) for ds, _, _ in persisted),
+            target_dtypes=tuple(str(np.dtype(target_dtype(h.ds.task))) for h in held),
             options=cfg.to_dict(),
             public=_describe(starting, names, train_fn, user_config, cfg, meta),
             grow=workers is None,
         )
-        run = start(Launch(client, plan, persisted), ranks, resume_from, {"loop": True}, progress)
+        run = start(Launch(client, plan, held), ranks, resume_from, {"loop": True}, progress)
     if block:
         run.wait()
     return run
@@ -143,7 +145,7 @@ def _describe(starting: Starting, names, train_fn, user_config: dict, cfg, meta)
         # The contract's options; epochs are the loop's own (for the dashboard's progress).
         "config": {**cfg.to_dict(), "epochs": epochs if isinstance(epochs, int) else None},
         "loop_config": user_config,
-        "data": {n: len(ds) for n, (ds, _, _) in zip(names, starting.persisted)},
+        "data": {n: len(h.ds) for n, h in zip(names, starting.held)},
         "out": str(out) if out else None,
         "meta": meta or {},
         "max_failures": cfg.max_failures,
