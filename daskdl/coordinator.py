@@ -63,6 +63,10 @@ class Coordinator:
         self.error: BaseException | None = None
         self.lost: list[str] = []  # workers lost during the run, in order
         self._join_asked = False
+        # Heartbeats: when each worker's last one changed (the client's clock), and the comm
+        # id of the membership an unresponsive worker was dropped from.
+        self._heard: dict[str, tuple[float, float]] = {}
+        self._silent: dict[str, str] = {}
 
     @property
     def ended(self) -> bool:
@@ -257,11 +261,38 @@ class Coordinator:
         return states
 
     def live_workers(self) -> set[str]:
-        """Workers that can host a rank: not leaving. A retiring worker counts as gone at
-        once, so its peers regroup without waiting for it to close."""
+        """Workers that can host a rank: not leaving, and heard from. A retiring worker counts
+        as gone at once, so its peers regroup without waiting for it to close; so does one
+        whose heartbeats stopped for twice the comm timeout (a stopped process, a frozen
+        machine), long before the scheduler's own ``worker-ttl`` removes it."""
         workers = workers_info(self.client)
         leaving = ("closing", "closing_gracefully", "closed")
-        return {addr for addr, info in workers.items() if info.get("status") not in leaving}
+        now, silence = time.monotonic(), 2 * self.launch.plan.comm_timeout
+        live = set()
+        for addr, info in workers.items():
+            seen = info.get("last_seen", 0.0)
+            if self._heard.get(addr, (None,))[0] != seen:
+                self._heard[addr] = (seen, now)
+            if info.get("status") in leaving:
+                continue
+            if now - self._heard[addr][1] > silence:
+                self._silent.setdefault(addr, self.launch.comm_id)
+                continue
+            if addr in self._silent:
+                self._wake(addr)
+            live.add(addr)
+        return live
+
+    def _wake(self, addr: str) -> None:
+        """A worker heard from again after it was dropped as unresponsive: whatever rank it
+        still runs belongs to a membership that went on without it, so that is aborted
+        before it may rejoin (at an epoch's end, as any worker that joins)."""
+        comm_id = self._silent.pop(addr)
+        logger.warning("run %s: %s answers again; it may rejoin the run", self.run_id, addr)
+        self.client.run(
+            comm.abort, comm_id, "this worker was dropped as unresponsive", workers=[addr],
+            on_error="ignore",
+        )  # fmt: skip
 
     def _rank_error(self, failed: list[int]) -> BaseException:
         errors = [(i, self.futures[i].exception()) for i in failed]

@@ -77,12 +77,11 @@ class StreamSource:
         """The first ``k`` samples, computed from the partitions' own graphs (the collections'
         optimised graph would give the shared keys other tasks)."""
         xs, ys, n = [], [], 0
-        for part, size in zip(self.partitions, self.sizes):
-            if size:
-                graph = {**part.graph, **{key: self.inputs[key] for key in part.inputs}}
-                X, y = client.get(graph, list(part.keys))
-                xs.append(X), ys.append(y)
-                n += len(X)
+        for part in self.partitions:
+            graph = {**part.graph, **{key: self.inputs[key] for key in part.inputs}}
+            X, y = client.get(graph, list(part.keys))
+            xs.append(X), ys.append(y)
+            n += len(X)
             if n >= k:
                 break
         return np.concatenate(xs)[:k], np.concatenate(ys)[:k]
@@ -160,23 +159,24 @@ def _graph(ds: Dataset) -> tuple[dict, list[tuple]]:
 
 
 def _shared_inputs(dsk: dict, outputs: list[tuple]) -> set:
-    """The keys a rank gets computed: those every partition reads (directly, or as the
-    nearest such key to it), and results persisted already (futures in the graph)."""
-    deps, dependents = get_deps(dsk)
-    n = len(outputs)
-    everyone = (1 << n) - 1
+    """The keys a rank gets computed: the nearest keys to the partitions that every
+    partition reads (what they read through such a key, such as the chunks a statistic
+    was reduced from, is not theirs to read), and results persisted already (futures)."""
+    deps, _ = get_deps(dsk)
+    own = {k for pair in outputs for k in pair}
+    # One partition shares nothing: it computes it all.
+    everyone = (1 << len(outputs)) - 1 if len(outputs) > 1 else -1
     readers = dict.fromkeys(dsk, 0)  # as bits: the partitions that need each key
     for i, pair in enumerate(outputs):
         for k in pair:
             readers[k] |= 1 << i
-    for k in reversed(toposort(dsk, dependencies=deps)):
+    shared = set()
+    for k in reversed(toposort(dsk, dependencies=deps)):  # every key after its dependents
+        if readers[k] == everyone and k not in own:
+            shared.add(k)
+            continue
         for d in deps[k]:
             readers[d] |= readers[k]
-    own = {k for pair in outputs for k in pair}
-    if n == 1:
-        everyone = -1  # no key is shared by "every" partition of one: it computes it all
-    common = {k for k, bits in readers.items() if bits == everyone and k not in own}
-    shared = {d for k in dsk if k not in common for d in deps[k] if d in common}
     return shared | {k for k, v in dsk.items() if isinstance(v, Future) and readers[k]}
 
 

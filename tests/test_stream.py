@@ -1,0 +1,214 @@
+"""Streamed data sets: ranks compute their partitions on their own workers as they train."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from conftest import poll_for
+from sklearn.datasets import load_digits
+
+import daskdl
+from daskdl import Dataset, checkpoint, events, streaming
+from daskdl.loader import StreamLoader, stream_plan
+
+
+class ListReader:
+    """A PartitionReader over arrays already in memory, counting what it reads."""
+
+    def __init__(self, parts):
+        self.parts, self.reads = parts, 0
+
+    def stream(self, order):
+        for i in order:
+            self.reads += 1
+            yield self.parts[i]
+
+
+def _loader(reader, sizes, shuffle=True, buffer=25, batch=16, steps=10):
+    return StreamLoader(
+        reader, sizes, batch, steps, 0, 0, shuffle, buffer, False, "cpu", False, (3,), (), np.int64
+    )
+
+
+@pytest.fixture
+def numbered():
+    """Four partitions whose samples carry their own index, in features and target."""
+    sizes, parts, first = [30, 50, 20, 60], [], 0
+    for n in sizes:
+        ids = np.arange(first, first + n)
+        parts.append((np.repeat(ids[:, None], 3, axis=1).astype(np.float32), ids))
+        first += n
+    return sizes, parts
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("buffer", [0, 25, 1000])
+def test_an_epoch_streams_every_sample_once_and_resumes_anywhere(numbered, shuffle, buffer):
+    sizes, parts = numbered
+    loader = _loader(ListReader(parts), sizes, shuffle, buffer)  # 10 x 16 = the 160 samples
+    batches = [(xb, yb) for xb, yb in loader.epoch(1)]
+    seen = torch.cat([yb for _, yb in batches]).numpy()
+    assert sorted(seen) == list(range(160))
+    assert all((xb[:, 0].long() == yb).all() for xb, yb in batches)  # rows stay whole
+    if shuffle:
+        assert list(seen) != sorted(seen)
+        again = torch.cat([yb for _, yb in loader.epoch(2)]).numpy()
+        assert list(again) != list(seen)  # reshuffled every epoch
+    else:
+        assert list(seen) == list(range(160))
+    for start in (1, 4, 9):
+        reader = ListReader(parts)
+        resumed = [yb for _, yb in _loader(reader, sizes, shuffle, buffer).epoch(1, start)]
+        assert len(resumed) == 10 - start
+        assert all((a == b).all() for (_, a), b in zip(batches[start:], resumed))
+        assert reader.reads <= 4  # only the partitions whose samples are still to come
+
+
+def test_a_small_shard_wraps_around_and_the_pool_stays_bounded():
+    plan = stream_plan([10, 10], steps=8, batch=4, buffer=6, seed=0, epoch=0, rank=0, shuffle=True)
+    inserted = [p for ins, _ in plan for p in ins]
+    assert sorted(inserted[:2]) == [0, 1] and len(inserted) >= 3  # a second pass for 32 > 20
+    held = 0
+    for ins, draws in plan:
+        held += sum(10 for _ in ins)
+        assert held <= 6 + 4 + 10 and len(draws) == 4 and draws.max() < held
+        held -= 4
+
+
+def _digits_files(tmp_path):
+    if (tmp_path / "digits.zarr").exists():
+        return tmp_path / "digits.parquet", tmp_path / "digits.zarr"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    X, y = load_digits(return_X_y=True)
+    frame = pd.DataFrame(X.astype(np.float32), columns=[f"p{i}" for i in range(64)])
+    frame["label"] = y
+    dd.from_pandas(frame, npartitions=8).to_parquet(tmp_path / "digits.parquet", write_index=False)
+    images = xr.Dataset(
+        {"image": (("sample", "c", "h", "w"), X.reshape(-1, 1, 8, 8).astype(np.float32)),
+         "label": (("sample",), y)}
+    ).chunk({"sample": 225})  # fmt: skip
+    images.to_zarr(tmp_path / "digits.zarr")
+    return tmp_path / "digits.parquet", tmp_path / "digits.zarr"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_a_streamed_run_trains_like_the_in_memory_run(client, tmp_path, fmt):
+    path = dict(zip(["parquet", "zarr"], _digits_files(tmp_path)))[fmt]
+    data = daskdl.sources.read(path, label="label")
+    train, val = data.split(0.2, seed=0)
+    train, val = train.standardize(), val.standardize(like=train)
+    model = "mlp" if fmt == "parquet" else "small_cnn"
+    opts = dict(epochs=6, batch_size=32, progress=False, seed=0)
+    held = daskdl.fit(client, model, train, val=val, stream=False, **opts)
+    streamed = daskdl.fit(client, model, train, val=val, stream=True, **opts)
+    assert streamed.info["streamed"] == ["train", "val"] and held.info["streamed"] == []
+    a, b = (r.history["val_accuracy"].iloc[-1] for r in (held, streamed))
+    assert a >= 0.93 and b >= 0.93 and abs(a - b) <= 0.03, (a, b)
+    # Every validation sample scored once, on whichever rank streams it.
+    scores = streamed.evaluate(val)
+    assert abs(scores["accuracy"] - b) < 1e-6
+
+
+def test_partitions_read_the_shared_statistics_instead_of_recomputing_them(client, tmp_path):
+    _, path = _digits_files(tmp_path)
+    train = daskdl.sources.read(path, label="label").standardize()
+    [source] = streaming.sources(client, [train])
+    assert source.inputs  # the mean and std, persisted once
+    for part in source.partitions:
+        assert set(part.inputs) == set(source.inputs)
+        # Its own chunk's read and scaling only: no pass over the other partitions.
+        assert not [k for k in part.graph if "mean" in str(k) or "var" in str(k)]
+    X0, _ = source.head(client, 225)
+    np.testing.assert_allclose(X0, train.X[:225].compute(), rtol=1e-6, atol=1e-6)
+
+
+def _linear(input_shape, n_outputs):
+    n_inputs = int(np.prod(input_shape))
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_inputs, n_outputs))
+
+
+def _ru_maxrss(dask_worker=None) -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(tmp_path):
+    limit, part = 1_000_000_000, 1000  # bytes per worker; samples per partition (12 MB)
+    n = 3 * limit // (3072 * 4)
+    X = da.random.default_rng(0).standard_normal((n, 3072), chunks=(part, 3072), dtype=np.float32)
+    X.to_zarr(str(tmp_path / "X.zarr"))
+    (X[:, 0] > 0).astype(np.int64).to_zarr(str(tmp_path / "y.zarr"))
+    data = Dataset.from_dask(*(da.from_zarr(str(tmp_path / f"{v}.zarr")) for v in "Xy"))
+    with daskdl.local_cluster(n_workers=2, threads_per_worker=1, memory_limit=limit) as client:
+        client.run(lambda: __import__("daskdl.context"))  # torch loaded: the baseline
+        before = client.run(_ru_maxrss)
+        run = daskdl.fit(
+            client, _linear, data, epochs=1, batch_size=512, lr=0.01, progress=False,
+            prefetch=2, shuffle_buffer=2048,
+        )  # fmt: skip
+        after = client.run(_ru_maxrss)
+        assert run.info["streamed"] == ["train"]  # decided by size: 3 GB against 2 x 1 GB
+        assert run.history["train_loss"].notna().all()
+        # The pool (buffer + batch + a partition) and the partitions in flight, with room
+        # for the model and allocator slack: far below the shard (1.5 GB per rank).
+        sample = 3072 * 4
+        bound = (2048 + 512 + part) * sample + (2 + 2) * part * sample + 150 * 2**20
+        grown = {w: after[w] - before[w] for w in after}
+        assert all(g < bound for g in grown.values()), (grown, bound)
+        assert all(a < limit for a in after.values())
+
+
+def _digits_zarr_run(client, tmp_path, **options):
+    _, path = _digits_files(tmp_path)
+    train, val = daskdl.sources.read(path, label="label").split(0.2, seed=0)
+    options = {"epochs": 6, "batch_size": 16, "seed": 0, "progress": False, **options}
+    return daskdl.fit(client, "mlp", train, val=val, stream=True, **options)
+
+
+def test_a_streamed_run_resumes_where_it_stopped(client, tmp_path):
+    with dask.config.set({"daskdl.keep-checkpoints": None}):
+        full = _digits_zarr_run(client, tmp_path / "a", out=tmp_path / "full", epochs=4)
+    # A run that crashed after epoch 2: only its first two checkpoints exist.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for p in checkpoint.list_checkpoints(crashed / "checkpoints")[2:]:
+        shutil.rmtree(p)
+    resumed = _digits_zarr_run(client, tmp_path / "a", out=crashed, resume=crashed, epochs=4)
+    assert resumed.info["start_epoch"] == 2
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.history["epoch"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def three_workers():
+    with daskdl.local_cluster(n_workers=3, threads_per_worker=1) as c:
+        yield c
+
+
+def test_a_worker_killed_mid_stream_costs_only_its_partitions(three_workers, tmp_path):
+    run = _digits_zarr_run(three_workers, tmp_path, epochs=5, block=False)
+    poll_for(
+        lambda: any(
+            e["kind"] == "step" and e["epoch"] == 2 and e["rank"] == 2
+            for e in events.replay(three_workers, run.run_id)
+        ),
+        timeout=60,
+    )
+    victim = run.workers[2]
+    os.kill(three_workers.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    run.wait(timeout=180)
+    change = next(e for e in events.replay(three_workers, run.run_id) if e["kind"] == "membership")
+    assert list(change["lost"]) == [victim] and change["world_size"] == 2
+    assert run.history["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
