@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a CUDA machine (the lent GPU machine included): install the
 # wheels it lacks (if .whl/ is here, from ../shared/gpu/fetch-wheels.sh), run the gpu-marked
-# tests, then the GPU benchmark (benchmarks/gpu.py), whose table comes last.
+# tests, then the GPU benchmarks (benchmarks/gpu.py, then gpu_predict.py), whose tables come last.
 # Without CUDA the tests are skipped and the benchmark runs its small CPU fallback.
 #   bash benchmarks/gpu.sh [gpu.py options]        PYTHON=... picks the interpreter
 set -euo pipefail
@@ -26,4 +26,5 @@ else
   echo "No CUDA device: gpu-marked tests skip; the benchmark runs its CPU fallback."
 fi
 "$PYTHON" benchmarks/gpu.py "$@"
+"$PYTHON" benchmarks/gpu_predict.py "$@"
 exit "${tests_failed:-0}"

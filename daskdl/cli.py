@@ -257,6 +257,7 @@ BENCHMARKS = {
     "ddp": ["--n", "1024", "--epochs", "2"],
     "words": ["--mb", "40", "--files", "4"],
     "predict": ["--n", "200000", "--rounds", "2"],
+    "stream": ["--n", "20000"],
 }
 LOWER_IS_BETTER = {"allreduce"}  # a time ratio; the others are throughput ratios
 

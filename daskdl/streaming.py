@@ -26,6 +26,7 @@ from dask.core import get_deps, toposort
 from dask.local import get_sync
 from distributed import Client, Future
 
+from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class StreamSource:
     def map_partitions(self, func, name: str) -> tuple[dict, list]:
         """A graph of ``func(X, y)`` for every partition, reading the persisted inputs, and
         the keys of its results: a pass over the data that keeps nothing but the results."""
-        dsk = {k: f for k, f in self.inputs.items()}
+        dsk = dict(self.inputs)
         keys = []
         for i, part in enumerate(self.partitions):
             dsk.update(part.graph)
@@ -105,7 +106,7 @@ def should_stream(client: Client, datasets: Sequence[Dataset], workers: Sequence
     Unknown partition lengths (a dataframe's) are estimated from the first partition's."""
     if stream is not None:
         return bool(stream)
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = workers_info(client)
     limits = [info[w].get("memory_limit") or 0 for w in workers if w in info]
     if not limits or not all(limits):
         return False
@@ -123,7 +124,10 @@ def _estimated_nbytes(client: Client, ds: Dataset) -> float:
     if not math.isnan(ds.X.shape[0]):
         return ds.X.nbytes + ds.y.nbytes
     first = client.compute(ds.X.blocks[0]).result()  # one partition, as a sample of the rest
-    return first.nbytes * ds.npartitions * (1 + ds.y.itemsize / max(1, first[0].nbytes))
+    per_sample = (
+        math.prod(ds.X.shape[1:]) * ds.X.itemsize + math.prod(ds.y.shape[1:]) * ds.y.itemsize
+    )
+    return len(first) * ds.npartitions * per_sample
 
 
 def sources(client: Client, datasets: Sequence[Dataset]) -> list[StreamSource]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 
 import pytest
@@ -35,6 +36,28 @@ def fresh_client():
     """A cluster of its own, for tests that kill or exhaust workers."""
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as c:
         yield c
+
+
+@pytest.fixture
+def three_workers():
+    with daskdl.local_cluster(n_workers=3, threads_per_worker=1) as c:
+        yield c
+
+
+def kill_mid_epoch(client, run, rank: int = 2, epoch: int = 2) -> str:
+    """SIGKILL ``rank``'s worker once it has reported steps of ``epoch``; its address."""
+    from daskdl import events
+
+    poll_for(
+        lambda: any(
+            e["kind"] == "step" and e["epoch"] == epoch and e["rank"] == rank
+            for e in events.replay(client, run.run_id)
+        ),
+        timeout=60,
+    )
+    victim = run.workers[rank]
+    os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    return victim
 
 
 @pytest.fixture

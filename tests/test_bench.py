@@ -64,3 +64,5 @@ def test_gpu_script_runs_its_cpu_fallback(tmp_path):
     assert re.search(r"^gpu ratio=[0-9.]+ target=0.95$", proc.stdout, re.MULTILINE)
     table = results.read_text()
     assert "CPU fallback (no CUDA)" in table and "| bf16, channels_last |" in table
+    assert re.search(r"^gpu-predict ratio=[0-9.]+ target=0.95$", proc.stdout, re.MULTILINE)
+    assert "## gpu-predict:" in table

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from conftest import poll_for
+from conftest import kill_mid_epoch, poll_for
 from distributed import Client
 
 import daskdl
@@ -556,12 +556,6 @@ def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
     assert daskdl.fit(fresh_client, "mlp", train, epochs=1, progress=False).status == "finished"
 
 
-@pytest.fixture
-def three_workers():
-    with daskdl.local_cluster(n_workers=3, threads_per_worker=1) as c:
-        yield c
-
-
 def test_a_run_sees_every_worker_while_the_clients_cached_view_is_refreshed(client):
     # Runs look for lost workers every second. The client's scheduler_info() returns its cached
     # view, which the client's own refresh replaces with one holding no workers, and it did so
@@ -593,15 +587,7 @@ def test_training_goes_on_when_a_worker_is_killed_mid_epoch(three_workers):
     undisturbed = _elastic_run(three_workers)
     run = _elastic_run(three_workers, block=False)
     # Mid-epoch: after the first epoch, once rank 2 has reported steps of the second.
-    poll_for(
-        lambda: any(
-            e["kind"] == "step" and e["epoch"] == 2 and e["rank"] == 2
-            for e in events.replay(three_workers, run.run_id)
-        ),
-        timeout=60,
-    )
-    victim = run.workers[2]
-    os.kill(three_workers.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    victim = kill_mid_epoch(three_workers, run)
     run.wait(timeout=120)
     assert run.status == "finished" and run.lost == [victim]
     assert list(run.history["epoch"]) == list(range(1, 9))

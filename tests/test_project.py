@@ -90,6 +90,14 @@ def test_readme_launch_example_runs_as_written(tmp_path):
     _run_readme_example("## Your own training loop: `daskdl.launch`", checks, tmp_path)
 
 
+def test_readme_streaming_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert run.info['streamed'] == ['train', 'val'], run.info"
+        "\nassert run.history['val_accuracy'].iloc[-1] >= 0.95, run.history"
+    )
+    _run_readme_example("## Data larger than memory: streaming", checks, tmp_path)
+
+
 def test_readme_prediction_example_runs_as_written(tmp_path):
     checks = (
         "\nassert accuracy > 0.9, accuracy"
