@@ -16,7 +16,6 @@ Ends with ``stream ratio=<streamed / in-memory> target=0.9``.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -62,7 +61,10 @@ def steady_rate(client, run) -> float:
 
 
 def _peak_rss(dask_worker=None) -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The worker's peak RSS (``VmHWM``: ``ru_maxrss`` would count the parent it was
+    forked from before ``exec``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def train(client, model, data, epochs, stream):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 
 import dask
@@ -137,8 +136,11 @@ def _linear(input_shape, n_outputs):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_inputs, n_outputs))
 
 
-def _ru_maxrss(dask_worker=None) -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _peak_rss(dask_worker=None) -> int:
+    """This process's peak RSS since it started its program (``VmHWM``; ``ru_maxrss`` also
+    counts the forked parent it was before ``exec``: this test process)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(tmp_path):
@@ -150,20 +152,20 @@ def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(t
     data = Dataset.from_dask(*(da.from_zarr(str(tmp_path / f"{v}.zarr")) for v in "Xy"))
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1, memory_limit=limit) as client:
         client.run(lambda: __import__("daskdl.context"))  # torch loaded: the baseline
-        before = client.run(_ru_maxrss)
+        before = client.run(_peak_rss)
         run = daskdl.fit(
             client, _linear, data, epochs=1, batch_size=512, lr=0.01, progress=False,
             prefetch=2, shuffle_buffer=2048,
         )  # fmt: skip
-        after = client.run(_ru_maxrss)
+        after = client.run(_peak_rss)
         assert run.info["streamed"] == ["train"]  # decided by size: 3 GB against 2 x 1 GB
         assert run.history["train_loss"].notna().all()
-        # The pool (buffer + batch + a partition) and the partitions in flight, with room
-        # for the model and allocator slack: far below the shard (1.5 GB per rank).
+        # The pool (buffer + batch + a partition), the partitions in flight, and room for
+        # the model, the allocator's slack and Dask (measured: about 150 MB of it): far
+        # below the shard (1.5 GB per rank).
         sample = 3072 * 4
-        bound = (2048 + 512 + part) * sample + (2 + 2) * part * sample + 150 * 2**20
+        bound = (2048 + 512 + part) * sample + (2 + 2) * part * sample + 250 * 2**20
         grown = {w: after[w] - before[w] for w in after}
-        print("GROWN", {w: g // 2**20 for w, g in grown.items()}, bound // 2**20)
         assert all(g < bound for g in grown.values()), (grown, bound)
         assert all(a < limit for a in after.values())
 
