@@ -244,8 +244,62 @@ class DaskGroup:
             return self._direct(buf, wire, divide_by)
         return self._ring(buf, wire, divide_by)
 
-    def _ring(self, buf: np.ndarray, wire: str, divide_by: int) -> np.ndarray:
-        """Reduce-scatter then all-gather around the ring, pipelined piece by piece.
+    # The ring's two halves apart, for sharded training state: after ``reduce_scatter_`` each
+    # rank holds the finished sum of one chunk of the buffer (``owned``), and ``all_gather_``
+    # hands every rank's chunk to all. Run back to back they are ``allreduce_``.
+
+    def owned(self, n: int) -> slice:
+        """The chunk of a buffer of ``n`` elements that this rank finishes in
+        ``reduce_scatter_`` and contributes to ``all_gather_``: chunk ``(rank + 1) % size``
+        of ``np.array_split``, the ring's order."""
+        q, extra = divmod(n, self.size)  # np.array_split: the first `extra` chunks hold one more
+        c = (self.rank + 1) % self.size
+        start = c * q + min(c, extra)
+        return slice(start, start + q + (c < extra))
+
+    def reduce_scatter_(self, buf: np.ndarray, wire: str = "fp32", divide_by: int = 1):
+        """Sum the 1-D ``buf`` over the ranks into this rank's ``owned`` chunk of it (divided
+        by ``divide_by``); the rest of ``buf`` is left with partial sums. Returns the chunk."""
+        self._check(buf, wire)
+        if self.size > 1:
+            self._seq += 1
+            self._ring(buf, wire, divide_by, gather=False)
+        elif divide_by != 1:
+            buf /= divide_by
+        return buf[self.owned(buf.size)]
+
+    def all_gather_(self, buf: np.ndarray, wire: str = "fp32"):
+        """Every rank's ``owned`` chunk of the 1-D ``buf`` to every rank, in place (with
+        ``wire="bf16"`` each chunk is rounded to bfloat16 on its owner as well, so that every
+        rank ends bit-identical)."""
+        self._check(buf, wire)
+        if self.size > 1:
+            self._seq += 1
+            self._ring(buf, wire, 1, scatter=False)
+        return buf
+
+    def _check(self, buf, wire: str) -> None:
+        if not isinstance(buf, np.ndarray) or buf.ndim != 1:
+            raise TypeError(f"needs a 1-D numpy array, got {type(buf).__name__}.")
+        if wire not in WIRE_DTYPES:
+            raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
+        if wire == "bf16" and buf.dtype != np.float32:
+            raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
+
+    def send(self, dest: int, tag: str, data: np.ndarray) -> None:
+        """Send ``data`` to rank ``dest`` under ``tag`` (which its ``recv`` names): a
+        pipeline stage's activations or their gradients. Returns once ``data`` may change."""
+        self._wait_sent(self._send(dest, f"p2p:{self.rank}:{tag}", data), dest)
+
+    def recv(self, src: int, tag: str) -> np.ndarray:
+        """What rank ``src`` sent under ``tag``, waiting up to the group's timeout."""
+        return self._recv(src, f"p2p:{src}:{tag}")
+
+    def _ring(
+        self, buf: np.ndarray, wire: str, divide_by: int, scatter: bool = True, gather: bool = True
+    ) -> np.ndarray:
+        """Reduce-scatter then all-gather around the ring, pipelined piece by piece (or one
+        of the two: ``scatter``, ``gather``).
 
         Each chunk is cut into pieces of about ``piece_bytes`` on the wire. A piece is passed
         on as soon as it has arrived and been added to, not when its whole chunk has, so all
@@ -280,11 +334,11 @@ class DaskGroup:
             return self._recv(left, f"{tag}:{step}:{k}")
 
         # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
-        for k, piece in enumerate(pieces[r]):
+        for k, piece in enumerate(pieces[r] if scatter else ()):
             if bf16:
                 _bf16(wired[r][k]).copy_(torch.from_numpy(piece))
             send("rs0", r, k, wired[r][k])
-        for s in range(p - 1):
+        for s in range(p - 1 if scatter else 0):
             c = (r - s - 1) % p
             last = s == p - 2
             for k, piece in enumerate(pieces[c]):
@@ -296,9 +350,17 @@ class DaskGroup:
                         kernels.add_round(piece, incoming, wired[c][k])
                 else:
                     self._add(piece, incoming, divide_by if last else 1)
-                send("ag0" if last else f"rs{s + 1}", c, k, wired[c][k])
+                if gather or not last:
+                    send("ag0" if last else f"rs{s + 1}", c, k, wired[c][k])
+        if not scatter:  # this rank's chunk is finished already: it starts the all-gather
+            c = (r + 1) % p
+            for k, piece in enumerate(pieces[c]):
+                if bf16:
+                    _bf16(wired[c][k]).copy_(torch.from_numpy(piece))
+                    torch.from_numpy(piece).copy_(_bf16(wired[c][k]))  # as its peers get it
+                send("ag0", c, k, wired[c][k])
         # All-gather: finished pieces travel on around the ring, forwarded as they arrive.
-        for s in range(p - 1):
+        for s in range(p - 1 if gather else 0):
             c = (r - s) % p
             for k, piece in enumerate(pieces[c]):
                 incoming = recv(f"ag{s}", k)

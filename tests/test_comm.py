@@ -165,3 +165,63 @@ def test_allreduce_over_websocket_comms():
         peers = sorted(workers_info(client))
         results = _run_allreduce(client, peers, 1001, algorithm="pieces")
     _assert_sums(results, 1001, 1e-12)
+
+
+def _halves(run_id, rank, peers, n, wire, rounds=2):
+    """Each round: reduce-scatter, the owned chunk scaled by the rank (as an optimizer would
+    update its shard), all-gather; then a send around the ring."""
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, 20, piece_bytes=4000)
+    try:
+        out = []
+        for k in range(rounds):
+            buf = np.random.default_rng([rank, k]).normal(size=n).astype(np.float32)
+            owned = group.owned(n)
+            chunk = group.reduce_scatter_(buf, wire, divide_by=len(peers)).copy()
+            buf[owned] = chunk * (rank + 1)
+            out.append((owned, chunk, group.all_gather_(buf, wire).copy()))
+        group.send((rank + 1) % len(peers), "hello", np.full(3, rank, np.int64))
+        got = group.recv((rank - 1) % len(peers), "hello")
+        return out, got
+    finally:
+        group.close()
+
+
+def _check_halves(client, peers, n, wire, tol):
+    run_id = uuid.uuid4().hex
+    results = client.gather(
+        [
+            client.submit(_halves, run_id, r, peers, n, wire, workers=[w], pure=False)
+            for r, w in enumerate(peers)
+        ]
+    )
+    p = len(peers)
+    for k in range(2):
+        mean = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(p)) / p
+        expected = np.empty(n)
+        owners = [results[r][0][k][0] for r in range(p)]
+        assert sorted((s.start, s.stop) for s in owners)[0][0] == 0  # the chunks cover it all
+        assert sum(s.stop - s.start for s in owners) == n
+        for r, (rounds, _) in enumerate(results):
+            owned, chunk, _ = rounds[k]
+            np.testing.assert_allclose(chunk, mean[owned], rtol=tol, atol=tol)
+            expected[owned] = chunk * (r + 1)
+        for rounds, _ in results:
+            np.testing.assert_array_equal(rounds[k][2], results[0][0][k][2])  # bit-identical
+            np.testing.assert_allclose(rounds[k][2], expected, rtol=tol, atol=tol)
+    for r, (_, got) in enumerate(results):
+        assert got.tolist() == [(r - 1) % p] * 3
+
+
+@pytest.mark.parametrize("wire,tol", [("fp32", 1e-5), ("bf16", 5e-2)])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_reduce_scatter_and_all_gather_are_the_rings_halves(three, ranks, wire, tol):
+    peers = sorted(workers_info(three))[:ranks]
+    _check_halves(three, peers, 10_001, wire, tol)
+
+
+def test_the_collectives_hold_at_eight_ranks():
+    with daskdl.local_cluster(n_workers=8, threads_per_worker=1) as client:
+        comm.ensure_plugin(client)
+        peers = sorted(workers_info(client))
+        _assert_sums(_run_allreduce(client, peers, 20_011, algorithm="pieces"), 20_011, 1e-12)
+        _check_halves(client, peers, 20_011, "fp32", 1e-5)
