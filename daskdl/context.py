@@ -23,6 +23,7 @@ from daskdl import averaging, checkpoint, events, rundir, security
 from daskdl.comm import CollectiveError, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, StreamLoader, concat
+from daskdl.sharding import ShardedOptimizer
 from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
 
@@ -392,11 +393,16 @@ class RankContext:
         writes them to the run's folder (signed, atomic, the newest few kept) when the run has
         ``out=``, and with ``max_failures`` every rank keeps them in memory, so that a run
         that loses a worker starts ``train_fn`` again on the survivors from here. Call it on
-        every rank. ``averaging`` (from :meth:`averaging`) adds local SGD's outer state."""
+        every rank. ``averaging`` (from :meth:`averaging`) adds local SGD's outer state; a
+        :class:`daskdl.sharding.ShardedOptimizer` is gathered (on every rank) into the plain
+        optimizer's state, which any layout resumes from."""
         keep = self.spec.elastic and self._live is None
-        if not keep and not (self.is_main and self.spec.out):
+        writes = self.is_main and self.spec.out
+        if not keep and not writes and not isinstance(optimizer, ShardedOptimizer):
             return
         state = self._state(model, optimizer, averaging)
+        if not keep and not writes:
+            return
         state.update(epoch=int(epoch) + 1, step=0)
         if keep:
             self._saved = state
@@ -419,6 +425,12 @@ class RankContext:
         the last checkpoint: the survivors of a lost worker go on from the last step every
         rank finished (a failed collective never reaches the optimizer), part-way through an
         epoch (``ctx.resume_step``), losing no step."""
+        if isinstance(optimizer, ShardedOptimizer):
+            raise ValueError(
+                "A ShardedOptimizer's state is spread over the ranks, and a lost rank takes its "
+                "chunk with it: such a run goes on from its last ctx.checkpoint, so do not "
+                "follow it."
+            )
         self._live = (model, optimizer, averaging)
 
     def _state(self, model, optimizer, averaging_) -> dict:

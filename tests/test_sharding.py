@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,10 @@ def _adamw(params):
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+
+
+def _zeros() -> dict:
+    return {"train": Dataset.from_numpy(np.zeros((40, 8), np.float32), np.zeros(40, np.int64))}
 
 
 def _train(ctx):
@@ -109,3 +114,58 @@ def test_a_two_rank_sharded_state_loads_on_three_ranks(three_workers):
         three_workers, functools.partial(_load_in_three, state), data, progress=False
     )
     assert run.result == 3.0  # every rank's chunk is its slice of the whole
+
+
+def _checkpointed(ctx):
+    model = _model()
+    sharded = ctx.world_size > 1
+    opt = ShardedOptimizer(model, _adamw, ctx.group) if sharded else _adamw(model.parameters())
+    start = ctx.restore(model, opt)
+    for epoch in range(start, ctx.config["epochs"]):
+        for xb, yb in ctx.batches("train", 16, epoch, shuffle=False):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        ctx.checkpoint(epoch, model, opt)
+    return {"start": start, "model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def test_a_sharded_loops_checkpoint_resumes_sharded_or_on_one_rank(client, tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(256, 8)).astype(np.float32)
+    data = {"train": Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64), chunks=64)}
+    opts = dict(progress=False, max_failures=0)
+    full = daskdl.launch(client, _checkpointed, data, {"epochs": 4}, workers=2, **opts).result
+    daskdl.launch(client, _checkpointed, data, {"epochs": 2}, workers=2, out=tmp_path / "a", **opts)
+    # The checkpoint on one rank with a plain optimizer: Adam's state for every parameter.
+    single = daskdl.launch(
+        client, _checkpointed, data, {"epochs": 3}, workers=1, out=tmp_path / "b",
+        resume=tmp_path / "a", **opts,
+    ).result  # fmt: skip
+    assert single["start"] == 2 and len(single["optimizer"]["state"]) == 4
+    assert int(single["optimizer"]["state"][0]["step"]) == 2 * 8 + 16  # 2 sharded epochs, 1 here
+    # And sharded again: where the uninterrupted run ends.
+    resumed = daskdl.launch(
+        client, _checkpointed, data, {"epochs": 4}, workers=2, out=tmp_path / "a",
+        resume=True, **opts,
+    ).result  # fmt: skip
+    assert resumed["start"] == 2
+    for name, value in full["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_sharded_optimizer_cannot_be_followed(client):
+    def follows(ctx):
+        model = _model()
+        ctx.follow(model, ShardedOptimizer(model, _adamw, ctx.group))
+
+    with pytest.raises(daskdl.RunError, match="goes on from its last ctx.checkpoint"):
+        daskdl.launch(client, follows, _zeros(), progress=False)
+
+
+def test_a_sharded_optimizer_keeps_float32_cpu_parameters(client):
+    def on_doubles(ctx):
+        ShardedOptimizer(_model().double(), _adamw, ctx.group)
+
+    with pytest.raises(daskdl.RunError, match="keeps float32 parameters on the CPU"):
+        daskdl.launch(client, on_doubles, _zeros(), progress=False)
