@@ -66,6 +66,13 @@ def _from_wire(data: np.ndarray, wire: str) -> np.ndarray:
     return torch.from_numpy(data).view(torch.bfloat16).float().numpy()
 
 
+def _check_wire(buf: np.ndarray, wire: str) -> None:
+    if wire not in WIRE_DTYPES:
+        raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
+    if wire == "bf16" and buf.dtype != np.float32:
+        raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
+
+
 def abort(run_id: str, reason: str, dask_worker=None) -> None:
     """Make every current and future wait of ``run_id`` in this worker fail at once.
 
@@ -226,9 +233,7 @@ class DaskGroup:
         """
         if self.size == 1:
             return buf
-        if wire not in WIRE_DTYPES:
-            raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
-        if torch.is_tensor(buf):
+        if torch.is_tensor(buf):  # checked as the numpy array it is (or is staged in)
             if buf.device.type == "cpu":
                 self.allreduce_(buf.numpy(), wire, divide_by)
                 return buf
@@ -237,8 +242,7 @@ class DaskGroup:
             self.allreduce_(host.numpy(), wire, divide_by)
             buf.copy_(host, non_blocking=True)  # ordered before later kernels on the stream
             return buf
-        if wire == "bf16" and buf.dtype != np.float32:
-            raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
+        _check_wire(buf, wire)
         self._seq += 1
         if buf.nbytes <= self.direct_bytes:
             return self._direct(buf, wire, divide_by)
@@ -281,10 +285,7 @@ class DaskGroup:
     def _check(self, buf, wire: str) -> None:
         if not isinstance(buf, np.ndarray) or buf.ndim != 1:
             raise TypeError(f"needs a 1-D numpy array, got {type(buf).__name__}.")
-        if wire not in WIRE_DTYPES:
-            raise ValueError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}.")
-        if wire == "bf16" and buf.dtype != np.float32:
-            raise TypeError(f"wire='bf16' needs a float32 buffer, got {buf.dtype}.")
+        _check_wire(buf, wire)
 
     def send(self, dest: int, tag: str, data: np.ndarray) -> None:
         """Send ``data`` to rank ``dest`` under ``tag`` (which its ``recv`` names): a

@@ -325,11 +325,9 @@ class RankContext:
                 [X.numpy()], [y.numpy()], batch_size, steps, seed, self.rank, shuffle,
                 augment, self.device, channels_last, y_dtype=y.numpy().dtype,
             )  # fmt: skip
-        reader = self._readers[name]
         return StreamLoader(
-            reader, reader.shard.sizes, batch_size, steps, seed, self.rank, shuffle,
+            self._readers[name], batch_size, steps, seed, self.rank, shuffle,
             self.options.shuffle_buffer, augment, self.device, channels_last,
-            reader.shard.sample_shape, reader.shard.target_shape, reader.y_dtype,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ collectives

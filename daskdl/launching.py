@@ -172,8 +172,8 @@ class Starting:
     def __init__(self, client: Client, folder: RunFolder, datasets, workers, stream):
         self.client, self.folder = client, folder
         datasets = list(datasets)
-        self.streamed = streaming.should_stream(client, datasets, workers, stream)
-        self.held = (stream_data if self.streamed else persist)(client, *datasets)
+        streamed = streaming.should_stream(client, datasets, workers, stream)
+        self.held = (stream_data if streamed else persist)(client, *datasets)
         self.run_id = uuid.uuid4().hex[:8]
         self.staging: Path | None = None
 

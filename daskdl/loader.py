@@ -94,7 +94,7 @@ class ShardLoader:
         B = self.batch_size
         order = epoch_order(len(self.X), self.steps, B, self.seed, epoch, self.rank, self.shuffle)
         # Augmentation draws on the training device (see augment_images).
-        gen = torch.Generator(self.device).manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        gen = _augment_generator(self.device, self.seed, epoch, self.rank)
         on_host = self.X.device.type == "cpu"
         if on_host:
             X, y = self.X.numpy(), self.y.numpy()
@@ -111,6 +111,11 @@ class ShardLoader:
                 xb = torch.index_select(self.X, 0, idx)
                 yb = torch.index_select(self.y, 0, idx)
             yield deliver(xb, yb, self.device, pin, self.augment and gen, self.channels_last)
+
+
+def _augment_generator(device: torch.device, seed: int, epoch: int, rank: int):
+    """The seeded random state of one epoch's augmentation on one rank."""
+    return torch.Generator(device).manual_seed(hash((seed, epoch, rank)) % 2**63)
 
 
 def deliver(xb, yb, device, pin: bool, augment, channels_last: bool):
@@ -210,14 +215,15 @@ class StreamLoader:
     Memory: the pool (``buffer`` + a batch + a partition of samples) and the partitions read
     ahead, whatever the shard's size. ``epoch(e, start)`` replays the plan's first
     ``start`` steps on sample ids alone, then reads only the partitions whose samples are
-    still in the pool, so a regrouped or resumed run goes on where it was."""
+    still in the pool, so a regrouped or resumed run goes on where it was. The partition
+    sizes and sample shapes are the reader's shard's (``reader.shard``)."""
 
     def __init__(
-        self, reader, sizes: Sequence[int], batch_size: int, steps: int, seed: int, rank: int,
-        shuffle: bool, buffer: int, augment: bool, device, channels_last: bool,
-        sample_shape: tuple, target_shape: tuple, y_dtype,
+        self, reader, batch_size: int, steps: int, seed: int, rank: int, shuffle: bool,
+        buffer: int, augment: bool, device, channels_last: bool,
     ):  # fmt: skip
-        self.reader, self.sizes = reader, [int(n) for n in sizes]
+        shard = reader.shard
+        self.reader, self.sizes = reader, [int(n) for n in shard.sizes]
         self.batch_size, self.steps = batch_size, steps
         self.seed, self.rank, self.shuffle, self.buffer = seed, rank, shuffle, buffer
         self.augment, self.device = augment, torch.device(device)
@@ -226,8 +232,8 @@ class StreamLoader:
         capacity = (buffer if shuffle else 0) + batch_size + max(self.sizes)
         self.pool = _Pool([
             np.empty(capacity, np.int64),
-            np.empty((capacity, *sample_shape), np.float32),
-            np.empty((capacity, *target_shape), y_dtype),
+            np.empty((capacity, *shard.sample_shape), np.float32),
+            np.empty((capacity, *shard.target_shape), reader.y_dtype),
         ])  # fmt: skip
 
     def __len__(self) -> int:
@@ -251,7 +257,7 @@ class StreamLoader:
             slots = np.flatnonzero(owner == p)
             rows = held[slots] - self.offsets[p]
             X[slots], y[slots] = Xp[rows], yp[rows]
-        gen = torch.Generator(self.device).manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        gen = _augment_generator(self.device, self.seed, epoch, self.rank)
         pin = self.device.type == "cuda"
         for inserts, draws in plan[start:]:
             for p in inserts:

@@ -79,15 +79,6 @@ class ShardedOptimizer:
         self.optimizer.step()
         self.group.all_gather_(self.flat.numpy(), self.wire)
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (its chunk's)."""
-        return sum(
-            v.numel() * v.element_size()
-            for state in self.optimizer.state.values()
-            for v in state.values()
-            if torch.is_tensor(v)
-        )
-
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:

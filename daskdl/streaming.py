@@ -45,6 +45,10 @@ class Partition:
     keys: tuple  # (X's block, y's block)
     inputs: tuple  # keys of shared, persisted results that the graph reads
 
+    def reading(self, values: dict) -> dict:
+        """The graph with its inputs given (``values``: by key, futures or data nodes)."""
+        return {**self.graph, **{k: values[k] for k in self.inputs}}
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -79,8 +83,7 @@ class StreamSource:
         optimised graph would give the shared keys other tasks)."""
         xs, ys, n = [], [], 0
         for part in self.partitions:
-            graph = {**part.graph, **{key: self.inputs[key] for key in part.inputs}}
-            X, y = client.get(graph, list(part.keys))
+            X, y = client.get(part.reading(self.inputs), list(part.keys))
             xs.append(X), ys.append(y)
             n += len(X)
             if n >= k:
@@ -138,15 +141,15 @@ def sources(client: Client, datasets: Sequence[Dataset]) -> list[StreamSource]:
     computed by each."""
     graphs = [_graph(ds) for ds in datasets]
     merged = {k: v for dsk, _ in graphs for k, v in dsk.items()}
-    shared = set().union(*(_shared_inputs(*g) for g in graphs))
+    deps, _ = get_deps(merged)  # each data set's graph is closed: its keys' deps are its own
+    shared = set().union(*(_shared_inputs(dsk, outputs, deps) for dsk, outputs in graphs))
     todo = [k for k in shared if not isinstance(merged[k], Future)]
     futures = {k: merged[k] for k in shared if isinstance(merged[k], Future)}
     if todo:
-        culled, _ = _cull(merged, get_deps(merged)[0], todo)
+        culled, _ = _cull(merged, deps, todo)
         futures.update(zip(todo, client.get(culled, todo, sync=False)))
     out = []
     for ds, (dsk, outputs) in zip(datasets, graphs):
-        deps, _ = get_deps(dsk)
         parts = [_partition(dsk, deps, pair, shared) for pair in outputs]
         inputs = {k: futures[k] for p in parts for k in p.inputs}
         out.append(StreamSource(parts, inputs, tuple(ds.X.shape[1:]), tuple(ds.y.shape[1:])))
@@ -162,11 +165,10 @@ def _graph(ds: Dataset) -> tuple[dict, list[tuple]]:
     return dsk, list(zip(xs, ys))
 
 
-def _shared_inputs(dsk: dict, outputs: list[tuple]) -> set:
+def _shared_inputs(dsk: dict, outputs: list[tuple], deps: dict) -> set:
     """The keys a rank gets computed: the nearest keys to the partitions that every
     partition reads (what they read through such a key, such as the chunks a statistic
     was reduced from, is not theirs to read), and results persisted already (futures)."""
-    deps, _ = get_deps(dsk)
     own = {k for pair in outputs for k in pair}
     # One partition shares nothing: it computes it all.
     everyone = (1 << len(outputs)) - 1 if len(outputs) > 1 else -1
@@ -222,8 +224,7 @@ class PartitionReader:
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         part = self.parts[i]
         try:
-            graph = {**part.graph, **{k: self.inputs[k] for k in part.inputs}}
-            X, y = get_sync(graph, list(part.keys))
+            X, y = get_sync(part.reading(self.inputs), list(part.keys))
         except Exception as e:
             raise RuntimeError(
                 f"Could not compute partition {i} of this rank's shard of {self.name!r} "
