@@ -71,7 +71,13 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    """The model's state as numpy arrays of their own: not views of tensors that training
+    goes on changing (or, sharded, frees)."""
+    return {k: _copy(v) for k, v in model.state_dict().items()}
+
+
+def _copy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", copy=True).contiguous().numpy()
 
 
 def optimizer_tensors(
@@ -86,7 +92,7 @@ def optimizer_tensors(
     for index, slots in state["state"].items():
         for name, value in slots.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous().numpy()
+            tensors[f"{index}.{name}"] = _copy(value)
     return tensors, state["param_groups"]
 
 

@@ -17,7 +17,7 @@ import torch
 from distributed import Client
 
 from daskdl import config as config_
-from daskdl import preflight, rundir, security
+from daskdl import preflight, rundir, security, sharding
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 
@@ -192,3 +192,32 @@ def check_parts(parts: dict[str, tuple[np.ndarray, str]]) -> dict:
     for name, (_, task) in parts.items():
         preflight.check_values(name, counts[name], task)
     return counts
+
+
+def check_memory(client: Client, model: torch.nn.Module, cfg: TrainConfig, ranks: list[str]):
+    """The training state of ``model`` (see :func:`daskdl.sharding.state_bytes_needed`) fits
+    each rank's worker below the fraction of its memory limit at which Dask restarts it."""
+    need = sharding.state_bytes_needed(model, cfg, len(ranks))
+    # The client's setting stands in for the workers' (the default unless configured).
+    terminate = dask.config.get("distributed.worker.memory.terminate") or 1.0
+    info = workers_info(client)
+    for worker in ranks:
+        limit = info.get(worker, {}).get("memory_limit") or 0
+        used = info.get(worker, {}).get("metrics", {}).get("memory", 0)
+        room = terminate * limit - used
+        if limit and need > room:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            layout = (
+                f"shard={cfg.shard!r} over {len(ranks)} rank(s)"
+                if cfg.shard
+                else (f"a whole replica on each of {len(ranks)} rank(s)")
+            )
+            raise preflight.ModelCheckError(
+                f"The model's training state needs {need / 1e9:.2f} GB per rank ({n:,} float32 "
+                f"parameters, their gradients and the {cfg.optimizer} optimizer's state, "
+                f"{layout}), more than worker {worker} has room for: {room / 1e9:.2f} GB below "
+                f"{terminate:.0%} of its {limit / 1e9:.2f} GB memory limit, where Dask restarts "
+                f"it ({used / 1e9:.2f} GB in use). Spread the state over more workers with "
+                "shard='full' (parameters, gradients and optimizer state 1/P each) or "
+                "shard='optimizer', or give the workers more memory."
+            )

@@ -533,6 +533,26 @@ class TorchGroup:
         buf /= self.size
         return buf
 
+    owned = DaskGroup.owned
+
+    def reduce_scatter_(self, buf: np.ndarray, wire: str = "fp32", divide_by: int = 1):
+        """As :meth:`DaskGroup.reduce_scatter_`. gloo has no reduce-scatter: an all-reduce,
+        of which this rank keeps its chunk (twice the ring half's bytes)."""
+        self.allreduce_(buf, wire)
+        chunk = buf[self.owned(buf.size)]
+        if divide_by != 1:
+            chunk /= divide_by
+        return chunk
+
+    def all_gather_(self, buf: np.ndarray, wire: str = "fp32"):
+        """As :meth:`DaskGroup.all_gather_`, as an all-reduce of this rank's chunk and zeros
+        (gloo's all-gather wants chunks of one size)."""
+        mine = self.owned(buf.size)
+        kept = buf[mine].copy()
+        buf[:] = 0
+        buf[mine] = kept
+        return self.allreduce_(buf, wire)
+
     def close(self) -> None:
         # Tear down in order: the group, then the store; rank 0 removes the published address.
         self._pg = self._nccl_pg = None

@@ -84,6 +84,13 @@ class TrainConfig:
     bucket_mb: float = option(
         25.0, "gradients are all-reduced in buckets of about this many MB, as backward makes them"
     )
+    shard: str | None = option(
+        None,
+        "spread the training state over the ranks: optimizer (ZeRO-1: each rank keeps 1/P of "
+        "the optimizer's state) or full (ZeRO-3: parameters and gradients too, gathered per "
+        "module as forward and backward reach it)",
+        (None, "optimizer", "full"),
+    )
     outer_optimizer: str | None = option(
         None, "nesterov: a DiLoCo-style outer step at each local-SGD average", (None, "nesterov")
     )
@@ -160,6 +167,16 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.metadata["choices"] is not None:
                 choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        if self.shard is not None and (self.sync_every != 1 or self.outer_optimizer):
+            raise ValueError(
+                f"shard={self.shard!r} averages gradients every step, and sync_every="
+                f"{self.sync_every} is local SGD, which averages whole replicas: choose one."
+            )
+        if self.shard == "full" and self.compile:
+            raise ValueError(
+                "shard='full' gathers each module's parameters in hooks around its forward, "
+                "which torch.compile would trace away: leave compile off with it."
+            )
 
     @property
     def timeout(self) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +21,11 @@ import torch
 from distributed import get_worker
 
 from daskdl import averaging, checkpoint, events, rundir, security
+from daskdl import config as config_
 from daskdl.comm import CollectiveError, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, StreamLoader, concat
-from daskdl.sharding import ShardedOptimizer
+from daskdl.sharding import SHARDS, ShardedOptimizer
 from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
 
@@ -134,40 +136,77 @@ class RankContext:
 
     # ------------------------------------------------------------------ model
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, optimizer=None, *, shard: str | None = None):
         """``model`` on this rank's device, with the same initial weights as on every rank
         (rank 0's), and its gradients averaged over the ranks by every ``backward()``: in
         buckets that start while backward still runs, over daskdl's collective (the run's
         ``backend`` and ``wire_dtype``). A non-finite loss or gradient on any rank raises
         ``FloatingPointError`` from ``backward()`` on every rank (``on_nonfinite="skip"``:
         no gradient at all, so ``optimizer.step()`` changes nothing, and a ``nonfinite``
-        event)."""
-        if self.options.sync_every != 1 or self.options.outer_optimizer is not None:
+        event).
+
+        With ``shard`` (default: the run's ``shard`` option), the training state is spread
+        over the ranks (:mod:`daskdl.sharding`), and the optimizer must be built over this
+        rank's part of it: pass ``optimizer``, a function of the parameters it updates (say
+        ``lambda ps: torch.optim.AdamW(ps, lr=1e-3)``), and get ``(model, optimizer)`` back;
+        the ranks then agree on stopping and non-finite steps in ``optimizer.step()``. Every
+        rank must run the same forward passes (``shard="full"`` gathers each module's
+        parameters as forward reaches it): score uneven shards inside
+        ``optimizer.gathered()``.
+        """
+        cfg = self.options
+        shard = cfg.shard if shard is None else config_.choice("shard", shard, SHARDS)
+        if cfg.sync_every != 1 or cfg.outer_optimizer is not None:
             raise ValueError(
-                f"sync_every={self.options.sync_every} (local SGD) averages parameters and the "
+                f"sync_every={cfg.sync_every} (local SGD) averages parameters and the "
                 "optimizer's state, not gradients: use ctx.averaging(model, optimizer) and "
                 "call its zero_grad/backward_done/step_done around each step, as fit's loop does."
             )
+        if shard is not None and not callable(optimizer):
+            raise TypeError(
+                f"shard={shard!r} builds the optimizer over this rank's part of the parameters: "
+                "pass optimizer=, a function of them, e.g. "
+                "ctx.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), shard=...), "
+                "and use the (model, optimizer) it returns."
+            )
         model = model.to(self.device)
         self._broadcast_parameters(model)
+        if shard is not None:
+            sharded = self.sharded(model, optimizer, shard)
+            return model, sharded
         sync = averaging.GradientAveraging(
             model,
             None,
             self.group,
-            self.options.wire_dtype,
-            int(self.options.bucket_mb * 2**20),
+            cfg.wire_dtype,
+            int(cfg.bucket_mb * 2**20),
             copy_grads=True,
             on_step=self._after_backward,
         )
         self._averaging.append(sync)
-        return model
+        return model if optimizer is None else (model, optimizer(list(model.parameters())))
+
+    def sharded(self, model: torch.nn.Module, make, shard: str) -> ShardedOptimizer:
+        """``make(params)``'s optimizer over this rank's part of ``model``'s training state
+        (see :class:`daskdl.sharding.ShardedOptimizer`), which also agrees with the other
+        ranks on stopping and non-finite steps. The model must start alike on every rank."""
+        cfg = self.options
+        sharded = ShardedOptimizer(
+            model, make, self.group, shard, cfg.wire_dtype, int(cfg.bucket_mb * 2**20),
+            on_bad=self._after_backward,
+        )  # fmt: skip
+        self._averaging.append(sharded)
+        return sharded
 
     def averaging(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """For a loop that drives the averaging step by step, as ``fit``'s does: the run's
         averager for ``model`` (its ``sync_every``: every step's gradients, or local SGD),
         whose ``zero_grad()``, ``backward_done(stop, loss)`` and ``step_done(step, last)`` the
-        loop calls around each step (see :mod:`daskdl.averaging`). The model must start
-        alike on every rank, as it does when built from the context's seeded random state."""
+        loop calls around each step (see :mod:`daskdl.averaging`); a
+        :class:`daskdl.sharding.ShardedOptimizer` is its own. The model must start alike on
+        every rank, as it does when built from the context's seeded random state."""
+        if isinstance(optimizer, ShardedOptimizer):
+            return optimizer
         sync = averaging.make(model, optimizer, self.group, self.options)
         self._averaging.append(sync)
         return sync
@@ -195,8 +234,9 @@ class RankContext:
                 f"Non-finite loss or gradient at {where}. Lower the learning rate, check the "
                 "data, or launch with on_nonfinite='skip' to skip such steps."
             )
-        for p in sync.params:
-            p.grad = None  # optimizer.step() leaves every parameter as it is
+        if isinstance(sync, averaging.GradientAveraging):
+            for p in sync.params:
+                p.grad = None  # optimizer.step() leaves every parameter as it is
         if self.rank == sync.bad_ranks[0]:
             self.emit("nonfinite", step=self.steps_done, ranks=sync.bad_ranks)
 
@@ -433,8 +473,10 @@ class RankContext:
 
     def _state(self, model, optimizer, averaging_) -> dict:
         outer = averaging_.state_tensors() if averaging_ is not None else None
+        with _whole(optimizer):
+            tensors = checkpoint.model_tensors(model)
         return {
-            "model": checkpoint.model_tensors(model),
+            "model": tensors,
             "optimizer": checkpoint.optimizer_tensors(optimizer, outer=outer)
             if optimizer is not None
             else None,
@@ -501,12 +543,20 @@ def load_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     other ranks' workers when they ask for it; the optimizer keeps (and steps in place) the
     tensors it is given, so it gets copies, or a peer could start from this rank's steps.
     """
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
+    with _whole(optimizer, gather=False):
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
     opt_state = state.get("optimizer")
     if optimizer is not None and opt_state:
         optimizer.load_state_dict(
             copy.deepcopy({k: opt_state[k] for k in ("state", "param_groups")})
         )
+
+
+def _whole(optimizer, gather: bool = True):
+    """The model's parameters whole meanwhile, where ``optimizer`` shards them."""
+    if isinstance(optimizer, ShardedOptimizer):
+        return optimizer.gathered(gather)
+    return nullcontext()
 
 
 def _loggable(name: str, value):

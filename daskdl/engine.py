@@ -30,19 +30,17 @@ def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> floa
     return cfg.lr
 
 
-def make_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
-) -> torch.optim.Optimizer:
-    """SGD or AdamW. ``fused`` updates all parameters in one kernel, and skips a non-finite
-    step on the device (``found_inf``), which lets a rank that decides alone (a single
-    rank, or local SGD between synchronisations) run on a GPU without waiting for it every
-    step (see ``train_step``)."""
+def make_optimizer(params, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params``. ``fused`` updates all parameters in one kernel, and
+    skips a non-finite step on the device (``found_inf``), which lets a rank that decides
+    alone (a single rank, or local SGD between synchronisations) run on a GPU without
+    waiting for it every step (see ``train_step``)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
         )
     return torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,

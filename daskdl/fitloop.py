@@ -46,7 +46,9 @@ class FitLoop:
             trainer.finish_epoch(epoch, metrics)
             if epoch + 1 < cfg.epochs and ctx.should_regroup:
                 ctx.regroup()  # workers joined: go on with more ranks
-        return {"model": checkpoint.model_tensors(trainer.model)} if ctx.is_main else None
+        with trainer.whole():  # on every rank: sharded parameters are gathered
+            tensors = checkpoint.model_tensors(trainer.model)
+        return {"model": tensors} if ctx.is_main else None
 
 
 class Trainer:
@@ -70,11 +72,16 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
-        self.opt = make_optimizer(self.model, cfg, fused)
+        if cfg.shard:  # the optimizer over this rank's part of the state, and its averager
+            fused = False
+            self.opt = ctx.sharded(self.model, lambda ps: make_optimizer(ps, cfg), cfg.shard)
+        else:
+            self.opt = make_optimizer(self.model.parameters(), cfg, fused)
         self.sync = ctx.averaging(self.model, self.opt)
         self.start_epoch = ctx.restore(self.model, self.opt, averaging=self.sync)
         prepare_optimizer(self.opt, fused)
-        ctx.follow(self.model, self.opt, averaging=self.sync)
+        if not cfg.shard:  # sharded state goes with a lost rank: regroups use checkpoints
+            ctx.follow(self.model, self.opt, averaging=self.sync)
         self.has_val = "val" in ctx.datasets
         self.val = None  # the validation shard, where it is held in memory
         if self.has_val and not ctx.streamed("val"):
@@ -90,6 +97,11 @@ class Trainer:
         # Compiled for speed only: checkpoints and results come from the plain module.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.process = psutil.Process(os.getpid())
+
+    def whole(self):
+        """The model's parameters whole on this rank meanwhile (a collective with
+        ``shard="full"``, which keeps only a chunk of them outside forward and backward)."""
+        return self.opt.gathered() if self.cfg.shard else nullcontext()
 
     def train_epoch(self, epoch: int, first_step: int = 0) -> dict | None:
         """One pass over this rank's shard (from batch ``first_step``, when a regrouped run
@@ -215,11 +227,13 @@ class Trainer:
         sums[4] = metrics["skipped_steps"]
         if self.has_val:
             scores = metrics_.build(self.loop.metrics, self.objective, self.device)
-            for Xv, yv in self.val or ctx.partitions("val"):
-                sums[2:4] += metrics_.score(
-                    self.forward, Xv, yv, cfg.eval_batch_size, self.autocast,
-                    self.objective, scores, self.loop.val_scale, self.device, self.channels_last,
-                )  # fmt: skip
+            with self.whole():  # ranks score shards of different sizes
+                for Xv, yv in self.val or ctx.partitions("val"):
+                    sums[2:4] += metrics_.score(
+                        self.forward, Xv, yv, cfg.eval_batch_size, self.autocast,
+                        self.objective, scores, self.loop.val_scale, self.device,
+                        self.channels_last,
+                    )  # fmt: skip
         sums = ctx.all_reduce(sums)
         metrics["train_loss"] = float(sums[0] / ctx.world_size)
         if metrics["train_accuracy"] is not None:

@@ -119,9 +119,11 @@ def fit(
     datasets = [train, *([val] if val is not None else [])]
     with Starting(client, folder, datasets, ranks, cfg.stream) as starting:
         held = starting.held
-        objective, scales, n_params = _dry_run(
+        objective, scales, probe = _dry_run(
             client, held, model, loss, metric_specs, cfg, manifest, resume_state
         )
+        checks.check_memory(client, probe, cfg, ranks)
+        n_params = sum(p.numel() for p in probe.parameters())
         starting.claim()
         plan, spec = _plan(
             starting, model, objective, metric_specs, scales, cfg, meta, n_params,
@@ -242,7 +244,7 @@ def _checkpoint_to_resume(folder, cfg: TrainConfig) -> tuple[dict | None, dict |
 def _dry_run(client, held, model, loss, metric_specs, cfg, manifest, resume_state):
     """Check the data's counts, then build one replica here and train it on a few real
     samples: a bad model fails now, naming what it saw, not on every worker from deep inside
-    torch. Returns the objective, the data sets' target scales and the parameter count."""
+    torch. Returns the objective, the data sets' target scales and the model."""
     train = held[0].ds
     n_outputs = _validate_labels(dict(zip(("train", "val"), held)), train)
     scales = [target_scale(client, h.ds) for h in held]
@@ -261,7 +263,7 @@ def _dry_run(client, held, model, loss, metric_specs, cfg, manifest, resume_stat
             cfg.to_dict(),
             train.categories,
         )
-    return objective, scales, sum(p.numel() for p in probe.parameters())
+    return objective, scales, probe
 
 
 def _with_embeddings(model: models.ModelSpec, train: Dataset) -> models.ModelSpec:

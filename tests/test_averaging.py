@@ -39,7 +39,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
     cfg = TrainConfig(
         lr=0.1, momentum=0.9, optimizer=optimizer, sync_every=every, outer_optimizer=outer
     )
-    opt = daskdl.engine.make_optimizer(model, cfg)
+    opt = daskdl.engine.make_optimizer(model.parameters(), cfg)
     group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=30)
     sync = (
         averaging.GradientAveraging(model, opt, group)
@@ -173,7 +173,7 @@ def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_devic
     torch.manual_seed(0)
     model = models.mlp((6,), 3)
     cfg = TrainConfig(lr=0.1, momentum=0.9, sync_every=4)
-    opt = daskdl.engine.make_optimizer(model, cfg, fused=True)
+    opt = daskdl.engine.make_optimizer(model.parameters(), cfg, fused=True)
     daskdl.engine.prepare_optimizer(opt, fused=True)
     sync = averaging.make(model, opt, _OneRank(), cfg)
     assert isinstance(sync, averaging.LocalSGD) and sync.defer_nonfinite

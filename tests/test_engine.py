@@ -90,7 +90,7 @@ def test_loading_a_resumed_state_leaves_it_as_it_was():
     cfg = TrainConfig(lr=0.1, momentum=0.9)
     torch.manual_seed(0)
     saved = models.mlp((6,), 3)
-    saved_opt = make_optimizer(saved, cfg)
+    saved_opt = make_optimizer(saved.parameters(), cfg)
     F.cross_entropy(saved(torch.randn(8, 6)), torch.zeros(8, dtype=torch.int64)).backward()
     saved_opt.step()
     resume = {
@@ -100,7 +100,7 @@ def test_loading_a_resumed_state_leaves_it_as_it_was():
     before = copy.deepcopy(resume)
 
     model = models.mlp((6,), 3)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model.parameters(), cfg)
     load_state(model, opt, resume)
     for _ in range(2):
         opt.zero_grad()

@@ -3,6 +3,8 @@ half the state per rank."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 
 import numpy as np
@@ -49,8 +51,8 @@ def _train(ctx):
         again = ShardedOptimizer(_model(), _adamw, ctx.group)
         again.load_state_dict(state)
         same = all(
-            torch.equal(again.optimizer.state[again.shard][k], v)
-            for k, v in opt.optimizer.state[opt.shard].items()
+            torch.equal(again.optimizer.state[again.units[0].shard][k], v)
+            for k, v in opt.optimizer.state[opt.units[0].shard].items()
         )
         assert same, "a loaded chunk differs from the one that was saved"
     return {"model": model.state_dict(), "optimizer": state, "state_bytes": held}
@@ -97,9 +99,9 @@ def _load_in_three(state, ctx):
     opt = ShardedOptimizer(_model(), _adamw, ctx.group)
     opt.load_state_dict(state)
     flat = torch.cat([state["state"][i]["exp_avg"].reshape(-1) for i in range(4)])
-    return ctx.all_reduce(
-        float(torch.equal(opt.optimizer.state[opt.shard]["exp_avg"], flat[opt.owned]))
-    )
+    [unit] = opt.units
+    mine = opt.optimizer.state[unit.shard]["exp_avg"]
+    return ctx.all_reduce(float(torch.equal(mine, flat[unit.owned])))
 
 
 def test_a_two_rank_sharded_state_loads_on_three_ranks(three_workers):
@@ -169,3 +171,108 @@ def test_a_sharded_optimizer_keeps_float32_cpu_parameters(client):
 
     with pytest.raises(daskdl.RunError, match="keeps float32 parameters on the CPU"):
         daskdl.launch(client, on_doubles, _zeros(), progress=False)
+
+
+def _blobs(n=512, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    return Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0), chunks=n // 4)
+
+
+@pytest.mark.parametrize(
+    "shard, backend", [("optimizer", "dask"), ("full", "dask"), ("full", "torch")]
+)
+def test_fit_with_sharded_state_trains_as_unsharded_data_parallelism(client, shard, backend):
+    data = _blobs()
+    opts = dict(
+        epochs=2, optimizer="adamw", lr=1e-2, progress=False, backend=backend,
+        bucket_mb=0.01,  # shard="full": a unit per layer of the mlp
+    )  # fmt: skip
+    mlp = ("mlp", {"hidden": 64})
+    plain = daskdl.fit(client, mlp, data, val=data, **opts)
+    sharded = daskdl.fit(client, mlp, data, val=data, shard=shard, **opts)
+    assert plain.history["train_loss"].iloc[-1] < plain.history["train_loss"].iloc[0]
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(sharded.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sharded.history["val_accuracy"], plain.history["val_accuracy"], rtol=1e-6
+    )
+    assert sharded.info["config"]["shard"] == shard
+
+
+def _state_bytes(ctx):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(128, 128) for _ in range(6)))
+    out = {}
+    for shard in ("optimizer", "full"):
+        model_, opt = ctx.prepare(copy.deepcopy(model), _adamw, shard=shard)
+        xb = torch.randn(16, 128)
+        opt.zero_grad()
+        model_(xb).square().mean().backward()
+        opt.step()
+        out[shard] = opt.state_bytes()
+    return out
+
+
+def test_sharded_state_per_rank_is_what_zero_says(client):
+    """ZeRO's bytes per rank for P ranks, AdamW (K = 8 bytes of state per parameter):
+    optimizer (4 + 4 + K / P) x params, full (4 + 4 + K) / P x params."""
+    run = daskdl.launch(client, _state_bytes, _zeros(), workers=2, progress=False)
+    n = 6 * (128 * 128 + 128)
+    assert run.result["optimizer"] == pytest.approx((8 + 8 / 2) * n, rel=0.15)
+    assert run.result["full"] == pytest.approx(16 * n / 2, rel=0.15)
+
+
+def _prepared(ctx):
+    mode = ctx.config["shard"]
+    if mode:
+        model, opt = ctx.prepare(_model(), _adamw, shard=mode)
+    else:
+        model, opt = ctx.prepare(_model(), _adamw)
+    for epoch in range(2):
+        for xb, yb in ctx.batches("train", 16, epoch):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    if ctx.config.get("poison"):
+        opt.zero_grad()
+        (model(xb).sum() * float("nan")).backward()
+        opt.step()
+    whole = opt.gathered() if mode else contextlib.nullcontext()
+    with whole:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_launch_loop_shards_through_ctx_prepare(client):
+    data = {"train": _blobs()}
+    runs = {
+        mode: daskdl.launch(client, _prepared, data, {"shard": mode}, progress=False).result
+        for mode in (None, "optimizer", "full")
+    }
+    for mode in ("optimizer", "full"):
+        for name, value in runs[None].items():
+            torch.testing.assert_close(runs[mode][name], value, rtol=1e-5, atol=1e-6)
+    # The ranks agree in optimizer.step(): a NaN gradient on them raises on every rank.
+    with pytest.raises(daskdl.RunError, match="Non-finite loss or gradient"):
+        daskdl.launch(client, _prepared, data, {"shard": "full", "poison": True}, progress=False)
+
+
+def test_ctx_prepare_with_shard_needs_an_optimizer_factory(client):
+    def bare(ctx):
+        ctx.prepare(_model(), shard="optimizer")
+
+    with pytest.raises(daskdl.RunError, match="pass optimizer=, a function of them"):
+        daskdl.launch(client, bare, _zeros(), progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(shard="full", compile=True), "leave compile off"),
+        (dict(shard="optimizer", sync_every=4), "choose one"),
+        (dict(shard="zero"), "shard"),
+    ],
+)
+def test_sharding_options_that_cannot_go_together(options, match):
+    with pytest.raises(ValueError, match=match):
+        daskdl.TrainConfig(**options)
