@@ -433,30 +433,34 @@ class RankContext:
         that loses a worker starts ``train_fn`` again on the survivors from here. Call it on
         every rank. ``averaging`` (from :meth:`averaging`) adds local SGD's outer state; a
         :class:`daskdl.sharding.ShardedOptimizer` is gathered (on every rank) into the plain
-        optimizer's state, which any layout resumes from."""
-        keep = self.spec.elastic and self._live is None
+        optimizer's state, which any layout resumes from. Held whole on every rank, sharded
+        state would take the memory that sharding saves, so a sharded run keeps none: it
+        regroups from the checkpoint on disk (with ``out=``), else from its start."""
+        sharded = isinstance(optimizer, ShardedOptimizer)
+        keep = self.spec.elastic and self._live is None and not sharded
         writes = self.is_main and self.spec.out
-        if not keep and not writes and not isinstance(optimizer, ShardedOptimizer):
-            return
+        if not keep and not (self.spec.out if sharded else writes):
+            return  # alike on every rank: a sharded state is gathered by all of them or none
         state = self._state(model, optimizer, averaging)
-        if not keep and not writes:
-            return
         state.update(epoch=int(epoch) + 1, step=0)
         if keep:
             self._saved = state
-        if self.is_main and self.spec.out:
-            step = self.steps_done if step is None else int(step)
-            path = rundir.save_checkpoint(
-                self.spec.out,
-                self.spec.staging,
-                state["epoch"],
-                state["model"],
-                state["optimizer"] or ({}, []),
-                {**self.spec.manifest, "step": step, "history": self.history},
-                self.spec.keep_checkpoints,
-                self.spec.signing_key,
-            )
-            self.emit("checkpoint", epoch=state["epoch"], path=str(path))
+        elif sharded and self.spec.elastic:  # where a regroup finds it: on disk
+            self._saved = {**state, "model": None, "optimizer": None, "on_disk": True}
+        if not writes:
+            return
+        step = self.steps_done if step is None else int(step)
+        path = rundir.save_checkpoint(
+            self.spec.out,
+            self.spec.staging,
+            state["epoch"],
+            state["model"],
+            state["optimizer"] or ({}, []),
+            {**self.spec.manifest, "step": step, "history": self.history},
+            self.spec.keep_checkpoints,
+            self.spec.signing_key,
+        )
+        self.emit("checkpoint", epoch=state["epoch"], path=str(path))
 
     def follow(self, model: torch.nn.Module, optimizer=None, *, averaging=None) -> None:
         """Hand ``model`` and ``optimizer`` back as they are when the run regroups, instead of

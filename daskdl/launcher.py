@@ -6,6 +6,7 @@ few real samples."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,6 +23,8 @@ from daskdl.fitloop import FitLoop
 from daskdl.launching import Launch, Starting, read_resume, start
 from daskdl.objective import Objective, check_loss, describe_loss
 from daskdl.run import Run, check_categories, check_compatible, target_scale
+
+logger = logging.getLogger(__name__)
 
 
 def fit(
@@ -116,6 +119,13 @@ def fit(
     model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
     resume_state, manifest = _checkpoint_to_resume(folder, cfg)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)
+    if cfg.shard and cfg.max_failures and folder.out is None:
+        logger.warning(
+            "shard=%r spreads the training state over the ranks, so a lost worker takes part "
+            "of it along: without out= such a run regroups from its start; with out= from its "
+            "last checkpoint.",
+            cfg.shard,
+        )
     datasets = [train, *([val] if val is not None else [])]
     with Starting(client, folder, datasets, ranks, cfg.stream) as starting:
         held = starting.held

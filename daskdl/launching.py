@@ -6,6 +6,7 @@ membership's; :func:`start` is what ``fit`` and ``launch`` share once their inpu
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from daskdl.data import Dataset
 from daskdl.plan import LaunchPlan, Layout, layout
 from daskdl.run import Run
 from daskdl.shards import who_has_to_locations
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +93,15 @@ class Launch:
 
     def resume_from(self, state: dict) -> dict | None:
         """What a regrouped run's ranks start from: the state a survivor handed back (its
-        replica, or its last checkpoint), or nothing when it had none yet."""
+        replica, or its last checkpoint), or nothing when it had none yet. A sharded run's
+        survivors hold only their chunks of it: its newest checkpoint on disk, then."""
+        if state.get("on_disk"):
+            path, model, optimizer, manifest = checkpoint.load_latest(
+                self.plan.out, self.plan.signing_key
+            )
+            logger.info("run %s regroups from %s", self.plan.run_id, path)
+            state = resume_state(manifest, model, optimizer)
+            return {k: state[k] for k in ("epoch", "model", "optimizer")}
         if state.get("model") is None:
             return None
         opt = state.get("optimizer")

@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kill_mid_epoch
 
 import daskdl
-from daskdl import Dataset
+from daskdl import Dataset, events
 from daskdl.sharding import ShardedOptimizer
 
 
@@ -276,3 +278,24 @@ def test_ctx_prepare_with_shard_needs_an_optimizer_factory(client):
 def test_sharding_options_that_cannot_go_together(options, match):
     with pytest.raises(ValueError, match=match):
         daskdl.TrainConfig(**options)
+
+
+def test_a_sharded_run_that_loses_a_worker_regroups_from_its_checkpoint(
+    three_workers, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="daskdl.launching")
+    train, test = daskdl.datasets.train_test("digits")
+    run = daskdl.fit(
+        three_workers, ("mlp", {"hidden": 64}), train, val=test, epochs=5, batch_size=16,
+        optimizer="adamw", lr=3e-3, shard="full", out=tmp_path / "run", block=False,
+        progress=False,
+    )  # fmt: skip
+    victim = kill_mid_epoch(three_workers, run)
+    run.wait(timeout=180)
+    assert run.status == "finished" and run.lost == [victim]
+    # Every epoch once: those after the last checkpoint again from it, none twice.
+    assert list(run.history["epoch"]) == list(range(1, 6))
+    change = next(e for e in events.replay(three_workers, run.run_id) if e["kind"] == "membership")
+    assert change["world_size"] == 2 and change["step_in_epoch"] == 0
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+    assert f"regroups from {tmp_path / 'run'}" in caplog.text
