@@ -73,10 +73,11 @@ def _write(path: Path, data: bytes) -> None:
 def model_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state as numpy arrays of their own: not views of tensors that training
     goes on changing (or, sharded, frees)."""
-    return {k: _copy(v) for k, v in model.state_dict().items()}
+    return {k: copy(v) for k, v in model.state_dict().items()}
 
 
-def _copy(tensor: torch.Tensor) -> np.ndarray:
+def copy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array of its own, on the host."""
     return tensor.detach().to("cpu", copy=True).contiguous().numpy()
 
 
@@ -87,12 +88,16 @@ def optimizer_tensors(
 
     ``outer`` is the state of a local-SGD outer optimizer, kept under ``outer.<name>``.
     """
-    state = optimizer.state_dict()
+    return state_tensors(optimizer.state_dict(), outer)
+
+
+def state_tensors(state: dict, outer: dict[str, np.ndarray] | None = None):
+    """:func:`optimizer_tensors` of an optimizer's ``state_dict()``."""
     tensors = {f"{OUTER}.{name}": value for name, value in (outer or {}).items()}
     for index, slots in state["state"].items():
         for name, value in slots.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = _copy(value)
+            tensors[f"{index}.{name}"] = copy(value)
     return tensors, state["param_groups"]
 
 

@@ -46,8 +46,10 @@ class FitLoop:
             trainer.finish_epoch(epoch, metrics)
             if epoch + 1 < cfg.epochs and ctx.should_regroup:
                 ctx.regroup()  # workers joined: go on with more ranks
-        with trainer.whole():  # on every rank: sharded parameters are gathered
-            tensors = checkpoint.model_tensors(trainer.model)
+        if cfg.shard:  # gathered by every rank, kept by rank 0
+            tensors = trainer.opt.model_tensors(trainer.model, keep=ctx.is_main)
+        else:
+            tensors = checkpoint.model_tensors(trainer.model) if ctx.is_main else None
         return {"model": tensors} if ctx.is_main else None
 
 

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from daskdl import checkpoint
 from daskdl.comm import DaskGroup
 
 SHARDS = (None, "optimizer", "full")
@@ -376,21 +377,40 @@ class ShardedOptimizer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _whole(self, values: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    def _whole(self, values: dict[int, torch.Tensor], keep: bool) -> list[torch.Tensor]:
         """Every unit's chunk of one kind of state (``values[i]``: unit i's), gathered: the
-        tensors of the model's parameters, in its order."""
+        tensors of the model's parameters, in its order (none where not ``keep``)."""
         per_param = {}
         for i, unit in enumerate(self.units):
             whole = torch.zeros(unit.size)
             whole[unit.owned] = values[i]
             self.group.all_gather_(whole.numpy())
-            for p, view in zip(unit.params, unit.views(whole)):
-                per_param[id(p)] = view.clone()
-        return [per_param[id(p)] for p in self.params]
+            if keep:
+                for p, view in zip(unit.params, unit.views(whole)):
+                    per_param[id(p)] = view.clone()
+        return [per_param[id(p)] for p in self.params] if keep else []
 
-    def state_dict(self) -> dict:
+    def model_tensors(self, model: torch.nn.Module, keep: bool = True) -> dict | None:
+        """``model``'s state as numpy arrays (:func:`daskdl.checkpoint.model_tensors`),
+        gathered a unit at a time (call it on every rank); ``None`` where not ``keep``."""
+        if not self.full:
+            return checkpoint.model_tensors(model) if keep else None
+        names = {id(p): name for name, p in model.named_parameters()}
+        gathered = {}
+        for unit in self.units:
+            self._gather(unit)
+            if keep:
+                gathered.update({names[id(p)]: checkpoint.copy(p) for p in unit.params})
+            self._release(unit)
+        if not keep:
+            return None
+        state = model.state_dict()
+        return {k: gathered[k] if k in gathered else checkpoint.copy(v) for k, v in state.items()}
+
+    def state_dict(self, keep: bool = True) -> dict | None:
         """The state of the plain optimizer over the model's parameters, gathered from every
-        rank (call it on every rank): what an unsharded run checkpoints."""
+        rank (call it on every rank): what an unsharded run checkpoints; ``None`` where not
+        ``keep`` (the gathers still need this rank)."""
         local = self.optimizer.state_dict()
         names = {name for s in local["state"].values() for name in s}
         full: dict[int, dict] = {i: {} for i in range(len(self.params))}
@@ -399,11 +419,13 @@ class ShardedOptimizer:
             first = next(v for v in values.values() if v is not None)
             pairs = zip(values.values(), self.units)
             if all(torch.is_tensor(v) and v.shape == u.shard.shape for v, u in pairs):
-                for i, tensor in enumerate(self._whole(values)):
+                for i, tensor in enumerate(self._whole(values, keep)):
                     full[i][name] = tensor
             else:  # a step count, the same on every rank
                 for i in full:
                     full[i][name] = first.clone() if torch.is_tensor(first) else first
+        if not keep:
+            return None
         groups = [{**g, "params": list(range(len(self.params)))} for g in local["param_groups"]]
         return {"state": {i: s for i, s in full.items() if s}, "param_groups": groups}
 

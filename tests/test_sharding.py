@@ -299,3 +299,31 @@ def test_a_sharded_run_that_loses_a_worker_regroups_from_its_checkpoint(
     assert change["world_size"] == 2 and change["step_in_epoch"] == 0
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
     assert f"regroups from {tmp_path / 'run'}" in caplog.text
+
+
+def _too_big(input_shape, n_outputs):
+    """45M parameters: 0.72 GB of weights, gradients and AdamW's moments."""
+    width = 3000  # layers of 36 MB, above glibc's mmap threshold on the ranks
+    layers = [torch.nn.Linear(input_shape[0], width), torch.nn.ReLU()]
+    for _ in range(5):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, n_outputs))
+
+
+def test_a_model_too_big_for_one_worker_fails_early_and_trains_fully_sharded():
+    """A worker starts at about 0.46 GB (Python, torch, Dask); Dask restarts it at 95% of
+    its 1.15 GB limit, which leaves 0.63 GB: not the 0.72 GB the whole state needs, but room
+    for a quarter of it, the unit being gathered, and the weights rank 0 gathers at the end."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 64)).astype(np.float32)
+    data = Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64), chunks=16)
+    opts = dict(epochs=1, batch_size=8, optimizer="adamw", lr=1e-4, max_failures=0, progress=False)
+    with daskdl.local_cluster(n_workers=4, threads_per_worker=1, memory_limit="1.15GB") as c:
+        one = c.scheduler_info()["workers"]
+        with pytest.raises(daskdl.preflight.ModelCheckError, match=r"needs 0\.72 GB per rank") as e:
+            daskdl.fit(c, _too_big, data, workers=1, **opts)
+        assert "shard='full'" in str(e.value) and "1.15 GB memory limit" in str(e.value)
+        run = daskdl.fit(c, _too_big, data, shard="full", **opts)
+        assert run.status == "finished" and np.isfinite(run.history["train_loss"]).all()
+        assert c.scheduler_info()["workers"].keys() == one.keys()  # none was restarted
+        assert sum(v.numel() for v in run.model.state_dict().values()) == 45_216_002
