@@ -9,6 +9,7 @@ from daskdl.config import TrainConfig
 from daskdl.context import RankContext
 from daskdl.data import Dataset
 from daskdl.launcher import fit
+from daskdl.pipeline import Pipeline
 from daskdl.prediction import predict
 from daskdl.run import Run, RunError
 from daskdl.shards import plan_shards
@@ -23,6 +24,7 @@ __all__ = [
     "CollectiveAborted",
     "Dataset",
     "PeerTimeoutError",
+    "Pipeline",
     "RankContext",
     "Run",
     "RunError",

@@ -163,12 +163,25 @@ class DaskGroup:
         # calls. (bfloat16 sums are finished in one compiled pass: daskdl.kernels.)
         self.block = 2**16
         self._links: dict[int, _Link] = {}
+        self.prefix = ""  # a subgroup's messages are told apart from its parent's by it
+        self._parent: DaskGroup | None = None
+
+    def subgroup(self, ranks: list[int], name: str) -> DaskGroup:
+        """The ranks ``ranks`` of this group (this rank among them) as a group of their own,
+        named ``name`` (the same on each of them): its collectives and messages never meet
+        the parent's or another subgroup's. A pipeline's stage is one."""
+        sub = DaskGroup(
+            self.worker, self.run_id, ranks.index(self.rank), [self.peers[i] for i in ranks],
+            self.timeout, self.piece_bytes, self.direct_bytes,
+        )  # fmt: skip
+        sub.prefix, sub._parent = f"{self.prefix}{name}/", self
+        return sub
 
     def _send(self, dest: int, tag: str, data: np.ndarray):
         """Send ``data`` to rank ``dest``; returns a future that is done once ``data`` may be
         changed again."""
         return asyncio.run_coroutine_threadsafe(
-            self._write(dest, tag, data), self.worker.loop.asyncio_loop
+            self._write(dest, self.prefix + tag, data), self.worker.loop.asyncio_loop
         )
 
     async def _write(self, dest: int, tag: str, data: np.ndarray) -> None:
@@ -218,7 +231,7 @@ class DaskGroup:
 
     def _recv(self, src: int, tag: str) -> np.ndarray:
         return self.box.take(
-            tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
+            self.prefix + tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
         )
 
     def allreduce_(self, buf, wire: str = "fp32", divide_by: int = 1):
@@ -436,7 +449,8 @@ class DaskGroup:
         return self.allreduce_(buf, wire, divide_by=self.size)
 
     def close(self) -> None:
-        manager(self.worker).discard(self.run_id)
+        if self._parent is None:  # the run's mailbox is the whole group's
+            manager(self.worker).discard(self.run_id)
         if self._links:
             try:
                 asyncio.run_coroutine_threadsafe(

@@ -25,6 +25,7 @@ from daskdl import config as config_
 from daskdl.comm import CollectiveError, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, StreamLoader, concat
+from daskdl.pipeline import Pipeline, Stage, split_layers
 from daskdl.sharding import SHARDS, ShardedOptimizer
 from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
@@ -197,6 +198,18 @@ class RankContext:
         )  # fmt: skip
         self._averaging.append(sharded)
         return sharded
+
+    def pipeline(self, model, pipe: Pipeline, sample: torch.Tensor | None = None) -> Stage:
+        """This rank's stage of ``model`` (an ``nn.Sequential`` or a list of modules, built
+        alike on every rank) cut by ``pipe`` (:class:`daskdl.Pipeline`): rank ``r`` is stage
+        ``r % pipe.stages`` of replica ``r // pipe.stages``. Build the optimizer over
+        ``stage.parameters()``; each step, ``stage.train_step(xb, yb, loss_fn)`` (the batch
+        on the first stage, nothing elsewhere) leaves the gradients of the batch's mean loss
+        in them. ``sample``: a batch for ``balance="time"``. See :mod:`daskdl.pipeline`."""
+        if self.device.type != "cpu":
+            raise ValueError("Pipelines run on the CPU so far: launch with device='cpu'.")
+        layers, bounds = split_layers(model, pipe, self.group, sample)
+        return Stage(layers, pipe, self.group, bounds)
 
     def averaging(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """For a loop that drives the averaging step by step, as ``fit``'s does: the run's

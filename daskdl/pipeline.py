@@ -1,0 +1,364 @@
+"""Pipeline parallelism: a model cut into contiguous stages, one rank each.
+
+A model given as an ``nn.Sequential`` or a list of modules is cut into ``stages`` runs of
+consecutive layers (:func:`cut`): by parameter count, by the time each layer takes on the
+workers, or at explicit split points; every layer lands in exactly one stage and none is
+empty. Rank ``r`` is stage ``r % stages`` of replica ``r // stages``. A step cuts the batch
+into microbatches: activations go forward and their gradients backward between neighbouring
+stages over daskdl's worker-to-worker comms (so over TLS on a TLS cluster), microbatch by
+microbatch, in the GPipe order (every forward, then every backward) or the 1F1B order (after
+a warm-up, one forward and one backward in turn, which keeps at most ``stages`` microbatches'
+activations alive). With several replicas each stage's gradients are averaged over its
+replicas (2-D parallelism).
+
+The microbatch losses are weighted by their share of the batch, so a step computes the
+gradient that one rank training the whole model on the whole batch would (for models
+without batch norm, whose statistics are per microbatch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from daskdl import config as config_
+from daskdl.comm import DaskGroup, PeerTimeoutError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("1f1b", "gpipe")
+BALANCES = ("params", "time")
+
+
+class PipelineError(RuntimeError):
+    """A pipeline that cannot run: its message names the stage and what was seen."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How a model is cut into stages and fed: ``fit(..., pipeline=Pipeline(stages=2))``.
+
+    ``stages`` ranks hold one stage each (with more workers, replicas of the pipeline);
+    ``microbatches`` per step; ``schedule`` ``"1f1b"`` or ``"gpipe"``; ``balance`` cuts by
+    ``"params"`` or by the ``"time"`` each layer takes on the workers; ``split`` gives the
+    cut points instead (the indices of the layers that start stages 1, 2, ...).
+    """
+
+    stages: int = 2
+    microbatches: int = 4
+    schedule: str = "1f1b"
+    balance: str = "params"
+    split: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: checked and normalised once, here
+        set_(self, "stages", config_.integer("stages", self.stages, minimum=1))
+        set_(self, "microbatches", config_.integer("microbatches", self.microbatches, minimum=1))
+        config_.choice("schedule", self.schedule, SCHEDULES)
+        config_.choice("balance", self.balance, BALANCES)
+        if self.split is not None:
+            split = tuple(config_.integer("split", i, minimum=1) for i in self.split)
+            if len(split) != self.stages - 1 or list(split) != sorted(set(split)):
+                raise ValueError(
+                    f"split={self.split!r}: give the {self.stages - 1} increasing indices of "
+                    f"the layers that start stages 1..{self.stages - 1}."
+                )
+            set_(self, "split", split)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def bubble(self) -> float:
+        """The ideal idle share of a step: ``(stages - 1) / (microbatches + stages - 1)``."""
+        return (self.stages - 1) / (self.microbatches + self.stages - 1)
+
+
+def layers_of(model) -> list[nn.Module]:
+    """The layers a pipeline cuts: an ``nn.Sequential``'s children, or a list of modules."""
+    if isinstance(model, nn.Sequential):
+        return list(model.children())
+    if isinstance(model, (list, tuple)) and model and all(isinstance(m, nn.Module) for m in model):
+        return list(model)
+    raise TypeError(
+        "A pipeline cuts a model into runs of consecutive layers: give an nn.Sequential or a "
+        f"list of modules that run one after another, not a {type(model).__name__}."
+    )
+
+
+def cut(costs: Sequence[float], stages: int) -> list[int]:
+    """Stage boundaries ``b`` (stage ``s`` is layers ``b[s]:b[s + 1]``) of consecutive,
+    non-empty stages whose costliest stage costs least."""
+    n = len(costs)
+    if n < stages:
+        raise PipelineError(
+            f"A pipeline of {stages} stages needs at least {stages} layers, and the model has "
+            f"{n}: use fewer stages, or give the model as more modules."
+        )
+    prefix = np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)])
+    best = np.full((stages + 1, n + 1), np.inf)
+    start = np.zeros((stages + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            j = np.arange(k - 1, i)
+            worst = np.maximum(best[k - 1, j], prefix[i] - prefix[j])
+            start[k, i] = j[np.argmin(worst)]
+            best[k, i] = worst.min()
+    bounds = [n]
+    for k in range(stages, 0, -1):
+        bounds.append(int(start[k, bounds[-1]]))
+    return bounds[::-1]
+
+
+def parameter_costs(layers: Sequence[nn.Module]) -> list[float]:
+    # One more per layer: among cuts of equal parameters, the one with evener layer counts.
+    return [sum(p.numel() for p in layer.parameters()) + 1.0 for layer in layers]
+
+
+def layer_times(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 3):
+    """Seconds each layer takes for forward and backward on ``sample`` (the best of
+    ``repeats``), run one after another as the stages will."""
+    times, x = [], sample
+    for layer in layers:
+        best = math.inf
+        for _ in range(repeats):
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            t0 = time.perf_counter()
+            out = layer(inp)
+            if out.requires_grad:
+                out.float().sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        layer.zero_grad(set_to_none=True)
+        times.append(best)
+        x = out.detach()
+    return times
+
+
+def order(schedule: str, stages: int, stage: int, microbatches: int) -> list[tuple[str, int]]:
+    """The forward (``"F"``) and backward (``"B"``) passes of one stage in one step."""
+    m = microbatches
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warm = min(stages - stage - 1, m)
+    ops = [("F", i) for i in range(warm)]
+    for i in range(m - warm):
+        ops += [("F", warm + i), ("B", i)]
+    return ops + [("B", i) for i in range(m - warm, m)]
+
+
+def _expects(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return f"(batch, ..., {layer.in_features})"
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return f"(batch, {layer.in_channels}, ...)"
+    return "what its forward takes"
+
+
+class Stage:
+    """This rank's stage of its replica of the pipeline, and how it runs a step.
+
+    ``layers`` is the whole model's (alike on every rank); the stage keeps its own run of
+    them as ``module`` and lets the rest go.
+    """
+
+    def __init__(
+        self, layers: Sequence[nn.Module], pipe: Pipeline, group: DaskGroup, bounds: list[int]
+    ):
+        S = pipe.stages
+        if group.size % S:
+            raise PipelineError(
+                f"{group.size} ranks cannot hold whole replicas of a {S}-stage pipeline: use "
+                f"a multiple of {S} workers."
+            )
+        self.pipe, self.group = pipe, group
+        self.index, self.replica, self.replicas = group.rank % S, group.rank // S, group.size // S
+        self.bounds = (bounds[self.index], bounds[self.index + 1])
+        self.module = nn.Sequential(*layers[self.bounds[0] : self.bounds[1]])
+        self.prev = group.rank - 1 if self.index > 0 else None
+        self.next = group.rank + 1 if self.index < S - 1 else None
+        self.last = self.replica * S + S - 1
+        self.peers = (
+            group.subgroup([r * S + self.index for r in range(self.replicas)], f"s{self.index}")
+            if self.replicas > 1
+            else None
+        )
+        self._step = 0
+        self.stats: dict = {}
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.pipe.stages - 1
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def describe(self) -> str:
+        a, b = self.bounds
+        return f"stage {self.index} (layers {a}-{b - 1}) of replica {self.replica}"
+
+    # ------------------------------------------------------------------ messages
+
+    def _send(self, dest: int, tag: str, tensor: torch.Tensor) -> None:
+        data = np.ascontiguousarray(tensor.detach().cpu().float().numpy())
+        self.stats["bytes_sent"] += data.nbytes
+        self.group.send(dest, f"{tag}:{self._step}", data)
+
+    def _recv(self, src: int, tag: str, what: str, m: int | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            data = self.group.recv(src, f"{tag}:{self._step}")
+        except PeerTimeoutError as e:
+            where = f"microbatch {m} of step {self._step + 1}" if m is not None else "a step"
+            raise PipelineError(
+                f"{self.describe()} waited {self.group.timeout:g}s for {what} of {where} from "
+                f"rank {src} ({self.group.peers[src]}), the stage "
+                f"{'before' if src < self.group.rank else 'after'} it: {e}"
+            ) from e
+        self.stats["wait"] += time.perf_counter() - t0
+        return torch.from_numpy(np.array(data))  # a received message is read-only
+
+    # ------------------------------------------------------------------ a step
+
+    def train_step(self, xb=None, yb=None, loss_fn: Callable | None = None):
+        """Forward and backward over the step's microbatches: the first stage takes the batch
+        ``xb, yb``, the last computes ``loss_fn(outputs, targets)`` (a batch mean) per
+        microbatch; afterwards this stage's parameters hold their gradient of the batch's
+        mean loss (averaged over the replicas), ready for the optimizer. Returns the batch's
+        loss on the last stage, ``None`` elsewhere."""
+        M, S = self.pipe.microbatches, self.pipe.stages
+        self.stats = {"forward": 0.0, "backward": 0.0, "wait": 0.0, "bytes_sent": 0, "alive": 0}
+        t_step = time.perf_counter()
+        xs, ys, weights = self._inputs(xb, yb, M)
+        alive: dict[int, tuple] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for op, m in order(self.pipe.schedule, S, self.index, M):
+            if op == "F":
+                alive[m] = self._forward(m, xs, ys, weights, loss_fn)
+                self.stats["alive"] = max(self.stats["alive"], len(alive))
+                if self.is_last:
+                    loss_sum += alive[m][1].detach().double()
+            else:
+                self._backward(m, *alive.pop(m))
+        if self.peers is not None:
+            self._average()
+        self.stats["step"] = time.perf_counter() - t_step
+        self._step += 1
+        return loss_sum.float() if self.is_last else None
+
+    def _inputs(self, xb, yb, M: int):
+        """The step's microbatches of inputs (first stage), of targets and their weights in the
+        batch's mean (last stage)."""
+        xs = ys = weights = None
+        if self.is_first:
+            if xb is None or yb is None:
+                raise ValueError(f"{self.describe()} is the first stage: pass it the batch.")
+            xs, ys = torch.tensor_split(xb, M), torch.tensor_split(yb, M)
+            if any(len(x) == 0 for x in xs):
+                raise ValueError(
+                    f"A batch of {len(xb)} samples cannot make {M} microbatches: use a batch "
+                    f"of at least {M}, or fewer microbatches."
+                )
+            weights = [len(x) / len(xb) for x in xs]
+            if not self.is_last:
+                for m, y in enumerate(ys):
+                    self._send(self.last, f"y{m}", y)
+        elif self.is_last:
+            first = self.replica * self.pipe.stages
+            ys = [self._recv(first, f"y{m}", "the targets", m) for m in range(M)]
+            total = sum(len(y) for y in ys)
+            weights = [len(y) / total for y in ys]
+        return xs, ys, weights
+
+    def _forward(self, m, xs, ys, weights, loss_fn):
+        t0 = time.perf_counter()
+        if self.is_first:
+            x = xs[m]
+        else:
+            x = self._recv(self.prev, f"a{m}", "the activations", m).requires_grad_(True)
+        try:
+            out = self.module(x)
+        except RuntimeError as e:
+            if self.is_first or self._step > 0 or m > 0:
+                raise
+            raise PipelineError(
+                f"{self.describe()} failed on the activations of shape {tuple(x.shape)} it "
+                f"received: its first layer, {self.module[0]}, expects "
+                f"{_expects(self.module[0])}. Each stage must take what the one before it "
+                f"gives: {e}"
+            ) from e
+        if self.is_last:
+            y = ys[m]
+            loss = loss_fn(out, y.to(torch.int64) if _is_index(y, out) else y) * weights[m]
+            self.stats["forward"] += time.perf_counter() - t0
+            return x, loss
+        self._send(self.next, f"a{m}", out)
+        self.stats["forward"] += time.perf_counter() - t0
+        return x, out
+
+    def _backward(self, m, x, out) -> None:
+        t0 = time.perf_counter()
+        if self.is_last:
+            out.backward()
+        else:
+            grad = self._recv(self.next, f"g{m}", "the gradients", m)
+            if grad.shape != out.shape:
+                raise PipelineError(
+                    f"{self.describe()} sent activations of shape {tuple(out.shape)} for "
+                    f"microbatch {m} and got gradients of shape {tuple(grad.shape)} back."
+                )
+            out.backward(grad.to(out.dtype))
+        if not self.is_first:
+            self._send(self.prev, f"g{m}", x.grad)
+        self.stats["backward"] += time.perf_counter() - t0
+
+    def _average(self) -> None:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.peers.allreduce_mean_(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
+def _is_index(y: torch.Tensor, out: torch.Tensor) -> bool:
+    """Class ids received as float32 (every message is): back to int64 for the loss."""
+    return y.dim() == out.dim() - 1 and y.dtype == torch.float32
+
+
+def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor | None):
+    """The stage boundaries every rank agrees on: ``pipe.split``, or balanced by parameters,
+    or by the layer times measured on ``sample`` and averaged over the ranks."""
+    layers = layers_of(model)
+    if pipe.split is not None:
+        bounds = [0, *pipe.split, len(layers)]
+        if bounds[-2] >= len(layers):
+            raise PipelineError(
+                f"split={pipe.split} cuts past the model's {len(layers)} layers: the last "
+                f"stage must start at a layer below {len(layers)}."
+            )
+        return layers, bounds
+    if pipe.balance == "time":
+        if sample is None:
+            raise ValueError("balance='time' measures the layers on a sample batch: pass one.")
+        times = np.asarray(layer_times(layers, sample), dtype=np.float32)
+        costs = group.allreduce_mean_(times) if group.size > 1 else times
+    else:
+        costs = parameter_costs(layers)
+    bounds = cut(list(costs), pipe.stages)
+    logger.info("pipeline stages start at layers %s", bounds[:-1])
+    return layers, bounds

@@ -1,0 +1,175 @@
+"""Pipeline parallelism: stages on their own ranks train as one rank training the whole model
+on the same batches."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import daskdl
+from daskdl import Dataset, Pipeline
+from daskdl.pipeline import PipelineError, cut, order, parameter_costs
+
+STEPS, BATCH = 3, 24
+
+
+def _layers():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+        torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+def _batches(replica: int):
+    """The same seeded batches wherever they are made: replica r's are stream r."""
+    g = torch.Generator().manual_seed(100 + replica)
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 8, generator=g)
+        yield x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def _pipelined(ctx):
+    pipe = Pipeline(**ctx.config["pipe"])
+    stage = ctx.pipeline(_layers(), pipe)
+    opt = torch.optim.SGD(stage.parameters(), lr=0.1, momentum=0.9)
+    losses, alive = [], 0
+    for xb, yb in _batches(stage.replica):
+        opt.zero_grad()
+        fed = (xb, yb) if stage.is_first else (None, None)
+        loss = stage.train_step(*fed, F.cross_entropy)
+        alive = max(alive, stage.stats["alive"])
+        opt.step()
+        if loss is not None:
+            losses.append(float(loss))
+    result = {
+        "stage": stage.index, "replica": stage.replica, "bounds": list(stage.bounds),
+        "state": {k: v.clone() for k, v in stage.module.state_dict().items()},
+        "losses": losses, "alive": alive, "stats": dict(stage.stats),
+    }  # fmt: skip
+    torch.save(result, f"{ctx.config['out']}/rank-{ctx.rank}.pt")  # every rank's, for the test
+
+
+def _whole(replicas: int) -> tuple[dict, list]:
+    """One rank, the whole model, every replica's batch as one."""
+    model = _layers()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for batches in zip(*(_batches(r) for r in range(replicas))):
+        xb = torch.cat([x for x, _ in batches])
+        yb = torch.cat([y for _, y in batches])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.state_dict(), losses
+
+
+def _zeros(n=8) -> dict:
+    return {"train": Dataset.from_numpy(np.zeros((n, 8), np.float32), np.zeros(n, np.int64))}
+
+
+def _check_equal(results, replicas):
+    whole, losses = _whole(replicas)
+    layers = list(whole)
+    for r in results:
+        a, b = r["bounds"]
+        for key, value in r["state"].items():
+            index, name = key.split(".", 1)
+            torch.testing.assert_close(
+                value, whole[f"{int(index) + a}.{name}"], rtol=1e-5, atol=1e-6
+            )
+    # Every layer with parameters is held by one stage of each replica.
+    held = [int(k.split(".")[0]) + r["bounds"][0] for r in results for k in r["state"]]
+    assert sorted(set(held)) == sorted({int(k.split(".")[0]) for k in layers})
+
+
+def _run(client, tmp_path, workers, **pipe) -> list[dict]:
+    config = {"pipe": pipe, "out": str(tmp_path)}
+    daskdl.launch(client, _pipelined, _zeros(), config, workers=workers, progress=False)
+    return [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in range(workers)]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_a_pipeline_trains_as_one_rank_with_the_whole_model(
+    three_workers, tmp_path, stages, schedule
+):
+    results = _run(three_workers, tmp_path, stages, stages=stages, microbatches=4,
+                   schedule=schedule)  # fmt: skip
+    _check_equal(results, replicas=1)
+    _, losses = _whole(1)
+    np.testing.assert_allclose(results[-1]["losses"], losses, rtol=1e-5)
+    # 1F1B keeps at most `stages` microbatches of activations alive on a stage; GPipe all.
+    alive = [r["alive"] for r in results]
+    assert alive == ([4] * stages if schedule == "gpipe" else [stages - s for s in range(stages)])
+
+
+def test_two_replicas_of_two_stages_average_each_stages_gradients(tmp_path):
+    with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as client:
+        results = _run(client, tmp_path, 4, stages=2, microbatches=3)
+    assert [(r["stage"], r["replica"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    _check_equal(results, replicas=2)
+
+
+def test_every_layer_lands_in_one_non_empty_stage():
+    for n in range(3, 12):
+        for stages in range(1, n + 1):
+            costs = [float((7 * i) % 5) for i in range(n)]
+            bounds = cut(costs, stages)
+            assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == stages + 1
+            assert all(a < b for a, b in zip(bounds, bounds[1:]))  # none empty
+    # Balanced by parameters: two equal halves of a model whose halves cost the same.
+    model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(4)))
+    assert cut(parameter_costs(list(model)), 2) == [0, 2, 4]
+    with pytest.raises(PipelineError, match="needs at least 3 layers, and the model has 2"):
+        cut([1.0, 1.0], 3)
+
+
+def test_the_schedules_orders():
+    assert order("gpipe", 2, 0, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    assert order("1f1b", 3, 0, 4) == [
+        ("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)
+    ]  # fmt: skip
+    assert order("1f1b", 3, 2, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+
+
+def _mismatched(ctx):
+    layers = [torch.nn.Linear(8, 16), torch.nn.Linear(32, 3)]  # 16 out, 32 in: no fit
+    stage = ctx.pipeline(layers, Pipeline(stages=2, microbatches=2))
+    xb, yb = next(_batches(0))
+    stage.train_step(xb, yb, F.cross_entropy) if stage.is_first else stage.train_step(
+        loss_fn=F.cross_entropy
+    )
+
+
+def test_a_shape_mismatch_between_stages_is_an_error_naming_the_stage(client):
+    with pytest.raises(daskdl.RunError) as e:
+        daskdl.launch(client, _mismatched, _zeros(), progress=False)
+    message = str(e.value)
+    assert "stage 1 (layers 1-1) of replica 0" in message
+    assert "shape (12, 16)" in message and "expects (batch, ..., 32)" in message
+
+
+def _stalled(ctx):
+    stage = ctx.pipeline(_layers(), Pipeline(stages=2, microbatches=2))
+    if not stage.is_first:
+        time.sleep(8)  # a stage that stopped answering
+        return
+    xb, yb = next(_batches(0))
+    stage.train_step(xb, yb, F.cross_entropy)
+
+
+def test_a_stage_that_stops_answering_is_an_error_naming_it_within_the_timeout(fresh_client):
+    t0 = time.monotonic()
+    with pytest.raises(daskdl.RunError) as e:
+        daskdl.launch(fresh_client, _stalled, _zeros(), comm_timeout=2, progress=False)
+    assert time.monotonic() - t0 < 8
+    message = str(e.value)
+    assert "stage 0 (layers 0-" in message and "waited 2s for the targets" not in message
+    assert "of microbatch 0 of step 1 from rank 1" in message
