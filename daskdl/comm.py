@@ -231,7 +231,9 @@ class DaskGroup:
 
     def _recv(self, src: int, tag: str) -> np.ndarray:
         return self.box.take(
-            self.prefix + tag, self.timeout, lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}"
+            self.prefix + tag,
+            self.timeout,
+            lambda: f"rank {src} ({self.peers[src]}) from rank {self.rank}",
         )
 
     def allreduce_(self, buf, wire: str = "fp32", divide_by: int = 1):
