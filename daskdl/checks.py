@@ -13,11 +13,12 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import psutil
 import torch
 from distributed import Client
 
 from daskdl import config as config_
-from daskdl import preflight, rundir, security, sharding
+from daskdl import pipeline, preflight, rundir, security, sharding
 from daskdl.cluster import workers_info
 from daskdl.config import TrainConfig
 
@@ -201,23 +202,44 @@ def check_memory(client: Client, model: torch.nn.Module, cfg: TrainConfig, ranks
     # The client's setting stands in for the workers' (the default unless configured).
     terminate = dask.config.get("distributed.worker.memory.terminate") or 1.0
     info = workers_info(client)
-    for worker in ranks:
-        limit = info.get(worker, {}).get("memory_limit") or 0
-        used = info.get(worker, {}).get("metrics", {}).get("memory", 0)
+    limited = [w for w in ranks if info.get(w, {}).get("memory_limit")]
+    if not limited:
+        return
+    # Measured now: a heartbeat's figure may be from before the last run let go.
+    in_use = client.run(_rss, workers=limited)
+    for worker in limited:
+        limit, used = info[worker]["memory_limit"], in_use[worker]
         room = terminate * limit - used
-        if limit and need > room:
+        if need > room:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            layout = (
-                f"shard={cfg.shard!r} over {len(ranks)} rank(s)"
-                if cfg.shard
-                else (f"a whole replica on each of {len(ranks)} rank(s)")
-            )
+            if cfg.pipeline_stages > 1:
+                layout = f"its largest stage of {cfg.pipeline_stages}"
+            elif cfg.shard:
+                layout = f"shard={cfg.shard!r} over {len(ranks)} rank(s)"
+            else:
+                layout = f"a whole replica on each of {len(ranks)} rank(s)"
             raise preflight.ModelCheckError(
                 f"The model's training state needs {need / 1e9:.2f} GB per rank ({n:,} float32 "
                 f"parameters, their gradients and the {cfg.optimizer} optimizer's state, "
                 f"{layout}), more than worker {worker} has room for: {room / 1e9:.2f} GB below "
                 f"{terminate:.0%} of its {limit / 1e9:.2f} GB memory limit, where Dask restarts "
                 f"it ({used / 1e9:.2f} GB in use). Spread the state over more workers with "
-                "shard='full' (parameters, gradients and optimizer state 1/P each) or "
-                "shard='optimizer', or give the workers more memory."
+                "shard='full' (parameters, gradients and optimizer state 1/P each), "
+                "shard='optimizer' or pipeline=daskdl.Pipeline(stages=...), or give the "
+                "workers more memory."
             )
+
+
+def check_pipeline(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """A pipelined run's model can be cut as asked."""
+    pipe = cfg.pipeline()
+    if pipe is None:
+        return
+    try:
+        pipeline.split_bounds(pipeline.layers_of(model), pipe)
+    except (TypeError, pipeline.PipelineError) as e:
+        raise preflight.ModelCheckError(f"pipeline_stages={pipe.stages}: {e}") from None
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss

@@ -91,6 +91,21 @@ class TrainConfig:
         "module as forward and backward reach it)",
         (None, "optimizer", "full"),
     )
+    pipeline_stages: int = option(
+        1, "cut the model into this many stages, one rank each (daskdl.Pipeline); 1: none"
+    )
+    microbatches: int = option(4, "microbatches per step and replica of a pipeline")
+    pipeline_schedule: str = option(
+        "1f1b",
+        "a pipeline's order of passes: 1f1b (one forward, one backward) or gpipe",
+        ("1f1b", "gpipe"),
+    )
+    pipeline_balance: str = option(
+        "params", "cut a pipeline by parameters or by the layers' measured time", ("params", "time")
+    )
+    pipeline_split: str | None = option(
+        None, "a pipeline's cut points: the layers that start stages 1, 2, ... ('3,7')"
+    )
     outer_optimizer: str | None = option(
         None, "nesterov: a DiLoCo-style outer step at each local-SGD average", (None, "nesterov")
     )
@@ -133,7 +148,10 @@ class TrainConfig:
         checked for type, range and finiteness (a NaN timeout would make a wait endless) and
         kept as ``int`` or ``float``, so the config stays JSON for events and checkpoints.
         """
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every"):
+        for name in (
+            "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every",
+            "pipeline_stages", "microbatches",
+        ):  # fmt: skip
             setattr(self, name, integer(name, getattr(self, name), minimum=1))
         self.seed = integer("seed", self.seed, minimum=0)
         self.max_failures = integer("max_failures", self.max_failures, minimum=0)
@@ -172,11 +190,33 @@ class TrainConfig:
                 f"shard={self.shard!r} averages gradients every step, and sync_every="
                 f"{self.sync_every} is local SGD, which averages whole replicas: choose one."
             )
+        if self.pipeline_stages > 1 and (self.shard or self.sync_every != 1):
+            raise ValueError(
+                f"pipeline_stages={self.pipeline_stages} cuts the model over the ranks; "
+                "shard= and sync_every= work on whole replicas: use one or the other."
+            )
+        if self.pipeline_split is not None:
+            self.pipeline_split = ",".join(str(i) for i in self.pipeline().split)
         if self.shard == "full" and self.compile:
             raise ValueError(
                 "shard='full' gathers each module's parameters in hooks around its forward, "
                 "which torch.compile would trace away: leave compile off with it."
             )
+
+    def pipeline(self):
+        """The run's :class:`daskdl.Pipeline` (``None`` without one)."""
+        from daskdl.pipeline import Pipeline  # the config is imported first: no cycle
+
+        if self.pipeline_stages == 1:
+            return None
+        split = self.pipeline_split
+        return Pipeline(
+            stages=self.pipeline_stages,
+            microbatches=self.microbatches,
+            schedule=self.pipeline_schedule,
+            balance=self.pipeline_balance,
+            split=tuple(_split_points(split)) if split else None,
+        )
 
     @property
     def timeout(self) -> float:
@@ -202,6 +242,18 @@ class TrainConfig:
     @classmethod
     def defaults(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _split_points(text) -> list[int]:
+    if isinstance(text, (list, tuple)):
+        return [int(i) for i in text]
+    try:
+        return [int(i) for i in str(text).split(",")]
+    except ValueError:
+        raise ValueError(
+            f"pipeline_split={text!r}: give the layers that start stages 1, 2, ... as "
+            "integers separated by commas, like '3,7'."
+        ) from None
 
 
 def fields() -> tuple[dataclasses.Field, ...]:

@@ -11,6 +11,7 @@ signed, atomic checkpoints that also let the run go on without a lost worker.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -446,10 +447,12 @@ class RankContext:
         that loses a worker starts ``train_fn`` again on the survivors from here. Call it on
         every rank. ``averaging`` (from :meth:`averaging`) adds local SGD's outer state; a
         :class:`daskdl.sharding.ShardedOptimizer` is gathered (on every rank) into the plain
-        optimizer's state, which any layout resumes from. Held whole on every rank, sharded
-        state would take the memory that sharding saves, so a sharded run keeps none: it
+        optimizer's state, which any layout resumes from, and so is a pipeline's ``model``
+        (its :class:`daskdl.pipeline.Stage`; replica 0's stages send theirs to rank 0).
+        Held whole on every rank, sharded state would take the memory that sharding saves,
+        so a sharded or pipelined run keeps none: it
         regroups from the checkpoint on disk (with ``out=``), else from its start."""
-        sharded = isinstance(optimizer, ShardedOptimizer)
+        sharded = isinstance(optimizer, ShardedOptimizer) or isinstance(model, Stage)
         keep = self.spec.elastic and self._live is None and not sharded
         writes = self.is_main and self.spec.out
         if not keep and not (self.spec.out if sharded else writes):
@@ -490,6 +493,14 @@ class RankContext:
 
     def _state(self, model, optimizer, averaging_) -> dict:
         outer = averaging_.state_tensors() if averaging_ is not None else None
+        if isinstance(model, Stage):  # the stages, gathered on rank 0
+            whole = model.gather(optimizer, keep=self.is_main) or {}
+            opt = whole.get("optimizer")
+            return {
+                "model": whole.get("model"),
+                "optimizer": checkpoint.state_tensors(opt, outer) if opt else None,
+                "history": list(self.history),
+            }
         if isinstance(optimizer, ShardedOptimizer):  # gathered by every rank, kept by rank 0
             opt = optimizer.state_dict(keep=self.is_main)
             return {
@@ -554,6 +565,9 @@ class RankContext:
     def close(self) -> None:
         for sync in self._averaging:
             sync.close()
+        # Let go of what the loop trained (a sharded optimizer's state, say) before the rank
+        # hands freed memory back: the context itself outlives the loop a little.
+        self._averaging, self._saved, self._live = [], None, None
         self.group.close()
 
 
@@ -565,6 +579,12 @@ def load_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     other ranks' workers when they ask for it; the optimizer keeps (and steps in place) the
     tensors it is given, so it gets copies, or a peer could start from this rank's steps.
     """
+    if isinstance(model, Stage):  # its part of the whole model's checkpoint
+        tensors, opt_state = model.stage_state(state)
+        model.module.load_state_dict(tensors)
+        if optimizer is not None and opt_state:
+            optimizer.load_state_dict(opt_state)
+        return
     with _whole(optimizer, gather=False):
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
     opt_state = state.get("optimizer")
@@ -616,10 +636,11 @@ def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
     rank's (X, y) blocks, or for a streamed one the shared results its partitions read;
     Dask delivered them to this worker before the task started."""
     tuning = manager().tuning
-    # Sharded parameters are gathered and freed all the time, by models too big to spare
-    # memory: glibc hands what is freed back at once (its thresholds low), for a fifth of
+    # Sharded parameters are gathered and freed all the time, and a pipeline's ranks build
+    # the whole model before they keep their stage, for models too big to spare memory:
+    # glibc hands what is freed back at once (its thresholds low), for a fifth of
     # the step's speed in page faults, instead of keeping up to 256 MB for reuse.
-    returns = spec.options.get("shard") == "full"
+    returns = spec.options.get("shard") == "full" or spec.options.get("pipeline_stages", 1) > 1
     with (
         tuning.malloc(**(RETURN_FREED if returns else {})),
         tuning.denormals(),
@@ -637,6 +658,9 @@ def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
             return ctx.elastic_state(e)
         finally:
             ctx.close()
+            # The loop's objects hold each other (modules, hooks, optimizers): freed now,
+            # while the settings above still hand what is freed back to the OS.
+            gc.collect()
     if not ctx.is_main:
         return None
     return {"history": ctx.history, "result": result, "stopped": ctx.stopped}

@@ -23,6 +23,7 @@ from daskdl import metrics as metrics_
 from daskdl.context import RankContext
 from daskdl.engine import average_buffers, lr_at, make_optimizer, prepare_optimizer, train_step
 from daskdl.objective import Objective, Scale
+from daskdl.pipeloop import PipelineTrainer
 
 
 @dataclass
@@ -37,7 +38,8 @@ class FitLoop:
     log_interval: float = 0.5  # seconds between step events
 
     def __call__(self, ctx: RankContext) -> dict | None:
-        trainer = Trainer(self, ctx)
+        pipelined = ctx.options.pipeline_stages > 1
+        trainer = PipelineTrainer(self, ctx) if pipelined else Trainer(self, ctx)
         cfg, start = ctx.options, trainer.start_epoch
         for epoch in range(start, cfg.epochs):
             metrics = trainer.train_epoch(epoch, ctx.resume_step if epoch == start else 0)
@@ -46,10 +48,7 @@ class FitLoop:
             trainer.finish_epoch(epoch, metrics)
             if epoch + 1 < cfg.epochs and ctx.should_regroup:
                 ctx.regroup()  # workers joined: go on with more ranks
-        if cfg.shard:  # gathered by every rank, kept by rank 0
-            tensors = trainer.opt.model_tensors(trainer.model, keep=ctx.is_main)
-        else:
-            tensors = checkpoint.model_tensors(trainer.model) if ctx.is_main else None
+        tensors = trainer.model_tensors()
         return {"model": tensors} if ctx.is_main else None
 
 
@@ -99,6 +98,15 @@ class Trainer:
         # Compiled for speed only: checkpoints and results come from the plain module.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.process = psutil.Process(os.getpid())
+
+    def model_tensors(self) -> dict | None:
+        """The trained model's state on rank 0 (sharded: gathered by every rank, once
+        training is over: the optimizer's state goes first, to make room)."""
+        if self.cfg.shard:
+            self.opt.optimizer.state.clear()
+            self.opt.zero_grad()
+            return self.opt.model_tensors(self.model, keep=self.ctx.is_main)
+        return checkpoint.model_tensors(self.model) if self.ctx.is_main else None
 
     def whole(self):
         """The model's parameters whole on this rank meanwhile (a collective with

@@ -22,6 +22,7 @@ from daskdl.data import Dataset
 from daskdl.fitloop import FitLoop
 from daskdl.launching import Launch, Starting, read_resume, start
 from daskdl.objective import Objective, check_loss, describe_loss
+from daskdl.pipeline import Pipeline
 from daskdl.run import Run, check_categories, check_compatible, target_scale
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def fit(
     block: bool = True,
     progress: bool = True,
     meta: dict | None = None,
+    pipeline: Pipeline | None = None,
     **options,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
@@ -94,6 +96,10 @@ def fit(
         ``False`` returns the :class:`Run` at once; call ``run.wait()``.
     progress
         A progress bar (tqdm) on the client.
+    pipeline
+        A :class:`daskdl.Pipeline`: cut the model (an ``nn.Sequential``) into stages, one
+        rank each, replicated over the rest of the workers (the ``pipeline_*`` options and
+        ``microbatches``, below, in one object).
     meta
         JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
         checkpoints), such as the name of the data set; the dashboard reads them.
@@ -111,6 +117,8 @@ def fit(
     >>> run = daskdl.fit(client, "small_cnn", train, val=test, epochs=15)  # doctest: +SKIP
     >>> run.history[["epoch", "val_accuracy"]].tail(1)                  # doctest: +SKIP
     """
+    if pipeline is not None:
+        options = {**options, **pipeline.as_options()}
     cfg = checks.train_config(config, options)
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
     checks.check_meta(meta)
@@ -132,6 +140,7 @@ def fit(
         objective, scales, probe = _dry_run(
             client, held, model, loss, metric_specs, cfg, manifest, resume_state
         )
+        checks.check_pipeline(probe, cfg)
         checks.check_memory(client, probe, cfg, ranks)
         n_params = sum(p.numel() for p in probe.parameters())
         starting.claim()

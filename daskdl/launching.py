@@ -89,7 +89,8 @@ class Launch:
     def layout(self, workers: list[str], shards=None) -> Layout:
         sizes = [[int(c) for c in h.ds.X.chunks[0]] for h in self.held]
         where = [h.locations(self.client) for h in self.held]
-        return layout(self.plan.names, sizes, where, workers, self.plan.batch_size, shards)
+        stages = self.plan.options.get("pipeline_stages", 1)
+        return layout(self.plan.names, sizes, where, workers, self.plan.batch_size, shards, stages)
 
     def resume_from(self, state: dict) -> dict | None:
         """What a regrouped run's ranks start from: the state a survivor handed back (its

@@ -18,6 +18,7 @@ without batch norm, whose statistics are per microbatch).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -25,9 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import safetensors.numpy
 import torch
 from torch import nn
 
+from daskdl import checkpoint
 from daskdl import config as config_
 from daskdl.comm import DaskGroup, PeerTimeoutError
 
@@ -74,6 +77,16 @@ class Pipeline:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def as_options(self) -> dict:
+        """The :class:`daskdl.TrainConfig` options that say the same."""
+        return {
+            "pipeline_stages": self.stages,
+            "microbatches": self.microbatches,
+            "pipeline_schedule": self.schedule,
+            "pipeline_balance": self.balance,
+            "pipeline_split": ",".join(map(str, self.split)) if self.split else None,
+        }
 
     def bubble(self) -> float:
         """The ideal idle share of a step: ``(stages - 1) / (microbatches + stages - 1)``."""
@@ -190,7 +203,12 @@ class Stage:
             else None
         )
         self._step = 0
+        self._gathers = 0
         self.stats: dict = {}
+        a = self.bounds[0]
+        counts = [len(list(layer.parameters())) for layer in layers]
+        self.param_offset, self.n_params = sum(counts[:a]), sum(counts)
+        self.target_dtype: torch.dtype | None = None  # the loss's targets (fit sets it)
 
     @property
     def is_first(self) -> bool:
@@ -275,7 +293,7 @@ class Stage:
                     self._send(self.last, f"y{m}", y)
         elif self.is_last:
             first = self.replica * self.pipe.stages
-            ys = [self._recv(first, f"y{m}", "the targets", m) for m in range(M)]
+            ys = [self._targets(self._recv(first, f"y{m}", "the targets", m)) for m in range(M)]
             total = sum(len(y) for y in ys)
             weights = [len(y) / total for y in ys]
         return xs, ys, weights
@@ -299,7 +317,9 @@ class Stage:
             ) from e
         if self.is_last:
             y = ys[m]
-            loss = loss_fn(out, y.to(torch.int64) if _is_index(y, out) else y) * weights[m]
+            if self.target_dtype is None and _is_index(y, out):
+                y = y.to(torch.int64)
+            loss = loss_fn(out, y) * weights[m]
             self.stats["forward"] += time.perf_counter() - t0
             return x, loss
         self._send(self.next, f"a{m}", out)
@@ -334,31 +354,141 @@ class Stage:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    # ------------------------------------------------------------------ scoring
+
+    def evaluate(self, batches, score: Callable) -> None:
+        """Forward only, batch by batch: the first stage takes ``batches`` (``(xb, yb)``
+        pairs, any number) and tells the others how many; the last calls
+        ``score(outputs, targets)`` for each."""
+        S, first = self.pipe.stages, self.replica * self.pipe.stages
+        if self.is_first:
+            batches = list(batches)
+            for dest in range(first + 1, first + S):
+                self._send(dest, "n", torch.tensor([len(batches)], dtype=torch.float32))
+            n = len(batches)
+        else:
+            n = int(self._recv(first, "n", "the number of batches to score")[0])
+        was = self.module.training
+        self.module.eval()
+        with torch.no_grad():
+            for i in range(n):
+                if self.is_first:
+                    x, y = batches[i]
+                    if not self.is_last:
+                        self._send(self.last, f"ey{i}", y)
+                else:
+                    x = self._recv(self.prev, f"e{i}", "the activations to score")
+                out = self.module(x)
+                if self.is_last:
+                    y = (
+                        y
+                        if self.is_first
+                        else self._targets(self._recv(first, f"ey{i}", "the targets to score"))
+                    )
+                    score(out, y)
+                else:
+                    self._send(self.next, f"e{i}", out)
+        self.module.train(was)
+        self._step += 1  # the next messages are another round's
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        return y.to(self.target_dtype) if self.target_dtype is not None else y
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def stage_state(self, state: dict) -> tuple[dict, dict | None]:
+        """This stage's part of a whole model's checkpoint (``model``: numpy arrays by the
+        whole model's keys; ``optimizer``: the plain optimizer's state over its parameters),
+        as the stage's module and optimizer load it."""
+        a, b = self.bounds
+        model = {}
+        for key, value in state["model"].items():
+            index, name = key.split(".", 1)
+            if a <= int(index) < b:
+                model[f"{int(index) - a}.{name}"] = torch.from_numpy(np.array(value))
+        opt = state.get("optimizer")
+        if not opt:
+            return model, None
+        n = len(list(self.module.parameters()))
+        mine = range(self.param_offset, self.param_offset + n)
+        sliced = {i - self.param_offset: s for i, s in opt["state"].items() if i in mine}
+        groups = [{**g, "params": list(range(n))} for g in opt["param_groups"]]
+        return model, {"state": copy.deepcopy(sliced), "param_groups": groups}
+
+    def gather(self, optimizer, keep: bool) -> dict | None:
+        """The whole model's state (and ``optimizer``'s over it, in the plain optimizer's
+        format) on the first rank, from replica 0's stages; ``None`` elsewhere (where not
+        ``keep``: the other replicas hold copies and send nothing)."""
+        if self.replica != 0:
+            return None
+        a = self.bounds[0]
+        # Kept on the first stage (copies); the others' are serialised at once (views).
+        own = checkpoint.copy if self.is_first else (lambda t: t.detach().cpu().numpy())
+        mine = {
+            f"m/{int(k.split('.', 1)[0]) + a}.{k.split('.', 1)[1]}": own(v)
+            for k, v in self.module.state_dict().items()
+        }
+        groups = []
+        if optimizer is not None:
+            opt = optimizer.state_dict()
+            groups = opt["param_groups"]
+            for i, slots in opt["state"].items():
+                for name, value in slots.items():
+                    value = value if torch.is_tensor(value) else torch.tensor(value)
+                    mine[f"o/{i + self.param_offset}/{name}"] = own(value)
+        if not self.is_first:
+            payload = np.frombuffer(safetensors.numpy.save(mine), dtype=np.uint8)
+            self.group.send(0, f"ck:{self._gathers}", payload)
+            self._gathers += 1
+            return None
+        merged = dict(mine)
+        # Counted apart from steps: a checkpoint and the final weights follow the same step.
+        tag, self._gathers = f"ck:{self._gathers}", self._gathers + 1
+        for src in range(1, self.pipe.stages):  # one stage's message alive at a time
+            data = self.group.recv(src, tag)
+            merged.update(safetensors.numpy.load(bytes(data)) if keep else {})
+            del data
+        if not keep:
+            return None
+        model = {k[2:]: v for k, v in merged.items() if k.startswith("m/")}
+        state: dict[int, dict] = {}
+        for key, value in merged.items():
+            if key.startswith("o/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = torch.from_numpy(value)
+        groups = [{**g, "params": list(range(self.n_params))} for g in groups]
+        opt = {"state": dict(sorted(state.items())), "param_groups": groups}
+        return {"model": model, "optimizer": opt if optimizer is not None else None}
+
 
 def _is_index(y: torch.Tensor, out: torch.Tensor) -> bool:
     """Class ids received as float32 (every message is): back to int64 for the loss."""
     return y.dim() == out.dim() - 1 and y.dtype == torch.float32
 
 
-def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor | None):
-    """The stage boundaries every rank agrees on: ``pipe.split``, or balanced by parameters,
-    or by the layer times measured on ``sample`` and averaged over the ranks."""
-    layers = layers_of(model)
+def split_bounds(layers: Sequence[nn.Module], pipe: Pipeline) -> list[int]:
+    """The boundaries of ``pipe.split``, or of a cut balanced by parameters."""
     if pipe.split is not None:
-        bounds = [0, *pipe.split, len(layers)]
-        if bounds[-2] >= len(layers):
+        if pipe.split[-1] >= len(layers):
             raise PipelineError(
                 f"split={pipe.split} cuts past the model's {len(layers)} layers: the last "
                 f"stage must start at a layer below {len(layers)}."
             )
-        return layers, bounds
-    if pipe.balance == "time":
+        return [0, *pipe.split, len(layers)]
+    return cut(parameter_costs(layers), pipe.stages)
+
+
+def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor | None):
+    """The stage boundaries every rank agrees on: ``pipe.split``, or balanced by parameters,
+    or by the layer times measured on ``sample`` and averaged over the ranks."""
+    layers = layers_of(model)
+    if pipe.split is not None or pipe.balance == "params":
+        bounds = split_bounds(layers, pipe)
+    else:
         if sample is None:
             raise ValueError("balance='time' measures the layers on a sample batch: pass one.")
         times = np.asarray(layer_times(layers, sample), dtype=np.float32)
         costs = group.allreduce_mean_(times) if group.size > 1 else times
-    else:
-        costs = parameter_costs(layers)
-    bounds = cut(list(costs), pipe.stages)
+        bounds = cut(list(costs), pipe.stages)
     logger.info("pipeline stages start at layers %s", bounds[:-1])
     return layers, bounds

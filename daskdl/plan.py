@@ -68,11 +68,18 @@ def layout(
     workers: Sequence[str],
     batch_size: int | None = None,
     shards: Sequence[Sequence[int]] | None = None,
+    stages: int = 1,
 ) -> Layout:
     """Shards for ``workers``: the first data set's balanced by sample counts (or ``shards``,
     a resumed run's), matched to the workers that hold most of them; every other data set
     spread over the ranks, some getting none where it has fewer partitions than ranks.
-    ``sizes`` and ``locations`` are each data set's partition sizes and holders."""
+    ``sizes`` and ``locations`` are each data set's partition sizes and holders.
+
+    A pipeline of ``stages`` reads its data on each replica's first stage: shards for
+    ``len(workers) // stages`` replicas, and ranks ``r * stages + s`` for stage ``s`` of
+    replica ``r``, the later stages with no data (workers beyond whole replicas idle)."""
+    if stages > 1:
+        return _pipeline_layout(names, sizes, locations, workers, batch_size, shards, stages)
     first = [int(n) for n in sizes[0]]
     if len(first) < len(workers):
         raise ValueError(
@@ -112,4 +119,33 @@ def layout(
         steps=steps,
         shards=tuple(tuple(s) for s in shards),
         partition_sizes=tuple(first),
+    )
+
+
+def _pipeline_layout(names, sizes, locations, workers, batch_size, shards, stages) -> Layout:
+    replicas = len(workers) // stages
+    if replicas == 0:
+        raise ValueError(
+            f"A pipeline of {stages} stages needs {stages} workers, and the run has "
+            f"{len(workers)}: start more workers or use fewer stages."
+        )
+    if shards is not None and len(shards) != replicas:
+        shards = None  # a resumed run of another layout: balanced for this one
+    first = layout(names, sizes, locations, workers[:replicas], batch_size, shards)
+    later = iter(workers[replicas : replicas * stages])
+    ranks, parts = [], []
+    for r in range(replicas):
+        ranks += [first.ranks[r], *(next(later) for _ in range(stages - 1))]
+        parts += [first.parts[r], *([((),) * len(names)] * (stages - 1))]
+    sizes_ = {
+        name: [n if s == 0 else 0 for n in counts for s in range(stages)]
+        for name, counts in first.shard_sizes.items()
+    }
+    return Layout(
+        ranks=tuple(ranks),
+        parts=tuple(tuple(p) for p in parts),
+        shard_sizes=sizes_,
+        steps=first.steps,
+        shards=first.shards,
+        partition_sizes=first.partition_sizes,
     )

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from daskdl import checkpoint
+from daskdl import checkpoint, pipeline
 from daskdl.comm import DaskGroup
 
 SHARDS = (None, "optimizer", "full")
@@ -131,10 +131,17 @@ def state_bytes_needed(model: torch.nn.Module, cfg, ranks: int) -> int:
     """Bytes of training state a rank of a run with ``cfg`` holds for ``model``: float32
     parameters, gradients and the optimizer's state (AdamW: two moments; SGD with momentum:
     one), per ``cfg.shard``; ``shard="full"`` adds its largest unit, gathered with its
-    gradients."""
+    gradients; a pipeline's rank holds its stage (the largest, cut by parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
     weights = 4 * sum(p.numel() for p in params)
     k = 2 if cfg.optimizer == "adamw" else int(cfg.momentum > 0)
+    pipe = cfg.pipeline()
+    if pipe is not None:  # the largest stage, whole
+        layers = pipeline.layers_of(model)
+        bounds = pipeline.split_bounds(layers, pipe)
+        counts = [sum(p.numel() for layer in layers[a:b] for p in layer.parameters())
+                  for a, b in zip(bounds, bounds[1:])]  # fmt: skip
+        return (2 + k) * 4 * max(counts)
     if cfg.shard is None:
         return (2 + k) * weights
     if cfg.shard == "optimizer":

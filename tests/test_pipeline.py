@@ -173,3 +173,78 @@ def test_a_stage_that_stops_answering_is_an_error_naming_it_within_the_timeout(f
     message = str(e.value)
     assert "stage 0 (layers 0-" in message and "waited 2s for the targets" not in message
     assert "of microbatch 0 of step 1 from rank 1" in message
+
+
+def _blobs(n=512, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 8)).astype(np.float32)
+    return Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0), chunks=n // 4)
+
+
+FIT = dict(optimizer="adamw", lr=1e-2, progress=False, max_failures=0)
+MLP = ("mlp", {"hidden": 64})
+
+
+def test_fit_with_a_pipeline_trains_as_one_rank(client):
+    data = _blobs()
+    one = daskdl.fit(client, MLP, data, val=data, epochs=2, workers=1, **FIT)
+    piped = daskdl.fit(
+        client, MLP, data, val=data, epochs=2,
+        pipeline=Pipeline(stages=2, microbatches=4, schedule="gpipe"), **FIT,
+    )  # fmt: skip
+    for name, value in one.model.state_dict().items():
+        torch.testing.assert_close(piped.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(piped.history[column], one.history[column], rtol=1e-5)
+    assert piped.info["config"]["pipeline_stages"] == 2
+    steps = [e for e in daskdl.events.replay(client, piped.run_id) if e["kind"] == "step"]
+    assert {e["stage"] for e in steps} == {0, 1}
+    last = steps[-1]
+    assert 0 <= last["bubble"] < 1 and last["activation_bytes"] > 0 and last["forward_time"] > 0
+
+
+def test_a_pipelines_checkpoint_resumes_on_one_rank_and_a_ranks_on_four(client, tmp_path):
+    data = _blobs()
+    fit = dict(FIT, schedule="constant")  # the same learning rates, however many epochs
+    whole = daskdl.fit(client, MLP, data, epochs=3, workers=1, **fit)
+    daskdl.fit(client, MLP, data, epochs=2, out=tmp_path / "a",
+               pipeline=Pipeline(stages=2), **fit)  # fmt: skip
+    # 2 stages -> 1 rank: where one rank would have been after 3 epochs.
+    single = daskdl.fit(
+        client, MLP, data, epochs=3, workers=1, resume=tmp_path / "a", out=tmp_path / "b", **fit
+    )
+    assert list(single.history["epoch"]) == [1, 2, 3]
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(single.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    # 1 rank -> 2 replicas x 2 stages.
+    with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as four:
+        grid = daskdl.fit(
+            four, MLP, data, epochs=4, resume=tmp_path / "b", out=tmp_path / "c",
+            pipeline=Pipeline(stages=2), **fit,
+        )  # fmt: skip
+    assert list(grid.history["epoch"]) == [1, 2, 3, 4] and grid.info["world_size"] == 4
+    assert grid.history["train_loss"].iloc[-1] < whole.history["train_loss"].iloc[0]
+
+
+class _NotSequential(torch.nn.Module):
+    def __init__(self, input_shape, n_outputs):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(input_shape[0], 16), torch.nn.Linear(16, n_outputs)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "model, pipe, match",
+    [
+        (_NotSequential, Pipeline(stages=2), "give an nn.Sequential or a list of modules"),
+        (MLP, Pipeline(stages=7), "needs at least 7 layers, and the model has 6"),
+        (MLP, Pipeline(stages=2, split=(9,)), "cuts past the model's 6 layers"),
+    ],
+)
+def test_a_model_a_pipeline_cannot_cut_fails_before_any_rank_starts(
+    client, no_rank_may_start, model, pipe, match
+):
+    with pytest.raises(daskdl.preflight.ModelCheckError, match=match):
+        daskdl.fit(client, model, _blobs(), epochs=1, pipeline=pipe, **FIT)

@@ -310,10 +310,11 @@ def _too_big(input_shape, n_outputs):
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, n_outputs))
 
 
-def test_a_model_too_big_for_one_worker_fails_early_and_trains_fully_sharded():
+def test_a_model_too_big_for_one_worker_fails_early_and_trains_sharded_or_pipelined():
     """A worker starts at about 0.46 GB (Python, torch, Dask); Dask restarts it at 95% of
     its 1.15 GB limit, which leaves 0.63 GB: not the 0.72 GB the whole state needs, but room
-    for a quarter of it, the unit being gathered, and the weights rank 0 gathers at the end."""
+    for a quarter of it (or a stage of two of the five large layers), the unit being
+    gathered, and the weights rank 0 gathers at the end."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(64, 64)).astype(np.float32)
     data = Dataset.from_numpy(X, (X[:, 0] > 0).astype(np.int64), chunks=16)
@@ -323,7 +324,8 @@ def test_a_model_too_big_for_one_worker_fails_early_and_trains_fully_sharded():
         with pytest.raises(daskdl.preflight.ModelCheckError, match=r"needs 0\.72 GB per rank") as e:
             daskdl.fit(c, _too_big, data, workers=1, **opts)
         assert "shard='full'" in str(e.value) and "1.15 GB memory limit" in str(e.value)
-        run = daskdl.fit(c, _too_big, data, shard="full", **opts)
-        assert run.status == "finished" and np.isfinite(run.history["train_loss"]).all()
-        assert c.scheduler_info()["workers"].keys() == one.keys()  # none was restarted
-        assert sum(v.numel() for v in run.model.state_dict().values()) == 45_216_002
+        for layout in (dict(shard="full"), dict(pipeline=daskdl.Pipeline(stages=4))):
+            run = daskdl.fit(c, _too_big, data, **layout, **opts)
+            assert run.status == "finished" and np.isfinite(run.history["train_loss"]).all()
+            assert c.scheduler_info()["workers"].keys() == one.keys()  # none was restarted
+            assert sum(v.numel() for v in run.model.state_dict().values()) == 45_216_002
