@@ -121,7 +121,7 @@ def _config_arguments(p) -> None:
             if f.default is None:
                 help += " (default: automatic)"
         else:
-            kwargs["type"] = {"int": int, "float": float}[kind]
+            kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
         if f.default is not None and kwargs.get("action") is None:
             help += f" (default: {f.default})"
         group.add_argument(flag, help=help.replace("%", "%%"), **kwargs)

@@ -46,6 +46,14 @@ def test_flags_parse_to_the_options_fit_takes():
         torch_threads=2, max_failures=0,
     )  # fmt: skip
     assert cli.config_options(_train_parser().parse_args([])) == TrainConfig.defaults()
+    piped = _train_parser().parse_args(
+        ["--pipeline-stages", "2", "--microbatches", "8", "--pipeline-split", "3"]
+    )
+    assert TrainConfig(**cli.config_options(piped)).pipeline() == daskdl.Pipeline(
+        stages=2, microbatches=8, split=(3,)
+    )
+    sharded = _train_parser().parse_args(["--shard", "full"])
+    assert TrainConfig(**cli.config_options(sharded)).shard == "full"
 
 
 def test_fit_takes_the_options_only_through_the_config():
@@ -66,7 +74,8 @@ def test_the_dashboard_form_has_every_option_with_its_default(client):
     launcher = Launcher(client, store=DashboardStore())
     assert set(launcher.options) == {f.name for f in config.fields()}
     for f in config.fields():
-        assert launcher.options[f.name].value == f.default, f.name
+        value = launcher.options[f.name].value
+        assert (None if value == "" else value) == f.default, f.name  # empty text: None
     assert set(launcher.model.options) == set(daskdl.models.REGISTRY)
     assert set(daskdl.datasets.REGISTRY) <= set(launcher.dataset.options)
 

@@ -39,6 +39,8 @@ def option_widget(f) -> pn.widgets.Widget:
         return pn.widgets.Checkbox(value=f.default, name=common["name"])
     if kind == "int":
         return pn.widgets.IntInput(value=f.default, **common)
+    if kind == "str":  # empty: the default, None
+        return pn.widgets.TextInput(value=f.default or "", placeholder="none", **common)
     return pn.widgets.FloatInput(value=f.default, **common)
 
 
@@ -132,7 +134,7 @@ class Launcher(Viewer):
                 "model": self.model.value,
                 "workers": self.workers.value,
                 "out": str(out),
-                **{name: w.value for name, w in self.options.items()},
+                **{name: w.value if w.value != "" else None for name, w in self.options.items()},
             },
             self.dataset.value,
             self.data_path.value,

@@ -1,0 +1,135 @@
+"""Pipeline parallelism against one rank holding the whole model, and the training state a
+rank of a sharded run holds.
+
+    python benchmarks/pipeline.py [--width 1024] [--layers 8] [--n 8192] [--microbatches 8]
+
+The model: ``layers`` equal ``Linear(width, width)`` + ReLU blocks and a classifier, so its
+two halves cost the same. ``fit`` trains it on synthetic features for two epochs on 1 rank,
+then as a 2-stage pipeline on 2 workers (1F1B, then GPipe), in alternating rounds, in this one
+process run; the figure is each run's second-epoch samples/s, the median over the rounds. The
+ideal for 2 stages and m microbatches is ``2m / (m + 1)`` times one rank (the bubble).
+
+Then, on 2 ranks with AdamW: the bytes of parameters, gradients and optimizer state a rank
+holds after a step, unsharded, with ``shard="optimizer"`` (ideal 0.75 of unsharded) and with
+``shard="full"`` (ideal 0.5); targets at most 0.8 and 0.6.
+Ends with ``pipeline ratio=<measured speed-up / ideal> target=0.9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import numpy as np
+import torch
+from _report import report
+
+import daskdl
+from daskdl import Dataset, Pipeline
+
+TARGET = 0.9
+STATE_TARGETS = {"optimizer": 0.8, "full": 0.6}
+
+
+def blocks(width: int, layers: int):
+    def factory(input_shape, n_outputs):
+        mods = []
+        for _ in range(layers):
+            mods += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+        return torch.nn.Sequential(*mods, torch.nn.Linear(width, n_outputs))
+
+    return factory
+
+
+def data(n: int, width: int) -> Dataset:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, width)).astype(np.float32)
+    y = (X[:, :10].argmax(axis=1)).astype(np.int64)
+    return Dataset.from_numpy(X, y, chunks=n // 4)
+
+
+def throughput(client, factory, train, batch: int, **options) -> float:
+    run = daskdl.fit(
+        client, factory, train, epochs=2, batch_size=batch, optimizer="adamw", lr=1e-3,
+        progress=False, max_failures=0, **options,
+    )  # fmt: skip
+    return float(run.history["samples_per_s"].iloc[-1])
+
+
+def _state_bytes(ctx):
+    """Bytes a rank holds after one AdamW step: unsharded and each sharding."""
+    torch.manual_seed(0)
+    model = blocks(ctx.config["width"], ctx.config["layers"])((ctx.config["width"],), 10)
+    x = torch.randn(32, ctx.config["width"])
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=1e-3)
+
+    out = {}
+    for shard in (None, "optimizer", "full"):
+        prepared = ctx.prepare(copy.deepcopy(model), adamw, shard=shard)
+        m, opt = prepared
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+        if shard is None:
+            tensors = [*m.parameters(), *(p.grad for p in m.parameters())]
+            tensors += [v for s in opt.state.values() for v in s.values()]
+            storages = {
+                (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors
+            }
+            out["none"] = sum(n for _, n in storages)
+        else:
+            out[shard] = opt.state_bytes()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    factory, train = blocks(args.width, args.layers), data(args.n, args.width)
+    m = args.microbatches
+    ideal = 2 * m / (m + 1)
+    cases = {
+        "1 rank, whole model": dict(workers=1),
+        "2 stages, 1F1B": dict(pipeline=Pipeline(stages=2, microbatches=m)),
+        "2 stages, GPipe": dict(pipeline=Pipeline(stages=2, microbatches=m, schedule="gpipe")),
+    }
+    speeds: dict[str, list[float]] = {name: [] for name in cases}
+    with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
+        for _ in range(args.rounds):
+            for name, options in cases.items():
+                speeds[name].append(throughput(client, factory, train, args.batch, **options))
+        config = {"width": args.width, "layers": args.layers}
+        state = daskdl.launch(client, _state_bytes, {"train": train}, config, workers=2,
+                              progress=False).result  # fmt: skip
+    base = statistics.median(speeds["1 rank, whole model"])
+    rows = []
+    for name, values in speeds.items():
+        s = statistics.median(values)
+        rows.append([name, round(s), s / base, ideal if "stages" in name else 1.0])
+    for shard, ideal_share in (("optimizer", 0.75), ("full", 0.5)):
+        share = state[shard] / state["none"]
+        rows.append([f"state per rank, shard={shard!r}", state[shard], share, ideal_share])
+        print(f"shard={shard}: {share:.3f} of unsharded (target <= {STATE_TARGETS[shard]})")
+    ratio = statistics.median(speeds["2 stages, 1F1B"]) / base / ideal
+    report(
+        "pipeline",
+        f"{args.layers} x Linear({args.width}) + ReLU, batch {args.batch}, {m} microbatches, "
+        f"{args.n} samples x 2 epochs (second epoch), median of {args.rounds} rounds; "
+        "state: bytes per rank after one AdamW step on 2 ranks",
+        ["case", "samples/s or bytes", "vs 1 rank / unsharded", "ideal"],
+        rows,
+        f"pipeline ratio={ratio:.3f} target={TARGET}",
+    )
+
+
+if __name__ == "__main__":
+    main()
