@@ -11,9 +11,11 @@ stages into one whole model (and optimizer state) on rank 0, which any layout re
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
+import psutil
 import torch
 
 from daskdl import metrics as metrics_
@@ -45,6 +47,7 @@ class PipelineTrainer:
         self.start_epoch = ctx.restore(self.stage, self.opt)
         self.steps = ctx.steps_per_epoch("train", cfg.batch_size)
         self.has_val = "val" in ctx.datasets
+        self.process = psutil.Process(os.getpid())
 
     def train_epoch(self, epoch: int, first_step: int = 0) -> dict | None:
         cfg, ctx, stage, B = self.cfg, self.ctx, self.stage, self.cfg.batch_size
@@ -142,6 +145,7 @@ class PipelineTrainer:
             bubble=stats["wait"] / stats["step"] if stats["step"] else 0.0,
             activation_bytes=stats["bytes_sent"],
             samples_per_s=self.cfg.batch_size / stats["step"] if stats["step"] else 0.0,
+            rss=self.process.memory_info().rss,
         )
 
     def finish_epoch(self, epoch: int, metrics: dict) -> None:

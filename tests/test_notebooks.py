@@ -22,6 +22,7 @@ def test_the_notebooks_are_there():
         "05_dashboard",
         "06_text",
         "07_security",
+        "08_model_parallel",
     ]
 
 

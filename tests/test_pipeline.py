@@ -201,6 +201,15 @@ def test_fit_with_a_pipeline_trains_as_one_rank(client):
     assert {e["stage"] for e in steps} == {0, 1}
     last = steps[-1]
     assert 0 <= last["bubble"] < 1 and last["activation_bytes"] > 0 and last["forward_time"] > 0
+    # The dashboard's table of ranks shows each stage's figures.
+    from daskdl.webapp.store import RunState
+
+    state = RunState(piped.run_id)
+    for event in daskdl.events.replay(client, piped.run_id):
+        state.ingest(0.0, event)
+    table = state.worker_table()
+    assert list(table["stage"]) == [0, 1] and (table["forward_ms"] > 0).all()
+    assert table["activations_mb"].iloc[0] > 0 and table["bubble"].between(0, 1).all()
 
 
 def test_a_pipelines_checkpoint_resumes_on_one_rank_and_a_ranks_on_four(client, tmp_path):
@@ -248,3 +257,29 @@ def test_a_model_a_pipeline_cannot_cut_fails_before_any_rank_starts(
 ):
     with pytest.raises(daskdl.preflight.ModelCheckError, match=match):
         daskdl.fit(client, model, _blobs(), epochs=1, pipeline=pipe, **FIT)
+
+
+def test_a_pipeline_longer_than_the_cluster_is_refused_before_any_rank_starts(
+    client, no_rank_may_start
+):
+    with pytest.raises(
+        ValueError, match="A pipeline of 3 stages needs 3 workers, and the run has 2"
+    ):
+        daskdl.fit(client, MLP, _blobs(), epochs=1, pipeline=Pipeline(stages=3), **FIT)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(stages=3, split=(3,)), r"give the 2 increasing indices"),
+        (dict(stages=2, microbatches=0), "microbatches"),
+        (dict(stages=2, schedule="zigzag"), "schedule"),
+    ],
+)
+def test_pipeline_settings_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        Pipeline(**options)
+    with pytest.raises(ValueError, match="like '3,7'"):
+        daskdl.TrainConfig(pipeline_stages=2, pipeline_split="3,x")
+    with pytest.raises(ValueError, match="use one or the other"):
+        daskdl.TrainConfig(pipeline_stages=2, shard="full")

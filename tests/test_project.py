@@ -105,3 +105,13 @@ def test_readme_prediction_example_runs_as_written(tmp_path):
         "\nassert abs(float(proba.sum(axis=1).mean().compute()) - 1) < 1e-5"
     )
     _run_readme_example("## Prediction: `run.predict` and `daskdl.predict`", checks, tmp_path)
+
+
+def test_readme_model_parallel_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert piped.history['val_accuracy'].iloc[-1] >= 0.9, piped.history"
+        "\nassert sharded.history['val_accuracy'].iloc[-1] >= 0.9, sharded.history"
+        "\nassert piped.info['config']['pipeline_stages'] == 2"
+        "\nassert sharded.info['config']['shard'] == 'full'"
+    )
+    _run_readme_example("## Models bigger than a worker: pipelines and sharding", checks, tmp_path)

@@ -329,3 +329,35 @@ def test_a_model_too_big_for_one_worker_fails_early_and_trains_sharded_or_pipeli
             assert run.status == "finished" and np.isfinite(run.history["train_loss"]).all()
             assert c.scheduler_info()["workers"].keys() == one.keys()  # none was restarted
             assert sum(v.numel() for v in run.model.state_dict().values()) == 45_216_002
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.layer(self.layer(x))  # the same module twice
+
+
+def _tied(ctx):
+    torch.manual_seed(0)
+    model, opt = ctx.prepare(_Tied(), _adamw, shard=ctx.config["shard"])
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=torch.Generator().manual_seed(ctx.rank))).sum().backward()
+        opt.step()
+    whole = opt.gathered() if ctx.config["shard"] else contextlib.nullcontext()
+    with whole:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_shard_full_gathers_and_reduces_a_module_called_twice_once_per_call(client):
+    # Units of at most 100 bytes: the twice-called layer is one of its own.
+    runs = [
+        daskdl.launch(client, _tied, _zeros(), {"shard": shard}, bucket_mb=1e-4,
+                      progress=False).result
+        for shard in (None, "full")
+    ]  # fmt: skip
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=1e-5, atol=1e-6)

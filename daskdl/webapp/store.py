@@ -29,6 +29,13 @@ def _round(value, digits: int = 0, scale: float = 1.0) -> float | None:
     return round(value * scale, digits)
 
 
+WORKER_TABLE = (
+    "rank", "worker", "samples_per_s", "step_time_ms", "rss_mb", "gpu_memory_mb",
+    "gpu_utilization",
+)  # fmt: skip
+STAGE_COLUMNS = ["stage", "forward_ms", "backward_ms", "bubble", "activations_mb"]
+
+
 class RunState:
     """One run as its events describe it."""
 
@@ -133,7 +140,8 @@ class RunState:
         return events.history_frame(self.epochs)
 
     def worker_table(self) -> pd.DataFrame:
-        """One row per rank: its worker and latest throughput, step time and memory."""
+        """One row per rank: its worker and latest throughput, step time and memory; for a
+        pipeline, its stage's forward and backward time, bubble and activations sent."""
         rows = []
         for rank, e in sorted(self.latest.items()):
             worker = self.workers[rank] if rank < len(self.workers) else ""
@@ -146,18 +154,17 @@ class RunState:
                     "rss_mb": _round(e.get("rss"), scale=2**-20),
                     "gpu_memory_mb": _round(e.get("gpu_memory"), scale=2**-20),
                     "gpu_utilization": e.get("gpu_utilization"),
+                    "stage": e.get("stage"),
+                    "forward_ms": _round(e.get("forward_time"), 2, scale=1e3),
+                    "backward_ms": _round(e.get("backward_time"), 2, scale=1e3),
+                    "bubble": _round(e.get("bubble"), 3),
+                    "activations_mb": _round(e.get("activation_bytes"), 2, scale=2**-20),
                 }
             )
-        columns = [
-            "rank",
-            "worker",
-            "samples_per_s",
-            "step_time_ms",
-            "rss_mb",
-            "gpu_memory_mb",
-            "gpu_utilization",
-        ]
-        return pd.DataFrame(rows, columns=columns)
+        columns = list(WORKER_TABLE)
+        if any(e.get("stage") is not None for e in self.latest.values()):
+            columns += STAGE_COLUMNS
+        return pd.DataFrame(rows, columns=[*WORKER_TABLE, *STAGE_COLUMNS])[columns]
 
     def summary(self) -> dict:
         last = self.epochs[-1] if self.epochs else {}
