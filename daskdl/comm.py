@@ -305,7 +305,13 @@ class DaskGroup:
     def send(self, dest: int, tag: str, data: np.ndarray) -> None:
         """Send ``data`` to rank ``dest`` under ``tag`` (which its ``recv`` names): a
         pipeline stage's activations or their gradients. Returns once ``data`` may change."""
-        self._wait_sent(self._send(dest, f"p2p:{self.rank}:{tag}", data), dest)
+        self.isend(dest, tag, data)()
+
+    def isend(self, dest: int, tag: str, data: np.ndarray):
+        """Start :meth:`send`; returns the function that waits for it (``data`` must not
+        change until then)."""
+        fut = self._send(dest, f"p2p:{self.rank}:{tag}", data)
+        return lambda: self._wait_sent(fut, dest)
 
     def recv(self, src: int, tag: str) -> np.ndarray:
         """What rank ``src`` sent under ``tag``, waiting up to the group's timeout."""

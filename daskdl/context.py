@@ -636,11 +636,10 @@ def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
     rank's (X, y) blocks, or for a streamed one the shared results its partitions read;
     Dask delivered them to this worker before the task started."""
     tuning = manager().tuning
-    # Sharded parameters are gathered and freed all the time, and a pipeline's ranks build
-    # the whole model before they keep their stage, for models too big to spare memory:
-    # glibc hands what is freed back at once (its thresholds low), for a fifth of
+    # Sharded parameters are gathered and freed all the time, by models too big to spare
+    # memory: glibc hands what is freed back at once (its thresholds low), for a fifth of
     # the step's speed in page faults, instead of keeping up to 256 MB for reuse.
-    returns = spec.options.get("shard") == "full" or spec.options.get("pipeline_stages", 1) > 1
+    returns = spec.options.get("shard") == "full"
     with (
         tuning.malloc(**(RETURN_FREED if returns else {})),
         tuning.denormals(),

@@ -204,6 +204,7 @@ class Stage:
         )
         self._step = 0
         self._gathers = 0
+        self._sending: list = []  # sends in flight
         self.stats: dict = {}
         a = self.bounds[0]
         counts = [len(list(layer.parameters())) for layer in layers]
@@ -228,9 +229,16 @@ class Stage:
     # ------------------------------------------------------------------ messages
 
     def _send(self, dest: int, tag: str, tensor: torch.Tensor) -> None:
+        """Start sending ``tensor`` (waited for at the end of the step, in :meth:`_sent`:
+        the stage computes meanwhile, and no pass changes a tensor it has sent)."""
         data = np.ascontiguousarray(tensor.detach().cpu().float().numpy())
         self.stats["bytes_sent"] += data.nbytes
-        self.group.send(dest, f"{tag}:{self._step}", data)
+        self._sending.append(self.group.isend(dest, f"{tag}:{self._step}", data))
+
+    def _sent(self) -> None:
+        for wait in self._sending:
+            wait()
+        self._sending = []
 
     def _recv(self, src: int, tag: str, what: str, m: int | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -268,6 +276,7 @@ class Stage:
                     loss_sum += alive[m][1].detach().double()
             else:
                 self._backward(m, *alive.pop(m))
+        self._sent()
         if self.peers is not None:
             self._average()
         self.stats["step"] = time.perf_counter() - t_step
@@ -388,6 +397,7 @@ class Stage:
                     score(out, y)
                 else:
                     self._send(self.next, f"e{i}", out)
+        self._sent()
         self.module.train(was)
         self._step += 1  # the next messages are another round's
 

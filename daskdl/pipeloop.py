@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from daskdl import metrics as metrics_
-from daskdl import models
+from daskdl import models, process
 from daskdl.context import RankContext
 from daskdl.engine import lr_at, make_optimizer
 
@@ -41,7 +41,8 @@ class PipelineTrainer:
         # Targets travel as float32; the loss takes them in the task's dtype.
         kind = np.empty(0, dtype=self.objective.target_dtype)
         self.stage.target_dtype = torch.from_numpy(kind).dtype
-        del model  # the other stages' layers go
+        del model  # the other stages' layers go, and their memory back to the OS
+        process.give_back_freed()
         params = list(self.stage.parameters())
         self.opt = make_optimizer(params, cfg) if params else None
         self.start_epoch = ctx.restore(self.stage, self.opt)

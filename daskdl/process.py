@@ -148,6 +148,15 @@ def flush_denormals():
 
 
 @functools.cache
+def give_back_freed() -> None:
+    """Hand the memory glibc holds free back to the OS now (``malloc_trim``): after a rank
+    let go of much at once, such as a pipeline's other stages."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _libc() -> ctypes.CDLL:
     # find_library runs `ldconfig -p` in a subprocess: once per process, not once per rank.
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
