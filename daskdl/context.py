@@ -126,6 +126,7 @@ class RankContext:
         self._position = (resume["epoch"], self.resume_step) if resume else (0, 0)
         self._steps_per_epoch = 1
         self._batches: list | None = None  # [name, batch size] of the last training batches
+        self._spread = False  # the loop sharded or pipelined its state over the ranks
 
     @property
     def is_main(self) -> bool:
@@ -193,6 +194,7 @@ class RankContext:
         (see :class:`daskdl.sharding.ShardedOptimizer`), which also agrees with the other
         ranks on stopping and non-finite steps. The model must start alike on every rank."""
         cfg = self.options
+        self._spread = True
         sharded = ShardedOptimizer(
             model, make, self.group, shard, cfg.wire_dtype, int(cfg.bucket_mb * 2**20),
             on_bad=self._after_backward,
@@ -210,6 +212,7 @@ class RankContext:
         if self.device.type != "cpu":
             raise ValueError("Pipelines run on the CPU so far: launch with device='cpu'.")
         layers, bounds = split_layers(model, pipe, self.group, sample)
+        self._spread = True
         return Stage(layers, pipe, self.group, bounds)
 
     def averaging(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -535,6 +538,10 @@ class RankContext:
         """Whether workers joined the cluster and the run should take them in now (agreed by
         every rank; an all-reduce, so call it on every rank, at an epoch's end)."""
         if not self.spec.elastic:
+            return False
+        if self._spread and (self._saved or {}).get("epoch") != self._position[0]:
+            # Sharded or pipelined state regroups from disk: only from this epoch's checkpoint
+            # (with out=, written now), or the joiners would cost the epochs since the last.
             return False
         return self.all_reduce(float(self.group.box.regroup_requested)) > 0
 

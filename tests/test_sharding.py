@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_mid_epoch
+from conftest import kill_mid_epoch, poll_for
 
 import daskdl
 from daskdl import Dataset, events
@@ -361,3 +361,27 @@ def test_shard_full_gathers_and_reduces_a_module_called_twice_once_per_call(clie
     ]  # fmt: skip
     for name, value in runs[0].items():
         torch.testing.assert_close(runs[1][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_a_worker_that_joins_a_sharded_run_gets_a_rank_only_from_a_checkpoint(
+    fresh_client, tmp_path, out
+):
+    """Without out= the run has nowhere to regroup from but its start: it goes on without the
+    newcomer rather than train again from epoch 1."""
+    train, test = daskdl.datasets.train_test("digits")
+    run = daskdl.fit(
+        fresh_client, ("mlp", {"hidden": 64}), train, val=test, epochs=6, batch_size=16,
+        optimizer="adamw", lr=3e-3, shard="optimizer", block=False, progress=False,
+        out=tmp_path / "run" if out else None,
+    )  # fmt: skip
+    poll_for(lambda: len(run.history) >= 1, timeout=60)
+    fresh_client.cluster.scale(3)
+    run.wait(timeout=180)
+    assert run.status == "finished" and list(run.history["epoch"]) == list(range(1, 7))
+    changes = [e for e in events.replay(fresh_client, run.run_id) if e["kind"] == "membership"]
+    if out:
+        [change] = changes
+        assert change["world_size"] == 3 and change["step_in_epoch"] == 0
+    else:
+        assert changes == [] and len(run.workers) == 2
