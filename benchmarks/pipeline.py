@@ -1,7 +1,7 @@
 """Pipeline parallelism against one rank holding the whole model, and the training state a
 rank of a sharded run holds.
 
-    python benchmarks/pipeline.py [--width 1024] [--layers 8] [--n 8192] [--microbatches 8]
+    python benchmarks/pipeline.py [--width 1024] [--layers 8] [--n 8192] [--microbatches 4]
 
 The model: ``layers`` equal ``Linear(width, width)`` + ReLU blocks and a classifier, so its
 two halves cost the same. ``fit`` trains it on synthetic features for two epochs on 1 rank,
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     factory, train = blocks(args.width, args.layers), data(args.n, args.width)
