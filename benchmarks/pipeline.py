@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from _report import report
 
 import daskdl
-from daskdl import Dataset, Pipeline
+from daskdl import Dataset, Pipeline, sharding
 
 TARGET = 0.9
 STATE_TARGETS = {"optimizer": 0.8, "full": 0.6}
@@ -116,13 +116,9 @@ def _state_bytes(ctx):
         opt.zero_grad()
         m(x).square().mean().backward()
         opt.step()
-        if shard is None:
+        if shard is None:  # counted as a sharded optimizer counts its own
             tensors = [*m.parameters(), *(p.grad for p in m.parameters())]
-            tensors += [v for s in opt.state.values() for v in s.values()]
-            storages = {
-                (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors
-            }
-            out["none"] = sum(n for _, n in storages)
+            out["none"] = sharding.storage_bytes(tensors + sharding.optimizer_state(opt))
         else:
             out[shard] = opt.state_bytes()
     return out

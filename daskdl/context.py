@@ -498,24 +498,16 @@ class RankContext:
         outer = averaging_.state_tensors() if averaging_ is not None else None
         if isinstance(model, Stage):  # the stages, gathered on rank 0
             whole = model.gather(optimizer, keep=self.is_main) or {}
-            opt = whole.get("optimizer")
-            return {
-                "model": whole.get("model"),
-                "optimizer": checkpoint.state_tensors(opt, outer) if opt else None,
-                "history": list(self.history),
-            }
-        if isinstance(optimizer, ShardedOptimizer):  # gathered by every rank, kept by rank 0
+            tensors, opt = whole.get("model"), whole.get("optimizer")
+        elif isinstance(optimizer, ShardedOptimizer):  # gathered by every rank, kept by rank 0
             opt = optimizer.state_dict(keep=self.is_main)
-            return {
-                "model": optimizer.model_tensors(model, keep=self.is_main),
-                "optimizer": checkpoint.state_tensors(opt, outer) if opt else None,
-                "history": list(self.history),
-            }
+            tensors = optimizer.model_tensors(model, keep=self.is_main)
+        else:
+            tensors = checkpoint.model_tensors(model)
+            opt = optimizer.state_dict() if optimizer is not None else None
         return {
-            "model": checkpoint.model_tensors(model),
-            "optimizer": checkpoint.optimizer_tensors(optimizer, outer=outer)
-            if optimizer is not None
-            else None,
+            "model": tensors,
+            "optimizer": checkpoint.state_tensors(opt, outer) if opt is not None else None,
             "history": list(self.history),
         }
 

@@ -89,12 +89,16 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool, objecti
 
 def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
     """Batch-norm statistics differ per rank; average them so every replica evaluates alike."""
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers or group.size == 1:
+    average_tensors([b for b in model.buffers() if b.is_floating_point()], group)
+
+
+def average_tensors(tensors: list[torch.Tensor], group: DaskGroup) -> None:
+    """Average ``tensors`` over ``group``'s ranks in place, in one all-reduce."""
+    if not tensors or group.size == 1:
         return
-    flat = torch.cat([b.reshape(-1) for b in buffers])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     group.allreduce_mean_(flat)
     offset = 0
-    for b in buffers:
-        b.copy_(flat[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

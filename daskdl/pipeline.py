@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import safetensors.numpy
@@ -33,6 +33,7 @@ from torch import nn
 from daskdl import checkpoint
 from daskdl import config as config_
 from daskdl.comm import DaskGroup, PeerTimeoutError
+from daskdl.engine import average_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,6 @@ class Pipeline:
                 )
             set_(self, "split", split)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def as_options(self) -> dict:
         """The :class:`daskdl.TrainConfig` options that say the same."""
         return {
@@ -87,10 +85,6 @@ class Pipeline:
             "pipeline_balance": self.balance,
             "pipeline_split": ",".join(map(str, self.split)) if self.split else None,
         }
-
-    def bubble(self) -> float:
-        """The ideal idle share of a step: ``(stages - 1) / (microbatches + stages - 1)``."""
-        return (self.stages - 1) / (self.microbatches + self.stages - 1)
 
 
 def layers_of(model) -> list[nn.Module]:
@@ -353,15 +347,10 @@ class Stage:
 
     def _average(self) -> None:
         params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.peers.allreduce_mean_(flat)
-        offset = 0
         for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+            if p.grad is None:  # reached on other replicas only
+                p.grad = torch.zeros_like(p)
+        average_tensors([p.grad for p in params], self.peers)
 
     # ------------------------------------------------------------------ scoring
 

@@ -46,7 +46,7 @@ class _Unit:
     the buffer is freed between uses."""
 
     def __init__(self, params: list[torch.nn.Parameter], group: DaskGroup, keep: bool):
-        self.params, self.keep = params, keep
+        self.params = params
         self.offsets = np.cumsum([0, *(p.numel() for p in params)])
         self.size = int(self.offsets[-1])
         self.owned = group.owned(self.size)
@@ -151,6 +151,22 @@ def state_bytes_needed(model: torch.nn.Module, cfg, ranks: int) -> int:
     return math.ceil((2 + k) * weights / ranks) + 2 * 4 * largest
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list:
+    """What an optimizer holds per parameter (moments, momentum, step counts)."""
+    return [v for s in optimizer.state.values() for v in s.values()]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of memory behind ``tensors`` (anything else among them ignored), each storage
+    counted once however many views share it."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def _tensors(output) -> list[torch.Tensor]:
     """The tensors in a module's output (a tensor, or tuples, lists and dicts of them)."""
     if torch.is_tensor(output):
@@ -205,7 +221,6 @@ class ShardedOptimizer:
             self.units, self._hooks = [_Unit(params, group, keep=True)], []
         # The order of the gathered state: the model's parameters, as the plain optimizer's.
         self.params = params
-        self._where = {id(p): (u, i) for u in self.units for i, p in enumerate(u.params)}
         self.optimizer = make([u.shard for u in self.units])
         self.bad_ranks: list[int] = []
         self.pending_bad = None  # fit's loop reads it: the ranks always agree on the host
@@ -374,13 +389,7 @@ class ShardedOptimizer:
         tensors = [*self.params, *(u.shard for u in self.units)]
         tensors += [p.grad for p in tensors if p.grad is not None]
         tensors += [u.grads for u in self.units if u.grads is not None]
-        tensors += [v for s in self.optimizer.state.values() for v in s.values()]
-        storages = {}
-        for t in tensors:
-            if torch.is_tensor(t):
-                storage = t.untyped_storage()
-                storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
-        return sum(storages.values())
+        return storage_bytes(tensors + optimizer_state(self.optimizer))
 
     # ------------------------------------------------------------------ checkpoints
 
