@@ -114,7 +114,11 @@ CASES = [  # (backend, ranks, wire, buffer); each is compared with gloo fp32 on 
     ("gloo", 2, "fp32", "small"),
     ("daskdl", 2, "fp32", "small"),
 ]
-TARGETS = {("daskdl", 2, "fp32", "large"): 1.2, ("daskdl", 2, "bf16", "large"): 0.7}
+TARGETS = {
+    ("daskdl", 2, "fp32", "large"): 1.2,
+    ("daskdl", 2, "bf16", "large"): 0.7,
+    ("daskdl", 4, "fp32", "large"): 1.2,
+}
 
 
 def main():

@@ -1,16 +1,19 @@
 """Gradient averaging between ranks over Dask's own worker-to-worker comms.
 
-Every worker runs :class:`daskdl.worker.DaskdlPlugin`, which adds one handler, ``daskdl_put``,
-to the worker's comm server (the way Dask's P2P shuffle adds its handlers). A rank sends a piece
-of its buffer to a peer with ``worker.rpc(peer).daskdl_put(...)``; the peer's handler drops it
-in the run's mailbox (held by the worker's :class:`daskdl.worker.RunManager`) that the peer's
-rank thread reads. The scheduler never sees the bytes: the client-side
+Every worker runs :class:`daskdl.worker.DaskdlPlugin`, which adds two handlers to the worker's
+comm server (the way Dask's P2P shuffle adds its handlers). A rank opens one connection per
+peer with ``worker.rpc.connect`` (so it is TLS on a TLS cluster) and hands it to the peer's
+``daskdl_link`` handler; from then on the connection carries bare frames, read straight into
+the arrays they are for, and dropped in the run's mailbox (held by the worker's
+:class:`daskdl.worker.RunManager`). Comms without a byte stream send each message to
+``daskdl_put`` as a Dask message instead. The scheduler never sees the bytes: the client-side
 coordinator only tells every rank the addresses of its peers.
 
 The all-reduce is a ring: a reduce-scatter then an all-gather, each rank sending
-``2 (P - 1) / P`` of the buffer, the same volume as gloo's ring. Every wait has a timeout, so a
-dead peer becomes :class:`PeerTimeoutError` instead of a hang, and the coordinator can abort a
-collective at once with :func:`abort`.
+``2 (P - 1) / P`` of the buffer, the same volume as gloo's ring, run on the worker's event loop
+where the pieces arrive. Every wait has a timeout, so a dead peer becomes
+:class:`PeerTimeoutError` instead of a hang, and the coordinator can abort a collective at once
+with :func:`abort`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import warnings
 from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 import torch
 from distributed.comm import Comm
@@ -26,7 +30,9 @@ from distributed.protocol import to_serialize
 from distributed.worker import Worker
 
 from daskdl.worker import (  # noqa: F401 - the errors are part of this module's API
+    FRAME,
     HANDLER,
+    LINK_HANDLER,
     CollectiveAborted,
     CollectiveError,
     DaskdlPlugin,
@@ -37,6 +43,18 @@ from daskdl.worker import (  # noqa: F401 - the errors are part of this module's
 )
 
 WIRE_DTYPES = ("fp32", "bf16")
+
+
+def _frame(stream, tag: str, data: np.ndarray):
+    """Queue ``data`` as one frame on a link's stream; tornado keeps a large buffer by
+    reference (no copy) until the future it returns, done once the socket has taken the last
+    byte."""
+    data = np.ascontiguousarray(data)
+    header = msgpack.dumps((tag, data.dtype.str, data.shape))
+    done = stream.write(FRAME.pack(len(header)) + header)
+    if data.nbytes:
+        done = stream.write(memoryview(data).cast("B"))
+    return done
 
 
 def _to_wire(piece: np.ndarray, wire: str) -> np.ndarray:
@@ -104,10 +122,25 @@ def ensure_plugin(client) -> None:
 class _Link:
     """The one connection a rank sends to a peer on, kept for the group's life and written in
     order: pieces arrive in the order they were sent, so the peer works on the first while the
-    rest are on their way, and no message waits for a connection from the pool."""
+    rest are on their way, and no message waits for a connection from the pool.
+
+    Over a stream (TCP or TLS) the comm is handed to the peer's ``daskdl_link`` handler once,
+    and then carries bare frames (see :data:`daskdl.worker.FRAME`): no serialization on either
+    side, and the peer reads each message straight into the array it is for. Other comms send
+    each message as a Dask message.
+    """
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # made on the worker's loop
     comm: Comm | None = None
+
+    @property
+    def stream(self):
+        return getattr(self.comm, "stream", None)
+
+    def abort(self) -> None:
+        if self.comm is not None:
+            self.comm.abort()
+            self.comm = None
 
 
 class DaskGroup:
@@ -138,7 +171,7 @@ class DaskGroup:
         rank: int,
         peers: list[str],
         timeout: float,
-        piece_bytes: int = 4 * 2**20,
+        piece_bytes: int = 8 * 2**20,
         direct_bytes: int = 2**20,
     ):
         if worker.address.startswith("inproc://"):
@@ -184,36 +217,42 @@ class DaskGroup:
             self._write(dest, self.prefix + tag, data), self.worker.loop.asyncio_loop
         )
 
-    async def _write(self, dest: int, tag: str, data: np.ndarray) -> None:
+    async def _connect(self, dest: int) -> _Link:
         link = self._links.setdefault(dest, _Link())
-        try:
+        if link.comm is None:
             async with link.lock:
                 if link.comm is None:
-                    link.comm = await self.worker.rpc.connect(self.peers[dest])
-                stream = getattr(link.comm, "stream", None)
-                # No reply: the receiving rank's wait (with its timeout) is the acknowledgement.
-                await link.comm.write(
-                    {
-                        "op": HANDLER,
-                        "run_id": self.run_id,
-                        "tag": tag,
-                        "data": to_serialize(data if stream is not None else data.copy()),
-                        "reply": False,
-                    },
-                    on_error="raise",
-                )
-            if stream is not None:
-                # Comm.write returns once the frames are queued, still pointing into ``data``:
-                # wait until the socket has taken the last byte (an empty write resolves when
-                # everything queued before it is written), or the caller's next change to
-                # ``data`` would travel too. A comm without a stream was sent a copy.
-                await stream.write(b"")
+                    comm = await self.worker.rpc.connect(self.peers[dest])
+                    if getattr(comm, "stream", None) is not None:
+                        opening = {"op": LINK_HANDLER, "run_id": self.run_id, "reply": False}
+                        await comm.write(opening)
+                    link.comm = comm
+        return link
+
+    async def _write(self, dest: int, tag: str, data: np.ndarray) -> None:
+        link = await self._connect(dest)
+        try:
+            if link.stream is not None:
+                await _frame(link.stream, tag, data)
+            else:
+                async with link.lock:  # one message at a time, in order
+                    # No reply: the receiving rank's wait (with its timeout) acknowledges.
+                    message = {"op": HANDLER, "run_id": self.run_id, "tag": tag}
+                    await link.comm.write(
+                        {**message, "data": to_serialize(data.copy()), "reply": False},
+                        on_error="raise",
+                    )
         except BaseException:
             # A message cut off half-way (a timeout, a lost peer) leaves the stream unusable.
-            if link.comm is not None:
-                link.comm.abort()
-                link.comm = None
+            link.abort()
             raise
+
+    def _start(self, link: _Link, dest: int, tag: str, data: np.ndarray):
+        """On the loop: send ``data`` to ``dest``, queued at once over a stream (so messages
+        keep the order they were started in); an awaitable done once ``data`` may change."""
+        if link.stream is not None:
+            return _frame(link.stream, self.prefix + tag, data)
+        return asyncio.ensure_future(self._write(dest, self.prefix + tag, data))
 
     def _wait_sent(self, fut, dest: int) -> None:
         try:
@@ -321,18 +360,28 @@ class DaskGroup:
         self, buf: np.ndarray, wire: str, divide_by: int, scatter: bool = True, gather: bool = True
     ) -> np.ndarray:
         """Reduce-scatter then all-gather around the ring, pipelined piece by piece (or one
-        of the two: ``scatter``, ``gather``).
+        of the two: ``scatter``, ``gather``), run on the worker's event loop.
 
-        Each chunk is cut into pieces of about ``piece_bytes`` on the wire. A piece is passed
-        on as soon as it has arrived and been added to, not when its whole chunk has, so all
-        ``2 (P - 1)`` steps overlap; the reduce-scatter's last step finishes each piece
-        (divides, rounds to the wire format) and starts it on the all-gather at once.
+        On the loop, a piece is added to and passed on in the same callback that read it: no
+        thread hands it over, and received pieces wait for nobody. Each chunk is cut into pieces
+        of about ``piece_bytes`` on the wire, so all ``2 (P - 1)`` steps overlap; the
+        reduce-scatter's last step finishes each piece (divides, rounds to the wire format) and
+        starts it on the all-gather at once.
         """
+        if wire == "bf16":
+            from daskdl import kernels  # noqa: F401 - numba compiles here, not on the loop
+        return asyncio.run_coroutine_threadsafe(
+            self._ring_loop(buf, wire, divide_by, scatter, gather), self.worker.loop.asyncio_loop
+        ).result()
+
+    async def _ring_loop(
+        self, buf: np.ndarray, wire: str, divide_by: int, scatter: bool, gather: bool
+    ) -> np.ndarray:
         p, r, tag = self.size, self.rank, self._seq
         right, left = (r + 1) % p, (r - 1) % p
         bf16 = wire == "bf16"
         if bf16:
-            from daskdl import kernels  # numba: imported, and compiled, on first use
+            from daskdl import kernels
         chunks = np.array_split(buf, p)
         # The same cut on every rank: it depends only on the buffer's size.
         pieces = [self._cut(chunk, wire) for chunk in chunks]
@@ -343,60 +392,82 @@ class DaskGroup:
             if bf16
             else pieces
         )
+        if not bf16:
+            # Finished pieces are read straight into ``buf``. They can only arrive after this
+            # rank's own sends of the same piece were received: each is part of the sum.
+            for s in range(p - 1 if gather else 0):
+                c = (r - s) % p
+                for k, piece in enumerate(pieces[c]):
+                    self.box.post(f"{self.prefix}{tag}:ag{s}:{k}", piece)
+        link = await self._connect(right)
         sent = []  # every send, waited for before returning: ``buf`` is the caller's again
-        in_flight = {}  # (chunk, piece) of ``buf`` still being sent, before they are overwritten
 
-        def send(step: str, c: int, k: int, data: np.ndarray) -> None:
-            fut = self._send(right, f"{tag}:{step}:{k}", data)
-            sent.append(fut)
-            if data is pieces[c][k]:
-                in_flight[c, k] = fut
+        def send(step: str, k: int, data: np.ndarray) -> None:
+            sent.append(self._start(link, right, f"{tag}:{step}:{k}", data))
 
-        def recv(step: str, k: int) -> np.ndarray:
-            return self._recv(left, f"{tag}:{step}:{k}")
+        async def recv(step: str, k: int) -> np.ndarray:
+            return await self.box.arrive(
+                f"{self.prefix}{tag}:{step}:{k}",
+                self.timeout,
+                lambda: f"rank {left} ({self.peers[left]}) from rank {r}",
+            )
 
-        # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk (r + 1) % p.
-        for k, piece in enumerate(pieces[r] if scatter else ()):
-            if bf16:
-                _bf16(wired[r][k]).copy_(torch.from_numpy(piece))
-            send("rs0", r, k, wired[r][k])
-        for s in range(p - 1 if scatter else 0):
-            c = (r - s - 1) % p
-            last = s == p - 2
-            for k, piece in enumerate(pieces[c]):
-                incoming = recv(f"rs{s}", k)
+        try:
+            # Reduce-scatter: after p - 1 steps this rank holds the full sum of chunk r + 1.
+            for k, piece in enumerate(pieces[r] if scatter else ()):
                 if bf16:
-                    if last:
-                        kernels.add_divide_round(piece, incoming, wired[c][k], divide_by)
+                    _bf16(wired[r][k]).copy_(torch.from_numpy(piece))
+                send("rs0", k, wired[r][k])
+            for s in range(p - 1 if scatter else 0):
+                c = (r - s - 1) % p
+                last = s == p - 2
+                for k, piece in enumerate(pieces[c]):
+                    incoming = await recv(f"rs{s}", k)
+                    if bf16:
+                        if last:
+                            kernels.add_divide_round(piece, incoming, wired[c][k], divide_by)
+                        else:
+                            kernels.add_round(piece, incoming, wired[c][k])
                     else:
-                        kernels.add_round(piece, incoming, wired[c][k])
-                else:
-                    self._add(piece, incoming, divide_by if last else 1)
-                if gather or not last:
-                    send("ag0" if last else f"rs{s + 1}", c, k, wired[c][k])
-        if not scatter:  # this rank's chunk is finished already: it starts the all-gather
-            c = (r + 1) % p
-            for k, piece in enumerate(pieces[c]):
-                if bf16:
-                    _bf16(wired[c][k]).copy_(torch.from_numpy(piece))
-                    torch.from_numpy(piece).copy_(_bf16(wired[c][k]))  # as its peers get it
-                send("ag0", c, k, wired[c][k])
-        # All-gather: finished pieces travel on around the ring, forwarded as they arrive.
-        for s in range(p - 1 if gather else 0):
-            c = (r - s) % p
-            for k, piece in enumerate(pieces[c]):
-                incoming = recv(f"ag{s}", k)
-                if s < p - 2:
-                    send(f"ag{s + 1}", c, k, incoming)
-                if (c, k) in in_flight:
-                    self._wait_sent(in_flight.pop((c, k)), right)
-                if bf16:
-                    torch.from_numpy(piece).copy_(_bf16(incoming))
-                else:
-                    piece[...] = incoming
-        for fut in sent:
-            self._wait_sent(fut, right)
+                        self._add(piece, incoming, divide_by if last else 1)
+                    if gather or not last:
+                        send("ag0" if last else f"rs{s + 1}", k, wired[c][k])
+            if not scatter:  # this rank's chunk is finished already: it starts the all-gather
+                c = (r + 1) % p
+                for k, piece in enumerate(pieces[c]):
+                    if bf16:
+                        _bf16(wired[c][k]).copy_(torch.from_numpy(piece))
+                        torch.from_numpy(piece).copy_(_bf16(wired[c][k]))  # as peers get it
+                    send("ag0", k, wired[c][k])
+            # All-gather: finished pieces travel on around the ring, forwarded as they arrive.
+            for s in range(p - 1 if gather else 0):
+                c = (r - s) % p
+                for k, piece in enumerate(pieces[c]):
+                    incoming = await recv(f"ag{s}", k)
+                    if s < p - 2:
+                        send(f"ag{s + 1}", k, incoming)
+                    if bf16:
+                        torch.from_numpy(piece).copy_(_bf16(incoming))
+                    elif incoming is not piece:  # it came before its place was posted
+                        piece[...] = incoming
+            await self._sent(sent, right)
+        except BaseException:
+            link.abort()  # part of a message may be on its way: the stream is unusable
+            raise
         return buf
+
+    async def _sent(self, sent: list, dest: int) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*sent), self.timeout)
+        except TimeoutError:
+            raise PeerTimeoutError(
+                f"rank {self.rank} could not deliver to rank {dest} ({self.peers[dest]}) "
+                f"within {self.timeout:g}s"
+            ) from None
+        except OSError as e:
+            raise PeerTimeoutError(
+                f"rank {self.rank} lost rank {dest} ({self.peers[dest]}): {e}"
+            ) from e
 
     def _add(self, piece: np.ndarray, incoming: np.ndarray, divide_by: int) -> None:
         # Block by block, so that dividing finds each block still in the CPU's cache; views
@@ -476,8 +547,10 @@ class DaskGroup:
             if stream is not None and stream.writing():
                 # Left over from a collective that failed part-way: nobody reads it now.
                 comm.abort()
-            else:
-                self.worker.rpc.reuse(self.peers[dest], comm)
+                continue
+            if stream is not None:
+                await stream.write(FRAME.pack(0))  # the peer's handler gives the comm back
+            self.worker.rpc.reuse(self.peers[dest], comm)
         self._links.clear()
 
 

@@ -11,18 +11,30 @@ the plugin adds) and the run's control flags (abort, stop, regroup) that the coo
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import struct
 import threading
 import time
 from collections import OrderedDict
 
+import msgpack
 import numpy as np
 from distributed import WorkerPlugin, get_worker
+from distributed.comm import CommClosedError
+from tornado.iostream import StreamClosedError
 
 from daskdl.process import ProcessTuning
 
 EXTENSION = "daskdl"
 HANDLER = "daskdl_put"
+LINK_HANDLER = "daskdl_link"
+# A link's frame: the length of a msgpack header (tag, dtype, shape), the header, the raw
+# bytes. Length 0 ends the link: the comm goes back to carrying Dask messages.
+FRAME = struct.Struct("!I")
+
+logger = logging.getLogger(__name__)
 
 
 class CollectiveError(RuntimeError):
@@ -38,24 +50,69 @@ class CollectiveAborted(CollectiveError):
 
 
 class Mailbox:
-    """Messages for one run in one worker process, and the run's control flags."""
+    """Messages for one run in one worker process, and the run's control flags.
+
+    A rank's thread waits for a message with :meth:`take`; a collective running on the
+    worker's event loop waits with :meth:`arrive`, and may :meth:`post` the array a message
+    is to be read into, so that it lands where it belongs without a copy.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._items: dict[str, np.ndarray] = {}
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._posted: dict[str, np.ndarray] = {}
         self.aborted: str | None = None
         self.stop_requested = False
         self.regroup_requested = False
 
     def put(self, tag: str, data: np.ndarray) -> None:
         with self._cond:
-            self._items[tag] = data
-            self._cond.notify_all()
+            waiter = self._waiters.pop(tag, None)
+            if waiter is None:
+                self._items[tag] = data
+                self._cond.notify_all()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(data)
 
     def abort(self, reason: str) -> None:
         with self._cond:
             self.aborted = reason
             self._cond.notify_all()
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+        for waiter in waiters:  # abort may come from any thread; waiters live on the loop
+            waiter.get_loop().call_soon_threadsafe(_fail, waiter, CollectiveAborted(reason))
+
+    def post(self, tag: str, into: np.ndarray) -> None:
+        """Read the message ``tag``, when it comes over a link, into ``into`` (contiguous,
+        of its dtype and shape) rather than into a new array."""
+        with self._cond:
+            if tag not in self._items:  # one that came already must not keep ``into`` alive
+                self._posted[tag] = into
+
+    def landing(self, tag: str, dtype: str, shape) -> np.ndarray:
+        """Where the link reads message ``tag`` into: its posted array, or a new one."""
+        with self._cond:
+            into = self._posted.pop(tag, None)
+        if into is not None and into.dtype.str == dtype and into.shape == tuple(shape):
+            return into
+        return np.empty(shape, dtype=dtype)
+
+    async def arrive(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
+        """:meth:`take` for a coroutine on the worker's event loop (where messages arrive)."""
+        with self._cond:
+            if self.aborted is not None:
+                raise CollectiveAborted(self.aborted)
+            if tag in self._items:
+                return self._items.pop(tag)
+            waiter = self._waiters[tag] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            with self._cond:
+                self._waiters.pop(tag, None)
+            raise PeerTimeoutError(_late(timeout, describe_peer(), tag)) from None
 
     def take(self, tag: str, timeout: float, describe_peer) -> np.ndarray:
         check_timeout(timeout)
@@ -66,12 +123,21 @@ class Mailbox:
                     raise CollectiveAborted(self.aborted)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise PeerTimeoutError(
-                        f"waited {timeout:g}s for {describe_peer()} (message {tag}); the peer "
-                        "died or is stuck. Raise comm_timeout= if steps are legitimately slow."
-                    )
+                    raise PeerTimeoutError(_late(timeout, describe_peer(), tag))
                 self._cond.wait(min(left, 1.0))
             return self._items.pop(tag)
+
+
+def _late(timeout: float, peer: str, tag: str) -> str:
+    return (
+        f"waited {timeout:g}s for {peer} (message {tag}); the peer died or is stuck. "
+        "Raise comm_timeout= if steps are legitimately slow."
+    )
+
+
+def _fail(waiter: asyncio.Future, error: Exception) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)
 
 
 def check_timeout(timeout: float) -> None:
@@ -137,6 +203,26 @@ class RunManager:
         # costs less than a coroutine, and senders ask for no reply.
         self.mailbox(run_id).put(tag, data)
 
+    async def link(self, comm, run_id: str) -> None:
+        """The handler of a peer's link: the frames that follow on ``comm`` are this run's
+        messages, read straight into their arrays (no Dask serialization, no copy), until an
+        empty frame hands the comm back to Dask."""
+        stream, box = comm.stream, self.mailbox(run_id)
+        try:
+            while True:
+                (size,) = FRAME.unpack(await stream.read_bytes(FRAME.size))
+                if size == 0:
+                    return
+                tag, dtype, shape = msgpack.loads(await stream.read_bytes(size))
+                data = box.landing(tag, dtype, shape)
+                if data.nbytes:
+                    await stream.read_into(memoryview(data).cast("B"))
+                box.put(tag, data)
+        except (StreamClosedError, CommClosedError) as e:
+            # The peer is gone, or gave up mid-message: its ranks' waits report it.
+            logger.debug("link of run %s from %s closed: %s", run_id, comm.peer_address, e)
+            comm.abort()
+
     def close(self) -> None:
         """The worker is closing: every rank still waiting on a peer here gives up at once."""
         with self._lock:
@@ -154,17 +240,20 @@ def manager(worker=None) -> RunManager:
     if extension is None:
         extension = worker.extensions.setdefault(EXTENSION, RunManager(worker))
         worker.handlers.setdefault(HANDLER, extension.put)
+        worker.handlers.setdefault(LINK_HANDLER, extension.link)
     return extension
 
 
 class DaskdlPlugin(WorkerPlugin):
-    """Gives each worker its :class:`RunManager` and the ``daskdl_put`` handler."""
+    """Gives each worker its :class:`RunManager` and daskdl's two handlers."""
 
     name = "daskdl"
     idempotent = True
 
     def setup(self, worker) -> None:
-        worker.handlers[HANDLER] = manager(worker).put
+        extension = manager(worker)
+        worker.handlers[HANDLER] = extension.put
+        worker.handlers[LINK_HANDLER] = extension.link
 
     def teardown(self, worker) -> None:
         extension = worker.extensions.get(EXTENSION)
