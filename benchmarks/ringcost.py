@@ -5,10 +5,12 @@
 Times daskdl's ring (the direct exchange turned off) at 2, 3 and 4 ranks on buffers from
 256 KB to 44.7 MB, one process per rank with one thread each, and fits
 
-    T(P, n) = 2 (P - 1) alpha + 2 (P - 1) / P * n * beta
+    T(P, n) = s * (2 (P - 1) alpha + 2 (P - 1) / P * n * beta),   s = max(1, P / cores)
 
 by least squares: ``alpha`` the cost of one ring step (a message's latency and handling),
-``beta`` seconds per byte each rank moves. Prints the fit beside every measurement, then a
+``beta`` seconds per byte each rank moves, and ``s`` the share of a core each rank gets when
+there are more ranks than cores (the ring is CPU-bound here: copies into and out of sockets).
+Projections take ``s = 1``: a rank per core or GPU. Prints the fit beside every measurement, then a
 25 MB bucket's projected all-reduce at 8 to 1024 ranks for the ring, a binary tree and a
 two-level ring (see docs/collectives.md). Ends with ``ringcost ratio=<model / measured, 4 ranks,
 44.7 MB> target=1``.
@@ -73,10 +75,15 @@ def fit(measured: dict[tuple[int, int], float]) -> tuple[float, float]:
     relative errors weighted alike (small buffers count as much as large ones)."""
     rows, times = [], []
     for (p, nbytes), t in measured.items():
-        rows.append([2 * (p - 1) / t, 2 * (p - 1) / p * nbytes / t])
+        s = _share(p)
+        rows.append([s * 2 * (p - 1) / t, s * 2 * (p - 1) / p * nbytes / t])
         times.append(1.0)
     (alpha, beta), *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
     return float(alpha), float(beta)
+
+
+def _share(p: int) -> float:
+    return max(1.0, p / os.cpu_count())
 
 
 def ring(p, n, alpha, beta):
@@ -114,7 +121,7 @@ def main():
     alpha, beta = fit(measured)
     rows = []
     for (p, nbytes), t in measured.items():
-        model = ring(p, nbytes, alpha, beta)
+        model = _share(p) * ring(p, nbytes, alpha, beta)
         rows.append(["measured", p, f"{nbytes / 1e6:.3g} MB", t * 1e3, model * 1e3, model / t])
     bucket = 25e6
     for p in (8, 16, 32, 64, 128, 256, 1024):
@@ -129,11 +136,12 @@ def main():
                 f"two-level {two_level(p, bucket, alpha, beta) * 1e3:.4g} ms",
             ]
         )
-    ratio = ring(4, 4 * SIZES[-1], alpha, beta) / measured[4, 4 * SIZES[-1]]
+    ratio = _share(4) * ring(4, 4 * SIZES[-1], alpha, beta) / measured[4, 4 * SIZES[-1]]
     report(
         "ringcost",
         f"daskdl's ring (no direct exchange) at 2-4 ranks, {args.iters} timed rounds per case, "
-        f"fitted T = 2(P-1) alpha + 2(P-1)/P n beta: alpha = {alpha * 1e3:.3f} ms per step, "
+        "fitted T = s (2(P-1) alpha + 2(P-1)/P n beta), s = max(1, P / cores): "
+        f"alpha = {alpha * 1e3:.3f} ms per step, "
         f"beta = {beta * 1e9:.3f} ns per byte ({1 / beta / 1e9:.2f} GB/s). Projected rows: "
         "the ring model, a pipelined binary tree and a two-level ring (8 ranks per host) with "
         "the same alpha and beta across hosts; see docs/collectives.md.",
