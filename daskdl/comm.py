@@ -259,14 +259,9 @@ class DaskGroup:
             fut.result(timeout=self.timeout)
         except TimeoutError:
             fut.cancel()
-            raise PeerTimeoutError(
-                f"rank {self.rank} could not deliver to rank {dest} ({self.peers[dest]}) "
-                f"within {self.timeout:g}s"
-            ) from None
+            raise self._undelivered(dest) from None
         except OSError as e:
-            raise PeerTimeoutError(
-                f"rank {self.rank} lost rank {dest} ({self.peers[dest]}): {e}"
-            ) from e
+            raise self._undelivered(dest, e) from e
 
     def _recv(self, src: int, tag: str) -> np.ndarray:
         return self.box.take(
@@ -456,18 +451,21 @@ class DaskGroup:
             raise
         return buf
 
+    def _undelivered(self, dest: int, lost: OSError | None = None) -> PeerTimeoutError:
+        peer = f"rank {dest} ({self.peers[dest]})"
+        if lost is not None:
+            return PeerTimeoutError(f"rank {self.rank} lost {peer}: {lost}")
+        return PeerTimeoutError(
+            f"rank {self.rank} could not deliver to {peer} within {self.timeout:g}s"
+        )
+
     async def _sent(self, sent: list, dest: int) -> None:
         try:
             await asyncio.wait_for(asyncio.gather(*sent), self.timeout)
         except TimeoutError:
-            raise PeerTimeoutError(
-                f"rank {self.rank} could not deliver to rank {dest} ({self.peers[dest]}) "
-                f"within {self.timeout:g}s"
-            ) from None
+            raise self._undelivered(dest) from None
         except OSError as e:
-            raise PeerTimeoutError(
-                f"rank {self.rank} lost rank {dest} ({self.peers[dest]}): {e}"
-            ) from e
+            raise self._undelivered(dest, e) from e
 
     def _add(self, piece: np.ndarray, incoming: np.ndarray, divide_by: int) -> None:
         # Block by block, so that dividing finds each block still in the CPU's cache; views
