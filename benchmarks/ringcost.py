@@ -27,19 +27,21 @@ import uuid
 
 import numpy as np
 from _report import report
-from distributed import get_worker
+from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 
 import daskdl
-from daskdl import comm
+from daskdl import comm, hierarchy
 from daskdl.cluster import workers_info
 from daskdl.process import torch_friendly_malloc
 
 SIZES = [65_536, 1_048_576, 6_250_000, 11_173_962]  # float32 values: 256 KB to 44.7 MB
 
 
-def _rank(run_id, rank, peers, sizes, iters):
+def _rank(run_id, rank, peers, sizes, iters, allreduce="ring"):
     with torch_friendly_malloc():
-        group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=60, direct_bytes=0)
+        group = comm.DaskGroup(
+            get_worker(), run_id, rank, peers, timeout=60, direct_bytes=0, allreduce=allreduce
+        )
         try:
             times = {}
             for n in sizes:
@@ -56,18 +58,42 @@ def _rank(run_id, rank, peers, sizes, iters):
             group.close()
 
 
+def _time(c, iters: int, sizes=SIZES, allreduce="ring") -> dict[int, float]:
+    comm.ensure_plugin(c)
+    addresses = sorted(workers_info(c))
+    # Ranks alternate between hosts where there are several: the layout must find them.
+    peers = [addresses[i] for ranks in zip(*hierarchy.hosts(addresses)) for i in ranks]
+    run_id = uuid.uuid4().hex
+    futures = [
+        c.submit(_rank, run_id, r, peers, sizes, iters, allreduce, workers=[w], pure=False)
+        for r, w in enumerate(peers)
+    ]
+    per_rank = c.gather(futures)
+    # A collective ends when its slowest rank ends.
+    return {n: statistics.median(map(max, zip(*(t[n] for t in per_rank)))) for n in sizes}
+
+
 def measure(ranks: int, iters: int) -> dict[int, float]:
     with daskdl.local_cluster(n_workers=ranks, threads_per_worker=1, dashboard_address=None) as c:
-        comm.ensure_plugin(c)
-        peers = sorted(workers_info(c))
-        run_id = uuid.uuid4().hex
-        futures = [
-            c.submit(_rank, run_id, r, peers, SIZES, iters, workers=[w], pure=False)
-            for r, w in enumerate(peers)
-        ]
-        per_rank = c.gather(futures)
-    # A collective ends when its slowest rank ends.
-    return {n: statistics.median(map(max, zip(*(t[n] for t in per_rank)))) for n in SIZES}
+        return _time(c, iters)
+
+
+def measure_two_hosts(iters: int) -> dict[str, float]:
+    """The largest buffer on 4 ranks, 2 on each of two loopback addresses (which daskdl takes
+    for two hosts): the one ring, and the two-level all-reduce."""
+    spec = {"cls": Nanny, "options": {"nthreads": 1, "dashboard_address": None}}
+    workers = {
+        f"{host}-{i}": {**spec, "options": {**spec["options"], "host": host}}
+        for host in ("127.0.0.1", "127.0.0.2")
+        for i in range(2)
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    with SpecCluster(scheduler=scheduler, workers=workers) as cluster, Client(cluster) as c:
+        c.wait_for_workers(4)
+        times: dict[str, list[float]] = {"ring": [], "auto": []}
+        for algorithm in ("ring", "auto") * 2:  # interleaved: noise hurts both alike
+            times[algorithm].append(_time(c, iters, SIZES[-1:], algorithm)[SIZES[-1]])
+        return {algorithm: min(t) for algorithm, t in times.items()}
 
 
 def fit(measured: dict[tuple[int, int], float]) -> tuple[float, float]:
@@ -100,13 +126,16 @@ def tree(p, n, alpha, beta):
     )
 
 
-def two_level(p, n, alpha, beta, per_host=8, local=10.0):
-    # A ring inside each host (``local`` times the bandwidth and a tenth of the step cost),
-    # then one across the hosts' leaders on the whole buffer, then the inner ring's gather.
+def two_level(p, n, alpha, beta, per_host=8, local=10.0, link_shared=True):
+    """daskdl.hierarchy's all-reduce: a reduce-scatter and an all-gather inside each host (a
+    ring's cost, at ``local`` times the bandwidth and a tenth of the step cost), and between
+    them ``per_host`` rings across the hosts side by side, each on ``1/per_host`` of the
+    buffer, sharing the host's network link (``link_shared``) or each with a link of its own
+    (a NIC per GPU)."""
     g = min(per_host, p)
     hosts = max(1, p // g)
-    inside = ring(g, n, alpha / 10, beta / local)
-    return inside + ring(hosts, n, alpha, beta)
+    inside = ring(g, n, alpha / local, beta / local)
+    return inside + ring(hosts, n / g, alpha, beta * (g if link_shared else 1))
 
 
 def main():
@@ -136,7 +165,16 @@ def main():
                 f"two-level {two_level(p, bucket, alpha, beta) * 1e3:.4g} ms",
             ]
         )
-    ratio = _share(4) * ring(4, 4 * SIZES[-1], alpha, beta) / measured[4, 4 * SIZES[-1]]
+    # Two loopback "hosts": inside and across cost alike here, so the model's local factor is 1.
+    nbytes = 4 * SIZES[-1]
+    two = measure_two_hosts(args.iters)
+    model = _share(4) * two_level(4, nbytes, alpha, beta, per_host=2, local=1, link_shared=False)
+    rows.append(["two hosts x 2, ring", 4, f"{nbytes / 1e6:.3g} MB", two["ring"] * 1e3, "", ""])
+    rows.append(
+        ["two hosts x 2, two-level", 4, f"{nbytes / 1e6:.3g} MB", two["auto"] * 1e3,
+         model * 1e3, model / two["auto"]]
+    )  # fmt: skip
+    ratio = _share(4) * ring(4, nbytes, alpha, beta) / measured[4, nbytes]
     report(
         "ringcost",
         f"daskdl's ring (no direct exchange) at 2-4 ranks, {args.iters} timed rounds per case, "

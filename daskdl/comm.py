@@ -29,6 +29,7 @@ from distributed.comm import Comm
 from distributed.protocol import to_serialize
 from distributed.worker import Worker
 
+from daskdl.hierarchy import TwoLevel, two_level_layout
 from daskdl.worker import (  # noqa: F401 - the errors are part of this module's API
     FRAME,
     HANDLER,
@@ -162,6 +163,10 @@ class DaskGroup:
         Buffers up to this size skip the ring: every rank sends its whole buffer to every peer
         and adds them up in rank order. One round trip instead of ``2 (P - 1)``, which wins
         when latency, not bandwidth, is the cost (and with 2 ranks it moves the same bytes).
+    allreduce
+        ``"auto"``: larger buffers go through :class:`daskdl.hierarchy.TwoLevel` where the
+        ranks span hosts with as many (two or more) on each, else round one ring; ``"ring"``:
+        always the one ring.
     """
 
     def __init__(
@@ -171,8 +176,9 @@ class DaskGroup:
         rank: int,
         peers: list[str],
         timeout: float,
-        piece_bytes: int = 8 * 2**20,
+        piece_bytes: int = 4 * 2**20,
         direct_bytes: int = 2**20,
+        allreduce: str = "auto",
     ):
         if worker.address.startswith("inproc://"):
             raise RuntimeError(
@@ -198,6 +204,9 @@ class DaskGroup:
         self._links: dict[int, _Link] = {}
         self.prefix = ""  # a subgroup's messages are told apart from its parent's by it
         self._parent: DaskGroup | None = None
+        self.allreduce = allreduce
+        self._layout = two_level_layout(self.peers, allreduce)
+        self._two_level: TwoLevel | None = None  # made at first use, once prefix is set
 
     def subgroup(self, ranks: list[int], name: str) -> DaskGroup:
         """The ranks ``ranks`` of this group (this rank among them) as a group of their own,
@@ -205,7 +214,7 @@ class DaskGroup:
         the parent's or another subgroup's. A pipeline's stage is one."""
         sub = DaskGroup(
             self.worker, self.run_id, ranks.index(self.rank), [self.peers[i] for i in ranks],
-            self.timeout, self.piece_bytes, self.direct_bytes,
+            self.timeout, self.piece_bytes, self.direct_bytes, self.allreduce,
         )  # fmt: skip
         sub.prefix, sub._parent = f"{self.prefix}{name}/", self
         return sub
@@ -295,6 +304,10 @@ class DaskGroup:
         self._seq += 1
         if buf.nbytes <= self.direct_bytes:
             return self._direct(buf, wire, divide_by)
+        if self._layout is not None:
+            if self._two_level is None:
+                self._two_level = TwoLevel(self, self._layout)
+            return self._two_level.allreduce_(buf, wire, divide_by)
         return self._ring(buf, wire, divide_by)
 
     # The ring's two halves apart, for sharded training state: after ``reduce_scatter_`` each
@@ -387,14 +400,14 @@ class DaskGroup:
             if bf16
             else pieces
         )
+        link = await self._connect(right)
         if not bf16:
-            # Finished pieces are read straight into ``buf``. They can only arrive after this
-            # rank's own sends of the same piece were received: each is part of the sum.
+            # Finished pieces are read straight into ``buf``; one that came (or began to come)
+            # before its post has an array of its own, and is copied.
             for s in range(p - 1 if gather else 0):
                 c = (r - s) % p
                 for k, piece in enumerate(pieces[c]):
                     self.box.post(f"{self.prefix}{tag}:ag{s}:{k}", piece)
-        link = await self._connect(right)
         sent = []  # every send, waited for before returning: ``buf`` is the caller's again
 
         def send(step: str, k: int, data: np.ndarray) -> None:
@@ -448,6 +461,8 @@ class DaskGroup:
             await self._sent(sent, right)
         except BaseException:
             link.abort()  # part of a message may be on its way: the stream is unusable
+            # A late piece must not be read into ``buf`` once the caller has it back.
+            self.box.unpost(f"{self.prefix}{tag}:")
             raise
         return buf
 
@@ -526,6 +541,8 @@ class DaskGroup:
         return self.allreduce_(buf, wire, divide_by=self.size)
 
     def close(self) -> None:
+        if self._two_level is not None:
+            self._two_level.close()
         if self._parent is None:  # the run's mailbox is the whole group's
             manager(self.worker).discard(self.run_id)
         if self._links:
@@ -659,9 +676,15 @@ class TorchGroup:
 
 
 def make_group(
-    backend: str, worker: Worker, run_id: str, rank: int, peers: list[str], timeout: float
+    backend: str,
+    worker: Worker,
+    run_id: str,
+    rank: int,
+    peers: list[str],
+    timeout: float,
+    allreduce: str = "auto",
 ) -> DaskGroup | TorchGroup:
     check_timeout(timeout)
     if backend == "torch":
         return TorchGroup(worker, run_id, rank, peers, timeout)
-    return DaskGroup(worker, run_id, rank, peers, timeout)
+    return DaskGroup(worker, run_id, rank, peers, timeout, allreduce=allreduce)

@@ -81,6 +81,12 @@ class TrainConfig:
     wire_dtype: str = option(
         "fp32", "bf16 sends gradients between ranks as bfloat16: half the bytes", ("fp32", "bf16")
     )
+    allreduce: str = option(
+        "auto",
+        "the dask backend's all-reduce: auto (two-level, within each host then across hosts, "
+        "where the ranks span hosts with as many on each; else one ring) or ring",
+        ("auto", "ring"),
+    )
     bucket_mb: float = option(
         25.0, "gradients are all-reduced in buckets of about this many MB, as backward makes them"
     )

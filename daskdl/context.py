@@ -113,6 +113,7 @@ class RankContext:
             self.rank,
             spec.peers,
             self.options.timeout,
+            self.options.allreduce,
         )
         self.resume_state = resume
         self.resume_step = spec.start_step if resume is not None else 0

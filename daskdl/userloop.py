@@ -31,6 +31,7 @@ LOOP_OPTIONS = (
     "device",
     "backend",
     "wire_dtype",
+    "allreduce",
     "bucket_mb",
     "sync_every",
     "outer_optimizer",
@@ -77,7 +78,7 @@ def launch(
     **options
         :class:`daskdl.TrainConfig` fields that the contract uses: ``seed`` (shuffling),
         ``stream``, ``prefetch`` and ``shuffle_buffer`` (streamed data sets),
-        ``device``, ``backend``, ``wire_dtype``, ``bucket_mb`` (``ctx.prepare``),
+        ``device``, ``backend``, ``wire_dtype``, ``allreduce``, ``bucket_mb`` (``ctx.prepare``),
         ``sync_every`` and ``outer_*`` (``ctx.averaging``: local SGD), ``on_nonfinite``,
         ``comm_timeout``, ``torch_threads``, ``max_failures`` (workers the run may lose: then
         ``train_fn`` starts again on the survivors from the last ``ctx.checkpoint``, kept in

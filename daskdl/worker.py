@@ -68,6 +68,9 @@ class Mailbox:
 
     def put(self, tag: str, data: np.ndarray) -> None:
         with self._cond:
+            # Posted while the message was already being read into an array of its own: the
+            # post must not keep its buffer alive (for ZeRO-3, a whole unit of parameters).
+            self._posted.pop(tag, None)
             waiter = self._waiters.pop(tag, None)
             if waiter is None:
                 self._items[tag] = data
@@ -90,6 +93,12 @@ class Mailbox:
         with self._cond:
             if tag not in self._items:  # one that came already must not keep ``into`` alive
                 self._posted[tag] = into
+
+    def unpost(self, prefix: str) -> None:
+        """Forget the posts of tags starting with ``prefix`` (a collective that failed)."""
+        with self._cond:
+            for tag in [t for t in self._posted if t.startswith(prefix)]:
+                del self._posted[tag]
 
     def landing(self, tag: str, dtype: str, shape) -> np.ndarray:
         """Where the link reads message ``tag`` into: its posted array, or a new one."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, get_worker
 
 import daskdl
-from daskdl import comm
+from daskdl import comm, hierarchy
 from daskdl.cluster import workers_info
+from daskdl.worker import Mailbox
 
 
 def _allreduce(
@@ -225,3 +227,89 @@ def test_the_collectives_hold_at_eight_ranks():
         peers = sorted(workers_info(client))
         _assert_sums(_run_allreduce(client, peers, 20_011, algorithm="pieces"), 20_011, 1e-12)
         _check_halves(client, peers, 20_011, "fp32", 1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Four worker processes on two loopback addresses, which daskdl sees as two hosts."""
+    workers = {
+        f"{host}-{i}": {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "host": host, "dashboard_address": None},
+        }
+        for host in ("127.0.0.1", "127.0.0.2")
+        for i in range(2)
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    with SpecCluster(scheduler=scheduler, workers=workers) as cluster, Client(cluster) as c:
+        c.wait_for_workers(4)
+        comm.ensure_plugin(c)
+        yield c
+
+
+def _allreduce_two_level(run_id, rank, peers, n, wire, algorithm):
+    group = comm.DaskGroup(get_worker(), run_id, rank, peers, 20, 4000, 0, algorithm)
+    try:
+        out = []
+        for k in range(2):
+            buf = np.random.default_rng([rank, k]).normal(size=n).astype(np.float32)
+            out.append(group.allreduce_(buf, wire, divide_by=len(peers)).copy())
+        return out, group._two_level is not None
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("wire,tol", [("fp32", 1e-5), ("bf16", 5e-2)])
+def test_two_level_allreduce_across_hosts(two_hosts, wire, tol):
+    # Ranks interleaved over the hosts: the layout groups them by host, not by rank order.
+    info = workers_info(two_hosts)
+    by_host = [sorted(a for a in info if f"//{h}:" in a) for h in ("127.0.0.1", "127.0.0.2")]
+    peers = [by_host[0][0], by_host[1][0], by_host[0][1], by_host[1][1]]
+    n = 30_011
+    results = {}
+    for algorithm in ("auto", "ring"):
+        run_id = uuid.uuid4().hex
+        futures = [
+            two_hosts.submit(
+                _allreduce_two_level, run_id, r, peers, n, wire, algorithm, workers=[w], pure=False
+            )
+            for r, w in enumerate(peers)
+        ]
+        results[algorithm] = two_hosts.gather(futures)
+    assert all(used for _, used in results["auto"])
+    assert not any(used for _, used in results["ring"])
+    for k in range(2):
+        mean = sum(np.random.default_rng([r, k]).normal(size=n) for r in range(4)) / 4
+        for rank_results, _ in results["auto"]:
+            np.testing.assert_allclose(rank_results[k], mean, rtol=tol, atol=tol)
+            np.testing.assert_array_equal(rank_results[k], results["auto"][0][0][k])
+        np.testing.assert_allclose(
+            results["auto"][0][0][k], results["ring"][0][0][k], rtol=tol, atol=tol
+        )
+
+
+def test_two_level_layout_groups_ranks_by_host():
+    a, b = "tcp://10.0.0.1", "tls://10.0.0.2"
+    assert hierarchy.two_level_layout([f"{a}:1", f"{b}:1", f"{a}:2", f"{b}:2"]) == [[0, 2], [1, 3]]
+    # One host, one rank per host, unequal hosts, or the ring asked for: one ring.
+    assert hierarchy.two_level_layout([f"{a}:1", f"{a}:2"]) is None
+    assert hierarchy.two_level_layout([f"{a}:1", f"{b}:1"]) is None
+    assert hierarchy.two_level_layout([f"{a}:1", f"{a}:2", f"{b}:1"]) is None
+    assert hierarchy.two_level_layout([f"{a}:1", f"{a}:2", f"{b}:1", f"{b}:2"], "ring") is None
+    with pytest.raises(ValueError, match="allreduce must be one of"):
+        hierarchy.two_level_layout([f"{a}:1"], "tree")
+
+
+def test_a_post_overtaken_by_its_message_does_not_keep_the_buffer_alive():
+    # The link began reading the message into an array of its own before the ring posted
+    # where it should go: the post must go with the message, or it keeps the caller's whole
+    # buffer (for ZeRO-3, a gathered unit of parameters) alive for the rest of the run.
+    box = Mailbox()
+    buf = np.zeros(1000, np.float32)
+    alive = weakref.ref(buf)
+    landed = box.landing("t", buf.dtype.str, (500,))  # no post yet: a new array
+    box.post("t", buf[:500])
+    box.put("t", landed)
+    assert box.take("t", 1, lambda: "peer") is landed
+    del buf
+    assert alive() is None
