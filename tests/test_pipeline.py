@@ -3,12 +3,16 @@ on the same batches."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import get_worker
 
 import daskdl
 from daskdl import Dataset, Pipeline
@@ -212,27 +216,70 @@ def test_fit_with_a_pipeline_trains_as_one_rank(client):
     assert table["activations_mb"].iloc[0] > 0 and table["bubble"].between(0, 1).all()
 
 
+class _Seen(torch.nn.Module):
+    """Passes its input on; in training, on a worker, appends a digest of each sample it sees
+    to its process's file in ``folder``."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = str(folder)
+
+    def forward(self, x):
+        if self.training and _on_worker():
+            with open(os.path.join(self.folder, f"{os.getpid()}.txt"), "a") as f:
+                f.writelines(
+                    hashlib.sha256(row.tobytes()).hexdigest()[:16] + "\n" for row in x.numpy()
+                )
+        return x
+
+
+def _on_worker() -> bool:
+    try:
+        get_worker()
+    except ValueError:  # the dry run, on the client
+        return False
+    return True
+
+
+def _seen_mlp(folder, input_shape, n_outputs):
+    os.makedirs(folder, exist_ok=True)
+    return torch.nn.Sequential(_Seen(folder), *daskdl.models.mlp(input_shape, n_outputs, 64))
+
+
+def _seen(folder) -> list[str]:
+    """The digests of the samples the runs that recorded into ``folder`` trained on, in order
+    (one first stage per replica: their files one after the other)."""
+    return [line for path in sorted(folder.glob("*.txt")) for line in path.read_text().split()]
+
+
 def test_a_pipelines_checkpoint_resumes_on_one_rank_and_a_ranks_on_four(client, tmp_path):
     data = _blobs()
     fit = dict(FIT, schedule="constant")  # the same learning rates, however many epochs
-    whole = daskdl.fit(client, MLP, data, epochs=3, workers=1, **fit)
-    daskdl.fit(client, MLP, data, epochs=2, out=tmp_path / "a",
+    model = {run: functools.partial(_seen_mlp, tmp_path / f"seen-{run}") for run in "wabc"}
+    whole = daskdl.fit(client, model["w"], data, epochs=3, workers=1, **fit)
+    daskdl.fit(client, model["a"], data, epochs=2, out=tmp_path / "a",
                pipeline=Pipeline(stages=2), **fit)  # fmt: skip
     # 2 stages -> 1 rank: where one rank would have been after 3 epochs.
     single = daskdl.fit(
-        client, MLP, data, epochs=3, workers=1, resume=tmp_path / "a", out=tmp_path / "b", **fit
-    )
+        client, model["b"], data, epochs=3, workers=1, resume=tmp_path / "a",
+        out=tmp_path / "b", **fit,
+    )  # fmt: skip
     assert list(single.history["epoch"]) == [1, 2, 3]
     for name, value in whole.model.state_dict().items():
         torch.testing.assert_close(single.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    # The same samples in the same order: none skipped or repeated across the change.
+    seen = _seen(tmp_path / "seen-a") + _seen(tmp_path / "seen-b")
+    assert len(seen) == 3 * 512 and seen == _seen(tmp_path / "seen-w")
     # 1 rank -> 2 replicas x 2 stages.
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as four:
         grid = daskdl.fit(
-            four, MLP, data, epochs=4, resume=tmp_path / "b", out=tmp_path / "c",
+            four, model["c"], data, epochs=4, resume=tmp_path / "b", out=tmp_path / "c",
             pipeline=Pipeline(stages=2), **fit,
         )  # fmt: skip
     assert list(grid.history["epoch"]) == [1, 2, 3, 4] and grid.info["world_size"] == 4
     assert grid.history["train_loss"].iloc[-1] < whole.history["train_loss"].iloc[0]
+    # Epoch 4, over the two replicas' first stages: every sample once.
+    assert sorted(_seen(tmp_path / "seen-c")) == sorted(set(seen))
 
 
 class _NotSequential(torch.nn.Module):
