@@ -176,7 +176,7 @@ class DaskGroup:
         rank: int,
         peers: list[str],
         timeout: float,
-        piece_bytes: int = 4 * 2**20,
+        piece_bytes: int = 8 * 2**20,
         direct_bytes: int = 2**20,
         allreduce: str = "auto",
     ):
