@@ -14,6 +14,7 @@ from daskdl.prediction import predict
 from daskdl.run import Run, RunError
 from daskdl.shards import plan_shards
 from daskdl.sources import publish
+from daskdl.study import Study, tune
 from daskdl.userloop import launch
 from daskdl.webapp import dashboard
 
@@ -28,6 +29,7 @@ __all__ = [
     "RankContext",
     "Run",
     "RunError",
+    "Study",
     "TrainConfig",
     "dashboard",
     "datasets",
@@ -38,4 +40,5 @@ __all__ = [
     "plan_shards",
     "predict",
     "publish",
+    "tune",
 ]

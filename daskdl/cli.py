@@ -8,7 +8,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from daskdl import cli_predict, cli_security, config
+from daskdl import cli_predict, cli_security, cli_tune, config
 from daskdl.objective import TASKS
 
 
@@ -53,37 +53,14 @@ def _train_parser(sub) -> None:
         description="Train a model data-parallel, one rank per Dask worker. Without "
         "--scheduler, a local cluster of --workers worker processes is started.",
     )
-    from daskdl import datasets, models
+    from daskdl import models
 
-    names = ", ".join([*datasets.REGISTRY, "cifar10 (with --data-path)"])
-    p.add_argument("--dataset", help=f"a built-in data set (default digits): {names}")
-    p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
-    data = p.add_argument_group("your own data (instead of --dataset)")
-    data.add_argument(
-        "--data",
-        help="Parquet, CSV (globs too), Zarr, netCDF, .npz/.npy, or a Dataset.save folder",
-    )
-    data.add_argument("--label", nargs="+", help="target column(s), variable or array")
-    data.add_argument("--features", nargs="+", help="feature columns (default: all the others)")
-    data.add_argument(
-        "--categorical", nargs="+", help="columns to encode as categories (Parquet, CSV)"
-    )
-    data.add_argument(
-        "--task", choices=TASKS, help="what the targets are (default: from their type)"
-    )
-    data.add_argument("--sample-dim", help="the samples' dimension (Zarr, netCDF)")
+    data_arguments(p)
     p.add_argument(
         "--model", default="small_cnn", help=f"a registered model: {', '.join(models.REGISTRY)}"
     )
     cluster_arguments(p, "local cluster; with --scheduler, ranks to use (default all)")
     _config_arguments(p)
-    p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
-    p.add_argument(
-        "--no-standardize",
-        dest="standardize",
-        action="store_false",
-        help="skip per-channel standardisation of the features",
-    )
     p.add_argument("--out", default=None, help="run directory for checkpoints and metrics")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
@@ -103,6 +80,36 @@ def _train_parser(sub) -> None:
         "signing key)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def data_arguments(p) -> None:
+    """The data set: a built-in one, or the user's files; its validation split."""
+    from daskdl import datasets
+
+    names = ", ".join([*datasets.REGISTRY, "cifar10 (with --data-path)"])
+    p.add_argument("--dataset", help=f"a built-in data set (default digits): {names}")
+    p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
+    data = p.add_argument_group("your own data (instead of --dataset)")
+    data.add_argument(
+        "--data",
+        help="Parquet, CSV (globs too), Zarr, netCDF, .npz/.npy, or a Dataset.save folder",
+    )
+    data.add_argument("--label", nargs="+", help="target column(s), variable or array")
+    data.add_argument("--features", nargs="+", help="feature columns (default: all the others)")
+    data.add_argument(
+        "--categorical", nargs="+", help="columns to encode as categories (Parquet, CSV)"
+    )
+    data.add_argument(
+        "--task", choices=TASKS, help="what the targets are (default: from their type)"
+    )
+    data.add_argument("--sample-dim", help="the samples' dimension (Zarr, netCDF)")
+    p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
+    p.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        help="skip per-channel standardisation of the features",
+    )
 
 
 def _config_arguments(p) -> None:
@@ -132,7 +139,7 @@ def config_options(args) -> dict:
     return {f.name: getattr(args, f.name) for f in config.fields()}
 
 
-def _load_dataset(args):
+def load_dataset(args):
     from daskdl import datasets, sources
 
     if args.data:
@@ -209,7 +216,7 @@ def train(args) -> int:
 
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out; give --out DIR.")
-    train_ds, test_ds = _load_dataset(args)
+    train_ds, test_ds = load_dataset(args)
     with ExitStack() as stack:
         client = client_for(args, stack)
         print(
@@ -467,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     _dashboard_parser(sub)
     _words_parser(sub)
     cli_predict.add_parser(sub)
+    cli_tune.add_parser(sub)
     cli_security.add_parsers(sub)
     args = parser.parse_args(argv)
     _log_to_stderr()
@@ -480,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "dashboard": dashboard,
             "words": words,
             "predict": cli_predict.predict,
+            "tune": cli_tune.tune,
             "keygen": cli_security.keygen,
             "verify": cli_security.verify,
             "audit": cli_security.audit,

@@ -108,6 +108,12 @@ def request_stop(run_id: str, dask_worker=None) -> None:
     manager(dask_worker).mailbox(run_id).stop_requested = True
 
 
+def release_epoch(run_id: str, epochs: int, dask_worker=None) -> None:
+    """Let the ranks of ``run_id`` (a run with ``epoch_gate``) in this worker go on after
+    ``epochs`` epochs."""
+    manager(dask_worker).mailbox(run_id).release(epochs)
+
+
 def request_regroup(run_id: str, dask_worker=None) -> None:
     """Ask the ranks of ``run_id`` in this worker to hand their state back at the end of the
     current epoch, so that the run can go on with more ranks (workers that joined)."""

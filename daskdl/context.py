@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from distributed import get_worker
+from distributed import get_worker, secede
 
 from daskdl import averaging, checkpoint, events, rundir, security
 from daskdl import config as config_
@@ -30,6 +31,8 @@ from daskdl.pipeline import Pipeline, Stage, split_layers
 from daskdl.sharding import SHARDS, ShardedOptimizer
 from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class LoopSpec:
     # Resolved from the client's dask.config: workers may have other settings.
     keep_checkpoints: int | None = 3
     pause_profiler: bool = True
+    epoch_gate: bool = False
     signing_key: security.Key | None = None  # signs the checkpoints rank 0 writes
     # Streamed data sets: this rank's partitions, as graphs it computes (daskdl.streaming).
     streams: dict[str, Shard] = field(default_factory=dict)
@@ -524,6 +528,18 @@ class RankContext:
             averaging.load_state(state["optimizer"].get("outer", {}))
         return int(state["epoch"])
 
+    def wait_for_release(self, epochs_done: int) -> None:
+        """In a run with ``epoch_gate``: wait until the client has seen ``epochs_done`` epochs
+        and released the ranks (with a stop request, if it decided to stop the run); after
+        ``comm_timeout`` without a word, go on as if released."""
+        if not self.spec.epoch_gate:
+            return
+        if not self.group.box.wait_released(epochs_done, self.options.timeout):
+            logger.warning(
+                "rank %d: no release of epoch %d from the client within %gs: going on",
+                self.rank, epochs_done, self.options.timeout,
+            )  # fmt: skip
+
     # ------------------------------------------------------------------ regrouping
 
     @property
@@ -635,6 +651,10 @@ def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
     """The body of every rank task: ``train_fn(ctx)``. ``data`` holds, per data set, this
     rank's (X, y) blocks, or for a streamed one the shared results its partitions read;
     Dask delivered them to this worker before the task started."""
+    # A rank runs for the whole run: out of the worker's pool of task threads (as Dask asks
+    # of long-running tasks), so that the worker still runs the short tasks others need of
+    # its data meanwhile, such as a tuning study's next trial starting on another worker.
+    secede()
     tuning = manager().tuning
     # Sharded parameters are gathered and freed all the time, by models too big to spare
     # memory: glibc hands what is freed back at once (its thresholds low), for a fifth of

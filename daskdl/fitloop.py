@@ -46,6 +46,8 @@ class FitLoop:
             if metrics is None:  # every rank agreed to stop
                 break
             trainer.finish_epoch(epoch, metrics)
+            if epoch + 1 < cfg.epochs:
+                ctx.wait_for_release(epoch + 1)
             if epoch + 1 < cfg.epochs and ctx.should_regroup:
                 ctx.regroup()  # workers joined: go on with more ranks
         tensors = trainer.model_tensors()

@@ -47,6 +47,7 @@ def fit(
     progress: bool = True,
     meta: dict | None = None,
     pipeline: Pipeline | None = None,
+    epoch_gate: bool = False,
     **options,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
@@ -103,6 +104,10 @@ def fit(
     meta
         JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
         checkpoints), such as the name of the data set; the dashboard reads them.
+    epoch_gate
+        Ranks wait after each epoch until :meth:`Run.release_epoch` lets them go on (for at
+        most ``comm_timeout``): a driver such as :func:`daskdl.tune` decides between epochs,
+        and a stop it asks for takes effect at the next epoch's first step.
     **options
         Any :class:`daskdl.TrainConfig` field (below).
 
@@ -147,6 +152,7 @@ def fit(
         plan, spec = _plan(
             starting, model, objective, metric_specs, scales, cfg, meta, n_params,
             grow=workers is None,  # workers that join get ranks, unless these were chosen
+            gate=config_.flag("epoch_gate", epoch_gate),
         )  # fmt: skip
         run = start(Launch(client, plan, held), ranks, resume_state, spec, progress)
     if block:
@@ -154,7 +160,9 @@ def fit(
     return run
 
 
-def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta, n_params, grow):
+def _plan(
+    starting: Starting, model, objective, metric_specs, scales, cfg, meta, n_params, grow, gate
+):
     """The run's frozen plan (its loop: :class:`FitLoop`), and what its Run needs to rebuild
     and score the trained model."""
     held = starting.held
@@ -176,6 +184,7 @@ def _plan(starting: Starting, model, objective, metric_specs, scales, cfg, meta,
         public=_describe(starting.run_id, loop, train, cfg, starting.folder, meta, n_params),
         batch_size=cfg.batch_size,
         grow=grow,
+        epoch_gate=gate,
     )
     spec = {
         "model": model,

@@ -151,6 +151,7 @@ class Launch:
                 elastic=plan.elastic,
                 keep_checkpoints=plan.keep_checkpoints,
                 pause_profiler=plan.pause_profiler,
+                epoch_gate=plan.epoch_gate,
                 signing_key=plan.signing_key if r == 0 else None,  # only rank 0 writes
                 streams=streams,
             )

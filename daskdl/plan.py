@@ -35,6 +35,7 @@ class LaunchPlan:
     grow: bool = False  # whether workers that join the cluster get ranks
     keep_checkpoints: int | None = 3
     pause_profiler: bool = True
+    epoch_gate: bool = False  # ranks wait after each epoch for the client's release
 
     @property
     def max_failures(self) -> int:

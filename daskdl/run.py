@@ -158,13 +158,26 @@ class Run:
         """
         if timeout is None:
             timeout = 2 * self._launch.plan.comm_timeout + 30
-        comm_id = self._launch.comm_id
-        self.client.run(comm.request_stop, comm_id, workers=self.workers, on_error="ignore")
+        self.request_stop()
         try:
             return self.wait(timeout)
         except TimeoutError:
             logger.warning("run %s did not stop within %ss: cancelling it", self.run_id, timeout)
             return self.cancel()
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop after the current step, and return at once (the flag
+        travels with the next all-reduce, so all ranks stop after the same step)."""
+        comm_id = self._launch.comm_id
+        self.client.run(comm.request_stop, comm_id, workers=self.workers, on_error="ignore")
+
+    def release_epoch(self, epochs: int) -> None:
+        """Let the ranks of a run started with ``epoch_gate=True`` go on after ``epochs``
+        epochs (after :meth:`request_stop`, to stop them at the next epoch's first step)."""
+        comm_id = self._launch.comm_id
+        self.client.run(
+            comm.release_epoch, comm_id, epochs, workers=self.workers, on_error="ignore"
+        )
 
     def cancel(self, grace: float = 10.0) -> Run:
         """End the run now, wherever its ranks are, and leave the cluster able to train.

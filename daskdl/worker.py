@@ -65,6 +65,7 @@ class Mailbox:
         self.aborted: str | None = None
         self.stop_requested = False
         self.regroup_requested = False
+        self.released = 0  # epochs the client let a run with an epoch gate go on after
 
     def put(self, tag: str, data: np.ndarray) -> None:
         with self._cond:
@@ -93,6 +94,19 @@ class Mailbox:
         with self._cond:
             if tag not in self._items:  # one that came already must not keep ``into`` alive
                 self._posted[tag] = into
+
+    def release(self, epochs: int) -> None:
+        with self._cond:
+            self.released = max(self.released, epochs)
+            self._cond.notify_all()
+
+    def wait_released(self, epochs: int, timeout: float) -> bool:
+        """Wait until :meth:`release` reached ``epochs`` (or the run was aborted: its ranks
+        find out at their next collective); whether it did within ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.released >= epochs or self.aborted is not None, timeout
+            )
 
     def unpost(self, prefix: str) -> None:
         """Forget the posts of tags starting with ``prefix`` (a collective that failed)."""

@@ -23,6 +23,7 @@ def test_the_notebooks_are_there():
         "06_text",
         "07_security",
         "08_model_parallel",
+        "09_tuning",
     ]
 
 

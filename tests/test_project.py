@@ -39,7 +39,7 @@ def test_environment_matches_pyproject():
     ]
     names = {re.split(r"[<>=\[ ]", d)[0] for d in wanted}
     assert names - conda == set(), f"missing from environment.yml: {names - conda}"
-    assert set(project["optional-dependencies"]) == {"cuda", "app", "dev"}
+    assert set(project["optional-dependencies"]) == {"cuda", "app", "tune", "dev"}
 
 
 def _run_readme_example(section: str, checks: str, tmp_path) -> None:
@@ -115,3 +115,11 @@ def test_readme_model_parallel_example_runs_as_written(tmp_path):
         "\nassert sharded.info['config']['shard'] == 'full'"
     )
     _run_readme_example("## Models bigger than a worker: pipelines and sharding", checks, tmp_path)
+
+
+def test_readme_tuning_example_runs_as_written(tmp_path):
+    checks = (
+        "\nassert study.best.value >= 0.9, study.trials"
+        "\nassert len(study.trials) == 6 and study.best.checkpoint.exists()"
+    )
+    _run_readme_example("## Tuning and model selection: `daskdl.tune`", checks, tmp_path)

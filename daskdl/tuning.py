@@ -1,0 +1,155 @@
+"""Hyperparameter tuning and model selection: many trials, each a daskdl run, sharing one
+cluster, with Optuna underneath (``pip install "daskdl[tune]"``).
+
+The client drives Optuna by ask-and-tell: a :class:`Study` asks for a trial, turns the
+parameters ``space(trial)`` returns into a :func:`daskdl.fit` on a free group of
+``ranks_per_trial`` workers, reports the trial's validation metric after every epoch (from the
+run's events) and, when the pruner says so, stops the run through its own stop request, which
+every rank of the trial sees at the same step. As soon as a trial ends, its workers start the
+next one. The ranks of a trial never talk to Optuna: they all train with the parameters the
+client sampled once.
+
+With ``storage=`` (a journal file, which needs no database server, or an RDB URL) the study
+outlives its driver: ``tune(..., resume=True)`` goes on with it, the pruner's rungs intact
+(they are the trials' stored intermediate values), and trials that were running when the driver
+died are queued again with the same parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Client
+
+from daskdl.data import Dataset
+from daskdl.run import Run
+
+logger = logging.getLogger(__name__)
+
+PRUNERS = ("asha", "hyperband", "median", "none")
+SAMPLERS = ("tpe", "random")
+# What a trial's space may return besides fit's own options: preprocessing to search over.
+PREPROCESSING = ("standardize",)
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError(
+            'daskdl.tune needs Optuna: pip install "daskdl[tune]" (or pip install optuna).'
+        ) from None
+    return optuna
+
+
+def make_pruner(pruner, epochs: int):
+    """An Optuna pruner from a short name (``"asha"``, ``"hyperband"``, ``"median"``,
+    ``"none"``) or the pruner itself."""
+    optuna = _optuna()
+    if not isinstance(pruner, str | None):
+        return pruner
+    if pruner not in (*PRUNERS, None):
+        raise ValueError(f"pruner must be one of {PRUNERS} or an Optuna pruner, got {pruner!r}.")
+    return {
+        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
+        "median": lambda: optuna.pruners.MedianPruner(n_warmup_steps=1),
+        "none": lambda: optuna.pruners.NopPruner(),
+        None: lambda: optuna.pruners.NopPruner(),
+    }[pruner]()
+
+
+def make_sampler(sampler, seed: int):
+    """An Optuna sampler from a short name (``"tpe"``, ``"random"``) or the sampler itself."""
+    optuna = _optuna()
+    if not isinstance(sampler, str):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"sampler must be one of {SAMPLERS} or an Optuna sampler, got {sampler!r}."
+        )
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_storage(storage: str | Path | None):
+    """Optuna's storage: in memory, a journal file (a path), or a database URL."""
+    if storage is None:
+        return None
+    text = str(storage)
+    if "://" in text:
+        return text
+    optuna = _optuna()
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(text).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(text))
+
+
+@dataclass
+class Trial:
+    """A running trial: its Optuna trial, its run and what has been reported of it."""
+
+    trial: object
+    run: Run
+    started: float
+    reported: int = 0
+    pruned: bool = False
+
+
+@dataclass
+class Best:
+    """The best trial: its parameters, metric, checkpoint folder and (when it ran in this
+    process) its :class:`daskdl.Run`, to evaluate or predict with."""
+
+    number: int
+    params: dict
+    value: float
+    checkpoint: Path | None
+    run: Run | None = None
+
+
+@dataclass
+class Trials:
+    """The trials' part of a study that starts runs: the data (and its preprocessed variants),
+    the options every trial gets, where their checkpoints go."""
+
+    train: Dataset
+    val: Dataset | None
+    fixed: dict
+    epochs: int
+    out: Path | None
+    _variants: dict = field(default_factory=dict)
+
+    def data(self, standardize: bool) -> tuple[Dataset, Dataset | None]:
+        if standardize not in self._variants:
+            if standardize:
+                train = self.train.standardize()
+                val = None if self.val is None else self.val.standardize(like=train)
+                self._variants[True] = (train, val)
+            else:
+                self._variants[False] = (self.train, self.val)
+        return self._variants[standardize]
+
+    def start(self, client: Client, number: int, params: dict, workers: list[str]) -> Run:
+        options = {**self.fixed, **params}
+        if "model" not in options:
+            raise ValueError(
+                "the search space gave no model: return one from space(trial) (a name such as "
+                "'mlp', or a factory), or pass model= to tune()."
+            )
+        train, val = self.data(bool(options.pop("standardize", False)))
+        out = None if self.out is None else self.out / f"trial-{number:04d}"
+        return _fit(client, options.pop("model"), train, val, workers, out, self.epochs, options)
+
+
+def _fit(client, model, train, val, workers, out, epochs, options) -> Run:
+    from daskdl.launcher import fit  # the launcher imports more than tuning needs at import
+
+    return fit(
+        client, model, train, val, workers=workers, out=out, overwrite=out is not None,
+        epochs=epochs, block=False, progress=False, epoch_gate=True, **options,
+    )  # fmt: skip
