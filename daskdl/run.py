@@ -168,16 +168,17 @@ class Run:
     def request_stop(self) -> None:
         """Ask every rank to stop after the current step, and return at once (the flag
         travels with the next all-reduce, so all ranks stop after the same step)."""
-        comm_id = self._launch.comm_id
-        self.client.run(comm.request_stop, comm_id, workers=self.workers, on_error="ignore")
+        self._on_ranks(comm.request_stop)
 
     def release_epoch(self, epochs: int) -> None:
         """Let the ranks of a run started with ``epoch_gate=True`` go on after ``epochs``
         epochs (after :meth:`request_stop`, to stop them at the next epoch's first step)."""
+        self._on_ranks(comm.release_epoch, epochs)
+
+    def _on_ranks(self, function, *args) -> None:
+        """``function(comm_id, *args)`` on the workers of the run's current ranks."""
         comm_id = self._launch.comm_id
-        self.client.run(
-            comm.release_epoch, comm_id, epochs, workers=self.workers, on_error="ignore"
-        )
+        self.client.run(function, comm_id, *args, workers=self.workers, on_error="ignore")
 
     def cancel(self, grace: float = 10.0) -> Run:
         """End the run now, wherever its ranks are, and leave the cluster able to train.

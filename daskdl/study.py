@@ -212,14 +212,15 @@ class Study:
         for _, row in history.iloc[t.reported :].iterrows():
             t.trial.report(float(row[self.metric]), int(row["epoch"]))
         t.reported = len(history)
-        if release and not t.pruned and t.trial.should_prune():
+        if not release:  # the run ended: nothing left to decide
+            return
+        if not t.pruned and t.trial.should_prune():
             t.pruned = True
             logger.info("trial %d pruned after epoch %d", t.trial.number, t.reported)
             t.run.request_stop()
         # The ranks wait for this after every epoch: with a stop request, they stop at the
         # next epoch's first step, all of them.
-        if release:
-            t.run.release_epoch(int(history["epoch"].iloc[-1]))
+        t.run.release_epoch(int(history["epoch"].iloc[-1]))
 
     def _finish(self, t: Trial, error: BaseException | None) -> None:
         del self._running[t.trial.number]

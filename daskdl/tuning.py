@@ -17,7 +17,6 @@ died are queued again with the same parameters.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +25,8 @@ from distributed import Client
 from daskdl.data import Dataset
 from daskdl.run import Run
 
-logger = logging.getLogger(__name__)
-
 PRUNERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "random")
-# What a trial's space may return besides fit's own options: preprocessing to search over.
-PREPROCESSING = ("standardize",)
 
 
 def _optuna():
@@ -47,18 +42,20 @@ def _optuna():
 def make_pruner(pruner, epochs: int):
     """An Optuna pruner from a short name (``"asha"``, ``"hyperband"``, ``"median"``,
     ``"none"``) or the pruner itself."""
-    optuna = _optuna()
-    if not isinstance(pruner, str | None):
+    pruners = _optuna().pruners
+    if pruner is None:
+        pruner = "none"
+    if not isinstance(pruner, str):
         return pruner
-    if pruner not in (*PRUNERS, None):
+    if pruner not in PRUNERS:
         raise ValueError(f"pruner must be one of {PRUNERS} or an Optuna pruner, got {pruner!r}.")
-    return {
-        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
-        "median": lambda: optuna.pruners.MedianPruner(n_warmup_steps=1),
-        "none": lambda: optuna.pruners.NopPruner(),
-        None: lambda: optuna.pruners.NopPruner(),
-    }[pruner]()
+    if pruner == "asha":
+        return pruners.SuccessiveHalvingPruner()
+    if pruner == "hyperband":
+        return pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if pruner == "median":
+        return pruners.MedianPruner(n_warmup_steps=1)
+    return pruners.NopPruner()
 
 
 def make_sampler(sampler, seed: int):
