@@ -24,6 +24,15 @@ def poll_for(predicate, timeout: float = 30.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def ranks_gone(client) -> bool:
+    """Whether no task runs on any worker (rank tasks secede from the thread pool, so they
+    count among the long-running ones, not the executing)."""
+    running = client.run(
+        lambda dask_worker: len(dask_worker.state.executing) + len(dask_worker.state.long_running)
+    )
+    return not any(running.values())
+
+
 @pytest.fixture(scope="session")
 def client():
     """Two worker processes with one thread each, shared by the tests that do not break it."""

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from conftest import kill_mid_epoch, poll_for
+from conftest import kill_mid_epoch, poll_for, ranks_gone
 from distributed import Client
 
 import daskdl
@@ -541,11 +541,7 @@ def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
         proc.wait()
         start = time.monotonic()
 
-        def ranks_gone():
-            running = fresh_client.run(lambda dask_worker: len(dask_worker.state.executing))
-            return not any(running.values())
-
-        poll_for(ranks_gone, timeout=60, interval=0.5)
+        poll_for(lambda: ranks_gone(fresh_client), timeout=60, interval=0.5)
         assert time.monotonic() - start < 30
     finally:
         proc.kill()

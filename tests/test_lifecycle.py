@@ -10,7 +10,7 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-from conftest import poll_for
+from conftest import poll_for, ranks_gone
 from distributed import Client
 from torch import nn
 
@@ -40,12 +40,7 @@ def test_a_run_whose_client_closed_is_cancelled_and_says_why(fresh_client):
     with pytest.raises(daskdl.RunError, match="the client that started it closed before it ended"):
         run.wait()
 
-    def ranks_gone():
-        return not any(
-            fresh_client.run(lambda dask_worker: len(dask_worker.state.executing)).values()
-        )
-
-    poll_for(ranks_gone, timeout=60, interval=0.5)
+    poll_for(lambda: ranks_gone(fresh_client), timeout=60, interval=0.5)
     assert _trains(fresh_client)
 
 
