@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "daskdl-run-"
 RUNS_TOPIC = "daskdl-runs"
+# Tuning studies' events (see daskdl.tuning.trial_event): ``study`` when a driver starts,
+# ``trial`` whenever a trial starts, reports an epoch or ends, ``end`` when the driver stops.
+STUDIES_TOPIC = "daskdl-studies"
 
 
 def topic(run_id: str) -> str:

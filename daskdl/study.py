@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from distributed import Client
 
+from daskdl import events
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 from daskdl.run import Run
@@ -24,6 +26,7 @@ from daskdl.tuning import (
     make_pruner,
     make_sampler,
     make_storage,
+    trial_event,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,9 @@ class Study:
     ``wait()`` blocks until ``n_trials`` trials have ended; ``trials`` is a DataFrame of every
     trial (parameters, state, metric per epoch, run id, checkpoint folder); ``best`` the best
     trial; ``optuna`` the Optuna study itself (for its plots and parameter importances);
-    ``utilization`` the share of the workers' time that trials held them.
+    ``utilization`` the share of the workers' time that trials held them. The study publishes
+    its trials as events (``daskdl.events.STUDIES_TOPIC``): ``dashboard()`` shows them, as
+    does any dashboard on the cluster.
     """
 
     def __init__(
@@ -51,6 +56,8 @@ class Study:
         poll: float = 0.05,
     ):
         self.client, self.optuna, self.metric = client, study, metric
+        # This driver's name on the dashboard: a study resumed later is another driver.
+        self.key = f"{study.study_name}-{uuid.uuid4().hex[:8]}"
         self._trials, self._space = trials, space
         self.n_trials, self.ranks_per_trial = n_trials, ranks_per_trial
         self.max_concurrent, self._poll = max_concurrent, poll
@@ -86,6 +93,12 @@ class Study:
             t.run.request_stop()
         self._thread.join()
         return self
+
+    def dashboard(self, runs_dir: str = "runs"):
+        """The dashboard, opened on this study's trials (a trial's row opens its run)."""
+        from daskdl.webapp import dashboard
+
+        return dashboard(self.client, runs_dir, study=self.key)
 
     @property
     def done(self) -> bool:
@@ -126,7 +139,9 @@ class Study:
     # ------------------------------------------------------------------ the driver
 
     def _drive(self) -> None:
+        status = "failed"
         try:
+            self._announce()
             while True:
                 for number in list(self._running):
                     self._follow(self._running[number])
@@ -136,12 +151,33 @@ class Study:
                 else:
                     self._start_free()
                 time.sleep(self._poll)
+            status = "stopped" if self._stopping.is_set() else "finished"
         except BaseException as e:  # handed to wait(): the study ends with the running trials
             self._error = e
             for t in self._running.values():
                 t.run.cancel()
         finally:
             self._ended_at = time.monotonic()
+            self._trials.release()
+            self._publish({"kind": "end", "status": status})
+
+    def _publish(self, msg: dict) -> None:
+        self.client.log_event(events.STUDIES_TOPIC, {"study": self.key, **msg})
+
+    def _publish_trial(self, number: int) -> None:
+        # Optuna numbers a study's trials 0, 1, ... in the order get_trials lists them.
+        self._publish(trial_event(self.key, self.optuna.get_trials(deepcopy=False)[number]))
+
+    def _announce(self) -> None:
+        """The study's description, then the trials it already has (a resumed study)."""
+        self._publish({
+            "kind": "study", "name": self.optuna.study_name, "metric": self.metric,
+            "direction": self.optuna.direction.name.lower(), "n_trials": self.n_trials,
+            "pruner": type(self.optuna.pruner).__name__,
+            "sampler": type(self.optuna.sampler).__name__,
+        })  # fmt: skip
+        for t in self.optuna.get_trials(deepcopy=False):
+            self._publish(trial_event(self.key, t))
 
     def _count(self) -> int:
         """Trials that ended and count towards n_trials (not those queued again)."""
@@ -175,6 +211,7 @@ class Study:
                 )
             except (ValueError, TypeError) as e:
                 self.optuna.tell(trial, state=_optuna().trial.TrialState.FAIL)
+                self._publish_trial(trial.number)
                 if not self._runs:  # the first trial: the space or the options are wrong
                     raise
                 logger.warning("trial %d could not start: %s", trial.number, e)
@@ -184,6 +221,7 @@ class Study:
             self._running[trial.number] = Trial(trial, run, time.monotonic())
             self.peak_concurrent = max(self.peak_concurrent, len(self._running))
             self._runs[trial.number] = run
+            self._publish_trial(trial.number)
             logger.info("trial %d started on %s: %s", trial.number, run.workers, params)
 
     def _follow(self, t: Trial) -> None:
@@ -212,6 +250,7 @@ class Study:
         for _, row in history.iloc[t.reported :].iterrows():
             t.trial.report(float(row[self.metric]), int(row["epoch"]))
         t.reported = len(history)
+        self._publish_trial(t.trial.number)
         if not release:  # the run ended: nothing left to decide
             return
         if not t.pruned and t.trial.should_prune():
@@ -236,6 +275,7 @@ class Study:
         else:
             self.optuna.tell(t.trial, float(values.iloc[-1]))
             logger.info("trial %d: %s = %.4g", t.trial.number, self.metric, values.iloc[-1])
+        self._publish_trial(t.trial.number)
 
 
 def _ended_states():

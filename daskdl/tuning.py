@@ -22,6 +22,8 @@ from pathlib import Path
 
 from distributed import Client
 
+from daskdl import streaming
+from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 from daskdl.run import Run
 
@@ -50,7 +52,9 @@ def make_pruner(pruner, epochs: int):
     if pruner not in PRUNERS:
         raise ValueError(f"pruner must be one of {PRUNERS} or an Optuna pruner, got {pruner!r}.")
     if pruner == "asha":
-        return pruners.SuccessiveHalvingPruner()
+        # From the first epoch on, as Ray Tune's ASHA (grace period 1): Optuna's "auto"
+        # waits for a whole trial to end first, which on a small cluster is most of the study.
+        return pruners.SuccessiveHalvingPruner(min_resource=1)
     if pruner == "hyperband":
         return pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     if pruner == "median":
@@ -97,6 +101,21 @@ class Trial:
     pruned: bool = False
 
 
+def trial_event(study: str, t) -> dict:
+    """The ``trial`` event of Optuna's frozen trial ``t`` in study ``study``: all a dashboard
+    needs to show it, and to rebuild the study for parameter importances."""
+    distributions = _optuna().distributions
+    return {
+        "study": study, "kind": "trial", "number": t.number, "state": t.state.name.lower(),
+        "value": t.value, "params": dict(t.params), "run": t.user_attrs.get("run_id"),
+        "distributions": {
+            k: distributions.distribution_to_json(d) for k, d in t.distributions.items()
+        },
+        # Pairs, not a dict: event payloads travel as msgpack, whose maps want string keys.
+        "curve": [[int(k), float(v)] for k, v in sorted(t.intermediate_values.items())],
+    }  # fmt: skip
+
+
 @dataclass
 class Best:
     """The best trial: its parameters, metric, checkpoint folder and (when it ran in this
@@ -121,15 +140,25 @@ class Trials:
     out: Path | None
     _variants: dict = field(default_factory=dict)
 
-    def data(self, standardize: bool) -> tuple[Dataset, Dataset | None]:
+    def data(self, client: Client, standardize: bool) -> tuple[Dataset, Dataset | None]:
+        """The data as trials with ``standardize`` see it: computed once for the study, kept
+        on the workers until it ends (unless it streams), not once per trial."""
         if standardize not in self._variants:
+            train, val = self.train, self.val
             if standardize:
-                train = self.train.standardize()
-                val = None if self.val is None else self.val.standardize(like=train)
-                self._variants[True] = (train, val)
-            else:
-                self._variants[False] = (self.train, self.val)
+                train = train.standardize()
+                val = None if val is None else val.standardize(like=train)
+            both = [d for d in (train, val) if d is not None]
+            if not streaming.should_stream(
+                client, both, list(workers_info(client)), self.fixed.get("stream")
+            ):
+                train, val = _persist(client, train, val)
+            self._variants[standardize] = (train, val)
         return self._variants[standardize]
+
+    def release(self) -> None:
+        """The study ended: its hold on the data goes (each run keeps its own)."""
+        self._variants.clear()
 
     def start(self, client: Client, number: int, params: dict, workers: list[str]) -> Run:
         options = {**self.fixed, **params}
@@ -138,9 +167,18 @@ class Trials:
                 "the search space gave no model: return one from space(trial) (a name such as "
                 "'mlp', or a factory), or pass model= to tune()."
             )
-        train, val = self.data(bool(options.pop("standardize", False)))
+        train, val = self.data(client, bool(options.pop("standardize", False)))
         out = None if self.out is None else self.out / f"trial-{number:04d}"
         return _fit(client, options.pop("model"), train, val, workers, out, self.epochs, options)
+
+
+def _persist(client, train: Dataset, val: Dataset | None):
+    # One graph: val's standardisation reads train's statistics, computed once for both.
+    if val is None:
+        return train.persist(client), None
+    X, y, vX, vy = client.persist([train.X, train.y, val.X, val.y], optimize_graph=False)
+    with client.as_current():
+        return train._persisted(X, y), val._persisted(vX, vy)
 
 
 def _fit(client, model, train, val, workers, out, epochs, options) -> Run:

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import poll_for
 
 import daskdl
 from daskdl.webapp.store import DashboardStore, RunState, feed
-from tests.conftest import poll_for
 
 pytest.importorskip("panel")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import poll_for
 
 import daskdl
 from daskdl import Dataset, checkpoint
-from tests.conftest import poll_for
 
 # The loops below run on the workers, which cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

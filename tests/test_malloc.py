@@ -42,7 +42,8 @@ def _faults_in_a_worker() -> dict:
     deadline = time.monotonic() + 30
     while tuning.users("malloc") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not tuning.users("malloc"), f"ranks still running here: {get_worker().state.long_running}"
+    still = get_worker().state.long_running
+    assert not tuning.users("malloc"), f"ranks still running here: {still}"
     # Zero faults in every phase was seen once in the suite: say what this worker looked like.
     faults = {"env": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "pid": os.getpid()}
     faults["dask"] = _faults_per_step()

@@ -47,6 +47,15 @@ def test_tune_on_digits_finds_a_good_model_two_trials_at_a_time(client, tmp_path
     pruned = trials[trials["state"] == "pruned"]
     assert (pruned["epochs"] < 6).all()
     assert 0 < study.utilization <= 1
+    # The driver published every trial (the dashboard's source): as the study has them.
+    published = {
+        e["number"]: (e["state"], [v for _, v in e["curve"]])
+        for _, e in client.get_events(events.STUDIES_TOPIC)
+        if e["study"] == study.key and e["kind"] == "trial"
+    }
+    assert published == {
+        t.number: (t.state, t.val_accuracy) for t in trials.itertuples(index=False)
+    }
 
 
 def test_a_pruned_two_rank_trial_stops_on_both_ranks_at_the_same_step(client):

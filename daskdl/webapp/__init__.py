@@ -5,14 +5,17 @@ and ``panel serve app/dashboard.py`` serve it.
 
 - :mod:`daskdl.webapp.store`: the runs as their events describe them (no Panel).
 - :mod:`daskdl.webapp.views`: curves, workers, status and the run list.
+- :mod:`daskdl.webapp.study_state`, :mod:`daskdl.webapp.studies`: tuning studies, their
+  trials and plots.
 - :mod:`daskdl.webapp.app`: the ``App`` that puts them together with run controls.
 """
 
 from __future__ import annotations
 
 
-def dashboard(client, runs_dir: str = "runs"):
-    """The dashboard for ``client``'s cluster, to display in a notebook.
+def dashboard(client, runs_dir: str = "runs", study: str | None = None):
+    """The dashboard for ``client``'s cluster, to display in a notebook (``study``: a
+    :attr:`daskdl.Study.key`, whose trials it shows first).
 
     Examples
     --------
@@ -24,4 +27,4 @@ def dashboard(client, runs_dir: str = "runs"):
     from daskdl.webapp.app import App
 
     pn.extension("tabulator")
-    return App(client, runs_dir)
+    return App(client, runs_dir, study=study)

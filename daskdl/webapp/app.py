@@ -15,6 +15,7 @@ from panel.viewable import Viewer
 from daskdl import comm, config, datasets, models, rundir, sources
 from daskdl.cluster import workers_info
 from daskdl.webapp.store import DashboardStore, feed
+from daskdl.webapp.studies import Studies
 from daskdl.webapp.views import Curves, RunList, Status, Workers
 
 logger = logging.getLogger(__name__)
@@ -215,17 +216,20 @@ class App(Viewer):
     """daskdl's dashboard for the runs on one Dask cluster.
 
     In a notebook, ``daskdl.dashboard(client)`` displays it; served (``daskdl dashboard`` or
-    ``panel serve app/dashboard.py``), :meth:`servable` puts it in a page template.
+    ``panel serve app/dashboard.py``), :meth:`servable` puts it in a page template. Two tabs:
+    the selected run, and the tuning studies (``study``: open this one's tab first).
     """
 
     title = param.String(default="daskdl")
     refresh_ms = param.Integer(default=500, bounds=(100, None), doc="how often views update")
 
-    def __init__(self, client, runs_dir: str | Path = "runs", **params):
+    def __init__(self, client, runs_dir: str | Path = "runs", study: str | None = None, **params):
         super().__init__(**params)
         self.client = client
         self.store = DashboardStore(feed(client))
         self.store.refresh()
+        if study is not None:
+            self.store.study = study
         link = client.dashboard_link or ""
         self.status = Status(store=self.store, dask_dashboard=link)
         self.curves = Curves(store=self.store)
@@ -236,6 +240,13 @@ class App(Viewer):
             self.store.param.compare, name="compare with (dashed)"
         )
         self.select = pn.widgets.Select.from_param(self.store.param.selected, name="run")
+        self.studies = Studies(store=self.store)
+        self.tabs = pn.Tabs(
+            ("Runs", self._runs_tab()), ("Studies", self.studies),
+            active=int(study is not None), dynamic=False, sizing_mode="stretch_width",
+        )  # fmt: skip
+        # A trial clicked in the Studies tab opens its run in the Runs tab.
+        self.studies.param.watch(lambda _: setattr(self.tabs, "active", 0), "opened")
         self._callback = None
 
     def tick(self) -> None:
@@ -247,6 +258,9 @@ class App(Viewer):
             self._callback = pn.state.add_periodic_callback(self.tick, period=self.refresh_ms)
 
     def main(self):
+        return self.tabs
+
+    def _runs_tab(self):
         return pn.Column(
             self.status,
             self.curves,

@@ -4,7 +4,9 @@
 keeps every event in arrival order; it is fed on the client's event loop thread. Each browser
 session (or notebook view) has its own :class:`DashboardStore`, a ``param.Parameterized`` that
 pulls the new events from the feed on its own thread, one batch per refresh, and folds them
-into :class:`RunState` objects. Views watch the store's ``revision`` and stream what is new.
+into :class:`RunState` objects (a tuning study's into a
+:class:`~daskdl.webapp.study_state.StudyState`). Views watch the store's ``revision`` and
+stream what is new.
 Nothing here imports Panel, and nothing here talks to the ranks: watching costs training
 nothing beyond the events it already publishes.
 """
@@ -19,6 +21,7 @@ import pandas as pd
 import param
 
 from daskdl import events
+from daskdl.webapp.study_state import StudyState
 
 FINISHED = ("finished", "stopped", "failed", "cancelled")
 
@@ -205,6 +208,7 @@ class EventFeed:
         events.subscribe(client, events.RUNS_TOPIC, self._on_announcement)
         for event in client.get_events(events.RUNS_TOPIC):
             self._watch(event[1].get("run"), replay=client.get_events)
+        self._follow(events.STUDIES_TOPIC, replay=client.get_events)
 
     def _on_announcement(self, event: tuple[float, dict]) -> None:
         # On the client's event loop: the replay must not block it.
@@ -217,7 +221,9 @@ class EventFeed:
             if run_id in self._watched:
                 return
             self._watched.add(run_id)
-        topic = events.topic(run_id)
+        self._follow(events.topic(run_id), replay)
+
+    def _follow(self, topic: str, replay) -> None:
         # Subscribe first, then replay, holding live events back until the replay is in: an
         # event could otherwise be missed between the two, or appear twice.
         held: list[tuple[float, dict]] | None = []
@@ -274,6 +280,8 @@ class DashboardStore(param.Parameterized):
     """
 
     runs = param.Dict(default={}, doc="run id -> RunState, in order of appearance")
+    studies = param.Dict(default={}, doc="study key -> StudyState, in order of appearance")
+    study = param.String(default=None, allow_None=True, doc="the study the Studies view shows")
     selected = param.Selector(default=None, objects=[None], doc="the run the views show")
     compare = param.Selector(default=None, objects=[None], doc="a run overlaid for comparison")
     revision = param.Integer(default=0, doc="bumped after every refresh that changed anything")
@@ -287,6 +295,9 @@ class DashboardStore(param.Parameterized):
         """Fold events into the runs; True if there were any. Plain logic, no I/O."""
         new_runs = []
         for timestamp, msg in batch:
+            if "study" in msg:  # a study's event names the trial's run too: not a run's event
+                self._ingest_study(timestamp, msg)
+                continue
             run_id = msg.get("run")
             if not run_id:
                 continue
@@ -302,6 +313,15 @@ class DashboardStore(param.Parameterized):
             if self.selected is None:
                 self.selected = new_runs[-1]  # follow the newest run until the user picks one
         return bool(batch)
+
+    def _ingest_study(self, timestamp: float, msg: dict) -> None:
+        key = msg["study"]
+        state = self.studies.get(key)
+        if state is None:
+            state = self.studies[key] = StudyState(key)
+            if self.study is None:
+                self.study = key  # show the first study until the user picks one
+        state.ingest(timestamp, msg)
 
     def refresh(self) -> bool:
         if self.source is None:

@@ -28,12 +28,12 @@ def _nan(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _figure(title: str, y_label: str, **kwargs):
+def _figure(title: str, y_label: str, x_label: str = "step", **kwargs):
     fig = figure(
         title=title,
         height=260,
         sizing_mode="stretch_width",
-        x_axis_label="step",
+        x_axis_label=x_label,
         y_axis_label=y_label,
         tools="pan,wheel_zoom,box_zoom,reset,save",
         **kwargs,
