@@ -89,7 +89,7 @@ class Coordinator:
             "ended, and the scheduler released its ranks. Keep the client open until "
             "run.wait() returns; resume= continues the run from its last checkpoint."
         )
-        self.recorder.close()
+        self.recorder.close(self.state.value)
 
     def follow(self, deadline: float | None, timeout: float | None) -> None:
         """Watch the rank tasks until the run ends (raising its error) or ``deadline``."""
@@ -356,8 +356,8 @@ class Coordinator:
         for f in self.futures + self.data:
             f.release()
         self.data = []
-        self.recorder.close()
         status = state.value
+        self.recorder.close(status)
         self.client.log_event(
             events.topic(self.run_id),
             {"run": self.run_id, "kind": "end", "status": status, **fields},

@@ -85,9 +85,11 @@ class Recorder:
     """
 
     def __init__(
-        self, run_id: str, total: int | None, initial: int, progress: bool, unit: str = "step"
-    ):
+        self, run_id: str, total: int | None, initial: int, progress: bool, unit: str = "step",
+        trackers=None,
+    ):  # fmt: skip
         self.run_id = run_id
+        self.trackers = trackers  # daskdl.trackers.Trackers: fed every event, closed with us
         self.unit = unit  # what the bar counts: steps (fit), or epochs (a user's loop)
         self._lock = threading.Lock()
         self.epochs: list[dict] = []
@@ -107,6 +109,8 @@ class Recorder:
             elif kind == "step":
                 self.steps.append(msg)
         _report(self.run_id, kind, msg)
+        if self.trackers is not None:
+            self.trackers.handle(event)
         if self.bar is None:
             return
         if kind == "step" and msg.get("rank") == 0:
@@ -127,9 +131,12 @@ class Recorder:
         with self._lock:
             return history_frame(self.epochs)
 
-    def close(self) -> None:
+    def close(self, status: str = "cancelled") -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close(status)
+            self.trackers = None
 
 
 def _report(run_id: str, kind: str, msg: dict) -> None:

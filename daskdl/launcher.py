@@ -14,7 +14,7 @@ import dask
 import numpy as np
 from distributed import Client
 
-from daskdl import categorical, checks, models, preflight, security
+from daskdl import categorical, checks, models, preflight, security, trackers
 from daskdl import config as config_
 from daskdl import metrics as metrics_
 from daskdl.config import TrainConfig
@@ -48,6 +48,7 @@ def fit(
     meta: dict | None = None,
     pipeline: Pipeline | None = None,
     epoch_gate: bool = False,
+    loggers: Sequence | None = None,
     **options,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
@@ -104,6 +105,11 @@ def fit(
     meta
         JSON-able facts to keep with the run (its ``start`` event, ``config.json`` and
         checkpoints), such as the name of the data set; the dashboard reads them.
+    loggers
+        Experiment trackers the run's metrics go to, from the client: ``"tensorboard"``
+        (``out/tensorboard``), ``"mlflow"`` (MLflow's tracking URI), ``"csv"``
+        (``out/metrics.csv``, written anyway), or objects with Lightning's logger methods
+        (``log_hyperparams``, ``log_metrics``, ``finalize``). See :mod:`daskdl.trackers`.
     epoch_gate
         Ranks wait after each epoch until :meth:`Run.release_epoch` lets them go on (for at
         most ``comm_timeout``): a driver such as :func:`daskdl.tune` decides between epochs,
@@ -128,6 +134,7 @@ def fit(
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
     checks.check_meta(meta)
     checks.check_client(client, "fit")
+    loggers = trackers.check(loggers, out)
     folder = checks.run_folder(out, resume, overwrite, signing_key, verify_key)
     model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
     resume_state, manifest = _checkpoint_to_resume(folder, cfg)
@@ -154,7 +161,7 @@ def fit(
             grow=workers is None,  # workers that join get ranks, unless these were chosen
             gate=config_.flag("epoch_gate", epoch_gate),
         )  # fmt: skip
-        run = start(Launch(client, plan, held), ranks, resume_state, spec, progress)
+        run = start(Launch(client, plan, held), ranks, resume_state, spec, progress, loggers)
     if block:
         run.wait()
     return run

@@ -16,7 +16,7 @@ import dask
 import numpy as np
 from distributed import Client, futures_of
 
-from daskdl import checkpoint, comm, events, preflight, rundir, streaming
+from daskdl import checkpoint, comm, events, preflight, rundir, streaming, trackers
 from daskdl.checks import RunFolder
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
@@ -219,11 +219,13 @@ class Starting:
         )
 
 
-def start(launch: Launch, workers: list[str], resume: dict | None, spec: dict, progress) -> Run:
+def start(
+    launch: Launch, workers: list[str], resume: dict | None, spec: dict, progress, loggers=()
+) -> Run:
     """Lay out a checked run's shards, describe it (its ``config.json`` and ``start`` event)
     and submit its rank tasks. ``resume`` is the state it starts from (``epoch``, ``model``,
-    ``optimizer``, ``history``, ``shards``), ``spec`` what its :class:`Run` needs to rebuild
-    the model."""
+    ``optimizer``, ``history``, ``shards``, ``trackers``), ``spec`` what its :class:`Run`
+    needs to rebuild the model, ``loggers`` its experiment trackers (checked)."""
     plan = launch.plan
     sizes = [int(c) for c in launch.held[0].ds.X.chunks[0]]
     shards = None
@@ -235,13 +237,23 @@ def start(launch: Launch, workers: list[str], resume: dict | None, spec: dict, p
     launch.public["start_epoch"] = start_epoch
     launch.public["streamed"] = [n for n, h in zip(plan.names, launch.held) if h.stream]
     epochs = plan.public["config"].get("epochs")
+    # A user's loop reports epochs, fit's loop steps too.
+    steps = lay.steps if plan.batch_size is not None else 1
+    tracking = trackers.open_trackers(
+        list(loggers), plan.out_arg, plan.run_id, resume and resume.get("trackers"),
+        start_epoch * steps,
+    )  # fmt: skip
+    launch.public["trackers"] = tracking.identities()
     if plan.batch_size is not None:
         launch.public["steps_per_epoch"] = lay.steps
         recorder = events.Recorder(
-            plan.run_id, lay.steps * epochs, start_epoch * lay.steps, progress
+            plan.run_id, lay.steps * epochs, start_epoch * lay.steps, progress, trackers=tracking
         )
     else:
-        recorder = events.Recorder(plan.run_id, epochs, start_epoch, progress, unit="epoch")
+        recorder = events.Recorder(
+            plan.run_id, epochs, start_epoch, progress, unit="epoch", trackers=tracking
+        )
+    tracking.hyperparams(launch.public)
     history = resume["history"] if resume else []
     recorder.epochs.extend(history)
     announce(launch, recorder)
@@ -325,6 +337,7 @@ def resume_state(manifest: dict, model: dict, optimizer: dict) -> dict:
         "history": manifest.get("history", []),
         "shards": manifest.get("plan"),
         "partition_sizes": manifest.get("partition_sizes"),
+        "trackers": manifest.get("trackers"),
     }
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from distributed import Client
 
-from daskdl import checks, preflight, security
+from daskdl import checks, preflight, security, trackers
 from daskdl import config as config_
 from daskdl.data import Dataset
 from daskdl.launching import Launch, Starting, read_resume, start
@@ -59,6 +59,7 @@ def launch(
     block: bool = True,
     progress: bool = True,
     meta: dict | None = None,
+    loggers: Sequence | None = None,
     **options,
 ) -> Run:
     """Run ``train_fn(ctx)`` on one rank per worker, each with its shard of ``data``.
@@ -85,7 +86,8 @@ def launch(
         memory, or from where they were with ``ctx.follow``).
 
     ``workers``, ``out``, ``resume``, ``overwrite``, ``signing_key``, ``verify_key``,
-    ``block``, ``progress`` and ``meta`` are as for :func:`daskdl.fit`.
+    ``block``, ``progress``, ``meta`` and ``loggers`` are as for :func:`daskdl.fit` (what
+    ``ctx.log`` reports goes to the trackers, against the epoch).
 
     Examples
     --------
@@ -112,6 +114,7 @@ def launch(
     block, progress = config_.flag("block", block), config_.flag("progress", progress)
     checks.check_client(client, "launch")
     checks.check_meta(meta)
+    loggers = trackers.check(loggers, out)
     user_config = _check_loop(train_fn, data, config)
     folder = checks.run_folder(out, resume, overwrite, signing_key, verify_key)
     resume_from, _ = read_resume(folder)
@@ -130,7 +133,9 @@ def launch(
             public=_describe(starting, names, train_fn, user_config, cfg, meta),
             grow=workers is None,
         )
-        run = start(Launch(client, plan, held), ranks, resume_from, {"loop": True}, progress)
+        run = start(
+            Launch(client, plan, held), ranks, resume_from, {"loop": True}, progress, loggers
+        )
     if block:
         run.wait()
     return run
