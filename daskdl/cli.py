@@ -80,6 +80,17 @@ def _train_parser(sub) -> None:
         "signing key)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    logger_arguments(p)
+
+
+def logger_arguments(p) -> None:
+    from daskdl.trackers import NAMES
+
+    p.add_argument(
+        "--loggers", nargs="+", choices=NAMES, default=None,
+        help="experiment trackers for the metrics: tensorboard (in --out), mlflow "
+        "(MLFLOW_TRACKING_URI, else ./mlflow.db), csv",
+    )  # fmt: skip
 
 
 def data_arguments(p) -> None:
@@ -237,6 +248,7 @@ def train(args) -> int:
             verify_key=args.verify_key,
             progress=args.progress,
             meta=_meta(args),
+            loggers=args.loggers,
         )
         last = run.history.iloc[-1]
         scores = [c for c in run.history.columns if c.startswith("val_") and c != "val_perplexity"]

@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", help="folder for the trials' checkpoints (out/trial-NNNN)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and the data split")
+    cli.logger_arguments(p)
 
 
 def tune(args) -> int:
@@ -65,6 +66,7 @@ def tune(args) -> int:
             metric=args.metric, direction=args.direction, pruner=args.pruner,
             sampler=args.sampler, ranks_per_trial=args.ranks_per_trial, storage=args.storage,
             study_name=args.study_name, resume=args.resume, out=args.out, seed=args.seed,
+            loggers=args.loggers,
         )  # fmt: skip
         trials = study.trials.drop(columns=[args.metric, "error"])
         print(trials.to_string(index=False), file=sys.stderr)

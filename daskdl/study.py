@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from distributed import Client
 
-from daskdl import events
+from daskdl import events, trackers
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 from daskdl.run import Run
@@ -160,6 +160,20 @@ class Study:
             self._ended_at = time.monotonic()
             self._trials.release()
             self._publish({"kind": "end", "status": status})
+            if self._trials.parents is not None:
+                self._trials.parents.close(status)
+
+    def _track(self, number: int, value: float) -> None:
+        """A complete trial's value, and the best so far, in the study's trackers: against
+        the count of complete trials (trials end out of order; steps must only increase)."""
+        if self._trials.parents is None:
+            return
+        states = (_optuna().trial.TrialState.COMPLETE,)
+        done = self.optuna.get_trials(deepcopy=False, states=states)
+        self._trials.parents.log_metrics(
+            {"study/value": value, "study/best": self.optuna.best_value, "study/trial": number},
+            step=len(done),
+        )
 
     def _publish(self, msg: dict) -> None:
         self.client.log_event(events.STUDIES_TOPIC, {"study": self.key, **msg})
@@ -275,6 +289,7 @@ class Study:
         else:
             self.optuna.tell(t.trial, float(values.iloc[-1]))
             logger.info("trial %d: %s = %.4g", t.trial.number, self.metric, values.iloc[-1])
+            self._track(t.trial.number, float(values.iloc[-1]))
         self._publish_trial(t.trial.number)
 
 
@@ -303,6 +318,7 @@ def tune(
     out: str | Path | None = None,
     seed: int = 0,
     block: bool = True,
+    loggers=None,
     **fixed,
 ) -> Study:
     """Tune hyperparameters and choose a model: ``n_trials`` daskdl runs on one cluster.
@@ -331,6 +347,10 @@ def tune(
         the stored study ``study_name`` (trials running when its driver died run again).
     out
         A folder: trial ``N``'s checkpoints go to ``out/trial-000N``.
+    loggers
+        Experiment trackers (as for :func:`daskdl.fit`): the study is one parent run (its
+        settings, each complete trial's value and the best so far), each trial a child run
+        (``trial-000N``: what its run logs).
     **fixed
         ``fit`` options every trial gets (the space's values win).
 
@@ -353,13 +373,32 @@ def tune(
         )
     if not callable(space):
         raise TypeError(f"space must be a function space(trial) -> dict, got {space!r}.")
+    loggers = trackers.check(loggers, out)
     study = _open(optuna, storage, study_name, resume, direction,
                   make_sampler(sampler, seed), make_pruner(pruner, epochs))  # fmt: skip
     concurrent = max_concurrent or workers // ranks_per_trial
-    trials = Trials(train, val, fixed, epochs, None if out is None else Path(out))
+    parents = _study_trackers(study, loggers, out, resume, fixed, n_trials, epochs)
+    trials = Trials(train, val, fixed, epochs, None if out is None else Path(out), parents)
     handle = Study(client, study, trials, space, metric, n_trials, ranks_per_trial, concurrent)
     handle._thread.start()
     return handle.wait() if block else handle
+
+
+def _study_trackers(study, loggers, out, resume, fixed, n_trials, epochs):
+    """The study's parent trackers; their identities are kept in the Optuna study, so that a
+    resumed study goes on in the same parent run."""
+    if not loggers:
+        return None
+    identities = study.user_attrs.get("trackers") if resume else None
+    parents = trackers.open_study(loggers, out, study.study_name, identities)
+    if identities is None:
+        study.set_user_attr("trackers", parents.identities())
+    parents.hyperparams({
+        "study": study.study_name, "direction": study.direction.name.lower(),
+        "n_trials": n_trials, "epochs": epochs, "pruner": type(study.pruner).__name__,
+        "sampler": type(study.sampler).__name__, "fixed": fixed,
+    })  # fmt: skip
+    return parents
 
 
 def _open(optuna, storage, name, resume, direction, sampler, pruner):

@@ -173,22 +173,42 @@ def open_trackers(loggers: list, out, run_id: str, resumed: dict | None, start_s
         if item == "csv":
             continue  # the run folder's metrics.csv, written as it always is
         if isinstance(item, str):
-            item = _open_built_in(item, out, run_id, resumed.get(item), start_step)
+            item = _open_built_in(item, out, run_id, resumed.get(item), start_step + 1)
             if isinstance(item, MLflowTracker) and item.resumed:
                 first = max(first, item.logged_until())
         made.append(item)
     return Trackers(made, run_id, first)
 
 
-def _open_built_in(name, out, run_id, identity, start_step):
+def open_study(loggers: list, out, name: str, resumed: dict | None) -> Trackers:
+    """A study's parent trackers (each trial's run gets a child of each), going on with the
+    ones ``resumed`` names (kept in the Optuna study)."""
+    made = []
+    for item in loggers:
+        if item == "csv":
+            continue  # each trial's out/trial-NNNN/metrics.csv
+        if isinstance(item, str):
+            item = _open_built_in(item, out, name, (resumed or {}).get(item), None)
+        elif not callable(getattr(item, "child", None)):
+            raise TypeError(
+                f"loggers: {item!r} has no child(name) for the study's trials: give a name "
+                f"from {NAMES}, or a tracker with child()."
+            )
+        made.append(item)
+    return Trackers(made, name)
+
+
+def _open_built_in(name, out, label: str, identity, purge_step: int | None):
+    """A built-in tracker: the one ``identity`` names (a resumed run's), else a new one,
+    TensorBoard's in ``out/tensorboard`` (without ``out``: ``runs/tensorboard/<label>``)."""
     if name == "tensorboard":
         if identity:
-            return TensorBoardTracker(identity["log_dir"], purge_step=start_step + 1)
+            return TensorBoardTracker(identity["log_dir"], purge_step=purge_step)
         base = Path(out) if out is not None else Path("runs")
-        return TensorBoardTracker(base / "tensorboard" / ("" if out is not None else run_id))
+        return TensorBoardTracker(base / "tensorboard" / ("" if out is not None else label))
     if identity:
         return MLflowTracker(identity["tracking_uri"], identity["experiment"], identity["run_id"])
-    return MLflowTracker(run_name=run_id)
+    return MLflowTracker(run_name=label)
 
 
 class Trackers:
@@ -213,7 +233,16 @@ class Trackers:
         }
 
     def hyperparams(self, params: dict) -> None:
-        self._put(("log_hyperparams", params))
+        self._put(("log_hyperparams", (params,)))
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Log ``metrics`` at ``step`` directly (a study's own figures, say)."""
+        self._put(("log_metrics", (metrics, step)))
+
+    def children(self, name: str) -> list:
+        """A child of each tracker, for a trial's run."""
+        made = [self._guarded(t, "child", name) for t in list(self.trackers)]
+        return [t for t in made if t is not None]
 
     def handle(self, event: tuple[float, dict]) -> None:
         """Called for each of the run's events (on the client's event loop: no I/O here)."""
@@ -223,7 +252,7 @@ class Trackers:
         """Write what is queued, then finalize every tracker with the run's end status."""
         if not self.trackers:
             return
-        self._put(("finalize", status))
+        self._put(("finalize", (status,)))
         self._put(None)
         self._thread.join(CLOSE_TIMEOUT)
         if self._thread.is_alive():
@@ -241,7 +270,7 @@ class Trackers:
                 for metrics, step in self._metrics(payload):
                     self._call("log_metrics", metrics, step)
             else:
-                self._call(what, payload)
+                self._call(what, *payload)
 
     def _metrics(self, msg: dict) -> list[tuple[dict, int]]:
         """The metrics an event holds, with their step; nothing for a step logged already."""
@@ -265,12 +294,17 @@ class Trackers:
 
     def _call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):
-            try:
-                getattr(tracker, method)(*args)
-            except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop training
+            self._guarded(tracker, method, *args)
+
+    def _guarded(self, tracker, method: str, *args):
+        try:
+            return getattr(tracker, method)(*args)
+        except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop training
+            if tracker in self.trackers:
                 self.trackers.remove(tracker)
-                logger.warning("run %s: tracker %r failed in %s and is dropped: %s: %s",
-                               self.run_id, tracker, method, type(e).__name__, e)  # fmt: skip
+            logger.warning("run %s: tracker %r failed in %s and is dropped: %s: %s",
+                           self.run_id, tracker, method, type(e).__name__, e)  # fmt: skip
+            return None
 
 
 def _numbers(values: dict) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from distributed import Client
 
-from daskdl import streaming
+from daskdl import streaming, trackers
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 from daskdl.run import Run
@@ -138,6 +138,7 @@ class Trials:
     fixed: dict
     epochs: int
     out: Path | None
+    parents: trackers.Trackers | None = None  # the study's trackers: a child per trial
     _variants: dict = field(default_factory=dict)
 
     def data(self, client: Client, standardize: bool) -> tuple[Dataset, Dataset | None]:
@@ -169,6 +170,8 @@ class Trials:
             )
         train, val = self.data(client, bool(options.pop("standardize", False)))
         out = None if self.out is None else self.out / f"trial-{number:04d}"
+        if self.parents is not None:
+            options["loggers"] = self.parents.children(f"trial-{number:04d}")
         return _fit(client, options.pop("model"), train, val, workers, out, self.epochs, options)
 
 

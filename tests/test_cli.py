@@ -44,6 +44,8 @@ def test_train_digits_reaches_097(tmp_path):
         "15",
         "--out",
         str(out),
+        "--loggers",
+        "tensorboard",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _val_accuracy(proc.stdout) >= 0.97
@@ -53,6 +55,11 @@ def test_train_digits_reaches_097(tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     path, _, _, manifest = checkpoint.load_latest(out)
     assert path.name == "epoch-0015" and manifest["epoch"] == 15
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("epoch/val_accuracy")] == list(metrics["step"])
 
 
 def _free_port() -> int:

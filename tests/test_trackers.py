@@ -160,3 +160,34 @@ def test_bad_loggers_are_refused_with_the_fix(client, digits_split):
         daskdl.fit(client, "mlp", train, loggers=[object()], progress=False)
     with pytest.raises(ValueError, match="pass out= a folder"):
         daskdl.fit(client, "mlp", train, loggers="csv", progress=False)
+
+
+def _space(trial):
+    return {"model": "mlp", "lr": trial.suggest_float("lr", 0.01, 0.3, log=True)}
+
+
+def test_a_study_is_one_parent_run_with_a_child_run_per_trial(
+    client, digits_split, tmp_path, mlflow_store
+):
+    train, test = digits_split
+    study = daskdl.tune(
+        client, _space, train, val=test, n_trials=3, epochs=2, pruner="none", sampler="random",
+        out=tmp_path / "s", loggers=["mlflow", "tensorboard"],
+    )  # fmt: skip
+    runs = {r.info.run_name: r for r in _runs(mlflow_store)}
+    parent = runs.pop("daskdl")
+    assert sorted(runs) == ["trial-0000", "trial-0001", "trial-0002"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    for t in study.trials.itertuples(index=False):
+        child = runs[f"trial-{t.number:04d}"]
+        logged = [v for _, v in _history(mlflow_store, child.info.run_id, "epoch/val_accuracy")]
+        assert logged == pytest.approx(t.val_accuracy)
+    values = _history(mlflow_store, parent.info.run_id, "study/best")
+    assert [s for s, _ in values] == [1, 2, 3] and values[-1][1] == pytest.approx(study.best.value)
+    assert parent.info.status == "FINISHED"
+    tb = _scalars(tmp_path / "s" / "tensorboard")
+    assert [s for s, _ in tb["study/value"]] == [1, 2, 3]
+    assert len(_scalars(tmp_path / "s" / "tensorboard" / "trial-0001")["epoch/val_accuracy"]) == 2
+    # A study whose objects cannot make a child run per trial is refused with the fix.
+    with pytest.raises(TypeError, match="has no child"):
+        daskdl.tune(client, _space, train, val=test, n_trials=1, loggers=[Recording()])
