@@ -237,12 +237,11 @@ def start(
     launch.public["start_epoch"] = start_epoch
     launch.public["streamed"] = [n for n, h in zip(plan.names, launch.held) if h.stream]
     epochs = plan.public["config"].get("epochs")
-    # A user's loop reports epochs, fit's loop steps too.
-    steps = lay.steps if plan.batch_size is not None else 1
+    # An earlier attempt logged up to its checkpoint's last epoch, at least.
+    logged = resume["history"][-1]["step"] if resume and resume.get("history") else -1
     tracking = trackers.open_trackers(
-        list(loggers), plan.out_arg, plan.run_id, resume and resume.get("trackers"),
-        start_epoch * steps,
-    )  # fmt: skip
+        list(loggers), plan.out_arg, plan.run_id, resume and resume.get("trackers"), logged
+    )
     launch.public["trackers"] = tracking.identities()
     if plan.batch_size is not None:
         launch.public["steps_per_epoch"] = lay.steps

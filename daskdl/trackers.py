@@ -164,16 +164,17 @@ def check(loggers, out) -> list:
     return list(loggers)
 
 
-def open_trackers(loggers: list, out, run_id: str, resumed: dict | None, start_step: int):
+def open_trackers(loggers: list, out, run_id: str, resumed: dict | None, logged_until: int):
     """The run's :class:`Trackers`: built-in names made into trackers (going on with the
-    ones ``resumed`` names, from a checkpoint), objects as given."""
+    ones ``resumed`` names, from a checkpoint), objects as given. ``logged_until``: the last
+    step an earlier attempt logged for sure (a resumed run's checkpoint), else -1."""
     resumed = resumed or {}
-    made, first = [], start_step
+    made, first = [], logged_until
     for item in loggers:
         if item == "csv":
             continue  # the run folder's metrics.csv, written as it always is
         if isinstance(item, str):
-            item = _open_built_in(item, out, run_id, resumed.get(item), start_step + 1)
+            item = _open_built_in(item, out, run_id, resumed.get(item), logged_until + 1)
             if isinstance(item, MLflowTracker) and item.resumed:
                 first = max(first, item.logged_until())
         made.append(item)
@@ -275,9 +276,10 @@ class Trackers:
     def _metrics(self, msg: dict) -> list[tuple[dict, int]]:
         """The metrics an event holds, with their step; nothing for a step logged already."""
         kind = msg.get("kind")
-        if kind not in ("step", "epoch") or msg.get("step", msg.get("epoch")) is None:
+        step = msg.get("step") if msg.get("step") is not None else msg.get("epoch")
+        if kind not in ("step", "epoch") or step is None:
             return []
-        step = int(msg.get("step", msg.get("epoch")))
+        step = int(step)
         rank = msg.get("rank", 0)
         series = "epoch" if kind == "epoch" else f"rank{rank}"
         if step <= self._high.get(series, self._start) or step < self._last:

@@ -87,7 +87,7 @@ def launch(
 
     ``workers``, ``out``, ``resume``, ``overwrite``, ``signing_key``, ``verify_key``,
     ``block``, ``progress``, ``meta`` and ``loggers`` are as for :func:`daskdl.fit` (what
-    ``ctx.log`` reports goes to the trackers, against the epoch).
+    ``ctx.log`` reports goes to the trackers, against its step).
 
     Examples
     --------

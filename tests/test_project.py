@@ -39,7 +39,14 @@ def test_environment_matches_pyproject():
     ]
     names = {re.split(r"[<>=\[ ]", d)[0] for d in wanted}
     assert names - conda == set(), f"missing from environment.yml: {names - conda}"
-    assert set(project["optional-dependencies"]) == {"cuda", "app", "tune", "tensorboard", "mlflow", "dev"}
+    assert set(project["optional-dependencies"]) == {
+        "cuda",
+        "app",
+        "tune",
+        "tensorboard",
+        "mlflow",
+        "dev",
+    }
 
 
 def _run_readme_example(section: str, checks: str, tmp_path) -> None:

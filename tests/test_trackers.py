@@ -191,3 +191,21 @@ def test_a_study_is_one_parent_run_with_a_child_run_per_trial(
     # A study whose objects cannot make a child run per trial is refused with the fix.
     with pytest.raises(TypeError, match="has no child"):
         daskdl.tune(client, _space, train, val=test, n_trials=1, loggers=[Recording()])
+
+
+def _loop(ctx):
+    for epoch in range(ctx.config["epochs"]):
+        for _ in ctx.batches("train", 64, epoch=epoch):
+            pass  # a step: what ctx.log reports is against the steps done
+        ctx.log(epoch=epoch, train_loss=1.0 / (epoch + 1))
+
+
+def test_a_launch_loop_logs_what_it_reports_against_the_epoch(client, digits_split):
+    train, _ = digits_split
+    seen = Recording()
+    run = daskdl.launch(client, _loop, {"train": train}, config={"epochs": 3}, loggers=[seen],
+                        progress=False)  # fmt: skip
+    assert run.status == "finished" and seen.status == "finished"
+    logged = [(s, m["epoch/train_loss"]) for s, m in seen.metrics]
+    assert logged == list(zip(run.history["step"], [1.0, 0.5, 1 / 3]))
+    assert seen.params[0]["config"]["epochs"] == 3
