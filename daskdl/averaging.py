@@ -12,11 +12,12 @@ Both carry the stop request in their all-reduce, so every rank stops after the s
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import torch
 
-from daskdl.comm import DaskGroup
+from daskdl.comm import Group
 
 
 def _float_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
@@ -39,8 +40,8 @@ class GradientAveraging:
     def __init__(
         self,
         model: torch.nn.Module,
-        opt: torch.optim.Optimizer,
-        group: DaskGroup,
+        opt: torch.optim.Optimizer | None,
+        group: Group,
         wire: str = "fp32",
         bucket_bytes: int = 25 * 2**20,
         first_bucket_bytes: int = 2**20,
@@ -126,7 +127,7 @@ class GradientAveraging:
             self._reset()
             # Runs when the autograd engine has finished this backward, as DDP's reducer does.
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
-        self._views[index].copy_(param.grad)
+        self._views[index].copy_(cast(torch.Tensor, param.grad))  # the hook runs once it is
 
     def _end_pass(self) -> None:
         self._in_pass = False
@@ -153,7 +154,9 @@ class GradientAveraging:
         while self._launched < len(self.buckets) - 1 and self._missing[self._launched] == 0:
             bucket = self.buckets[self._launched]
             self._check(bucket)
-            self._pending.append(self._executor.submit(self._reduce, bucket))
+            # Buckets launch from backward hooks only when the executor exists.
+            executor = cast(ThreadPoolExecutor, self._executor)
+            self._pending.append(executor.submit(self._reduce, bucket))
             self._launched += 1
 
     def _reduce(self, bucket: torch.Tensor) -> None:
@@ -245,7 +248,7 @@ class LocalSGD:
         self,
         model: torch.nn.Module,
         opt: torch.optim.Optimizer,
-        group: DaskGroup,
+        group: Group,
         every: int,
         outer: str | None = None,
         outer_lr: float = 0.7,
@@ -345,7 +348,7 @@ class LocalSGD:
             self.velocity = torch.from_numpy(tensors["velocity"].copy()).to(device)
 
 
-def make(model, opt, group: DaskGroup, cfg) -> GradientAveraging | LocalSGD:
+def make(model, opt, group: Group, cfg) -> GradientAveraging | LocalSGD:
     fused = bool(opt.param_groups[0].get("fused"))
     if cfg.sync_every == 1 and cfg.outer_optimizer is None:
         return GradientAveraging(

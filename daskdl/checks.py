@@ -185,11 +185,14 @@ def train_config(config, options: dict) -> TrainConfig:
     return cfg
 
 
-def check_parts(parts: dict[str, tuple[np.ndarray, str]]) -> dict:
+def check_parts(parts: dict[str, tuple[np.ndarray | None, str]]) -> dict:
     """Check each named data set's targets (for its task) and features from a few numbers
     of each of its partitions, counted where they are (:func:`daskdl.preflight.value_counts`,
     ``parts[name] = (counts, task)``). Returns each data set's totals."""
-    counts = {name: preflight.total_counts(c) for name, (c, _) in parts.items()}
+    uncounted = [name for name, (c, _) in parts.items() if c is None]
+    if uncounted:
+        raise RuntimeError(f"the partitions of {uncounted} were not counted on the cluster")
+    counts = {name: preflight.total_counts(c) for name, (c, _) in parts.items() if c is not None}
     for name, (_, task) in parts.items():
         preflight.check_values(name, counts[name], task)
     return counts

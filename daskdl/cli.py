@@ -459,8 +459,8 @@ def bench(args) -> int:
             sense = "<=" if name in LOWER_IS_BETTER else ">="
             rows.append((name, ratio, f"{sense} {target:g}", "yes" if met else "no", seconds))
     print(f"{'benchmark':<10} {'ratio':>7} {'target':>8} {'met':>4} {'seconds':>8}")
-    for name, ratio, target, met, seconds in rows:
-        print(f"{name:<10} {ratio:>7.3f} {target:>8} {met:>4} {seconds:>8.0f}")
+    for row in rows:
+        print("{:<10} {:>7.3f} {:>8} {:>4} {:>8.0f}".format(*row))
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
@@ -477,9 +477,12 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import daskdl
+
     parser = argparse.ArgumentParser(
         prog="daskdl", description="Distributed deep learning on Dask clusters."
     )
+    parser.add_argument("--version", action="version", version=f"daskdl {daskdl.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)

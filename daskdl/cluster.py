@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import dask
 import torch
@@ -62,7 +63,7 @@ def local_cluster(
     dashboard_address: str | None = "127.0.0.1:0",
     gpus: bool | int | list[int] | str = False,
     secure: bool | Security = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> Client:
     """A ``distributed.Client`` over a cluster of worker processes on this machine.
 

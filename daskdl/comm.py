@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -54,7 +55,7 @@ def _frame(stream, tag: str, data: np.ndarray):
     header = msgpack.dumps((tag, data.dtype.str, data.shape))
     done = stream.write(FRAME.pack(len(header)) + header)
     if data.nbytes:
-        done = stream.write(memoryview(data).cast("B"))
+        done = stream.write(memoryview(data).cast("B"))  # type: ignore[arg-type]  # numpy's stubs
     return done
 
 
@@ -150,6 +151,15 @@ class _Link:
             self.comm = None
 
 
+def owned_chunk(rank: int, size: int, n: int) -> slice:
+    """Rank ``rank``'s chunk of a buffer of ``n`` elements among ``size`` ranks: chunk
+    ``(rank + 1) % size`` of ``np.array_split``, the ring's order."""
+    q, extra = divmod(n, size)  # np.array_split: the first `extra` chunks hold one more
+    c = (rank + 1) % size
+    start = c * q + min(c, extra)
+    return slice(start, start + q + (c < extra))
+
+
 class DaskGroup:
     """The ranks of one run, as seen from one rank, talking through its Dask worker.
 
@@ -225,11 +235,15 @@ class DaskGroup:
         sub.prefix, sub._parent = f"{self.prefix}{name}/", self
         return sub
 
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self.worker.loop.asyncio_loop  # type: ignore[attr-defined]  # tornado's stubs lack it
+
     def _send(self, dest: int, tag: str, data: np.ndarray):
         """Send ``data`` to rank ``dest``; returns a future that is done once ``data`` may be
         changed again."""
         return asyncio.run_coroutine_threadsafe(
-            self._write(dest, self.prefix + tag, data), self.worker.loop.asyncio_loop
+            self._write(dest, self.prefix + tag, data), self._loop
         )
 
     async def _connect(self, dest: int) -> _Link:
@@ -253,7 +267,7 @@ class DaskGroup:
                 async with link.lock:  # one message at a time, in order
                     # No reply: the receiving rank's wait (with its timeout) acknowledges.
                     message = {"op": HANDLER, "run_id": self.run_id, "tag": tag}
-                    await link.comm.write(
+                    await link.comm.write(  # type: ignore[union-attr]  # _connect set it
                         {**message, "data": to_serialize(data.copy()), "reply": False},
                         on_error="raise",
                     )
@@ -322,12 +336,8 @@ class DaskGroup:
 
     def owned(self, n: int) -> slice:
         """The chunk of a buffer of ``n`` elements that this rank finishes in
-        ``reduce_scatter_`` and contributes to ``all_gather_``: chunk ``(rank + 1) % size``
-        of ``np.array_split``, the ring's order."""
-        q, extra = divmod(n, self.size)  # np.array_split: the first `extra` chunks hold one more
-        c = (self.rank + 1) % self.size
-        start = c * q + min(c, extra)
-        return slice(start, start + q + (c < extra))
+        ``reduce_scatter_`` and contributes to ``all_gather_`` (see :func:`owned_chunk`)."""
+        return owned_chunk(self.rank, self.size, n)
 
     def reduce_scatter_(self, buf: np.ndarray, wire: str = "fp32", divide_by: int = 1):
         """Sum the 1-D ``buf`` over the ranks into this rank's ``owned`` chunk of it (divided
@@ -385,7 +395,7 @@ class DaskGroup:
         if wire == "bf16":
             from daskdl import kernels  # noqa: F401 - numba compiles here, not on the loop
         return asyncio.run_coroutine_threadsafe(
-            self._ring_loop(buf, wire, divide_by, scatter, gather), self.worker.loop.asyncio_loop
+            self._ring_loop(buf, wire, divide_by, scatter, gather), self._loop
         ).result()
 
     async def _ring_loop(
@@ -553,9 +563,9 @@ class DaskGroup:
             manager(self.worker).discard(self.run_id)
         if self._links:
             try:
-                asyncio.run_coroutine_threadsafe(
-                    self._release_links(), self.worker.loop.asyncio_loop
-                ).result(timeout=10)
+                asyncio.run_coroutine_threadsafe(self._release_links(), self._loop).result(
+                    timeout=10
+                )
             except Exception:  # the worker is shutting down: its comms go with it
                 pass
 
@@ -599,7 +609,7 @@ class TorchGroup:
         wait = datetime.timedelta(seconds=timeout)
         if rank == 0:
             host = get_address_host(worker.address)
-            self._store = dist.TCPStore(
+            self._store: Any = dist.TCPStore(
                 host, 0, self.size, True, timeout=wait, wait_for_workers=False
             )
             self._variable.set(f"{host}:{self._store.port}")
@@ -613,10 +623,11 @@ class TorchGroup:
                 ) from None
             host, port = address.rsplit(":", 1)
             self._store = dist.TCPStore(host, int(port), self.size, False, timeout=wait)
-        self._pg = dist.ProcessGroupGloo(
+        # Any: None once closed, and torch's stubs lack the process groups' methods.
+        self._pg: Any = dist.ProcessGroupGloo(
             dist.PrefixStore("gloo", self._store), rank, self.size, wait
         )
-        self._nccl_pg = None
+        self._nccl_pg: Any = None
 
     def allreduce_(self, buf, wire: str = "fp32", divide_by: int = 1):
         """Sum ``buf`` (numpy array or torch tensor) over all ranks in place: CUDA tensors
@@ -644,12 +655,13 @@ class TorchGroup:
             self._nccl_pg = dist.ProcessGroupNCCL(store, self.rank, self.size)
         return self._nccl_pg
 
-    def allreduce_mean_(self, buf: np.ndarray, wire: str = "fp32") -> np.ndarray:
+    def allreduce_mean_(self, buf, wire: str = "fp32"):
         self.allreduce_(buf, wire)
         buf /= self.size
         return buf
 
-    owned = DaskGroup.owned
+    def owned(self, n: int) -> slice:
+        return owned_chunk(self.rank, self.size, n)
 
     def reduce_scatter_(self, buf: np.ndarray, wire: str = "fp32", divide_by: int = 1):
         """As :meth:`DaskGroup.reduce_scatter_`. gloo has no reduce-scatter: an all-reduce,
@@ -681,6 +693,10 @@ class TorchGroup:
         manager(self.worker).discard(self.run_id)
 
 
+# A run's group, whichever backend: what averaging and sharding need of it, both have.
+Group = DaskGroup | TorchGroup
+
+
 def make_group(
     backend: str,
     worker: Worker,
@@ -689,7 +705,7 @@ def make_group(
     peers: list[str],
     timeout: float,
     allreduce: str = "auto",
-) -> DaskGroup | TorchGroup:
+) -> Group:
     check_timeout(timeout)
     if backend == "torch":
         return TorchGroup(worker, run_id, rank, peers, timeout)

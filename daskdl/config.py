@@ -9,11 +9,15 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, overload
 
 import dask.config
 import dask.utils
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:  # the pipeline module imports this one
+    from daskdl.pipeline import Pipeline
 
 _defaults_file = os.path.join(os.path.dirname(__file__), "daskdl.yaml")
 with open(_defaults_file) as f:
@@ -201,15 +205,16 @@ class TrainConfig:
                 f"pipeline_stages={self.pipeline_stages} cuts the model over the ranks; "
                 "shard= and sync_every= work on whole replicas: use one or the other."
             )
-        if self.pipeline_split is not None:
-            self.pipeline_split = ",".join(str(i) for i in self.pipeline().split)
+        pipe = self.pipeline()
+        if self.pipeline_split is not None and pipe is not None:
+            self.pipeline_split = ",".join(str(i) for i in pipe.split or ())
         if self.shard == "full" and self.compile:
             raise ValueError(
                 "shard='full' gathers each module's parameters in hooks around its forward, "
                 "which torch.compile would trace away: leave compile off with it."
             )
 
-    def pipeline(self):
+    def pipeline(self) -> Pipeline | None:
         """The run's :class:`daskdl.Pipeline` (``None`` without one)."""
         from daskdl.pipeline import Pipeline  # the config is imported first: no cycle
 
@@ -298,7 +303,7 @@ def options_doc() -> str:
 
 
 def options_table() -> str:
-    """The options as a Markdown table (the README's, which a test keeps equal to this)."""
+    """The options as a Markdown table (docs/options.md's, which a test keeps equal to this)."""
     rows = ["| option | default | |", "| --- | --- | --- |"]
     for f in fields():
         choices = f.metadata["choices"]
@@ -320,7 +325,7 @@ def integer(name: str, value, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         hint = ""
         if isinstance(value, numbers.Real) and float(value).is_integer():
-            hint = f" Pass {name}={int(value)}."
+            hint = f" Pass {name}={int(float(value))}."
         raise ValueError(f"{name} must be an integer, got {value!r}.{hint}")
     value = int(value)
     if minimum is not None and value < minimum:
@@ -357,6 +362,10 @@ def real(
     return value
 
 
+@overload
+def flag(name: str, value, allow_none: Literal[False] = False) -> bool: ...
+@overload
+def flag(name: str, value, allow_none: bool) -> bool | None: ...
 def flag(name: str, value, allow_none: bool = False) -> bool | None:
     """``value`` as a ``bool`` (numpy's too), or ``None`` where that means "automatic"."""
     if value is None and allow_none:

@@ -14,9 +14,10 @@ import copy
 import gc
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from distributed import get_worker, secede
 
 from daskdl import averaging, checkpoint, events, rundir, security
 from daskdl import config as config_
-from daskdl.comm import CollectiveError, make_group
+from daskdl.averaging import GradientAveraging, LocalSGD
+from daskdl.comm import CollectiveError, DaskGroup, make_group
 from daskdl.config import TrainConfig
 from daskdl.loader import ShardLoader, StreamLoader, concat
 from daskdl.pipeline import Pipeline, Stage, split_layers
@@ -33,6 +35,9 @@ from daskdl.streaming import PartitionReader, Shard
 from daskdl.worker import manager
 
 logger = logging.getLogger(__name__)
+
+# What all_reduce and mean take: a number, numbers, an array, a tensor.
+Reducible = float | int | list | np.ndarray | torch.Tensor
 
 
 @dataclass
@@ -144,7 +149,13 @@ class RankContext:
 
     # ------------------------------------------------------------------ model
 
-    def prepare(self, model: torch.nn.Module, optimizer=None, *, shard: str | None = None):
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+        *,
+        shard: str | None = None,
+    ) -> torch.nn.Module | tuple[torch.nn.Module, torch.optim.Optimizer | ShardedOptimizer]:
         """``model`` on this rank's device, with the same initial weights as on every rank
         (rank 0's), and its gradients averaged over the ranks by every ``backward()``: in
         buckets that start while backward still runs, over daskdl's collective (the run's
@@ -179,7 +190,7 @@ class RankContext:
             )
         model = model.to(self.device)
         self._broadcast_parameters(model)
-        if shard is not None:
+        if shard is not None and optimizer is not None:  # checked above: given with shard=
             sharded = self.sharded(model, optimizer, shard)
             return model, sharded
         sync = averaging.GradientAveraging(
@@ -194,7 +205,9 @@ class RankContext:
         self._averaging.append(sync)
         return model if optimizer is None else (model, optimizer(list(model.parameters())))
 
-    def sharded(self, model: torch.nn.Module, make, shard: str) -> ShardedOptimizer:
+    def sharded(
+        self, model: torch.nn.Module, make: Callable[[list], torch.optim.Optimizer], shard: str
+    ) -> ShardedOptimizer:
         """``make(params)``'s optimizer over this rank's part of ``model``'s training state
         (see :class:`daskdl.sharding.ShardedOptimizer`), which also agrees with the other
         ranks on stopping and non-finite steps. The model must start alike on every rank."""
@@ -207,7 +220,12 @@ class RankContext:
         self._averaging.append(sharded)
         return sharded
 
-    def pipeline(self, model, pipe: Pipeline, sample: torch.Tensor | None = None) -> Stage:
+    def pipeline(
+        self,
+        model: torch.nn.Module | Sequence[torch.nn.Module],
+        pipe: Pipeline,
+        sample: torch.Tensor | None = None,
+    ) -> Stage:
         """This rank's stage of ``model`` (an ``nn.Sequential`` or a list of modules, built
         alike on every rank) cut by ``pipe`` (:class:`daskdl.Pipeline`): rank ``r`` is stage
         ``r % pipe.stages`` of replica ``r // pipe.stages``. Build the optimizer over
@@ -216,11 +234,18 @@ class RankContext:
         in them. ``sample``: a batch for ``balance="time"``. See :mod:`daskdl.pipeline`."""
         if self.device.type != "cpu":
             raise ValueError("Pipelines run on the CPU so far: launch with device='cpu'.")
+        if not isinstance(self.group, DaskGroup):  # stages talk point to point
+            raise ValueError(
+                "Pipelines send activations over daskdl's own comms: launch with "
+                "backend='dask' (the default), not backend='torch'."
+            )
         layers, bounds = split_layers(model, pipe, self.group, sample)
         self._spread = True
         return Stage(layers, pipe, self.group, bounds)
 
-    def averaging(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def averaging(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | ShardedOptimizer
+    ) -> GradientAveraging | LocalSGD | ShardedOptimizer:
         """For a loop that drives the averaging step by step, as ``fit``'s does: the run's
         averager for ``model`` (its ``sync_every``: every step's gradients, or local SGD),
         whose ``zero_grad()``, ``backward_done(stop, loss)`` and ``step_done(step, last)`` the
@@ -247,7 +272,7 @@ class RankContext:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def _after_backward(self, sync: averaging.GradientAveraging) -> None:
+    def _after_backward(self, sync: GradientAveraging | ShardedOptimizer) -> None:
         if not sync.bad_ranks:
             return
         where = f"step {self.steps_done} (rank(s) {sync.bad_ranks})"
@@ -322,8 +347,8 @@ class RankContext:
             if len(X):
                 yield X, y
             return
-        for X, y in self._readers[name].stream(range(len(self._readers[name]))):
-            yield torch.from_numpy(X), torch.from_numpy(y)
+        for xs, ys in self._readers[name].stream(range(len(self._readers[name]))):
+            yield torch.from_numpy(xs), torch.from_numpy(ys)
 
     def steps_per_epoch(self, name: str, batch_size: int) -> int:
         """How many batches ``batches(name, batch_size)`` gives each rank per epoch."""
@@ -394,7 +419,11 @@ class RankContext:
 
     # ------------------------------------------------------------------ collectives
 
-    def all_reduce(self, value, op: str = "sum"):
+    @overload
+    def all_reduce(self, value: float, op: str = "sum") -> float: ...
+    @overload
+    def all_reduce(self, value: Reducible, op: str = "sum") -> Any: ...
+    def all_reduce(self, value: Reducible, op: str = "sum") -> Any:
         """Sum (``op="sum"``) or mean (``"mean"``) of a number, array or tensor over the
         ranks: the same value on every rank, of the type given (a float for a number or a
         one-element tensor)."""
@@ -412,18 +441,18 @@ class RankContext:
             return torch.from_numpy(buf).to(value.dtype).reshape(value.shape).to(value.device)
         return buf.reshape(np.shape(value))
 
-    def mean(self, value) -> float:
+    def mean(self, value: Reducible) -> float:
         """The mean over the ranks of a number or a one-element tensor (a loss, say)."""
         return self.all_reduce(value, "mean")
 
     # ------------------------------------------------------------------ events
 
-    def emit(self, kind: str, **fields) -> None:
+    def emit(self, kind: str, **fields: Any) -> None:
         """An event of this run (``step``, ``nonfinite``, ...): the dashboard and the CLI
         show them; ``log`` is the one for epochs."""
         events.emit(self.worker, self.spec.run_id, kind, rank=self.rank, **fields)
 
-    def log(self, epoch: int, step: int | None = None, **metrics) -> None:
+    def log(self, epoch: int, step: int | None = None, **metrics: Any) -> None:
         """Report an epoch's metrics (numbers, lists of numbers or ``None``; compute them with
         ``mean``/``all_reduce`` so that they hold for the whole run): a row of
         ``run.history`` and the dashboard's curves. ``epoch`` counts from 0, as in
@@ -443,10 +472,10 @@ class RankContext:
     def checkpoint(
         self,
         epoch: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        model: torch.nn.Module | Stage,
+        optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
         *,
-        averaging=None,
+        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
         step: int | None = None,
     ) -> None:
         """Keep ``model`` and ``optimizer`` as they are after ``epoch`` (from 0): rank 0
@@ -475,7 +504,7 @@ class RankContext:
             return
         step = self.steps_done if step is None else int(step)
         path = rundir.save_checkpoint(
-            self.spec.out,
+            cast(str, self.spec.out),  # set: this rank writes, or a sharded state goes to disk
             self.spec.staging,
             state["epoch"],
             state["model"],
@@ -486,7 +515,13 @@ class RankContext:
         )
         self.emit("checkpoint", epoch=state["epoch"], path=str(path))
 
-    def follow(self, model: torch.nn.Module, optimizer=None, *, averaging=None) -> None:
+    def follow(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
+        *,
+        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
+    ) -> None:
         """Hand ``model`` and ``optimizer`` back as they are when the run regroups, instead of
         the last checkpoint: the survivors of a lost worker go on from the last step every
         rank finished (a failed collective never reaches the optimizer), part-way through an
@@ -516,7 +551,13 @@ class RankContext:
             "history": list(self.history),
         }
 
-    def restore(self, model: torch.nn.Module, optimizer=None, *, averaging=None) -> int:
+    def restore(
+        self,
+        model: torch.nn.Module | Stage,
+        optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
+        *,
+        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
+    ) -> int:
         """Load the state this run starts from (``resume=``, or where the survivors were after
         a regroup) into ``model`` (and ``optimizer``, and ``averaging``'s outer state); the
         epoch to start from: 0 when there is none (see also ``resume_step``)."""
@@ -587,7 +628,7 @@ class RankContext:
         self.group.close()
 
 
-def load_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+def load_state(model: torch.nn.Module | Stage, optimizer, state: dict) -> None:
     """Load a resumed or regrouped run's model (and optimizer) state, leaving ``state`` as it
     was.
 
@@ -644,7 +685,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-RETURN_FREED = dict(mmap_threshold=2**20, trim_threshold=2**20, top_pad=128 * 2**10)
+def _malloc(tuning, returns_freed: bool):
+    """The ranks' allocator settings; ``returns_freed``: glibc hands freed memory back at once
+    (low thresholds), for models that gather and free their parameters all the time."""
+    if returns_freed:
+        return tuning.malloc(mmap_threshold=2**20, trim_threshold=2**20, top_pad=128 * 2**10)
+    return tuning.malloc()
 
 
 def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
@@ -661,7 +707,7 @@ def loop_main(spec: LoopSpec, resume: dict | None, data: dict) -> dict | None:
     # the step's speed in page faults, instead of keeping up to 256 MB for reuse.
     returns = spec.options.get("shard") == "full"
     with (
-        tuning.malloc(**(RETURN_FREED if returns else {})),
+        _malloc(tuning, returns),
         tuning.denormals(),
         tuning.profiler_paused(get_worker(), spec.pause_profiler),
     ):

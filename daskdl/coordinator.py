@@ -15,6 +15,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -169,8 +170,9 @@ class Coordinator:
                 return True
             time.sleep(0.2)
         self.fail(RunError(f"run {self.run_id}: a collective failed ({results[0]['elastic']})."))
+        return False
 
-    def _regroup(self, gone: list[int], joined: list[str] = ()) -> None:
+    def _regroup(self, gone: list[int], joined: Sequence[str] = ()) -> None:
         """running -> regrouping -> running: go on without the workers of ranks ``gone`` (or
         fail past max_failures), and with the workers that ``joined``."""
         plan = self.launch.plan

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
@@ -15,6 +16,17 @@ import numpy as np
 from daskdl import frames, preprocess
 from daskdl.config import integer
 from daskdl.objective import check_task, infer_task
+
+if TYPE_CHECKING:  # for annotations only
+    import os
+    from pathlib import Path
+
+    import dask.bag as db
+    import dask.dataframe as dd
+    import xarray as xr
+    from distributed import Client
+
+    from daskdl.text import Vocab
 
 
 class Dataset:
@@ -44,7 +56,7 @@ class Dataset:
     """
 
     classes: list | None = None  # label names, where labels were names (from_text)
-    features: list[str] | None = None  # feature names, where they have names (dataframes)
+    features: Sequence[str] | None = None  # feature names, where they have names (dataframes)
     # Categorical features' categories, {column: [category, ...]}: code 0 is "unknown", the
     # categories are 1..K (daskdl.categorical).
     categories: dict[str, list] | None = None
@@ -80,9 +92,10 @@ class Dataset:
                 f"{y.dtype}. Encode labels as integers 0..n_classes-1 (for a pandas category: "
                 ".cat.codes)."
             )
-        if check_task(task) is None:
+        task = check_task(task)
+        if task is None:
             task = "classification" if n_classes is not None else infer_task(y.dtype, y.shape)
-        self.task = task
+        self.task: str = task
         y = _check_target_shape(y, task)
         for axis, chunks in enumerate(X.chunks[1:], start=1):
             if len(chunks) > 1:
@@ -155,7 +168,7 @@ class Dataset:
     @classmethod
     def from_dataframe(
         cls,
-        ddf,
+        ddf: dd.DataFrame,
         features: Sequence[str],
         label: str | Sequence[str],
         n_classes: int | None = None,
@@ -181,7 +194,9 @@ class Dataset:
         return ds
 
     @classmethod
-    def from_text(cls, ddf, text: str, label: str, vocab, seq_len: int = 64) -> Dataset:
+    def from_text(
+        cls, ddf: dd.DataFrame, text: str, label: str, vocab: Vocab, seq_len: int = 64
+    ) -> Dataset:
         """Labelled text: the ``text`` column of a Dask dataframe as ``seq_len`` token ids per
         row (:func:`daskdl.text.encode`: padded with 0, cut at ``seq_len``), lazily.
 
@@ -203,7 +218,7 @@ class Dataset:
         return ds
 
     @classmethod
-    def from_corpus(cls, bag, vocab, seq_len: int = 32, stride: int = 1) -> Dataset:
+    def from_corpus(cls, bag: db.Bag, vocab: Vocab, seq_len: int = 32, stride: int = 1) -> Dataset:
         """Next-word prediction: windows of ``seq_len`` token ids from a ``dask.bag`` of texts,
         each labelled with the id of the word that follows (``n_classes = len(vocab)``).
 
@@ -220,7 +235,7 @@ class Dataset:
     @classmethod
     def from_xarray(
         cls,
-        ds,
+        ds: xr.Dataset,
         sample_dim: str,
         features: Sequence[str],
         label: str,
@@ -324,7 +339,7 @@ class Dataset:
                     "another test_size, or fewer, larger partitions (chunks=...)."
                 )
         test = self._like(_take_rows(self.X, masks, n_test), _take_rows(self.y, masks, n_test))
-        train_masks = masks.map_blocks(np.logical_not, dtype=bool)
+        train_masks = masks.map_blocks(np.logical_not, dtype=bool)  # type: ignore[call-arg,arg-type]  # dask's stubs
         train = self._like(
             _take_rows(self.X, train_masks, n_train), _take_rows(self.y, train_masks, n_train)
         )
@@ -347,7 +362,7 @@ class Dataset:
         source = like if like is not None else self
         mean, std = source.stats()
         if self.categories:  # codes stay codes
-            keep = np.isin(self.features, list(self.categories))
+            keep = np.isin(list(self.features or ()), list(self.categories))
             mean, std = da.where(keep, 0.0, mean), da.where(keep, 1.0, std)
         X = preprocess.standardize(self.X, mean, std)
         if self.task != "regression":
@@ -381,7 +396,7 @@ class Dataset:
         keep = preprocess.finite_rows(self.X, self.y)
         return self._like(_take_rows(self.X, keep), _take_rows(self.y, keep))
 
-    def persist(self, client=None) -> Dataset:
+    def persist(self, client: Client | None = None) -> Dataset:
         """Compute the partitions and keep them in the cluster's memory (on the workers).
 
         Unoptimised, as ``fit`` persists: keys shared with other data sets (the statistics
@@ -413,7 +428,9 @@ class Dataset:
 
     # ---------------------------------------------------------------- on disk
 
-    def save(self, path, key: bytes | str | None = None, overwrite: bool = False):
+    def save(
+        self, path: str | os.PathLike, key: bytes | str | None = None, overwrite: bool = False
+    ) -> Path:
         """Write the data set to the folder ``path``, one file per partition, each written by
         a Dask task (so ``path`` must be visible to every worker); return the path.
 
@@ -430,7 +447,7 @@ class Dataset:
         return storage.save(self, path, key, overwrite)
 
     @classmethod
-    def load(cls, path, key: bytes | str | None = None) -> Dataset:
+    def load(cls, path: str | os.PathLike, key: bytes | str | None = None) -> Dataset:
         """A lazy data set over a folder written by :meth:`save` (pass the same ``key`` if it
         was encrypted). A wrong key is an error before any partition is read."""
         from daskdl import storage
@@ -477,7 +494,7 @@ def _split_masks(y: da.Array, test_size: float, seed: int) -> da.Array:
         return mask
 
     # One mask value per sample, also for (n, k) targets.
-    return y.map_blocks(block_mask, dtype=bool, drop_axis=list(range(1, y.ndim)))
+    return y.map_blocks(block_mask, dtype=bool, drop_axis=list(range(1, y.ndim)))  # type: ignore[call-arg,arg-type]
 
 
 def _take_rows(arr: da.Array, masks: da.Array, counts: tuple | None = None) -> da.Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import dask
@@ -150,7 +151,10 @@ def python_docs(npartitions: int = 8):
     return db.from_sequence(paragraphs, npartitions=npartitions)
 
 
-REGISTRY = {"digits": digits, "synthetic_images": synthetic_images}
+REGISTRY: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "synthetic_images": synthetic_images,
+}
 
 
 def load(name: str, **kwargs) -> Dataset:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from daskdl.comm import DaskGroup
+from daskdl.comm import Group
 from daskdl.config import TrainConfig
 from daskdl.objective import Objective
 
@@ -50,7 +50,7 @@ def make_optimizer(params, cfg: TrainConfig, fused: bool = False) -> torch.optim
     )
 
 
-def prepare_optimizer(opt: torch.optim.Optimizer, fused: bool) -> None:
+def prepare_optimizer(opt, fused: bool) -> None:
     """After a checkpoint's state is loaded (its param_groups carry the saving run's
     ``fused``): this run's choice, and momentum buffers that exist from the start.
 
@@ -87,12 +87,12 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool, objecti
     return loss.detach(), objective.correct(outputs, yb)
 
 
-def average_buffers(model: torch.nn.Module, group: DaskGroup) -> None:
+def average_buffers(model: torch.nn.Module, group: Group) -> None:
     """Batch-norm statistics differ per rank; average them so every replica evaluates alike."""
     average_tensors([b for b in model.buffers() if b.is_floating_point()], group)
 
 
-def average_tensors(tensors: list[torch.Tensor], group: DaskGroup) -> None:
+def average_tensors(tensors: list[torch.Tensor], group: Group) -> None:
     """Average ``tensors`` over ``group``'s ranks in place, in one all-reduce."""
     if not tensors or group.size == 1:
         return

@@ -139,7 +139,7 @@ class Recorder:
             self.trackers = None
 
 
-def _report(run_id: str, kind: str, msg: dict) -> None:
+def _report(run_id: str, kind: str | None, msg: dict) -> None:
     """Log what happens to a run as it happens (the CLI prints these lines)."""
     if kind == "checkpoint":
         logger.info("run %s: checkpoint %s written", run_id, Path(msg["path"]).name)

@@ -24,6 +24,7 @@ from daskdl.context import RankContext
 from daskdl.engine import average_buffers, lr_at, make_optimizer, prepare_optimizer, train_step
 from daskdl.objective import Objective, Scale
 from daskdl.pipeloop import PipelineTrainer
+from daskdl.sharding import ShardedOptimizer
 
 
 @dataclass
@@ -73,8 +74,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = models.build(loop.model, shape, self.objective.n_outputs).to(self.device)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
         fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
+        self.opt: torch.optim.Optimizer | ShardedOptimizer
         if cfg.shard:  # the optimizer over this rank's part of the state, and its averager
             fused = False
             self.opt = ctx.sharded(self.model, lambda ps: make_optimizer(ps, cfg), cfg.shard)
@@ -104,7 +106,7 @@ class Trainer:
     def model_tensors(self) -> dict | None:
         """The trained model's state on rank 0 (sharded: gathered by every rank, once
         training is over: the optimizer's state goes first, to make room)."""
-        if self.cfg.shard:
+        if isinstance(self.opt, ShardedOptimizer):  # shard=
             self.opt.optimizer.state.clear()
             self.opt.zero_grad()
             return self.opt.model_tensors(self.model, keep=self.ctx.is_main)
@@ -205,10 +207,10 @@ class Trainer:
         last_step = s == self.steps - 1
         if now - self._last_log < self.loop.log_interval and not last_step and not stopped:
             return False
-        loss = loss.item()  # waits for the device: once per log interval, not per step
+        value = loss.item()  # waits for the device: once per log interval, not per step
         now = time.perf_counter()
         n_steps = s + 1 - self._logged_steps
-        extra = {}
+        extra: dict[str, float | None] = {}
         if self.device.type == "cuda":
             extra["gpu_memory"] = torch.cuda.memory_allocated(self.device)
             extra["gpu_utilization"] = _gpu_utilization(self.device)
@@ -216,7 +218,7 @@ class Trainer:
             "step",
             epoch=epoch + 1,
             step=global_step + 1,
-            loss=loss,
+            loss=value,
             samples_per_s=n_steps * self.cfg.batch_size / (now - self._last_log),
             step_time=(now - self._last_log) / n_steps,
             rss=self.process.memory_info().rss,

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import dask
 import numpy as np
@@ -49,7 +50,7 @@ def fit(
     pipeline: Pipeline | None = None,
     epoch_gate: bool = False,
     loggers: Sequence | None = None,
-    **options,
+    **options: Any,
 ) -> Run:
     """Train ``model`` on ``train`` data-parallel, one rank per Dask worker.
 
@@ -115,11 +116,7 @@ def fit(
         most ``comm_timeout``): a driver such as :func:`daskdl.tune` decides between epochs,
         and a stop it asks for takes effect at the next epoch's first step.
     **options
-        Any :class:`daskdl.TrainConfig` field (below).
-
-    Other Parameters
-    ----------------
-    <options>
+        Any :class:`daskdl.TrainConfig` field (listed below as Other Parameters).
 
     Examples
     --------
@@ -226,7 +223,12 @@ def _describe(run_id, loop: FitLoop, train: Dataset, cfg, folder, meta, n_params
     }
 
 
-fit.__doc__ = fit.__doc__.replace("    <options>", config_.options_doc())
+# The options, from their one definition (TrainConfig), where help(fit) shows them.
+fit.__doc__ = (fit.__doc__ or "").replace(
+    "\n    Examples\n",
+    f"\n    Other Parameters\n    ----------------\n{config_.options_doc()}\n\n    Examples\n",
+    1,
+)
 
 
 def _json_spec(model: models.ModelSpec):
@@ -268,7 +270,7 @@ def _checkpoint_to_resume(folder, cfg: TrainConfig) -> tuple[dict | None, dict |
     """The state and manifest of the checkpoint that ``resume=`` names, verified, with
     epochs left to train."""
     state, manifest = read_resume(folder)
-    if manifest is not None and manifest["epoch"] >= cfg.epochs:
+    if state is not None and manifest is not None and manifest["epoch"] >= cfg.epochs:
         raise ValueError(
             f"Checkpoint {state['path']} has already finished epoch {manifest['epoch']}; ask "
             f"for more than {manifest['epoch']} epochs to continue it."
@@ -309,7 +311,8 @@ def _with_embeddings(model: models.ModelSpec, train: Dataset) -> models.ModelSpe
         name, options = model[0], dict(model[1])
     if name != "mlp" or not train.categories or "categorical" in options:
         return model
-    return ("mlp", {**options, "categorical": categorical.layout(train.features, train.categories)})
+    layout = categorical.layout(list(train.features or ()), train.categories)
+    return ("mlp", {**options, "categorical": layout})
 
 
 def _validate_labels(held: dict, train: Dataset) -> int:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import dask
 import numpy as np
@@ -98,7 +99,8 @@ class Launch:
         survivors hold only their chunks of it: its newest checkpoint on disk, then."""
         if state.get("on_disk"):
             path, model, optimizer, manifest = checkpoint.load_latest(
-                self.plan.out, self.plan.signing_key
+                cast(str, self.plan.out),
+                self.plan.signing_key,  # set: a sharded run saves there
             )
             logger.info("run %s regroups from %s", self.plan.run_id, path)
             state = resume_state(manifest, model, optimizer)
@@ -193,13 +195,12 @@ class Starting:
     def __enter__(self) -> Starting:
         return self
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> None:
         if kind is not None:
             for f in (f for h in self.held for f in h.futures):
                 f.release()  # nothing started: this call's hold on the data goes
-            if self.staging is not None:
+            if self.staging is not None and self.folder.out is not None:
                 rundir.abandon(self.folder.out, self.staging, "could not start")
-        return False
 
     def claim(self) -> None:
         self.staging = self.folder.claim(self.run_id)

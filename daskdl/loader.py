@@ -264,8 +264,8 @@ class StreamLoader:
                 Xp, yp = next(parts)
                 pool.insert([np.arange(self.offsets[p], self.offsets[p + 1]), Xp, yp])
                 del Xp, yp
-            _, xb, yb = pool.take(draws, B)
-            xb, yb = torch.from_numpy(xb), torch.from_numpy(yb)
+            _, xs, ys = pool.take(draws, B)
+            xb, yb = torch.from_numpy(xs), torch.from_numpy(ys)
             yield deliver(xb, yb, self.device, pin, self.augment and gen, self.channels_last)
         parts.close()
 

@@ -46,13 +46,14 @@ def _multilabel(name: str, k: int) -> Metric:
 
 
 def _regression(name: str, _k: int) -> Metric:
-    return {
+    makers: dict[str, Callable[[], Metric]] = {
         "mae": regression.MeanAbsoluteError,
         "mse": regression.MeanSquaredError,
         "rmse": lambda: regression.MeanSquaredError(squared=False),
         # Several targets: the R^2 of each, averaged (as scikit-learn does).
         "r2": lambda: regression.R2Score(multioutput="uniform_average"),
-    }[name]()
+    }
+    return makers[name]()
 
 
 BUILTIN: dict[str, tuple[Sequence[str], Callable[[str, int], Metric]]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,10 +49,11 @@ class _TabularMLP(nn.Module):
         self.register_buffer("cat_index", torch.tensor(columns, dtype=torch.long))
         numeric = [i for i in range(d) if i not in columns]
         self.register_buffer("num_index", torch.tensor(numeric, dtype=torch.long))
-        self.embeddings = nn.ModuleList(
-            nn.Embedding(int(n), min(50, (int(n) + 1) // 2)) for _, n in categorical
-        )
-        width = len(numeric) + sum(e.embedding_dim for e in self.embeddings)
+        embeddings = [nn.Embedding(int(n), min(50, (int(n) + 1) // 2)) for _, n in categorical]
+        self.embeddings = nn.ModuleList(embeddings)
+        width = len(numeric) + sum(e.embedding_dim for e in embeddings)
+        self.cat_index: torch.Tensor
+        self.num_index: torch.Tensor
         self.body = nn.Sequential(
             nn.Linear(width, hidden),
             nn.ReLU(),
@@ -128,7 +130,7 @@ def resnet18(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return ResNet18(_image_channels("resnet18", input_shape), n_classes)
 
 
-_VGG = {
+_VGG: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [
         64,
@@ -164,8 +166,9 @@ def _vgg(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             continue
-        layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
-        c_in = v
+        width = int(v)  # a layer's channels (the rest are "M", a pooling)
+        layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c_in = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
     return nn.Sequential(*layers)
 
@@ -316,14 +319,15 @@ def build(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.M
     A factory may take ``(input_shape, n_classes)`` or no arguments. Options are keyword
     arguments of the named model, such as ``("fasttext", {"vocab_size": len(vocab)})``.
     """
-    if not check(spec):
-        name, options = (spec, {}) if isinstance(spec, str) else spec
+    if not check(spec):  # a registered name, or (name, options)
+        name, options = (spec, {}) if isinstance(spec, str) else cast(tuple[str, dict], spec)
         return REGISTRY[name](tuple(input_shape), n_classes, **dict(options))
+    factory = cast(Callable[..., nn.Module], spec)
     try:
-        if factory_takes_shape(spec):
-            model = spec(tuple(input_shape), n_classes)
+        if factory_takes_shape(factory):
+            model = factory(tuple(input_shape), n_classes)
         else:
-            model = spec()
+            model = factory()
     except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
         raise FactoryError(
             f"Building the model {describe(spec)} for samples of shape {tuple(input_shape)} "

@@ -222,9 +222,10 @@ class Stage:
 
     # ------------------------------------------------------------------ messages
 
-    def _send(self, dest: int, tag: str, tensor: torch.Tensor) -> None:
+    def _send(self, dest: int | None, tag: str, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` (waited for at the end of the step, in :meth:`_sent`:
         the stage computes meanwhile, and no pass changes a tensor it has sent)."""
+        dest = self._neighbour(dest, "send to")
         data = np.ascontiguousarray(tensor.detach().cpu().float().numpy())
         self.stats["bytes_sent"] += data.nbytes
         self._sending.append(self.group.isend(dest, f"{tag}:{self._step}", data))
@@ -234,7 +235,14 @@ class Stage:
             wait()
         self._sending = []
 
-    def _recv(self, src: int, tag: str, what: str, m: int | None = None) -> torch.Tensor:
+    def _neighbour(self, rank: int | None, doing: str) -> int:
+        # None: the first stage's previous, the last one's next.
+        if rank is None:
+            raise PipelineError(f"{self.describe()} has no stage to {doing} there.")
+        return rank
+
+    def _recv(self, src: int | None, tag: str, what: str, m: int | None = None) -> torch.Tensor:
+        src = self._neighbour(src, "receive from")
         t0 = time.perf_counter()
         try:
             data = self.group.recv(src, f"{tag}:{self._step}")
@@ -272,7 +280,7 @@ class Stage:
                 self._backward(m, *alive.pop(m))
         self._sent()
         if self.peers is not None:
-            self._average()
+            self._average(self.peers)
         self.stats["step"] = time.perf_counter() - t_step
         self._step += 1
         return loss_sum.float() if self.is_last else None
@@ -280,7 +288,9 @@ class Stage:
     def _inputs(self, xb, yb, M: int):
         """The step's microbatches of inputs (first stage), of targets and their weights in the
         batch's mean (last stage)."""
-        xs = ys = weights = None
+        xs: Sequence[torch.Tensor] | None = None
+        ys: Sequence[torch.Tensor] | None = None
+        weights: list[float] | None = None
         if self.is_first:
             if xb is None or yb is None:
                 raise ValueError(f"{self.describe()} is the first stage: pass it the batch.")
@@ -345,12 +355,14 @@ class Stage:
             self._send(self.prev, f"g{m}", x.grad)
         self.stats["backward"] += time.perf_counter() - t0
 
-    def _average(self) -> None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:  # reached on other replicas only
-                p.grad = torch.zeros_like(p)
-        average_tensors([p.grad for p in params], self.peers)
+    def _average(self, peers: DaskGroup) -> None:
+        grads = []
+        for p in self.module.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # reached on other replicas only
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        average_tensors(grads, peers)
 
     # ------------------------------------------------------------------ scoring
 

@@ -30,7 +30,10 @@ class PipelineTrainer:
     def __init__(self, loop, ctx: RankContext):
         self.loop, self.ctx = loop, ctx
         self.cfg = cfg = ctx.options
-        self.pipe = cfg.pipeline()
+        pipe = cfg.pipeline()
+        if pipe is None:
+            raise ValueError("the pipeline loop needs pipeline_stages: pass pipeline=.")
+        self.pipe = pipe
         self.objective = loop.objective
         shape = loop.input_shape
         torch.manual_seed(cfg.seed)  # the same whole model on every rank, then cut

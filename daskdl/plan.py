@@ -110,8 +110,8 @@ def layout(
         placed: list[tuple[int, ...]] = [()] * len(ranks)
         for shard, r in zip(spread, match_workers(spread, part_sizes, where, ranks)):
             placed[r] = tuple(shard)
-        for r, shard in enumerate(placed):
-            per_rank[r].append(shard)
+        for r, mine in enumerate(placed):
+            per_rank[r].append(mine)
         all_sizes[name] = shard_sizes(placed, part_sizes)
     return Layout(
         ranks=tuple(ranks),

@@ -20,7 +20,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import torch
-from distributed import get_client
+from distributed import Client, get_client
 
 from daskdl import checkpoint, models, security
 from daskdl import config as config_
@@ -217,17 +217,17 @@ def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.n
 
 def predict(
     checkpoint_or_run: str | os.PathLike,
-    data,
+    data: Dataset | da.Array,
     model: models.ModelSpec | None = None,
     *,
-    client=None,
-    index=None,
+    client: Client | None = None,
+    index: dd.Index | None = None,
     output: str | None = None,
     batch_size: int = 1024,
     device: str = "auto",
     precision: str = "fp32",
     verify_key: str | os.PathLike | security.Key | None = None,
-):
+) -> da.Array | dd.DataFrame | str:
     """Predictions of a checkpoint's model over ``data`` (see :meth:`daskdl.Run.predict`).
 
     ``checkpoint_or_run`` is a checkpoint folder or a run directory (its newest checkpoint

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -23,7 +23,12 @@ from daskdl.data import Dataset
 from daskdl.objective import Scale
 
 if TYPE_CHECKING:
+    import dask.array as da
+    import dask.dataframe as dd
+
+    from daskdl.events import Recorder
     from daskdl.launching import Launch
+    from daskdl.webapp.app import App
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class Run:
         launch: Launch,
         spec: dict,
         futures: list,
-        recorder,
+        recorder: Recorder,
         workers: list[str],
         out: Path | None,
         staging: Path | None = None,
@@ -101,11 +106,11 @@ class Run:
         return self._coordinator.history()
 
     @property
-    def result(self):
+    def result(self) -> Any:
         """What rank 0's ``train_fn`` returned (waits for the run): a ``launch`` loop's own
         value; for ``fit``, ``{"model": state dict of numpy arrays}``."""
         self.wait()
-        return self._coordinator.result.get("result")
+        return (self._coordinator.result or {}).get("result")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -137,7 +142,7 @@ class Run:
             self._following.release()
         return self
 
-    def dashboard(self):
+    def dashboard(self) -> App:
         """A live dashboard of this run (and the others on the cluster), for a notebook.
 
         Needs ``pip install "daskdl[app]"``; see :func:`daskdl.dashboard`.
@@ -192,7 +197,7 @@ class Run:
             self._coordinator.cancel(grace)
         return self
 
-    def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float]:
+    def evaluate(self, data: Dataset, batch_size: int = 512) -> dict[str, float | list]:
         """The trained model's loss and metrics on ``data`` (the run's metrics: accuracy for a
         classifier by default; mae, rmse, r2 for regression, in the targets' own units),
         computed on the cluster.
@@ -228,13 +233,13 @@ class Run:
 
     def predict(
         self,
-        data,
+        data: Dataset | da.Array,
         *,
         output: str | None = None,
         batch_size: int = 1024,
         device: str = "auto",
         precision: str = "fp32",
-    ):
+    ) -> da.Array | dd.DataFrame | str:
         """The trained model's predictions over ``data`` (a Dataset, or a Dask array of
         samples), lazily: a Dask array with one block per partition, or, for a Dataset made
         by ``from_dataframe``, a Dask dataframe with its index. Waits for the run.
@@ -287,11 +292,11 @@ def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batc
     except ValueError:
         return counts, np.zeros(2), scores
     model = models.trained(spec["model"], spec["input_shape"], objective.n_outputs, state)
-    X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(y, dtype=objective.target_dtype))
+    xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=objective.target_dtype))
     no_autocast = torch.autocast("cpu", enabled=False)
     sums = metrics_.score(
-        model, X, y, batch_size, no_autocast, objective, scores, spec["data_scale"]
+        model, xt, yt, batch_size, no_autocast, objective, scores, spec["data_scale"]
     )
     return counts, sums, scores
 

@@ -65,7 +65,7 @@ def check(out: Path, resume: Path | None, overwrite: bool) -> None:
             "checkpoints and metrics."
         )
     continuing = resume is not None and _inside(resume, out)
-    if continuing and not overwrite:
+    if resume is not None and continuing and not overwrite:
         newest = checkpoint.checkpoints_at(out)
         if newest and not _inside(newest[-1], resume):
             raise FileExistsError(

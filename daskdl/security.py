@@ -124,6 +124,7 @@ def load_key(source: str | os.PathLike | bytes | Key) -> Key:
         where = str(path)
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
+            key: object  # a private or a public key, of whichever kind the file holds
             if b"PRIVATE KEY" in data:
                 key = serialization.load_pem_private_key(data, password=None)
             else:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from daskdl import checkpoint, pipeline
-from daskdl.comm import DaskGroup
+from daskdl.comm import Group
 
 SHARDS = (None, "optimizer", "full")
 
@@ -45,7 +45,7 @@ class _Unit:
     owns the chunk ``owned``: as a view of the buffer (``keep``), or as its own tensor while
     the buffer is freed between uses."""
 
-    def __init__(self, params: list[torch.nn.Parameter], group: DaskGroup, keep: bool):
+    def __init__(self, params: list[torch.nn.Parameter], group: Group, keep: bool):
         self.params = params
         self.offsets = np.cumsum([0, *(p.numel() for p in params)])
         self.size = int(self.offsets[-1])
@@ -65,12 +65,19 @@ class _Unit:
         if not keep:
             self.free()
 
+    @property
+    def gradients(self) -> torch.Tensor:
+        """The gradient buffer, which ``zero_grad`` makes before any backward."""
+        if self.grads is None:
+            raise RuntimeError("no gradient buffer yet: call the optimizer's zero_grad() first")
+        return self.grads
+
     def hold(self) -> None:
         """Make room for the whole unit."""
         self.flat.untyped_storage().resize_(self.size * 4)
         self.held = True
 
-    def gather(self, group: DaskGroup, wire: str) -> None:
+    def gather(self, group: Group, wire: str) -> None:
         """The whole unit, from every rank's chunk."""
         self.hold()
         # Through a buffer of its own: a storage that numpy has seen can no longer be resized.
@@ -98,7 +105,7 @@ class _Unit:
     def collect_grads(self) -> None:
         """Gradients that backward made outside the buffer (the loop set ``grad`` to None
         after ``zero_grad``, say) copied into it."""
-        for p, view in zip(self.params, self.views(self.grads)):
+        for p, view in zip(self.params, self.views(self.gradients)):
             if p.grad is None:
                 view.zero_()
             elif p.grad.data_ptr() != view.data_ptr():
@@ -198,7 +205,7 @@ class ShardedOptimizer:
         self,
         model: torch.nn.Module,
         make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-        group: DaskGroup,
+        group: Group,
         shard: str = "optimizer",
         wire: str = "fp32",
         unit_bytes: int = 25 * 2**20,
@@ -287,8 +294,8 @@ class ShardedOptimizer:
 
     def _reduce(self, unit: _Unit) -> None:
         """The unit's gradients, averaged, into this rank's chunk; the rest freed."""
-        self._bad |= ~torch.isfinite(unit.grads).all()
-        chunk = self.group.reduce_scatter_(unit.grads.numpy(), self.wire, self.group.size)
+        self._bad |= ~torch.isfinite(unit.gradients).all()
+        chunk = self.group.reduce_scatter_(unit.gradients.numpy(), self.wire, self.group.size)
         chunk = torch.from_numpy(chunk.copy())  # not a view: the unit's buffer goes
         if unit.shard.grad is None:
             unit.shard.grad = chunk
@@ -328,7 +335,7 @@ class ShardedOptimizer:
                     self._reduce(unit)
         else:
             self.units[0].collect_grads()
-            self._bad |= ~torch.isfinite(self.units[0].grads).all()
+            self._bad |= ~torch.isfinite(self.units[0].gradients).all()
         if loss is not None:
             self._bad |= ~torch.isfinite(loss)
         rank, size = self.group.rank, self.group.size
@@ -353,8 +360,8 @@ class ShardedOptimizer:
             return  # every rank skips it alike
         if not self.full:
             [unit] = self.units
-            self.group.reduce_scatter_(unit.grads.numpy(), self.wire, self.group.size)
-            unit.shard.grad = unit.grads[unit.owned]  # the averaged chunk, in place
+            self.group.reduce_scatter_(unit.gradients.numpy(), self.wire, self.group.size)
+            unit.shard.grad = unit.gradients[unit.owned]  # the averaged chunk, in place
         self.optimizer.step()
         if not self.full:
             self.group.all_gather_(self.units[0].flat.numpy(), self.wire)
@@ -386,7 +393,7 @@ class ShardedOptimizer:
     def state_bytes(self) -> int:
         """Bytes of training state this rank holds now: parameters, gradients and the
         optimizer's state, each storage counted once."""
-        tensors = [*self.params, *(u.shard for u in self.units)]
+        tensors: list[torch.Tensor] = [*self.params, *(u.shard for u in self.units)]
         tensors += [p.grad for p in tensors if p.grad is not None]
         tensors += [u.grads for u in self.units if u.grads is not None]
         return storage_bytes(tensors + optimizer_state(self.optimizer))

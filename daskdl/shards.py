@@ -7,7 +7,7 @@ Dask placed the data; where the data live decides only which worker runs which s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 
 class ShardPlan(NamedTuple):
@@ -91,7 +91,8 @@ def match_workers(
         if chosen[r] is None and j not in taken:
             chosen[r] = j
             taken.add(j)
-    return chosen
+    # As many workers as shards: the greedy pass gives every shard one.
+    return [int(cast(int, j)) for j in chosen]
 
 
 def plan_shards(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from distributed import Client
 from pandas.api.types import is_numeric_dtype
 
 from daskdl.data import Dataset
@@ -117,8 +118,8 @@ def read_samples(
 
         ds = xr.open_zarr(path) if fmt == "zarr" else xr.open_dataset(path, chunks={})
         features = list(features or [str(v) for v in ds.data_vars])
-        sample_dim = sample_dim or ds[features[0]].dims[0]
-        return frames.xarray_features(ds, sample_dim, features), None
+        dim = sample_dim or str(ds[features[0]].dims[0])
+        return frames.xarray_features(ds, dim, features), None
     if fmt == "npz":
         arrays = np.load(path)
         name = (features or ["X"])[0]
@@ -202,7 +203,7 @@ def _from_numpy(path, fmt, label, features, task, n_classes) -> Dataset:
 _MARK = "daskdl-dataset"
 
 
-def publish(client, name: str, train: Dataset, val: Dataset | None = None) -> None:
+def publish(client: Client, name: str, train: Dataset, val: Dataset | None = None) -> None:
     """Persist ``train`` (and ``val``) on the cluster and publish them under ``name``, as
     Dask publishes data sets (``Client.publish_dataset``): they stay in the workers' memory
     until :func:`unpublish`, and the dashboard lists them beside the built-in data sets."""

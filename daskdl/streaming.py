@@ -74,6 +74,8 @@ class StreamSource:
         """One rank's shard, and the futures of the inputs its partitions read."""
         parts = [self.partitions[i] for i in shard]
         keys = {k for p in parts for k in p.inputs}
+        if self.sizes is None:
+            raise RuntimeError("the partitions' sizes are not counted yet: count them first")
         sizes = [self.sizes[i] for i in shard]
         shapes = (self.sample_shape, self.target_shape)
         return Shard(parts, sizes, *shapes), {k: self.inputs[k] for k in keys}
@@ -84,7 +86,8 @@ class StreamSource:
         xs, ys, n = [], [], 0
         for part in self.partitions:
             X, y = client.get(part.reading(self.inputs), list(part.keys))
-            xs.append(X), ys.append(y)
+            xs.append(X)
+            ys.append(y)
             n += len(X)
             if n >= k:
                 break

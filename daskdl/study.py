@@ -8,8 +8,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 from distributed import Client
@@ -29,6 +30,11 @@ from daskdl.tuning import (
     trial_event,
 )
 
+if TYPE_CHECKING:  # optuna and Panel are extras: for annotations only
+    import optuna
+
+    from daskdl.webapp.app import App
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,7 +52,7 @@ class Study:
     def __init__(
         self,
         client: Client,
-        study,
+        study: optuna.Study,
         trials: Trials,
         space: Callable,
         metric: str,
@@ -94,7 +100,7 @@ class Study:
         self._thread.join()
         return self
 
-    def dashboard(self, runs_dir: str = "runs"):
+    def dashboard(self, runs_dir: str = "runs") -> App:
         """The dashboard, opened on this study's trials (a trial's row opens its run)."""
         from daskdl.webapp import dashboard
 
@@ -124,7 +130,8 @@ class Study:
         """The best complete trial: parameters, metric, checkpoint folder and its Run."""
         t = self.optuna.best_trial
         out = t.user_attrs.get("out")
-        return Best(t.number, t.params, t.value, Path(out) if out else None,
+        value = cast(float, t.value)  # a complete trial's
+        return Best(t.number, t.params, value, Path(out) if out else None,
                     self._runs.get(t.number))  # fmt: skip
 
     @property
@@ -308,8 +315,8 @@ def tune(
     epochs: int = 10,
     metric: str = "val_accuracy",
     direction: str = "maximize",
-    pruner="asha",
-    sampler="tpe",
+    pruner: str | optuna.pruners.BasePruner = "asha",
+    sampler: str | optuna.samplers.BaseSampler = "tpe",
     ranks_per_trial: int = 1,
     max_concurrent: int | None = None,
     storage: str | Path | None = None,
@@ -318,8 +325,8 @@ def tune(
     out: str | Path | None = None,
     seed: int = 0,
     block: bool = True,
-    loggers=None,
-    **fixed,
+    loggers: Sequence | None = None,
+    **fixed: Any,
 ) -> Study:
     """Tune hyperparameters and choose a model: ``n_trials`` daskdl runs on one cluster.
 

@@ -85,8 +85,8 @@ def _files(source: str | os.PathLike | Sequence) -> list[str]:
     import glob
 
     patterns = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    files = []
-    for pattern in map(os.fspath, patterns):
+    files: list[str] = []
+    for pattern in [os.fspath(p) for p in patterns]:
         matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         missing = [f for f in matched if not os.path.isfile(f)]
         if not matched or missing:

@@ -229,9 +229,8 @@ class Trackers:
 
     def identities(self) -> dict:
         """What the checkpoints keep, so that a resumed run goes on in the same tracker runs."""
-        return {
-            t.name: t.identity() for t in self.trackers if isinstance(t, tuple(BUILT_IN.values()))
-        }
+        built_in = [t for t in self.trackers if isinstance(t, TensorBoardTracker | MLflowTracker)]
+        return {t.name: t.identity() for t in built_in}
 
     def hyperparams(self, params: dict) -> None:
         self._put(("log_hyperparams", (params,)))

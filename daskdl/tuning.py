@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from distributed import Client
 
@@ -94,7 +95,7 @@ def make_storage(storage: str | Path | None):
 class Trial:
     """A running trial: its Optuna trial, its run and what has been reported of it."""
 
-    trial: object
+    trial: Any  # optuna.trial.Trial (optuna is an optional import)
     run: Run
     started: float
     reported: int = 0

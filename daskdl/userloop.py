@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from distributed import Client
@@ -60,9 +61,13 @@ def launch(
     progress: bool = True,
     meta: dict | None = None,
     loggers: Sequence | None = None,
-    **options,
+    **options: Any,
 ) -> Run:
     """Run ``train_fn(ctx)`` on one rank per worker, each with its shard of ``data``.
+
+    ``workers``, ``out``, ``resume``, ``overwrite``, ``signing_key``, ``verify_key``,
+    ``block``, ``progress``, ``meta`` and ``loggers`` are as for :func:`daskdl.fit` (what
+    ``ctx.log`` reports goes to the trackers, against its step).
 
     Parameters
     ----------
@@ -84,10 +89,6 @@ def launch(
         ``comm_timeout``, ``torch_threads``, ``max_failures`` (workers the run may lose: then
         ``train_fn`` starts again on the survivors from the last ``ctx.checkpoint``, kept in
         memory, or from where they were with ``ctx.follow``).
-
-    ``workers``, ``out``, ``resume``, ``overwrite``, ``signing_key``, ``verify_key``,
-    ``block``, ``progress``, ``meta`` and ``loggers`` are as for :func:`daskdl.fit` (what
-    ``ctx.log`` reports goes to the trackers, against its step).
 
     Examples
     --------

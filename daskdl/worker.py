@@ -239,7 +239,7 @@ class RunManager:
                 tag, dtype, shape = msgpack.loads(await stream.read_bytes(size))
                 data = box.landing(tag, dtype, shape)
                 if data.nbytes:
-                    await stream.read_into(memoryview(data).cast("B"))
+                    await stream.read_into(memoryview(data).cast("B"))  # type: ignore[arg-type]
                 box.put(tag, data)
         except (StreamClosedError, CommClosedError) as e:
             # The peer is gone, or gave up mid-message: its ranks' waits report it.

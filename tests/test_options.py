@@ -1,5 +1,5 @@
 """One source of options: every TrainConfig field reaches fit, the command line, the
-dashboard and the README, with the same default everywhere."""
+dashboard and the docs (docs/options.md), with the same default everywhere."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import daskdl
 from daskdl import cli, config
 from daskdl.config import TrainConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OPTIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -80,8 +80,8 @@ def test_the_dashboard_form_has_every_option_with_its_default(client):
     assert set(daskdl.datasets.REGISTRY) <= set(launcher.dataset.options)
 
 
-def test_the_readme_option_table_is_the_configs():
-    assert config.options_table() in README.read_text()
+def test_the_documented_option_table_is_the_configs():
+    assert config.options_table() in OPTIONS_PAGE.read_text()
 
 
 def test_a_misspelt_option_names_the_nearest_one(client, no_rank_may_start):

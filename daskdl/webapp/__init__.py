@@ -12,8 +12,15 @@ and ``panel serve app/dashboard.py`` serve it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def dashboard(client, runs_dir: str = "runs", study: str | None = None):
+if TYPE_CHECKING:  # Panel is an extra: the app is imported when the dashboard is made
+    from distributed import Client
+
+    from daskdl.webapp.app import App
+
+
+def dashboard(client: Client, runs_dir: str = "runs", study: str | None = None) -> App:
     """The dashboard for ``client``'s cluster, to display in a notebook (``study``: a
     :attr:`daskdl.Study.key`, whose trials it shows first).
 

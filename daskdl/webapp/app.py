@@ -10,6 +10,7 @@ from pathlib import Path
 
 import panel as pn
 import param
+from panel.io.location import Location
 from panel.viewable import Viewer
 
 from daskdl import comm, config, datasets, models, rundir, sources
@@ -138,7 +139,7 @@ class Launcher(Viewer):
                 **{name: w.value if w.value != "" else None for name, w in self.options.items()},
             },
             self.dataset.value,
-            self.data_path.value,
+            self.data_path.value or "",
         )
 
     def _stop(self) -> None:
@@ -247,7 +248,7 @@ class App(Viewer):
         )  # fmt: skip
         # A trial clicked in the Studies tab opens its run in the Runs tab.
         self.studies.param.watch(lambda _: setattr(self.tabs, "active", 0), "opened")
-        self._callback = None
+        self._callback: object | None = None  # the page's periodic refresh, once started
 
     def tick(self) -> None:
         self.store.refresh()
@@ -283,5 +284,11 @@ class App(Viewer):
             title=self.title, sidebar=[self.launcher], main=[self.main()], accent="#1f77b4"
         )
 
-    def servable(self, title: str | None = None, **kwargs):
-        return self.template().servable(title=title or self.title, **kwargs)
+    def servable(
+        self,
+        title: str | None = None,
+        location: bool | Location = True,
+        area: str = "main",
+        target: str | None = None,
+    ):
+        return self.template().servable(title or self.title, location, area, target)

@@ -7,9 +7,11 @@ import socket
 import threading
 from pathlib import Path
 
+from distributed import Client
+
 from daskdl import security
 
-_clients: dict[tuple, object] = {}
+_clients: dict[tuple, Client] = {}
 _lock = threading.Lock()
 
 

@@ -282,8 +282,12 @@ class DashboardStore(param.Parameterized):
     runs = param.Dict(default={}, doc="run id -> RunState, in order of appearance")
     studies = param.Dict(default={}, doc="study key -> StudyState, in order of appearance")
     study = param.String(default=None, allow_None=True, doc="the study the Studies view shows")
-    selected = param.Selector(default=None, objects=[None], doc="the run the views show")
-    compare = param.Selector(default=None, objects=[None], doc="a run overlaid for comparison")
+    selected: param.Selector = param.Selector(
+        default=None, objects=[None], doc="the run the views show"
+    )
+    compare: param.Selector = param.Selector(
+        default=None, objects=[None], doc="a run overlaid for comparison"
+    )
     revision = param.Integer(default=0, doc="bumped after every refresh that changed anything")
 
     def __init__(self, source: EventFeed | None = None, **params):

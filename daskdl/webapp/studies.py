@@ -107,7 +107,7 @@ class Studies(Viewer):
         self.lines.data = study.curves()
         self.marks.data = study.points()
         weights = study.importances()
-        names = sorted(weights, key=weights.get)
+        names = sorted(weights, key=lambda name: weights[name])
         self.importance.y_range.factors = names
         self.bars.data = {"param": names, "importance": [weights[n] for n in names]}
 
