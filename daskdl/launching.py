@@ -239,10 +239,11 @@ def start(
     launch.public["streamed"] = [n for n, h in zip(plan.names, launch.held) if h.stream]
     epochs = plan.public["config"].get("epochs")
     # An earlier attempt logged up to its checkpoint's last epoch, at least.
-    logged = resume["history"][-1]["step"] if resume and resume.get("history") else -1
+    done = resume["history"][-1] if resume and resume.get("history") else {"step": -1, "epoch": 0}
     tracking = trackers.open_trackers(
-        list(loggers), plan.out_arg, plan.run_id, resume and resume.get("trackers"), logged
-    )
+        list(loggers), plan.out_arg, plan.run_id, resume and resume.get("trackers"),
+        done["step"], done["epoch"],
+    )  # fmt: skip
     launch.public["trackers"] = tracking.identities()
     if plan.batch_size is not None:
         launch.public["steps_per_epoch"] = lay.steps

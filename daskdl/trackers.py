@@ -164,10 +164,13 @@ def check(loggers, out) -> list:
     return list(loggers)
 
 
-def open_trackers(loggers: list, out, run_id: str, resumed: dict | None, logged_until: int):
+def open_trackers(
+    loggers: list, out, run_id: str, resumed: dict | None, logged_until: int, epochs_logged: int
+) -> Trackers:
     """The run's :class:`Trackers`: built-in names made into trackers (going on with the
-    ones ``resumed`` names, from a checkpoint), objects as given. ``logged_until``: the last
-    step an earlier attempt logged for sure (a resumed run's checkpoint), else -1."""
+    ones ``resumed`` names, from a checkpoint), objects as given. ``logged_until`` and
+    ``epochs_logged``: the last step and epoch an earlier attempt logged for sure (a resumed
+    run's checkpoint), else -1 and 0."""
     resumed = resumed or {}
     made, first = [], logged_until
     for item in loggers:
@@ -178,7 +181,7 @@ def open_trackers(loggers: list, out, run_id: str, resumed: dict | None, logged_
             if isinstance(item, MLflowTracker) and item.resumed:
                 first = max(first, item.logged_until())
         made.append(item)
-    return Trackers(made, run_id, first)
+    return Trackers(made, run_id, first, epochs_logged)
 
 
 def open_study(loggers: list, out, name: str, resumed: dict | None) -> Trackers:
@@ -216,10 +219,11 @@ class Trackers:
     """The trackers of one daskdl run, fed its events through a queue by a thread of their
     own. ``logged_until``: steps up to here are logged already (a resumed run's)."""
 
-    def __init__(self, trackers: list, run_id: str, logged_until: int = -1):
+    def __init__(self, trackers: list, run_id: str, logged_until: int = -1, epochs_logged: int = 0):
         self.trackers, self.run_id = list(trackers), run_id
         # Each series (the epochs, each rank's steps) logs a step once; calls never go back.
         self._start = self._last = logged_until
+        self._epochs = epochs_logged
         self._high: dict[str, int] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name=f"daskdl-trackers-{run_id}",
@@ -279,19 +283,29 @@ class Trackers:
         if kind not in ("step", "epoch") or step is None:
             return []
         step = int(step)
+        if kind == "epoch":
+            return self._epoch(msg, step)
         rank = msg.get("rank", 0)
-        series = "epoch" if kind == "epoch" else f"rank{rank}"
+        series = f"rank{rank}"
         if step <= self._high.get(series, self._start) or step < self._last:
             return []  # trained again after a regroup or resume, or a rank's late report
         self._high[series] = self._last = step
-        if kind == "epoch":
-            values = {f"epoch/{k}": v for k, v in msg.items() if k not in NOT_LOGGED}
-            return [(_numbers(values), step)]
         values = {f"system/rank{rank}/{SYSTEM_NAMES[k]}": msg[k] * scale
                   for k, scale in SYSTEM_METRICS.items() if msg.get(k) is not None}  # fmt: skip
         if rank == 0:
             values.update({name: msg[k] for k, name in STEP_METRICS.items() if k in msg})
         return [(_numbers(values), step)]
+
+    def _epoch(self, msg: dict, step: int) -> list[tuple[dict, int]]:
+        """An epoch's metrics, once per epoch. The global step is ``epoch x steps per epoch``
+        of the membership at the time, which goes back when a worker joins (fewer steps per
+        epoch): the epoch is logged then at the last step logged, never dropped."""
+        epoch = int(msg.get("epoch", 0))
+        if epoch <= self._epochs or step <= self._start:
+            return []  # logged by an earlier attempt (a resumed run's)
+        self._epochs, self._last = epoch, max(step, self._last)
+        values = {f"epoch/{k}": v for k, v in msg.items() if k not in NOT_LOGGED}
+        return [(_numbers(values), self._last)]
 
     def _call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):

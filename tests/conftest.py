@@ -33,6 +33,26 @@ def ranks_gone(client) -> bool:
     return not any(running.values())
 
 
+class Recording:
+    """A Lightning-style experiment tracker that records what it is given (tests of the
+    trackers, and of runs that log to one)."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.fail_on = fail_on
+        self.params, self.metrics, self.status = [], [], None
+
+    def log_hyperparams(self, params):
+        self.params.append(params)
+
+    def log_metrics(self, metrics, step):
+        if self.fail_on == "log_metrics":
+            raise ConnectionError("tracking server down")
+        self.metrics.append((step, metrics))
+
+    def finalize(self, status):
+        self.status = status
+
+
 @pytest.fixture(scope="session")
 def client():
     """Two worker processes with one thread each, shared by the tests that do not break it."""

@@ -66,3 +66,24 @@ def test_gpu_script_runs_its_cpu_fallback(tmp_path):
     assert "CPU fallback (no CUDA)" in table and "| bf16, channels_last |" in table
     assert re.search(r"^gpu-predict ratio=[0-9.]+ target=0.95$", proc.stdout, re.MULTILINE)
     assert "## gpu-predict:" in table
+
+
+def test_the_peers_benchmark_runs_with_the_peers_it_finds(tmp_path):
+    import importlib.util
+
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "DASKDL_BENCH_RESULTS": str(results)}
+    proc = subprocess.run(
+        [sys.executable, "peers.py", "--n", "256", "--epochs", "2", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT / "benchmarks",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ray = importlib.util.find_spec("ray") is not None
+    if not ray:
+        assert "peers: Ray Train is not installed: skipped" in proc.stdout
+    rows = [line.split(" | ")[0].strip("| ") for line in proc.stdout.splitlines() if "|" in line]
+    assert {"daskdl", "DDP"} <= set(rows)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"peers ratio=(nan|[\d.]+) target=1\.0", last), last
+    assert (last.endswith("nan target=1.0")) == (not ray)
+    assert "## peers:" in results.read_text()

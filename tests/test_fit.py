@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from conftest import kill_mid_epoch, poll_for, ranks_gone
+from conftest import Recording, kill_mid_epoch, poll_for, ranks_gone
 from distributed import Client
 
 import daskdl
@@ -581,12 +581,18 @@ def _elastic_run(client, **options):
 
 def test_training_goes_on_when_a_worker_is_killed_mid_epoch(three_workers):
     undisturbed = _elastic_run(three_workers)
-    run = _elastic_run(three_workers, block=False)
+    tracker = Recording()
+    run = _elastic_run(three_workers, block=False, loggers=[tracker])
     # Mid-epoch: after the first epoch, once rank 2 has reported steps of the second.
     victim = kill_mid_epoch(three_workers, run)
     run.wait(timeout=120)
     assert run.status == "finished" and run.lost == [victim]
     assert list(run.history["epoch"]) == list(range(1, 9))
+    # The same tracker run goes on: its steps never go back, each epoch is logged once.
+    steps = [s for s, _ in tracker.metrics]
+    assert steps == sorted(steps) and tracker.status == "finished" and len(tracker.params) == 1
+    epochs = [m["epoch/epoch"] for _, m in tracker.metrics if "epoch/epoch" in m]
+    assert epochs == list(range(1, 9))
     assert victim not in run.workers
     log = events.replay(three_workers, run.run_id)
     # The loss; then (perhaps) the worker its nanny restarted, joining at an epoch's end.

@@ -8,7 +8,7 @@ import logging
 
 import dask
 import pytest
-from conftest import poll_for
+from conftest import Recording, poll_for
 
 import daskdl
 from daskdl import events
@@ -112,25 +112,6 @@ def test_a_resumed_run_goes_on_in_the_same_tracker_runs_logging_each_step_once(
     tb_steps = [s for s, _ in tb["train/loss"]]
     assert len(tb_steps) == len(set(tb_steps)) and max(tb_steps) > cut
     assert [s for s, _ in tb["epoch/val_accuracy"]] == list(second.history["step"])
-
-
-class Recording:
-    """A Lightning-style logger that records what it is given."""
-
-    def __init__(self, fail_on: str | None = None):
-        self.fail_on = fail_on
-        self.params, self.metrics, self.status = [], [], None
-
-    def log_hyperparams(self, params):
-        self.params.append(params)
-
-    def log_metrics(self, metrics, step):
-        if self.fail_on == "log_metrics":
-            raise ConnectionError("tracking server down")
-        self.metrics.append((step, metrics))
-
-    def finalize(self, status):
-        self.status = status
 
 
 def test_any_lightning_style_logger_works_and_a_failing_one_does_not_stop_training(
