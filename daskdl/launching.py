@@ -98,9 +98,9 @@ class Launch:
         replica, or its last checkpoint), or nothing when it had none yet. A sharded run's
         survivors hold only their chunks of it: its newest checkpoint on disk, then."""
         if state.get("on_disk"):
+            # out is set: a sharded run regroups from the checkpoints it saves there.
             path, model, optimizer, manifest = checkpoint.load_latest(
-                cast(str, self.plan.out),
-                self.plan.signing_key,  # set: a sharded run saves there
+                cast(str, self.plan.out), self.plan.signing_key
             )
             logger.info("run %s regroups from %s", self.plan.run_id, path)
             state = resume_state(manifest, model, optimizer)

@@ -30,9 +30,13 @@ logger = logging.getLogger(__name__)
 
 NAMES = ("csv", "tensorboard", "mlflow")
 STEP_METRICS = {"loss": "train/loss", "lr": "train/lr"}
-SYSTEM_METRICS = {"samples_per_s": 1.0, "step_time": 1e3, "rss": 2.0**-20, "gpu_memory": 2.0**-20}
-SYSTEM_NAMES = {"samples_per_s": "samples_per_s", "step_time": "step_time_ms", "rss": "rss_mb",
-                "gpu_memory": "gpu_memory_mb"}  # fmt: skip
+# A step event's field: the name it is logged under (per rank), and the scale to its unit.
+SYSTEM_METRICS = {
+    "samples_per_s": ("samples_per_s", 1.0),
+    "step_time": ("step_time_ms", 1e3),
+    "rss": ("rss_mb", 2.0**-20),
+    "gpu_memory": ("gpu_memory_mb", 2.0**-20),
+}
 NOT_LOGGED = {"kind", "run", "rank", "step", "time"}
 CLOSE_TIMEOUT = 30.0  # seconds to wait for a tracker to write what is queued at the end
 
@@ -290,8 +294,11 @@ class Trackers:
         if step <= self._high.get(series, self._start) or step < self._last:
             return []  # trained again after a regroup or resume, or a rank's late report
         self._high[series] = self._last = step
-        values = {f"system/rank{rank}/{SYSTEM_NAMES[k]}": msg[k] * scale
-                  for k, scale in SYSTEM_METRICS.items() if msg.get(k) is not None}  # fmt: skip
+        values = {
+            f"system/rank{rank}/{name}": msg[k] * scale
+            for k, (name, scale) in SYSTEM_METRICS.items()
+            if msg.get(k) is not None
+        }
         if rank == 0:
             values.update({name: msg[k] for k, name in STEP_METRICS.items() if k in msg})
         return [(_numbers(values), step)]
