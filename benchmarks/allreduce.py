@@ -30,14 +30,16 @@ from distributed import get_worker
 import daskdl
 from daskdl import comm
 from daskdl.cluster import workers_info
-from daskdl.process import torch_friendly_malloc
+from daskdl.worker import manager
 
 RESNET18 = 11_173_962
 
 
 def _daskdl_rank(run_id, rank, peers, size, iters, warmup, wire):
-    # The allocator settings every training rank runs with (see daskdl.process).
-    with torch_friendly_malloc():
+    # The allocator settings every training rank runs with, and Dask's profiler paused as
+    # for a rank: it samples stacks on the event loop that runs the ring (see daskdl.process).
+    tuning = manager(get_worker()).tuning
+    with tuning.malloc(), tuning.profiler_paused(get_worker()):
         return _daskdl_loop(run_id, rank, peers, size, iters, warmup, wire)
 
 

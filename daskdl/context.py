@@ -403,6 +403,18 @@ class RankContext:
             yield batch
         self._position = (epoch, loader.steps)
 
+    def idle_batches(self, epoch: int, steps: int, start: int = 0):
+        """The steps of ``epoch`` for a rank that reads no batches (a pipeline's later
+        stages, which the first one feeds): ``(None, None)`` for each of steps ``start`` to
+        ``steps - 1``, counted as :meth:`batches` counts, so that a regroup knows which steps
+        this rank finished."""
+        self._steps_per_epoch = steps
+        for s in range(start, steps):
+            self._position = (epoch, s)
+            self.steps_done += 1
+            yield None, None
+        self._position = (epoch, steps)
+
     def _loader(self, name, batch_size, shuffle, augment, channels_last):
         steps = self.steps_per_epoch(name, batch_size)
         seed = self.options.seed
@@ -487,8 +499,9 @@ class RankContext:
         optimizer's state, which any layout resumes from, and so is a pipeline's ``model``
         (its :class:`daskdl.pipeline.Stage`; replica 0's stages send theirs to rank 0).
         Held whole on every rank, sharded state would take the memory that sharding saves,
-        so a sharded or pipelined run keeps none: it
-        regroups from the checkpoint on disk (with ``out=``), else from its start."""
+        so a sharded or pipelined run keeps none: it regroups from the checkpoint on disk
+        (with ``out=``), else from its start (a pipeline whose stage is followed, :meth:`follow`,
+        goes on from a complete replica among the survivors first)."""
         sharded = isinstance(optimizer, ShardedOptimizer) or isinstance(model, Stage)
         keep = self.spec.elastic and self._live is None and not sharded
         writes = self.is_main and self.spec.out
@@ -517,7 +530,7 @@ class RankContext:
 
     def follow(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Stage,
         optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
         *,
         averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
@@ -525,7 +538,12 @@ class RankContext:
         """Hand ``model`` and ``optimizer`` back as they are when the run regroups, instead of
         the last checkpoint: the survivors of a lost worker go on from the last step every
         rank finished (a failed collective never reaches the optimizer), part-way through an
-        epoch (``ctx.resume_step``), losing no step."""
+        epoch (``ctx.resume_step``), losing no step.
+
+        A pipeline's :class:`daskdl.pipeline.Stage` hands back its own part: the run goes on
+        from a complete replica among the survivors (every stage's part at the same step;
+        stages that read no batches count their steps with :meth:`idle_batches`), else from
+        its last checkpoint on disk."""
         if isinstance(optimizer, ShardedOptimizer):
             raise ValueError(
                 "A ShardedOptimizer's state is spread over the ranks, and a lost rank takes its "
@@ -589,9 +607,10 @@ class RankContext:
         every rank; an all-reduce, so call it on every rank, at an epoch's end)."""
         if not self.spec.elastic:
             return False
-        if self._spread and (self._saved or {}).get("epoch") != self._position[0]:
-            # Sharded or pipelined state regroups from disk: only from this epoch's checkpoint
-            # (with out=, written now), or the joiners would cost the epochs since the last.
+        followed = self._live is not None and isinstance(self._live[0], Stage)
+        if self._spread and not followed and (self._saved or {}).get("epoch") != self._position[0]:
+            # Sharded state regroups from disk: only from this epoch's checkpoint (with out=,
+            # written now), or the joiners would cost the epochs since the last.
             return False
         return self.all_reduce(float(self.group.box.regroup_requested)) > 0
 
@@ -604,7 +623,15 @@ class RankContext:
     def elastic_state(self, error: Exception | None) -> dict:
         """What the coordinator needs to start the loop again on a new set of workers."""
         epoch, step = self._position
-        if self._live is not None:
+        if self._live is not None and isinstance(self._live[0], Stage):
+            stage, optimizer, _ = self._live
+            # Its own part only: gathering the replica would need the peer that is gone.
+            state: dict[str, Any] = {"model": None, "optimizer": None}
+            state.update(history=list(self.history), stage=stage.handed_back(optimizer))
+            saved = self._saved or {}
+            if saved.get("on_disk"):  # if no replica is whole among the survivors
+                state["disk"] = {"epoch": saved["epoch"], "history": saved["history"]}
+        elif self._live is not None:
             state = self._state(*self._live)
         else:
             state = self._saved or {"model": None, "optimizer": None, "history": []}

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pandas as pd
 from distributed import Client, wait
@@ -27,6 +27,7 @@ from daskdl.cluster import workers_info
 
 if TYPE_CHECKING:
     from daskdl.launching import Launch
+    from daskdl.plan import Layout
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class Coordinator:
             self.state = State.RUNNING
             return
         # All replicas agree up to the last step every survivor finished: start there.
-        state = min(states, key=lambda st: (st["epoch"], st["step"], st["rank"]))
+        state = self.launch.regroup_state(states)
         for f in self.futures:
             f.release()
         self.lost += lost
@@ -208,11 +209,8 @@ class Coordinator:
         # free: a new rank that started early would hold its thread waiting for a peer whose
         # data needs that very thread.
         wait(self.launch.all_futures)
-        try:
-            lay = self.launch.layout(survivors + list(joined))
-        except ValueError:  # more ranks than partitions, or shards below a batch: do without
-            joined = []
-            lay = self.launch.layout(survivors)
+        lay = self._next_layout(survivors, list(joined))
+        joined = [w for w in lay.ranks if w not in survivors]
         # The epoch goes on from the same fraction of it, in the new shards' batches.
         steps = lay.steps
         if state.get("batches"):  # the loop's own batch size (fit's is the plan's)
@@ -238,6 +236,22 @@ class Coordinator:
         self.futures = self.launch.submit(lay, resume, start_step, state["history"])
         self.workers = list(lay.ranks)
         self.state = State.RUNNING
+
+    def _next_layout(self, survivors: list[str], joined: list[str]) -> Layout:
+        """The next membership's: the survivors with the workers that joined; without them
+        when they are too many (more ranks than partitions, shards below a batch); with idle
+        workers when the survivors alone cannot hold a pipeline's stages (a run that may
+        grow)."""
+        idle = sorted(self.live_workers() - set(self.workers) - set(joined))
+        tries = [survivors + joined, survivors]
+        if self.launch.plan.grow and idle:
+            tries.append(survivors + idle)
+        for workers in tries:
+            try:
+                return self.launch.layout(workers)
+            except ValueError as e:
+                error = e
+        self.fail(RunError(f"run {self.run_id} cannot go on with the workers left: {error}"))
 
     def _states_of(self, survivors: list[str], gone: list[int], names: str) -> list[dict]:
         """What the surviving ranks hand back: woken at once (they may be waiting on the lost
@@ -307,7 +321,7 @@ class Coordinator:
         err.__cause__ = exc
         return err
 
-    def fail(self, error: BaseException, state: State = State.FAILED) -> None:
+    def fail(self, error: BaseException, state: State = State.FAILED) -> NoReturn:
         """-> failed (or cancelled): abort the collectives, cancel the ranks; raises."""
         self.error = error
         self.client.run(

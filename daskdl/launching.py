@@ -17,7 +17,7 @@ import dask
 import numpy as np
 from distributed import Client, futures_of
 
-from daskdl import checkpoint, comm, events, preflight, rundir, streaming, trackers
+from daskdl import checkpoint, comm, events, pipeline, preflight, rundir, streaming, trackers
 from daskdl.checks import RunFolder
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
@@ -92,6 +92,41 @@ class Launch:
         where = [h.locations(self.client) for h in self.held]
         stages = self.plan.options.get("pipeline_stages", 1)
         return layout(self.plan.names, sizes, where, workers, self.plan.batch_size, shards, stages)
+
+    def regroup_state(self, states: list[dict]) -> dict:
+        """Where a regrouped run goes on from, of the states its surviving ranks handed back:
+        the last step every survivor finished (replicas agree up to it). A pipeline's ranks
+        hand back their own stage's part: put together from a part of every stage at that
+        step (from any replica), else the run goes on from its checkpoint on disk, else from
+        its start."""
+        state = min(states, key=lambda st: (st["epoch"], st["step"], st["rank"]))
+        if "stage" not in state:
+            return state
+        at = (state["epoch"], state["step"])
+        parts = {st["stage"]["index"]: st for st in states if (st["epoch"], st["step"]) == at}
+        if len(parts) == state["stage"]["stages"]:
+            merged = {k: v for st in parts.values() for k, v in st["stage"]["tensors"].items()}
+            first = parts[0]  # it reads the batches: their size and count are its
+            whole = pipeline.whole_state(
+                merged, first["stage"]["param_groups"], first["stage"]["n_params"]
+            )
+            opt = whole["optimizer"]
+            return {
+                **first,
+                "model": whole["model"],
+                "optimizer": checkpoint.state_tensors(opt) if opt is not None else None,
+            }
+        missing = sorted(set(range(state["stage"]["stages"])) - set(parts))
+        disk = state.get("disk")
+        logger.warning(
+            "run %s: no survivor holds stage(s) %s as of epoch %d step %d: going on from %s",
+            self.plan.run_id, missing, at[0] + 1, at[1],
+            "the checkpoint on disk" if disk else "the start",
+        )  # fmt: skip
+        if disk:
+            return {**state, "on_disk": True, "epoch": disk["epoch"], "step": 0,
+                    "history": disk["history"]}  # fmt: skip
+        return {**state, "epoch": 0, "step": 0, "history": []}
 
     def resume_from(self, state: dict) -> dict | None:
         """What a regrouped run's ranks start from: the state a survivor handed back (its

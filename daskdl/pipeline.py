@@ -426,27 +426,42 @@ class Stage:
         groups = [{**g, "params": list(range(n))} for g in opt["param_groups"]]
         return model, {"state": copy.deepcopy(sliced), "param_groups": groups}
 
+    def own_state(self, optimizer, copy: bool = False) -> dict[str, np.ndarray]:
+        """This stage's module and ``optimizer`` state under the whole model's names:
+        ``m/<layer>.<name>`` and ``o/<parameter>/<slot>`` (numpy views of the live tensors,
+        or ``copy``-ies), the pieces :func:`whole_state` puts together."""
+        a = self.bounds[0]
+        own = checkpoint.copy if copy else (lambda t: t.detach().cpu().numpy())
+        mine = {
+            f"m/{int(k.split('.', 1)[0]) + a}.{k.split('.', 1)[1]}": own(v)
+            for k, v in self.module.state_dict().items()
+        }
+        for i, slots in (optimizer.state_dict()["state"] if optimizer is not None else {}).items():
+            for name, value in slots.items():
+                value = value if torch.is_tensor(value) else torch.tensor(value)
+                mine[f"o/{i + self.param_offset}/{name}"] = own(value)
+        return mine
+
+    def handed_back(self, optimizer) -> dict:
+        """What this stage hands back when its run regroups: its part of the whole state as
+        it is now, with what :func:`whole_state` needs to put the replica's parts together."""
+        return {
+            "index": self.index,
+            "stages": self.pipe.stages,
+            "tensors": self.own_state(optimizer),
+            "param_groups": optimizer.state_dict()["param_groups"] if optimizer else None,
+            "n_params": self.n_params,
+        }
+
     def gather(self, optimizer, keep: bool) -> dict | None:
         """The whole model's state (and ``optimizer``'s over it, in the plain optimizer's
         format) on the first rank, from replica 0's stages; ``None`` elsewhere (where not
         ``keep``: the other replicas hold copies and send nothing)."""
         if self.replica != 0:
             return None
-        a = self.bounds[0]
         # Kept on the first stage (copies); the others' are serialised at once (views).
-        own = checkpoint.copy if self.is_first else (lambda t: t.detach().cpu().numpy())
-        mine = {
-            f"m/{int(k.split('.', 1)[0]) + a}.{k.split('.', 1)[1]}": own(v)
-            for k, v in self.module.state_dict().items()
-        }
-        groups = []
-        if optimizer is not None:
-            opt = optimizer.state_dict()
-            groups = opt["param_groups"]
-            for i, slots in opt["state"].items():
-                for name, value in slots.items():
-                    value = value if torch.is_tensor(value) else torch.tensor(value)
-                    mine[f"o/{i + self.param_offset}/{name}"] = own(value)
+        mine = self.own_state(optimizer, copy=self.is_first)
+        groups = optimizer.state_dict()["param_groups"] if optimizer is not None else None
         if not self.is_first:
             payload = np.frombuffer(safetensors.numpy.save(mine), dtype=np.uint8)
             self.group.send(0, f"ck:{self._gathers}", payload)
@@ -459,17 +474,25 @@ class Stage:
             data = self.group.recv(src, tag)
             merged.update(safetensors.numpy.load(bytes(data)) if keep else {})
             del data
-        if not keep:
-            return None
-        model = {k[2:]: v for k, v in merged.items() if k.startswith("m/")}
-        state: dict[int, dict] = {}
-        for key, value in merged.items():
-            if key.startswith("o/"):
-                _, index, name = key.split("/", 2)
-                state.setdefault(int(index), {})[name] = torch.from_numpy(value)
-        groups = [{**g, "params": list(range(self.n_params))} for g in groups]
-        opt = {"state": dict(sorted(state.items())), "param_groups": groups}
-        return {"model": model, "optimizer": opt if optimizer is not None else None}
+        return whole_state(merged, groups, self.n_params) if keep else None
+
+
+def whole_state(merged: dict[str, np.ndarray], param_groups, n_params: int) -> dict:
+    """The whole model's state (numpy arrays by its keys) and the plain optimizer's over it
+    (``None`` without ``param_groups``) from every stage's :meth:`Stage.own_state`."""
+    model = {k[2:]: v for k, v in merged.items() if k.startswith("m/")}
+    if param_groups is None:
+        return {"model": model, "optimizer": None}
+    state: dict[int, dict] = {}
+    for key, value in merged.items():
+        if key.startswith("o/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = torch.from_numpy(np.asarray(value))
+    groups = [{**g, "params": list(range(n_params))} for g in param_groups]
+    return {
+        "model": model,
+        "optimizer": {"state": dict(sorted(state.items())), "param_groups": groups},
+    }
 
 
 def _is_index(y: torch.Tensor, out: torch.Tensor) -> bool:

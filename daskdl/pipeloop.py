@@ -49,6 +49,7 @@ class PipelineTrainer:
         params = list(self.stage.parameters())
         self.opt = make_optimizer(params, cfg) if params else None
         self.start_epoch = ctx.restore(self.stage, self.opt)
+        ctx.follow(self.stage, self.opt)  # a regroup goes on from a complete replica
         self.steps = ctx.steps_per_epoch("train", cfg.batch_size)
         self.has_val = "val" in ctx.datasets
         self.process = psutil.Process(os.getpid())
@@ -60,7 +61,7 @@ class PipelineTrainer:
         batches = (
             ctx.batches("train", B, epoch, cfg.shuffle, start=first_step)
             if stage.is_first
-            else iter(lambda: (None, None), 0)  # never ends: the first stage sets the pace
+            else ctx.idle_batches(epoch, self.steps, start=first_step)
         )
         sums = np.zeros(3)  # loss, correct, skipped
         correct = torch.zeros((), dtype=torch.int64)
@@ -71,8 +72,8 @@ class PipelineTrainer:
             correct += self.objective.correct(outputs.detach(), targets)
             return self.objective.loss_of(outputs, targets)
 
-        for s in range(first_step, self.steps):
-            xb, yb = next(batches)
+        # Run to the end, so that the context counts the last step finished too.
+        for s, (xb, yb) in enumerate(batches, first_step):
             global_step = epoch * self.steps + s
             lr = lr_at(global_step, self.steps * cfg.epochs, cfg, self.steps)
             if self.opt is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kill_mid_epoch
 from distributed import get_worker
 
 import daskdl
-from daskdl import Dataset, Pipeline
+from daskdl import Dataset, Pipeline, events
 from daskdl.pipeline import PipelineError, cut, order, parameter_costs
 
 STEPS, BATCH = 3, 24
@@ -330,3 +332,48 @@ def test_pipeline_settings_are_checked(options, match):
         daskdl.TrainConfig(pipeline_stages=2, pipeline_split="3,x")
     with pytest.raises(ValueError, match="use one or the other"):
         daskdl.TrainConfig(pipeline_stages=2, shard="full")
+
+
+def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplog):
+    caplog.set_level(logging.WARNING, logger="daskdl.launching")
+    train, test = daskdl.datasets.train_test("digits")
+    with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as four:
+        run = daskdl.fit(
+            four, MLP, train, val=test, epochs=4, batch_size=8, pipeline=Pipeline(stages=2),
+            optimizer="adamw", lr=3e-3, max_failures=1, block=False, progress=False,
+        )  # fmt: skip
+        # Stage 1 of replica 1, mid-epoch; no out=: nothing on disk to go back to.
+        victim = kill_mid_epoch(four, run, rank=3)
+        run.wait(timeout=180)
+        log = events.replay(four, run.run_id)
+    assert run.status == "finished" and run.lost == [victim]
+    assert list(run.history["epoch"]) == [1, 2, 3, 4]
+    change, *rejoined = [e for e in log if e["kind"] == "membership"]
+    assert change["world_size"] == 2 and list(change["lost"]) == [victim]
+    # From the step the survivors had finished (replica 0 whole, stage 0 of replica 1 too),
+    # not from the start of the epoch the kill landed in (2, or 3 if it was over), nor the run's.
+    assert (change["epoch"], change["step_in_epoch"]) > (2, 0), change
+    assert "no survivor holds" not in caplog.text
+    assert all(not e["lost"] for e in rejoined)
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_a_pipeline_that_loses_its_only_copy_of_a_stage_goes_on_from_disk(
+    three_workers, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="daskdl.launching")
+    train, test = daskdl.datasets.train_test("digits")
+    run = daskdl.fit(
+        three_workers, MLP, train, val=test, epochs=4, batch_size=8, out=tmp_path / "run",
+        pipeline=Pipeline(stages=2), optimizer="adamw", lr=3e-3, max_failures=1,
+        block=False, progress=False,
+    )  # fmt: skip
+    victim = kill_mid_epoch(three_workers, run, rank=1)  # the one replica's last stage
+    run.wait(timeout=180)
+    assert run.status == "finished" and run.lost == [victim]
+    assert list(run.history["epoch"]) == [1, 2, 3, 4]
+    change = next(e for e in events.replay(three_workers, run.run_id) if e["kind"] == "membership")
+    assert change["world_size"] == 2 and change["step_in_epoch"] == 0
+    assert "no survivor holds stage(s) [1]" in caplog.text
+    assert f"regroups from {tmp_path / 'run'}" in caplog.text
+    assert run.history["val_accuracy"].iloc[-1] >= 0.9
