@@ -216,6 +216,21 @@ def test_fit_with_a_pipeline_trains_as_one_rank(client):
     table = state.worker_table()
     assert list(table["stage"]) == [0, 1] and (table["forward_ms"] > 0).all()
     assert table["activations_mb"].iloc[0] > 0 and table["bubble"].between(0, 1).all()
+    # And plots each stage's figures over the steps; a run without stages has none.
+    from daskdl.webapp.store import DashboardStore
+    from daskdl.webapp.views import Stages
+
+    for run, shown in ((piped, True), (one, False)):
+        store = DashboardStore()
+        store.ingest([(0.0, e) for e in daskdl.events.replay(client, run.run_id)])
+        view = Stages(store=store)
+        assert view.row.visible is shown
+        points = view.points.data
+        assert sorted(set(points["stage"])) == ([0, 1] if shown else [])
+        assert len(points["step"]) == len([e for e in steps if shown])
+        assert all(t > 0 for t in points["forward_ms"]) and all(
+            0 <= b < 1 for b in points["bubble"]
+        )
 
 
 class _Seen(torch.nn.Module):

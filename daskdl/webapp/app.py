@@ -17,7 +17,7 @@ from daskdl import comm, config, datasets, models, rundir, sources
 from daskdl.cluster import workers_info
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.studies import Studies
-from daskdl.webapp.views import Curves, RunList, Status, Workers
+from daskdl.webapp.views import Curves, RunList, Stages, Status, Workers
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class App(Viewer):
         self.status = Status(store=self.store, dask_dashboard=link)
         self.curves = Curves(store=self.store)
         self.workers = Workers(store=self.store)
+        self.stages = Stages(store=self.store)
         self.run_list = RunList(store=self.store)
         self.launcher = Launcher(client, runs_dir, store=self.store)
         self.compare = pn.widgets.Select.from_param(
@@ -266,6 +267,7 @@ class App(Viewer):
             self.status,
             self.curves,
             self.workers,
+            self.stages,
             pn.Row(self.select, self.compare),
             "### Runs",
             self.run_list,

@@ -22,6 +22,7 @@ from daskdl.webapp.store import DashboardStore, RunState
 EPOCH_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 STEP_COLUMNS = ("step", "loss")
 WORKER_COLUMNS = ("step", "rank", "samples_per_s", "step_time_ms", "rss_mb", "gpu_memory_mb")
+STAGE_POINTS = ("step", "stage", "forward_ms", "backward_ms", "bubble", "activations_mb")
 
 
 def _nan(value) -> float:
@@ -192,6 +193,60 @@ class Workers(_RunFollower):
             ),
             sizing_mode="stretch_width",
         )
+
+
+class Stages(_RunFollower):
+    """For a pipelined run, per stage over the steps: forward and backward time (a stage
+    that holds up the others stands out), and the bubble, the share of its step it waited.
+    Hidden for runs without stages."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.points = ColumnDataSource({**{c: [] for c in STAGE_POINTS}, "color": []})
+        self.points.name = "daskdl-stages"
+        self.time = _figure("time per stage (forward ●, backward ▲)", "ms")
+        self.time.scatter("step", "forward_ms", source=self.points, color="color")
+        self.time.scatter(
+            "step", "backward_ms", source=self.points, color="color", marker="triangle"
+        )
+        self.bubble = _figure("bubble per stage (share of the step waiting)", "bubble",
+                              y_range=(0, 1.02))  # fmt: skip
+        self.bubble.scatter("step", "bubble", source=self.points, color="color")
+        tips = [("stage", "@stage"), ("step", "@step"), ("activations sent", "@activations_mb MB")]
+        for fig in (self.time, self.bubble):
+            fig.add_tools(HoverTool(tooltips=tips))
+        self.row = pn.Row(
+            pn.pane.Bokeh(self.time, sizing_mode="stretch_width"),
+            pn.pane.Bokeh(self.bubble, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+            visible=False,
+        )
+        self._n = 0
+        self._update()
+
+    def reset(self, run):
+        self.points.data = {**{c: [] for c in STAGE_POINTS}, "color": []}
+        self.row.visible = False
+        self._n = 0
+
+    def advance(self, run):
+        new = [e for e in run.steps[self._n :] if e.get("stage") is not None]
+        self._n = len(run.steps)
+        if new:
+            rows = {
+                "step": [e["step"] for e in new],
+                "stage": [e["stage"] for e in new],
+                "forward_ms": [1e3 * _nan(e.get("forward_time")) for e in new],
+                "backward_ms": [1e3 * _nan(e.get("backward_time")) for e in new],
+                "bubble": [_nan(e.get("bubble")) for e in new],
+                "activations_mb": [_nan(e.get("activation_bytes")) / 2**20 for e in new],
+            }
+            rows["color"] = [Category10_10[s % 10] for s in rows["stage"]]
+            self.points.stream(rows)
+            self.row.visible = True
+
+    def __panel__(self):
+        return self.row
 
 
 def _duration(seconds: float | None) -> str:
