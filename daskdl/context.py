@@ -403,7 +403,14 @@ class RankContext:
             yield batch
         self._position = (epoch, loader.steps)
 
-    def idle_batches(self, epoch: int, steps: int, start: int = 0):
+    def steps_before(self, epoch: int, steps_per_epoch: int) -> int:
+        """The run's step count when ``epoch`` (from 0) began: as the history logged it,
+        whatever each epoch's membership made of an epoch's steps (a regrouped run's step
+        count goes on from where it was, never back), else ``epoch * steps_per_epoch``."""
+        logged = [row["step"] for row in self.history if row.get("epoch") == epoch]
+        return int(logged[-1]) if logged and logged[-1] is not None else epoch * steps_per_epoch
+
+    def idle_batches(self, epoch: int, steps: int, start: int = 0) -> Iterator[tuple[None, None]]:
         """The steps of ``epoch`` for a rank that reads no batches (a pipeline's later
         stages, which the first one feeds): ``(None, None)`` for each of steps ``start`` to
         ``steps - 1``, counted as :meth:`batches` counts, so that a regroup knows which steps

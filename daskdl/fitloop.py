@@ -102,6 +102,7 @@ class Trainer:
         # Compiled for speed only: checkpoints and results come from the plain module.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.process = psutil.Process(os.getpid())
+        self._base = 0  # the run's step count when the epoch being trained began
 
     def model_tensors(self) -> dict | None:
         """The trained model's state on rank 0 (sharded: gathered by every rank, once
@@ -132,13 +133,14 @@ class Trainer:
         flags = torch.zeros(steps, dtype=torch.bool, device=self.device)
         self._flags_read = first_step
         lr = lr_at(epoch * steps + first_step, steps * cfg.epochs, cfg, steps)
+        self._base = base = ctx.steps_before(epoch, steps)
         batches = ctx.batches(
             "train", B, epoch, cfg.shuffle, start=first_step, augment=self.augment,
             channels_last=self.channels_last,
         )  # fmt: skip
         for s, (xb, yb) in enumerate(batches, first_step):
-            global_step = epoch * steps + s
-            lr = lr_at(global_step, steps * cfg.epochs, cfg, steps)
+            global_step = base + s
+            lr = lr_at(epoch * steps + s, steps * cfg.epochs, cfg, steps)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             loss, n_correct = train_step(
@@ -166,7 +168,7 @@ class Trainer:
         applied = ran - skipped
         return {
             "epoch": epoch + 1,
-            "step": (epoch + 1) * steps,
+            "step": base + steps,
             # No step ran when a regrouped run picks up an epoch whose steps were all done.
             "train_loss": loss_sum.item() / applied if applied else float("nan"),
             "train_accuracy": (correct.item() / (applied * B) if applied else float("nan"))
@@ -184,7 +186,7 @@ class Trainer:
         bad = (flags[self._flags_read : upto].nonzero().flatten() + self._flags_read).tolist()
         self._flags_read = upto
         for s in bad:
-            self._nonfinite(epoch, s, epoch * self.steps + s, [self.ctx.rank])
+            self._nonfinite(epoch, s, self._base + s, [self.ctx.rank])
         return len(bad)
 
     def _nonfinite(self, epoch: int, s: int, global_step: int, ranks: list[int]) -> None:

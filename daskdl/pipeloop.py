@@ -66,6 +66,7 @@ class PipelineTrainer:
         sums = np.zeros(3)  # loss, correct, skipped
         correct = torch.zeros((), dtype=torch.int64)
         lr = lr_at(epoch * self.steps + first_step, self.steps * cfg.epochs, cfg, self.steps)
+        base = ctx.steps_before(epoch, self.steps)
 
         def loss_fn(outputs, targets):
             nonlocal correct
@@ -74,8 +75,8 @@ class PipelineTrainer:
 
         # Run to the end, so that the context counts the last step finished too.
         for s, (xb, yb) in enumerate(batches, first_step):
-            global_step = epoch * self.steps + s
-            lr = lr_at(global_step, self.steps * cfg.epochs, cfg, self.steps)
+            global_step = base + s
+            lr = lr_at(epoch * self.steps + s, self.steps * cfg.epochs, cfg, self.steps)
             if self.opt is not None:
                 self.opt.zero_grad()
                 for group in self.opt.param_groups:
@@ -101,7 +102,7 @@ class PipelineTrainer:
         train_time = time.perf_counter() - t_epoch
         agreed = ctx.all_reduce(float(correct))
         return {
-            "step": (epoch + 1) * self.steps,
+            "step": base + self.steps,
             "train_loss": sums[0] / applied if applied else float("nan"),
             "train_accuracy": agreed / (applied * B * stage.replicas)
             if applied and self.objective.is_classifier

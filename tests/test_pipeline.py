@@ -369,6 +369,11 @@ def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplo
     # not from the start of the epoch the kill landed in (2, or 3 if it was over), nor the run's.
     assert (change["epoch"], change["step_in_epoch"]) > (2, 0), change
     assert "no survivor holds" not in caplog.text
+    # The step count goes on from where it was: each epoch adds its membership's steps (the
+    # killed worker, restarted by its nanny, may join again at an epoch's end).
+    steps = list(run.history["step"])
+    per_epoch = {steps[0]} | {e["steps_per_epoch"] for e in (change, *rejoined)}
+    assert all(b - a in per_epoch for a, b in zip(steps, steps[1:])), (steps, per_epoch)
     assert all(not e["lost"] for e in rejoined)
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
 
