@@ -114,7 +114,12 @@ class TrainConfig:
         "params", "cut a pipeline by parameters or by the layers' measured time", ("params", "time")
     )
     pipeline_split: str | None = option(
-        None, "a pipeline's cut points: the layers that start stages 1, 2, ... ('3,7')"
+        None, "a pipeline's cut points: the layers that start pieces 1, 2, ... ('3,7')"
+    )
+    pipeline_chunks: int = option(
+        1,
+        "pieces of the model each pipeline stage holds, interleaved (stage s: pieces s, "
+        "s + stages, ...): a bubble that many times smaller, for that many times the messages",
     )
     outer_optimizer: str | None = option(
         None, "nesterov: a DiLoCo-style outer step at each local-SGD average", (None, "nesterov")
@@ -160,7 +165,7 @@ class TrainConfig:
         """
         for name in (
             "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "sync_every",
-            "pipeline_stages", "microbatches",
+            "pipeline_stages", "microbatches", "pipeline_chunks",
         ):  # fmt: skip
             setattr(self, name, integer(name, getattr(self, name), minimum=1))
         self.seed = integer("seed", self.seed, minimum=0)
@@ -205,6 +210,11 @@ class TrainConfig:
                 f"pipeline_stages={self.pipeline_stages} cuts the model over the ranks; "
                 "shard= and sync_every= work on whole replicas: use one or the other."
             )
+        if self.pipeline_chunks > 1 and self.pipeline_stages == 1:
+            raise ValueError(
+                f"pipeline_chunks={self.pipeline_chunks} interleaves a pipeline's stages: set "
+                "pipeline_stages to 2 or more as well, or leave pipeline_chunks at 1."
+            )
         pipe = self.pipeline()
         if self.pipeline_split is not None and pipe is not None:
             self.pipeline_split = ",".join(str(i) for i in pipe.split or ())
@@ -227,6 +237,7 @@ class TrainConfig:
             schedule=self.pipeline_schedule,
             balance=self.pipeline_balance,
             split=tuple(_split_points(split)) if split else None,
+            chunks=self.pipeline_chunks,
         )
 
     @property

@@ -34,10 +34,10 @@ from daskdl import checkpoint
 from daskdl import config as config_
 from daskdl.comm import DaskGroup, PeerTimeoutError
 from daskdl.engine import average_tensors
+from daskdl.schedules import SCHEDULES, order
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("1f1b", "gpipe")
 BALANCES = ("params", "time")
 
 
@@ -52,7 +52,10 @@ class Pipeline:
     ``stages`` ranks hold one stage each (with more workers, replicas of the pipeline);
     ``microbatches`` per step; ``schedule`` ``"1f1b"`` or ``"gpipe"``; ``balance`` cuts by
     ``"params"`` or by the ``"time"`` each layer takes on the workers; ``split`` gives the
-    cut points instead (the indices of the layers that start stages 1, 2, ...).
+    cut points instead (the indices of the layers that start pieces 1, 2, ...). ``chunks``
+    above 1 cuts the model into ``stages * chunks`` pieces, stage ``s`` holding pieces
+    ``s, s + stages, ...``: the interleaved schedule, whose bubble is ``chunks`` times
+    smaller, for ``chunks`` times the messages (:mod:`daskdl.schedules`).
     """
 
     stages: int = 2
@@ -60,21 +63,40 @@ class Pipeline:
     schedule: str = "1f1b"
     balance: str = "params"
     split: tuple[int, ...] | None = None
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: checked and normalised once, here
         set_(self, "stages", config_.integer("stages", self.stages, minimum=1))
         set_(self, "microbatches", config_.integer("microbatches", self.microbatches, minimum=1))
+        set_(self, "chunks", config_.integer("chunks", self.chunks, minimum=1))
         config_.choice("schedule", self.schedule, SCHEDULES)
         config_.choice("balance", self.balance, BALANCES)
+        if self.chunks > 1 and (self.stages == 1 or self.microbatches % self.stages):
+            raise ValueError(
+                f"chunks={self.chunks} interleaves pieces over the stages, {self.stages} "
+                f"microbatches at a time: use at least 2 stages and a multiple of "
+                f"{self.stages} microbatches (not {self.microbatches}), or chunks=1."
+            )
         if self.split is not None:
             split = tuple(config_.integer("split", i, minimum=1) for i in self.split)
-            if len(split) != self.stages - 1 or list(split) != sorted(set(split)):
+            n = self.pieces - 1
+            if len(split) != n or list(split) != sorted(set(split)):
                 raise ValueError(
-                    f"split={self.split!r}: give the {self.stages - 1} increasing indices of "
-                    f"the layers that start stages 1..{self.stages - 1}."
+                    f"split={self.split!r}: give the {n} increasing indices of the layers "
+                    f"that start pieces 1..{n} ({self.stages} stages x {self.chunks} chunks)."
                 )
             set_(self, "split", split)
+
+    @property
+    def pieces(self) -> int:
+        """How many runs of consecutive layers the model is cut into."""
+        return self.stages * self.chunks
+
+    def layers_of_stage(self, bounds: Sequence[int], stage: int) -> list[int]:
+        """The indices of the layers ``stage`` holds, given the pieces' ``bounds``."""
+        pieces = range(stage, self.pieces, self.stages)
+        return [i for g in pieces for i in range(bounds[g], bounds[g + 1])]
 
     def as_options(self) -> dict:
         """The :class:`daskdl.TrainConfig` options that say the same."""
@@ -84,6 +106,7 @@ class Pipeline:
             "pipeline_schedule": self.schedule,
             "pipeline_balance": self.balance,
             "pipeline_split": ",".join(map(str, self.split)) if self.split else None,
+            "pipeline_chunks": self.chunks,
         }
 
 
@@ -100,13 +123,14 @@ def layers_of(model) -> list[nn.Module]:
 
 
 def cut(costs: Sequence[float], stages: int) -> list[int]:
-    """Stage boundaries ``b`` (stage ``s`` is layers ``b[s]:b[s + 1]``) of consecutive,
-    non-empty stages whose costliest stage costs least."""
+    """Boundaries ``b`` (piece ``s`` is layers ``b[s]:b[s + 1]``) of ``stages`` consecutive,
+    non-empty pieces whose costliest piece costs least."""
     n = len(costs)
     if n < stages:
         raise PipelineError(
-            f"A pipeline of {stages} stages needs at least {stages} layers, and the model has "
-            f"{n}: use fewer stages, or give the model as more modules."
+            f"A pipeline cut into {stages} pieces (stages x chunks) needs at least {stages} "
+            f"layers, and the model has {n}: use fewer stages or chunks, or give the model "
+            "as more modules."
         )
     prefix = np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)])
     best = np.full((stages + 1, n + 1), np.inf)
@@ -148,18 +172,6 @@ def layer_times(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int 
     return times
 
 
-def order(schedule: str, stages: int, stage: int, microbatches: int) -> list[tuple[str, int]]:
-    """The forward (``"F"``) and backward (``"B"``) passes of one stage in one step."""
-    m = microbatches
-    if schedule == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warm = min(stages - stage - 1, m)
-    ops = [("F", i) for i in range(warm)]
-    for i in range(m - warm):
-        ops += [("F", warm + i), ("B", i)]
-    return ops + [("B", i) for i in range(m - warm, m)]
-
-
 def _expects(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
         return f"(batch, ..., {layer.in_features})"
@@ -171,8 +183,10 @@ def _expects(layer: nn.Module) -> str:
 class Stage:
     """This rank's stage of its replica of the pipeline, and how it runs a step.
 
-    ``layers`` is the whole model's (alike on every rank); the stage keeps its own run of
-    them as ``module`` and lets the rest go.
+    ``layers`` is the whole model's (alike on every rank); the stage keeps its own pieces of
+    them (one run of layers each, :attr:`Pipeline.chunks` runs) as ``module`` and lets the
+    rest go. The first stage holds the model's first piece and takes the batches; the last
+    holds its last piece and computes the loss.
     """
 
     def __init__(
@@ -186,11 +200,15 @@ class Stage:
             )
         self.pipe, self.group = pipe, group
         self.index, self.replica, self.replicas = group.rank % S, group.rank // S, group.size // S
-        self.bounds = (bounds[self.index], bounds[self.index + 1])
-        self.module = nn.Sequential(*layers[self.bounds[0] : self.bounds[1]])
-        self.prev = group.rank - 1 if self.index > 0 else None
-        self.next = group.rank + 1 if self.index < S - 1 else None
-        self.last = self.replica * S + S - 1
+        self.runs = [(bounds[g], bounds[g + 1]) for g in range(self.index, pipe.pieces, S)]
+        self.layer_ids = pipe.layers_of_stage(bounds, self.index)
+        self.module = nn.Sequential(*(layers[i] for i in self.layer_ids))
+        ends = np.cumsum([b - a for a, b in self.runs]).tolist()
+        self.chunks = [self.module[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        first = self.replica * S
+        self.prev = first + (self.index - 1) % S if pipe.pieces > 1 else None
+        self.next = first + (self.index + 1) % S if pipe.pieces > 1 else None
+        self.last = first + S - 1
         self.peers = (
             group.subgroup([r * S + self.index for r in range(self.replicas)], f"s{self.index}")
             if self.replicas > 1
@@ -200,9 +218,11 @@ class Stage:
         self._gathers = 0
         self._sending: list = []  # sends in flight
         self.stats: dict = {}
-        a = self.bounds[0]
         counts = [len(list(layer.parameters())) for layer in layers]
-        self.param_offset, self.n_params = sum(counts[:a]), sum(counts)
+        starts = np.cumsum([0, *counts]).tolist()
+        # This stage's parameters, in its module's order, by their index in the whole model.
+        self.param_ids = [starts[i] + k for i in self.layer_ids for k in range(counts[i])]
+        self.n_params = sum(counts)
         self.target_dtype: torch.dtype | None = None  # the loss's targets (fit sets it)
 
     @property
@@ -217,8 +237,12 @@ class Stage:
         return self.module.parameters()
 
     def describe(self) -> str:
-        a, b = self.bounds
-        return f"stage {self.index} (layers {a}-{b - 1}) of replica {self.replica}"
+        runs = ", ".join(f"{a}-{b - 1}" for a, b in self.runs)
+        return f"stage {self.index} (layers {runs}) of replica {self.replica}"
+
+    def _piece(self, chunk: int) -> int:
+        """The index in the whole model's pieces of this stage's ``chunk``-th."""
+        return chunk * self.pipe.stages + self.index
 
     # ------------------------------------------------------------------ messages
 
@@ -264,20 +288,21 @@ class Stage:
         microbatch; afterwards this stage's parameters hold their gradient of the batch's
         mean loss (averaged over the replicas), ready for the optimizer. Returns the batch's
         loss on the last stage, ``None`` elsewhere."""
-        M, S = self.pipe.microbatches, self.pipe.stages
+        pipe = self.pipe
+        M = pipe.microbatches
         self.stats = {"forward": 0.0, "backward": 0.0, "wait": 0.0, "bytes_sent": 0, "alive": 0}
         t_step = time.perf_counter()
         xs, ys, weights = self._inputs(xb, yb, M)
-        alive: dict[int, tuple] = {}
+        alive: dict[tuple[int, int], tuple] = {}  # by (chunk, microbatch)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for op, m in order(self.pipe.schedule, S, self.index, M):
+        for op, c, m in order(pipe.schedule, pipe.stages, self.index, M, pipe.chunks):
             if op == "F":
-                alive[m] = self._forward(m, xs, ys, weights, loss_fn)
+                alive[c, m] = x, out = self._forward(c, m, xs, ys, weights, loss_fn)
                 self.stats["alive"] = max(self.stats["alive"], len(alive))
-                if self.is_last:
-                    loss_sum += alive[m][1].detach().double()
+                if self._piece(c) == pipe.pieces - 1:
+                    loss_sum += out.detach().double()
             else:
-                self._backward(m, *alive.pop(m))
+                self._backward(c, m, *alive.pop((c, m)))
         self._sent()
         if self.peers is not None:
             self._average(self.peers)
@@ -311,48 +336,51 @@ class Stage:
             weights = [len(y) / total for y in ys]
         return xs, ys, weights
 
-    def _forward(self, m, xs, ys, weights, loss_fn):
+    def _forward(self, c, m, xs, ys, weights, loss_fn):
+        """Chunk ``c``'s forward on microbatch ``m``: its input and its output (on the model's
+        last piece, the microbatch's weighted loss)."""
         t0 = time.perf_counter()
-        if self.is_first:
+        g, chunk = self._piece(c), self.chunks[c]
+        if g == 0:
             x = xs[m]
         else:
-            x = self._recv(self.prev, f"a{m}", "the activations", m).requires_grad_(True)
+            x = self._recv(self.prev, f"a{g}.{m}", "the activations", m).requires_grad_(True)
         try:
-            out = self.module(x)
+            out = chunk(x)
         except RuntimeError as e:
-            if self.is_first or self._step > 0 or m > 0:
+            if g == 0 or self._step > 0 or m > 0:
                 raise
             raise PipelineError(
                 f"{self.describe()} failed on the activations of shape {tuple(x.shape)} it "
-                f"received: its first layer, {self.module[0]}, expects "
-                f"{_expects(self.module[0])}. Each stage must take what the one before it "
-                f"gives: {e}"
+                f"received: its layer {self.runs[c][0]}, {chunk[0]}, expects "
+                f"{_expects(chunk[0])}. Each stage must take what the one before it gives: {e}"
             ) from e
-        if self.is_last:
+        if g == self.pipe.pieces - 1:
             y = ys[m]
             if self.target_dtype is None and _is_index(y, out):
                 y = y.to(torch.int64)
-            loss = loss_fn(out, y) * weights[m]
-            self.stats["forward"] += time.perf_counter() - t0
-            return x, loss
-        self._send(self.next, f"a{m}", out)
+            out = loss_fn(out, y) * weights[m]
+        else:
+            self._send(self.next, f"a{g + 1}.{m}", out)
         self.stats["forward"] += time.perf_counter() - t0
         return x, out
 
-    def _backward(self, m, x, out) -> None:
+    def _backward(self, c, m, x, out) -> None:
         t0 = time.perf_counter()
-        if self.is_last:
+        g = self._piece(c)
+        if g == self.pipe.pieces - 1:
             out.backward()
         else:
-            grad = self._recv(self.next, f"g{m}", "the gradients", m)
+            grad = self._recv(self.next, f"g{g}.{m}", "the gradients", m)
             if grad.shape != out.shape:
                 raise PipelineError(
                     f"{self.describe()} sent activations of shape {tuple(out.shape)} for "
                     f"microbatch {m} and got gradients of shape {tuple(grad.shape)} back."
                 )
-            out.backward(grad.to(out.dtype))
-        if not self.is_first:
-            self._send(self.prev, f"g{m}", x.grad)
+            if out.requires_grad:  # not so for a first piece without parameters to train
+                out.backward(grad.to(out.dtype))
+        if g > 0:
+            self._send(self.prev, f"g{g - 1}.{m}", x.grad)
         self.stats["backward"] += time.perf_counter() - t0
 
     def _average(self, peers: DaskGroup) -> None:
@@ -381,23 +409,23 @@ class Stage:
         was = self.module.training
         self.module.eval()
         with torch.no_grad():
-            for i in range(n):
-                if self.is_first:
-                    x, y = batches[i]
-                    if not self.is_last:
-                        self._send(self.last, f"ey{i}", y)
-                else:
-                    x = self._recv(self.prev, f"e{i}", "the activations to score")
-                out = self.module(x)
-                if self.is_last:
-                    y = (
-                        y
-                        if self.is_first
-                        else self._targets(self._recv(first, f"ey{i}", "the targets to score"))
-                    )
+            # Chunk by chunk, every batch through each: the stages after go on meanwhile.
+            for c, chunk in enumerate(self.chunks):
+                g = self._piece(c)
+                for i in range(n):
+                    if g == 0:
+                        x, y = batches[i]
+                        if not self.is_last:
+                            self._send(self.last, f"ey{i}", y)
+                    else:
+                        x = self._recv(self.prev, f"e{g}.{i}", "the activations to score")
+                    out = chunk(x)
+                    if g < self.pipe.pieces - 1:
+                        self._send(self.next, f"e{g + 1}.{i}", out)
+                        continue
+                    if not self.is_first:
+                        y = self._targets(self._recv(first, f"ey{i}", "the targets to score"))
                     score(out, y)
-                else:
-                    self._send(self.next, f"e{i}", out)
         self._sent()
         self.module.train(was)
         self._step += 1  # the next messages are another round's
@@ -411,35 +439,33 @@ class Stage:
         """This stage's part of a whole model's checkpoint (``model``: numpy arrays by the
         whole model's keys; ``optimizer``: the plain optimizer's state over its parameters),
         as the stage's module and optimizer load it."""
-        a, b = self.bounds
+        local = {layer: j for j, layer in enumerate(self.layer_ids)}
         model = {}
         for key, value in state["model"].items():
             index, name = key.split(".", 1)
-            if a <= int(index) < b:
-                model[f"{int(index) - a}.{name}"] = torch.from_numpy(np.array(value))
+            if int(index) in local:
+                model[f"{local[int(index)]}.{name}"] = torch.from_numpy(np.array(value))
         opt = state.get("optimizer")
         if not opt:
             return model, None
-        n = len(list(self.module.parameters()))
-        mine = range(self.param_offset, self.param_offset + n)
-        sliced = {i - self.param_offset: s for i, s in opt["state"].items() if i in mine}
-        groups = [{**g, "params": list(range(n))} for g in opt["param_groups"]]
+        mine = {p: j for j, p in enumerate(self.param_ids)}
+        sliced = {mine[i]: s for i, s in opt["state"].items() if i in mine}
+        groups = [{**g, "params": list(range(len(mine)))} for g in opt["param_groups"]]
         return model, {"state": copy.deepcopy(sliced), "param_groups": groups}
 
     def own_state(self, optimizer, copy: bool = False) -> dict[str, np.ndarray]:
         """This stage's module and ``optimizer`` state under the whole model's names:
         ``m/<layer>.<name>`` and ``o/<parameter>/<slot>`` (numpy views of the live tensors,
         or ``copy``-ies), the pieces :func:`whole_state` puts together."""
-        a = self.bounds[0]
         own = checkpoint.copy if copy else (lambda t: t.detach().cpu().numpy())
-        mine = {
-            f"m/{int(k.split('.', 1)[0]) + a}.{k.split('.', 1)[1]}": own(v)
-            for k, v in self.module.state_dict().items()
-        }
+        mine = {}
+        for key, value in self.module.state_dict().items():
+            j, name = key.split(".", 1)
+            mine[f"m/{self.layer_ids[int(j)]}.{name}"] = own(value)
         for i, slots in (optimizer.state_dict()["state"] if optimizer is not None else {}).items():
             for name, value in slots.items():
                 value = value if torch.is_tensor(value) else torch.tensor(value)
-                mine[f"o/{i + self.param_offset}/{name}"] = own(value)
+                mine[f"o/{self.param_ids[i]}/{name}"] = own(value)
         return mine
 
     def handed_back(self, optimizer) -> dict:
@@ -509,7 +535,7 @@ def split_bounds(layers: Sequence[nn.Module], pipe: Pipeline) -> list[int]:
                 f"stage must start at a layer below {len(layers)}."
             )
         return [0, *pipe.split, len(layers)]
-    return cut(parameter_costs(layers), pipe.stages)
+    return cut(parameter_costs(layers), pipe.pieces)
 
 
 def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor | None):
@@ -523,6 +549,6 @@ def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor |
             raise ValueError("balance='time' measures the layers on a sample batch: pass one.")
         times = np.asarray(layer_times(layers, sample), dtype=np.float32)
         costs = group.allreduce_mean_(times) if group.size > 1 else times
-        bounds = cut(list(costs), pipe.stages)
+        bounds = cut(list(costs), pipe.pieces)
     logger.info("pipeline stages start at layers %s", bounds[:-1])
     return layers, bounds

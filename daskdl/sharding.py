@@ -146,8 +146,10 @@ def state_bytes_needed(model: torch.nn.Module, cfg, ranks: int) -> int:
     if pipe is not None:  # the largest stage, whole
         layers = pipeline.layers_of(model)
         bounds = pipeline.split_bounds(layers, pipe)
-        counts = [sum(p.numel() for layer in layers[a:b] for p in layer.parameters())
-                  for a, b in zip(bounds, bounds[1:])]  # fmt: skip
+        counts = [
+            sum(p.numel() for i in pipe.layers_of_stage(bounds, s) for p in layers[i].parameters())
+            for s in range(pipe.stages)
+        ]
         return (2 + k) * 4 * max(counts)
     if cfg.shard is None:
         return (2 + k) * weights

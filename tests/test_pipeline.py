@@ -53,7 +53,7 @@ def _pipelined(ctx):
         if loss is not None:
             losses.append(float(loss))
     result = {
-        "stage": stage.index, "replica": stage.replica, "bounds": list(stage.bounds),
+        "stage": stage.index, "replica": stage.replica, "layers": stage.layer_ids,
         "state": {k: v.clone() for k, v in stage.module.state_dict().items()},
         "losses": losses, "alive": alive, "stats": dict(stage.stats),
     }  # fmt: skip
@@ -84,14 +84,13 @@ def _check_equal(results, replicas):
     whole, losses = _whole(replicas)
     layers = list(whole)
     for r in results:
-        a, b = r["bounds"]
         for key, value in r["state"].items():
             index, name = key.split(".", 1)
             torch.testing.assert_close(
-                value, whole[f"{int(index) + a}.{name}"], rtol=1e-5, atol=1e-6
+                value, whole[f"{r['layers'][int(index)]}.{name}"], rtol=1e-5, atol=1e-6
             )
     # Every layer with parameters is held by one stage of each replica.
-    held = [int(k.split(".")[0]) + r["bounds"][0] for r in results for k in r["state"]]
+    held = [r["layers"][int(k.split(".")[0])] for r in results for k in r["state"]]
     assert sorted(set(held)) == sorted({int(k.split(".")[0]) for k in layers})
 
 
@@ -116,11 +115,30 @@ def test_a_pipeline_trains_as_one_rank_with_the_whole_model(
     assert alive == ([4] * stages if schedule == "gpipe" else [stages - s for s in range(stages)])
 
 
+@pytest.mark.parametrize(
+    "stages,schedule", [(2, "1f1b"), (3, "1f1b"), (2, "gpipe")], ids=["2-1f1b", "3-1f1b", "2-gpipe"]
+)
+def test_an_interleaved_pipeline_trains_as_one_rank_with_the_whole_model(
+    three_workers, tmp_path, stages, schedule
+):
+    m = 2 * stages
+    results = _run(three_workers, tmp_path, stages, stages=stages, microbatches=m,
+                   schedule=schedule, chunks=2)  # fmt: skip
+    _check_equal(results, replicas=1)
+    np.testing.assert_allclose(results[-1]["losses"], _whole(1)[1], rtol=1e-5)
+    # Each stage holds two runs of layers, the model's pieces s and s + stages.
+    assert [r["layers"][0] for r in results] == list(range(stages))
+    # Interleaved 1F1B's warm-up bounds the pieces' activations alive (GPipe: all).
+    alive = [min(2 * (stages - s - 1) + stages + 1, 2 * m) for s in range(stages)]
+    assert [r["alive"] for r in results] == (alive if schedule == "1f1b" else [2 * m] * stages)
+
+
 def test_two_replicas_of_two_stages_average_each_stages_gradients(tmp_path):
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as client:
         results = _run(client, tmp_path, 4, stages=2, microbatches=3)
-    assert [(r["stage"], r["replica"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
-    _check_equal(results, replicas=2)
+        assert [(r["stage"], r["replica"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+        _check_equal(results, replicas=2)
+        _check_equal(_run(client, tmp_path, 4, stages=2, microbatches=4, chunks=2), replicas=2)
 
 
 def test_every_layer_lands_in_one_non_empty_stage():
@@ -138,11 +156,57 @@ def test_every_layer_lands_in_one_non_empty_stage():
 
 
 def test_the_schedules_orders():
-    assert order("gpipe", 2, 0, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
-    assert order("1f1b", 3, 0, 4) == [
+    def passes(*args):
+        return [(op, m) for op, chunk, m in order(*args)]
+
+    assert passes("gpipe", 2, 0, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    assert passes("1f1b", 3, 0, 4) == [
         ("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)
     ]  # fmt: skip
-    assert order("1f1b", 3, 2, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    assert passes("1f1b", 3, 2, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    # Interleaved: two microbatches through chunk 0, two through chunk 1, ...
+    assert order("1f1b", 2, 1, 2, 2) == [
+        ("F", 0, 0), ("F", 0, 1), ("F", 1, 0), ("B", 1, 0), ("F", 1, 1), ("B", 1, 1),
+        ("B", 0, 0), ("B", 0, 1),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="use a multiple of 2 microbatches, not 3"):
+        order("1f1b", 2, 0, 3, 2)
+
+
+def _simulate(schedule, stages, microbatches, chunks):
+    """Run every stage's order with a forward of 1/chunks and a backward of 2/chunks time
+    units, each pass once its inputs exist: the step's time (an error on a deadlock)."""
+    pieces = stages * chunks
+    orders = [order(schedule, stages, s, microbatches, chunks) for s in range(stages)]
+    done: dict = {}
+    clock, at = [0.0] * stages, [0] * stages
+    while any(at[s] < len(orders[s]) for s in range(stages)):
+        moved = False
+        for s in range(stages):
+            while at[s] < len(orders[s]):
+                op, c, m = orders[s][at[s]]
+                g = c * stages + s
+                if op == "F":
+                    needs = [("F", g - 1, m)] if g else []
+                else:
+                    needs = [("F", g, m)] + ([("B", g + 1, m)] if g < pieces - 1 else [])
+                if not all(n in done for n in needs):
+                    break
+                start = max([clock[s], *(done[n] for n in needs)])
+                clock[s] = done[op, g, m] = start + (1 if op == "F" else 2) / chunks
+                at[s], moved = at[s] + 1, True
+        assert moved, f"deadlock: stages stuck at passes {at}"
+    assert len(done) == 2 * pieces * microbatches  # every pass once
+    return max(clock)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,microbatches", [(2, 8), (3, 6), (4, 8)])
+def test_interleaving_shrinks_the_bubble_by_the_chunks(schedule, stages, microbatches):
+    work = 3 * microbatches  # a stage's busy time
+    for chunks in (1, 2, 4):
+        bubble = _simulate(schedule, stages, microbatches, chunks) - work
+        assert bubble == pytest.approx(3 * (stages - 1) / chunks)
 
 
 def _mismatched(ctx):
@@ -198,11 +262,17 @@ def test_fit_with_a_pipeline_trains_as_one_rank(client):
         client, MLP, data, val=data, epochs=2,
         pipeline=Pipeline(stages=2, microbatches=4, schedule="gpipe"), **FIT,
     )  # fmt: skip
-    for name, value in one.model.state_dict().items():
-        torch.testing.assert_close(piped.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
-    for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        np.testing.assert_allclose(piped.history[column], one.history[column], rtol=1e-5)
+    interleaved = daskdl.fit(
+        client, MLP, data, val=data, epochs=2,
+        pipeline=Pipeline(stages=2, microbatches=4, chunks=2), **FIT,
+    )  # fmt: skip
+    for run in (piped, interleaved):
+        for name, value in one.model.state_dict().items():
+            torch.testing.assert_close(run.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+        for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(run.history[column], one.history[column], rtol=1e-5)
     assert piped.info["config"]["pipeline_stages"] == 2
+    assert interleaved.info["config"]["pipeline_chunks"] == 2
     steps = [e for e in daskdl.events.replay(client, piped.run_id) if e["kind"] == "step"]
     assert {e["stage"] for e in steps} == {0, 1}
     last = steps[-1]
@@ -287,11 +357,11 @@ def test_a_pipelines_checkpoint_resumes_on_one_rank_and_a_ranks_on_four(client, 
     # The same samples in the same order: none skipped or repeated across the change.
     seen = _seen(tmp_path / "seen-a") + _seen(tmp_path / "seen-b")
     assert len(seen) == 3 * 512 and seen == _seen(tmp_path / "seen-w")
-    # 1 rank -> 2 replicas x 2 stages.
+    # 1 rank -> 2 replicas x 2 stages of 2 interleaved chunks.
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as four:
         grid = daskdl.fit(
             four, model["c"], data, epochs=4, resume=tmp_path / "b", out=tmp_path / "c",
-            pipeline=Pipeline(stages=2), **fit,
+            pipeline=Pipeline(stages=2, chunks=2), **fit,
         )  # fmt: skip
     assert list(grid.history["epoch"]) == [1, 2, 3, 4] and grid.info["world_size"] == 4
     assert grid.history["train_loss"].iloc[-1] < whole.history["train_loss"].iloc[0]
@@ -314,6 +384,7 @@ class _NotSequential(torch.nn.Module):
         (_NotSequential, Pipeline(stages=2), "give an nn.Sequential or a list of modules"),
         (MLP, Pipeline(stages=7), "needs at least 7 layers, and the model has 6"),
         (MLP, Pipeline(stages=2, split=(9,)), "cuts past the model's 6 layers"),
+        (MLP, Pipeline(stages=2, chunks=4), r"into 8 pieces \(stages x chunks\) needs at least 8"),
     ],
 )
 def test_a_model_a_pipeline_cannot_cut_fails_before_any_rank_starts(
@@ -338,6 +409,9 @@ def test_a_pipeline_longer_than_the_cluster_is_refused_before_any_rank_starts(
         (dict(stages=3, split=(3,)), r"give the 2 increasing indices"),
         (dict(stages=2, microbatches=0), "microbatches"),
         (dict(stages=2, schedule="zigzag"), "schedule"),
+        (dict(stages=2, microbatches=3, chunks=2), "a multiple of 2 microbatches"),
+        (dict(stages=1, chunks=2), "use at least 2 stages"),
+        (dict(stages=2, chunks=2, split=(2, 4)), r"pieces 1..3 \(2 stages x 2 chunks\)"),
     ],
 )
 def test_pipeline_settings_are_checked(options, match):
@@ -347,6 +421,8 @@ def test_pipeline_settings_are_checked(options, match):
         daskdl.TrainConfig(pipeline_stages=2, pipeline_split="3,x")
     with pytest.raises(ValueError, match="use one or the other"):
         daskdl.TrainConfig(pipeline_stages=2, shard="full")
+    with pytest.raises(ValueError, match="set pipeline_stages to 2 or more as well"):
+        daskdl.TrainConfig(pipeline_chunks=2)
 
 
 def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplog):
