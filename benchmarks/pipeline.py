@@ -1,7 +1,7 @@
 """Pipeline parallelism against one rank holding the whole model, and the training state a
 rank of a sharded run holds.
 
-    python benchmarks/pipeline.py [--width 1024] [--layers 8] [--n 8192] [--batch 2048]
+    python benchmarks/pipeline.py [--width 1024] [--layers 8] [--n 16384] [--batch 2048]
                                   [--microbatches 8] [--chunks 2]
 
 The model: ``layers`` equal ``Linear(width, width)`` + ReLU blocks and a classifier, so its
@@ -131,11 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--chunks", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     factory, train = blocks(args.width, args.layers), data(args.n, args.width)
     m, v = args.microbatches, args.chunks

@@ -277,7 +277,7 @@ BENCHMARKS = {
     "words": ["--mb", "40", "--files", "4"],
     "predict": ["--n", "200000", "--rounds", "2"],
     "stream": ["--n", "20000"],
-    "pipeline": ["--n", "2048", "--width", "512", "--rounds", "1"],
+    "pipeline": ["--n", "4096", "--width", "512", "--batch", "1024", "--rounds", "1"],
 }
 LOWER_IS_BETTER = {"allreduce"}  # a time ratio; the others are throughput ratios
 
