@@ -52,6 +52,12 @@ def test_flags_parse_to_the_options_fit_takes():
     assert TrainConfig(**cli.config_options(piped)).pipeline() == daskdl.Pipeline(
         stages=2, microbatches=8, split=(3,)
     )
+    interleaved = _train_parser().parse_args(
+        ["--pipeline-stages", "2", "--microbatches", "4", "--pipeline-chunks", "2"]
+    )
+    assert TrainConfig(**cli.config_options(interleaved)).pipeline() == daskdl.Pipeline(
+        stages=2, microbatches=4, chunks=2
+    )
     sharded = _train_parser().parse_args(["--shard", "full"])
     assert TrainConfig(**cli.config_options(sharded)).shard == "full"
 
