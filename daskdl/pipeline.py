@@ -34,7 +34,7 @@ from daskdl import checkpoint
 from daskdl import config as config_
 from daskdl.comm import DaskGroup, PeerTimeoutError
 from daskdl.engine import average_tensors
-from daskdl.schedules import SCHEDULES, order
+from daskdl.schedules import SCHEDULES, check_microbatches, order
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,12 @@ class Pipeline:
         set_(self, "chunks", config_.integer("chunks", self.chunks, minimum=1))
         config_.choice("schedule", self.schedule, SCHEDULES)
         config_.choice("balance", self.balance, BALANCES)
-        if self.chunks > 1 and (self.stages == 1 or self.microbatches % self.stages):
+        if self.chunks > 1 and self.stages == 1:
             raise ValueError(
-                f"chunks={self.chunks} interleaves pieces over the stages, {self.stages} "
-                f"microbatches at a time: use at least 2 stages and a multiple of "
-                f"{self.stages} microbatches (not {self.microbatches}), or chunks=1."
+                f"chunks={self.chunks} interleaves pieces over the stages: use at least 2 "
+                "stages, or chunks=1."
             )
+        check_microbatches(self.stages, self.microbatches, self.chunks)
         if self.split is not None:
             split = tuple(config_.integer("split", i, minimum=1) for i in self.split)
             n = self.pieces - 1

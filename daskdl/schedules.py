@@ -29,11 +29,7 @@ def order(schedule: str, stages: int, stage: int, microbatches: int, chunks: int
     which needs ``microbatches`` to be a multiple of ``stages``.
     """
     m, S, v = microbatches, stages, chunks
-    if v > 1 and m % S:
-        raise ValueError(
-            f"An interleaved pipeline ({v} chunks per stage) runs microbatches {S} at a time: "
-            f"use a multiple of {S} microbatches, not {m}."
-        )
+    check_microbatches(S, m, v)
     total = m * v
     forward = [_nth("F", k, S, v) for k in range(total)]
     backward = [_nth("B", k, S, v) for k in range(total)]
@@ -44,6 +40,15 @@ def order(schedule: str, stages: int, stage: int, microbatches: int, chunks: int
     for i in range(total - warm):
         ops += [forward[warm + i], backward[i]]
     return ops + backward[total - warm :]
+
+
+def check_microbatches(stages: int, microbatches: int, chunks: int) -> None:
+    """An interleaved order runs microbatches ``stages`` at a time: a multiple is needed."""
+    if chunks > 1 and microbatches % stages:
+        raise ValueError(
+            f"An interleaved pipeline ({chunks} chunks per stage) runs microbatches {stages} "
+            f"at a time: use a multiple of {stages} microbatches, not {microbatches}."
+        )
 
 
 def _nth(kind: str, k: int, stages: int, chunks: int) -> Pass:
