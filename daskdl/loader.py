@@ -142,7 +142,9 @@ def stream_plan(
     Partitions come in a seeded order, reshuffled every epoch and on every further pass of
     a shard smaller than the epoch; the pool holds up to ``buffer`` samples besides a
     batch, and each batch draws its samples from all of it at random. A pass is drained
-    before the next begins, so the largest shard's samples each come once per epoch.
+    before the next begins, and a batch that takes the last samples of one pass fills up
+    from the next: every sample comes once per pass, as in memory (:func:`epoch_order`),
+    so the largest shard's samples each come once per epoch.
     Unshuffled, the samples come in order.
 
     >>> [ins for ins, _ in stream_plan([4, 4], 4, 2, 0, 0, 0, 0, shuffle=False)]
@@ -156,20 +158,41 @@ def stream_plan(
 
     todo, held, plan = next_pass(), 0, []
     want = buffer + batch if shuffle else batch
+    # Which pass each pool position holds, moved as the pool moves its samples, so that a
+    # batch that straddles two passes takes the older pass's last samples first: every
+    # sample of a pass is drawn before any of the next (as the in-memory order does).
+    passes = _Pool([np.empty(want + max(sizes, default=0), np.int64)])
+    n_pass = 0
     for _ in range(steps):
         inserts = []
         while held < want:
             if not todo:
                 if held >= batch:
                     break  # drain this pass before the next
-                todo = next_pass()
+                todo, n_pass = next_pass(), n_pass + 1
             p = todo.popleft()
             inserts.append(p)
+            passes.insert([np.full(sizes[p], n_pass)])
             held += sizes[p]
-        draws = rng.choice(held, batch, replace=False) if shuffle else None
+        draws = _draw(passes.held(), batch, rng) if shuffle else None
+        passes.take(draws, batch)
         held -= batch
         plan.append((inserts, draws))
     return plan
+
+
+def _draw(passes: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """``batch`` pool positions at random, all of the oldest passes' first: the positions
+    of passes older than the one the batch ends in, and a random choice within that one."""
+    first = passes.min()
+    if passes.max() == first:  # the usual case: one pass in the pool
+        return rng.choice(len(passes), batch, replace=False)
+    order = np.argsort(passes, kind="stable")
+    last = passes[order[batch - 1]]  # the pass the batch ends in
+    older = np.flatnonzero(passes < last)
+    within = np.flatnonzero(passes == last)
+    chosen = rng.choice(within, batch - len(older), replace=False)
+    return rng.permutation(np.concatenate([older, chosen]))
 
 
 class _Pool:

@@ -14,11 +14,13 @@ import pytest
 import torch
 import xarray as xr
 from conftest import kill_mid_epoch, poll_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 import daskdl
 from daskdl import Dataset, checkpoint, events, streaming
-from daskdl.loader import StreamLoader, stream_plan
+from daskdl.loader import StreamLoader, _Pool, epoch_order, stream_plan
 
 
 class ListReader:
@@ -83,6 +85,68 @@ def test_a_small_shard_wraps_around_and_the_pool_stays_bounded():
         held += sum(10 for _ in ins)
         assert held <= 6 + 4 + 10 and len(draws) == 4 and draws.max() < held
         held -= 4
+
+
+def test_the_issue_shape_draws_every_sample():
+    # 600 samples, 19 steps of 32, a pool larger than the shard: the last batch takes the 24
+    # samples the pass has left before 8 of the next pass (23 went undrawn before).
+    plan = stream_plan([600], 19, 32, 4096, 0, 0, 0, True)
+    seen = _drawn([600], plan, 32)
+    assert set(seen) == set(range(600)) and len(seen) == 608
+
+
+def _drawn(sizes, plan, batch):
+    """The sample ids a plan draws, in order, replayed on a pool of ids."""
+    offsets = np.cumsum([0, *sizes])
+    pool = _Pool([np.empty(sum(sizes) + 4096 + batch, np.int64)])
+    out = []
+    for inserts, draws in plan:
+        for p in inserts:
+            pool.insert([np.arange(offsets[p], offsets[p + 1])])
+        out.extend(pool.take(draws, batch)[0])
+    return out
+
+
+def _id_parts(sizes):
+    first, parts = 0, []
+    for n in sizes:
+        ids = np.arange(first, first + n)
+        parts.append((np.repeat(ids[:, None], 3, axis=1).astype(np.float32), ids))
+        first += n
+    return parts
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 90), min_size=1, max_size=8).filter(lambda s: sum(s) > 0),
+    batch=st.integers(1, 40),
+    buffer=st.sampled_from([0, 1, 7, 32, 100, 4096]),
+    extra_steps=st.integers(0, 6),  # a smaller shard than the largest: it wraps around
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_a_streamed_epoch_draws_every_sample_as_often_as_in_memory(
+    sizes, batch, buffer, extra_steps, shuffle, seed
+):
+    """Property: over an epoch of ``steps`` batches a streamed shard of n samples draws each
+    sample k or k + 1 times, k = steps * batch // n, as :func:`epoch_order` does in memory
+    (and exactly once where the shard is the largest, steps = ceil(n / batch))."""
+    n = sum(sizes)
+    steps = -(-n // batch) + extra_steps
+    parts = _id_parts(sizes)
+    reader = ListReader(parts)
+    reader.shard = streaming.Shard([], sizes, (3,), ())
+    loader = StreamLoader(reader, batch, steps, seed, 0, shuffle, buffer, False, "cpu", False)
+    seen = np.concatenate([yb.numpy() for _, yb in loader.epoch(seed)])
+    counts = np.bincount(seen, minlength=n)
+    k = steps * batch // n
+    assert len(seen) == steps * batch
+    assert counts.min() >= max(k, 1) and counts.max() <= k + 1, (counts.min(), counts.max(), k)
+    memory = np.bincount(epoch_order(n, steps, batch, seed, 0, 0, shuffle), minlength=n)
+    assert sorted(counts) == sorted(memory)
+    start = steps // 2  # a resumed epoch replays the same batches from the middle
+    again = [yb.numpy() for _, yb in loader.epoch(seed, start)]
+    assert np.array_equal(np.concatenate(again or [np.empty(0, int)]), seen[start * batch :])
 
 
 def _digits_files(tmp_path):
