@@ -441,28 +441,38 @@ class RankContext:
     @overload
     def all_reduce(self, value: float, op: str = "sum") -> float: ...
     @overload
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+    @overload
     def all_reduce(self, value: Reducible, op: str = "sum") -> Any: ...
     def all_reduce(self, value: Reducible, op: str = "sum") -> Any:
         """Sum (``op="sum"``) or mean (``"mean"``) of a number, array or tensor over the
-        ranks: the same value on every rank, of the type given (a float for a number or a
-        one-element tensor)."""
+        ranks: the same value on every rank, of the type given, as ``torch.distributed`` and
+        Lightning Fabric return it: a tensor for a tensor (its shape, dtype and device; a
+        one-element tensor too, so ``ctx.all_reduce(t).item()`` works), an array for an
+        array, a float for a number."""
         if op not in ("sum", "mean"):
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}.")
-        scalar = not hasattr(value, "shape") or math.prod(value.shape) == 1
         tensor = torch.as_tensor(value.detach() if torch.is_tensor(value) else value)
         buf = tensor.to("cpu", torch.float64).reshape(-1).numpy().copy()
         self.group.allreduce_(buf)
         if op == "mean":
             buf /= self.world_size
-        if scalar:
-            return float(buf[0])
         if torch.is_tensor(value):
-            return torch.from_numpy(buf).to(value.dtype).reshape(value.shape).to(value.device)
+            # A mean of integers is not an integer (torch.distributed refuses to average them).
+            keep = value.is_floating_point() or op == "sum"
+            dtype = value.dtype if keep else torch.get_default_dtype()
+            return torch.from_numpy(buf).to(dtype).reshape(value.shape).to(value.device)
+        if isinstance(value, np.ndarray):
+            return buf.reshape(value.shape)
+        if len(buf) == 1:  # a number (Python's or numpy's)
+            return float(buf[0])
         return buf.reshape(np.shape(value))
 
     def mean(self, value: Reducible) -> float:
-        """The mean over the ranks of a number or a one-element tensor (a loss, say)."""
-        return self.all_reduce(value, "mean")
+        """The mean over the ranks of a number or a one-element tensor (a loss, say), as a
+        float (for ``log``)."""
+        out = self.all_reduce(value, "mean")
+        return float(out) if np.size(out) == 1 else out
 
     # ------------------------------------------------------------------ events
 
@@ -471,14 +481,21 @@ class RankContext:
         show them; ``log`` is the one for epochs."""
         events.emit(self.worker, self.spec.run_id, kind, rank=self.rank, **fields)
 
-    def log(self, epoch: int, step: int | None = None, **metrics: Any) -> None:
-        """Report an epoch's metrics (numbers, lists of numbers or ``None``; compute them with
-        ``mean``/``all_reduce`` so that they hold for the whole run): a row of
-        ``run.history`` and the dashboard's curves. ``epoch`` counts from 0, as in
-        ``range(epochs)``; the history's counts epochs done (``epoch + 1``), as ``fit``'s
-        does; ``step`` defaults to the batches this rank has trained on. Only rank 0's call
-        is recorded."""
+    def log(self, epoch: int | None = None, step: int | None = None, **metrics: Any) -> None:
+        """Report metrics (numbers, lists of numbers or ``None``; compute them with
+        ``mean``/``all_reduce`` so that they hold for the whole run). Only rank 0's call is
+        recorded; ``step`` defaults to the batches this rank has trained on.
+
+        With ``epoch`` (counted from 0, as in ``range(epochs)``), an epoch's metrics: a row
+        of ``run.history`` (whose ``epoch`` counts epochs done, ``epoch + 1``, as ``fit``'s
+        does) and the dashboard's curves. Without it (per-step values, final test metrics),
+        a row of ``run.logs`` logged against the step, as Lightning Fabric's ``log_dict``."""
         step = self.steps_done if step is None else int(step)
+        if epoch is None:
+            row = {"step": step, **{k: _loggable(k, v) for k, v in metrics.items()}}
+            if self.is_main:
+                self.emit("log", **row)
+            return
         row = {"epoch": int(epoch) + 1, "step": step}
         row.update({k: _loggable(k, v) for k, v in metrics.items()})
         self.history.append(row)

@@ -10,6 +10,8 @@ Every event is a flat dict with at least ``run`` and ``kind``:
 - ``epoch``   (rank 0) epoch, step, train_loss, train_accuracy (classifiers), val_loss, a
   ``val_<name>`` per metric (val_accuracy, val_r2, ...), val_perplexity (cross-entropy),
   samples_per_s, epoch_time, lr.
+- ``log``     (rank 0) step and a user's loop's own metrics, logged without an epoch
+  (``ctx.log(**metrics)``): ``run.logs``.
 - ``checkpoint`` (rank 0) epoch, path.
 - ``nonfinite`` (a rank that saw it) epoch, step, batch, ranks: a step skipped for a NaN or
   infinite loss or gradient (``on_nonfinite="skip"``).
@@ -94,6 +96,7 @@ class Recorder:
         self._lock = threading.Lock()
         self.epochs: list[dict] = []
         self.steps: list[dict] = []
+        self.logs: list[dict] = []
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -108,6 +111,8 @@ class Recorder:
                 self.epochs.append(msg)
             elif kind == "step":
                 self.steps.append(msg)
+            elif kind == "log":
+                self.logs.append(msg)
         _report(self.run_id, kind, msg)
         if self.trackers is not None:
             self.trackers.handle(event)
@@ -130,6 +135,12 @@ class Recorder:
     def history(self) -> pd.DataFrame:
         with self._lock:
             return history_frame(self.epochs)
+
+    def logged(self) -> pd.DataFrame:
+        """The metrics logged without an epoch, one row per call: step and the values."""
+        with self._lock:
+            rows = [{k: v for k, v in e.items() if k not in _NOT_METRICS} for e in self.logs]
+        return pd.DataFrame(rows)
 
     def close(self, status: str = "cancelled") -> None:
         if self.bar is not None:

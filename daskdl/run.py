@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
 from distributed import Client
 
-from daskdl import comm, config, models, preflight
+from daskdl import comm, config, events, inputs, models, preflight
 from daskdl import metrics as metrics_
 from daskdl.coordinator import Coordinator, RunError, State
 from daskdl.data import Dataset
 from daskdl.objective import Scale
 
 if TYPE_CHECKING:
-    import dask.array as da
     import dask.dataframe as dd
 
     from daskdl.events import Recorder
@@ -104,6 +104,17 @@ class Run:
         """One row per finished epoch: epoch, step, train_loss, train_accuracy, val_loss,
         val_accuracy, val_perplexity, samples_per_s, epoch_time, lr."""
         return self._coordinator.history()
+
+    @property
+    def logs(self) -> pd.DataFrame:
+        """What a ``launch`` loop logged without an epoch (``ctx.log(**metrics)``): one row
+        per call, its step and values; replayed from the scheduler once the run has ended."""
+        if self._coordinator.ended:
+            rows = [e for e in events.replay(self.client, self.run_id) if e.get("kind") == "log"]
+            return pd.DataFrame(
+                [{k: v for k, v in e.items() if k not in ("kind", "run", "rank")} for e in rows]
+            )
+        return self._coordinator.recorder.logged()
 
     @property
     def result(self) -> Any:
@@ -204,7 +215,8 @@ class Run:
 
         Each partition is scored where it lives; only its metrics' states come back, merged
         here. The data are checked as ``fit`` checks them (targets that suit the task,
-        features finite), in the same pass, with the same messages.
+        features finite), in the same pass, with the same messages. Raw data get the
+        training statistics, named features the training order, as in :meth:`predict`.
         """
         if self.spec.get("loop"):
             raise TypeError(
@@ -213,8 +225,10 @@ class Run:
             )
         batch_size = config.integer("batch_size", batch_size, minimum=1)
         objective = self.spec["objective"]
-        check_compatible(data, self.spec["input_shape"], name="data", task=objective.task)
+        check_compatible(data, None, name="data", task=objective.task)
         check_categories(data, self.spec.get("categories"), name="data")
+        data = self._conform(data)
+        check_compatible(data, self.spec["input_shape"], name="data")
         self._scatter_weights()
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
@@ -239,17 +253,26 @@ class Run:
         batch_size: int = 1024,
         device: str = "auto",
         precision: str = "fp32",
+        on_nan: str = "raise",
     ) -> da.Array | dd.DataFrame | str:
         """The trained model's predictions over ``data`` (a Dataset, or a Dask array of
         samples), lazily: a Dask array with one block per partition, or, for a Dataset made
         by ``from_dataframe``, a Dask dataframe with its index. Waits for the run.
 
+        ``data`` may be raw (as read) or standardised with the training statistics
+        (``standardize(like=train)``): the run applies its own statistics to raw data, and
+        refuses data standardised with other ones. Named features (dataframes, files) are
+        matched by name: another column order is reordered, extra columns left out. A
+        Dask array counts as raw samples, in the training features' order.
+        ``on_nan="raise"`` refuses samples with NaN or infinite features (naming the
+        partition); ``"propagate"`` gives them NaN outputs (label -1).
+
         ``output``: ``"labels"`` (a classifier's default: class ids), ``"proba"``
         (probabilities; a multi-label model's default) or ``"logits"``; a regression's
         ``"values"`` are in the targets' own units. ``device="auto"`` predicts on a worker's
         GPU where it has one, ``precision="bf16"`` in bfloat16 there. The weights go to each
-        worker once, not with every task. Prepare ``data`` as the training data was
-        (``standardize(like=train)``, ``categories=train.categories``).
+        worker once, not with every task. Categorical columns need the training codes
+        (``categories=train.categories``).
         """
         from daskdl.prediction import digest, make_predictor, predictions
 
@@ -260,13 +283,28 @@ class Run:
             )
         if isinstance(data, Dataset):
             check_categories(data, self.spec.get("categories"), name="data")
+        X = self._conform(data)
         self._scatter_weights()
         self._digest = self._digest or digest(self._result_model())
         predictor = make_predictor(
             self.spec["model"], self.spec["input_shape"], self.spec["objective"], self._digest,
-            output, batch_size, device, precision,
+            output, batch_size, device, precision, on_nan,
         )  # fmt: skip
-        return predictions(self.client, data, predictor, self._state)
+        index = data.index if isinstance(data, Dataset) else None
+        return predictions(self.client, X, predictor, self._state, index)
+
+    def _conform(self, data):
+        """``data`` as the trained model takes it: its features in the training order,
+        standardised with the training statistics (once). A Dask array counts as raw
+        samples."""
+        spec = self.spec
+        if isinstance(data, Dataset):
+            return inputs.conform(self.client, data, spec.get("features"), spec.get("standardized"))
+        if isinstance(data, da.Array):
+            return inputs.conform_array(
+                self.client, data, None, None, None, spec.get("standardized")
+            )
+        return data
 
     def _scatter_weights(self) -> None:
         """The trained weights on every worker, once per run: one future for the whole state
@@ -332,7 +370,7 @@ def check_compatible(data, input_shape, name: str, task: str | None = None) -> N
             f"{name} is a {data.task} data set, but the model learns {task}. Give it the "
             f"same kind of targets (Dataset(..., task={task!r}))."
         )
-    if tuple(data.sample_shape) != tuple(input_shape):
+    if input_shape is not None and tuple(data.sample_shape) != tuple(input_shape):
         raise ValueError(
             f"{name} has samples of shape {data.sample_shape}, but the model takes "
             f"{tuple(input_shape)}."

@@ -284,11 +284,13 @@ class Trackers:
         """The metrics an event holds, with their step; nothing for a step logged already."""
         kind = msg.get("kind")
         step = msg.get("step") if msg.get("step") is not None else msg.get("epoch")
-        if kind not in ("step", "epoch") or step is None:
+        if kind not in ("step", "epoch", "log") or step is None:
             return []
         step = int(step)
         if kind == "epoch":
             return self._epoch(msg, step)
+        if kind == "log":  # a loop's own values, under its own names
+            return [(_numbers({k: v for k, v in msg.items() if k not in NOT_LOGGED}), step)]
         rank = msg.get("rank", 0)
         series = f"rank{rank}"
         if step <= self._high.get(series, self._start) or step < self._last:

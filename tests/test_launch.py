@@ -293,3 +293,41 @@ def test_fits_loop_asks_its_context_only_what_any_loop_may():
     assert {"averaging", "batches", "restore", "follow", "log", "checkpoint"} <= used
     assert used <= members | documented, used - members - documented
     assert not any(name.startswith("_") for name in used)
+
+
+def conventions_loop(ctx: daskdl.RankContext):
+    """What torch.distributed and Fabric users write: all_reduce of a tensor is a tensor,
+    log without an epoch is logged against the step."""
+    one = torch.tensor([float(ctx.rank + 1)])
+    zero_d = torch.tensor(2.0)
+    ints = torch.tensor([ctx.rank, 1])
+    got = {
+        "one": ctx.all_reduce(one),
+        "zero_d": ctx.all_reduce(zero_d, "mean"),
+        "ints": ctx.all_reduce(ints),
+        "int_mean": ctx.all_reduce(ints, "mean"),
+        "array": ctx.all_reduce(np.array([1.0, 2.0])),
+        "number": ctx.all_reduce(3),
+        "numpy_number": ctx.all_reduce(np.float32(0.5)),
+    }
+    ctx.log(test_accuracy=ctx.all_reduce(one).item() / 10, step=7)
+    ctx.log(epoch=0, train_loss=ctx.mean(one))
+    ctx.log(final=1.5)
+    return got
+
+
+def test_all_reduce_returns_what_it_was_given_and_log_takes_no_epoch(client):
+    data = Dataset.from_numpy(np.zeros((40, 2), np.float32), np.arange(40) % 2, chunks=10)
+    run = daskdl.launch(client, conventions_loop, {"train": data}, progress=False)
+    got = run.result
+    assert torch.is_tensor(got["one"]) and got["one"].shape == (1,) and got["one"].item() == 3.0
+    assert torch.is_tensor(got["zero_d"]) and got["zero_d"].shape == () and got["zero_d"] == 2.0
+    assert got["ints"].dtype == torch.int64 and got["ints"].tolist() == [1, 2]
+    assert got["int_mean"].is_floating_point() and got["int_mean"].tolist() == [0.5, 1.0]
+    assert isinstance(got["array"], np.ndarray) and got["array"].tolist() == [2.0, 4.0]
+    assert type(got["number"]) is float and got["number"] == 6.0
+    assert type(got["numpy_number"]) is float and got["numpy_number"] == 1.0
+    logs = run.logs
+    assert logs["test_accuracy"].iloc[0] == pytest.approx(0.3) and logs["step"].iloc[0] == 7
+    assert logs["final"].iloc[1] == 1.5 and len(logs) == 2
+    assert run.history["train_loss"].tolist() == [1.5]  # the epoch row, apart
