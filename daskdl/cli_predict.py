@@ -1,5 +1,7 @@
 """``daskdl predict``: a checkpoint's predictions over a data set's files, written beside them
-(Parquet for tabular input, with its index; Zarr for arrays)."""
+(Parquet or CSV for tabular input, with its index; Zarr for arrays). The checkpoint's model
+takes the files as they are: its features by name, standardised with its training statistics
+(:mod:`daskdl.inputs`)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ def add_parser(sub) -> None:
         "predict",
         help="predict with a trained model over a data set's files",
         description="Predictions of a checkpoint's model (verified first, as --resume "
-        "verifies) over Parquet, CSV, Zarr, netCDF, .npy/.npz or Dataset.save files, on a "
-        "Dask cluster: Parquet out for tabular input (its index kept), Zarr for arrays.",
+        "verifies) over Parquet, CSV, Zarr, netCDF, .npy/.npz or Dataset.save files, as they "
+        "are (the checkpoint applies its features' order and standardisation), on a Dask "
+        "cluster: Parquet or CSV out for tabular input (its index kept), Zarr for arrays.",
     )
     cluster_arguments(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")
     p.add_argument("--data", required=True, help="the samples to predict on")
-    p.add_argument("--out", required=True, help="where to write: preds.parquet or preds.zarr")
+    p.add_argument(
+        "--out", required=True, help="where to write: preds.parquet, preds.csv or preds.zarr"
+    )
     p.add_argument(
         "--output",
         choices=["labels", "proba", "logits", "values"],
@@ -36,6 +41,13 @@ def add_parser(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--verify-key", help="key that verifies the checkpoint's signature")
+    p.add_argument(
+        "--on-nan",
+        choices=["raise", "propagate"],
+        default="raise",
+        help="samples with NaN or infinite features: refused (raise), or NaN predictions "
+        "(label -1) (propagate)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -43,31 +55,28 @@ def add_parser(sub) -> None:
 def predict(args) -> int:
     from distributed import as_completed, futures_of
 
-    from daskdl import sources
+    from daskdl import inputs, sources
     from daskdl.cli import client_for
     from daskdl.prediction import from_checkpoint, predictions
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another path or pass --overwrite.")
+    out = _check_out(args)
     predictor, weights, manifest = from_checkpoint(
         args.checkpoint, None, args.output, args.batch_size, args.device, args.precision,
-        args.verify_key,
+        args.verify_key, args.on_nan,
     )  # fmt: skip
-    features = args.features
-    if features is None and sources.detect_or_glob(args.data) in ("parquet", "csv"):
-        features = manifest.get("features")  # the training columns, by name
+    trained = manifest.get("features")
+    tabular = sources.detect_or_glob(args.data) in ("parquet", "csv")
+    features = args.features or (trained if tabular else None)
     X, index = sources.read_samples(
         args.data, features, manifest.get("categories"), args.sample_dim
     )
-    kind = "parquet" if index is not None else "zarr"
-    if out.suffix in (".parquet", ".zarr") and out.suffix[1:] != kind:
-        raise ValueError(
-            f"{'Tabular' if index is not None else 'Array'} input is written as "
-            f"{kind.capitalize()}: give --out {out.with_suffix('.' + kind)}."
-        )
+    kind = _kind(out, index is not None)
     with ExitStack() as stack:
         client = client_for(args, stack)
+        names = features if tabular else None
+        X = inputs.conform_array(
+            client, X, names, None, trained, inputs.recorded(manifest), "--data"
+        )
         preds = predictions(client, X, predictor, weights, index)
         # Held on the workers while the bar runs, and written from there (predictions are
         # small beside the samples they come from).
@@ -77,11 +86,38 @@ def predict(args) -> int:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         if kind == "parquet":
             preds.to_parquet(out)
+        elif kind == "csv":
+            preds.to_csv(out, single_file=True)
         else:
             preds.to_zarr(str(out))
         n = len(preds)
     print(f"predictions={n} output={predictor.output} out={out} epoch={manifest['epoch']}")
     return 0
+
+
+def _check_out(args) -> Path:
+    out = Path(args.out)
+    if out.resolve() == Path(args.data).resolve():
+        raise ValueError(
+            f"--out {out} is --data: predictions would replace the samples. Give --out "
+            "another path, such as preds.parquet."
+        )
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; choose another path or pass --overwrite.")
+    return out
+
+
+def _kind(out: Path, tabular: bool) -> str:
+    """How predictions are written: by ``--out``'s suffix, which must suit the input."""
+    suffix = out.suffix.lower()
+    kinds = ("parquet", "csv") if tabular else ("zarr",)
+    if suffix[1:] in kinds:
+        return suffix[1:]
+    if suffix in (".parquet", ".csv", ".zarr"):
+        what = "Tabular input (Parquet, CSV)" if tabular else "Array input"
+        shown = " or ".join(f"--out {out.with_suffix('.' + k)}" for k in kinds)
+        raise ValueError(f"{what} is written as {' or '.join(kinds)}: give {shown}.")
+    return kinds[0]
 
 
 def _follow(futures, as_completed, progress: bool) -> None:

@@ -65,6 +65,8 @@ class Dataset:
     index = None
     # Lazy (mean, std) of the targets, where standardize() scaled them (regression).
     target_scale: tuple[da.Array, da.Array] | None = None
+    # The statistics standardize() applied to the features (None: the features as read).
+    standardized: preprocess.Standardization | None = None
 
     def __init__(
         self, X: da.Array, y: da.Array, n_classes: int | None = None, task: str | None = None
@@ -186,11 +188,11 @@ class Dataset:
         they share the training codes (the columns it maps are categorical then). One
         partition per dataframe partition; their lengths are found at training time.
         """
-        X, y, features, mapping = frames.from_dataframe(
+        X, y, features, mapping, index = frames.from_dataframe(
             ddf, features, label, categorical, categories
         )
         ds = cls(X, y, n_classes, task)
-        ds.features, ds.categories, ds.index = features, mapping, ddf.index
+        ds.features, ds.categories, ds.index = features, mapping, index
         return ds
 
     @classmethod
@@ -311,6 +313,7 @@ class Dataset:
         ds.classes, ds.features, ds.categories = self.classes, self.features, self.categories
         ds.index = self.index if same_rows else None
         ds.target_scale = target_scale if target_scale is not None else self.target_scale
+        ds.standardized = self.standardized
         return ds
 
     # ---------------------------------------------------------------- transforms
@@ -350,23 +353,37 @@ class Dataset:
 
         The mean and standard deviation are Dask reductions over all samples: per feature for
         tabular data, per channel for images, per target for regression. Pass ``like=train``
-        to apply the training set's statistics to a test set. A model trained on standardised
-        targets reports its metrics (and ``Run.evaluate`` its scores) in the targets' own
-        units: the scale is kept with the data set, the run and its checkpoints.
+        to apply the training set's statistics to a test set (``train`` as it was, or after
+        its own ``standardize()``: either way its statistics). The data set remembers the
+        statistics (``standardized``): a run records them in its checkpoints, and
+        ``predict``/``evaluate`` apply them to raw data and refuse data standardised with
+        others. A model trained on standardised targets reports its metrics (and
+        ``Run.evaluate`` its scores) in the targets' own units.
         """
         if like is not None and not isinstance(like, Dataset):
             raise TypeError(
                 f"like must be a daskdl.Dataset (the one whose statistics to use, such as the "
                 f"training set), got {type(like).__name__}."
             )
+        if self.standardized is not None:
+            raise ValueError(
+                "This data set is standardised already (standardize() was called on it or on "
+                "the data it came from): call it once, on the data as they are."
+            )
         source = like if like is not None else self
-        mean, std = source.stats()
-        if self.categories:  # codes stay codes
-            keep = np.isin(list(self.features or ()), list(self.categories))
-            mean, std = da.where(keep, 0.0, mean), da.where(keep, 1.0, std)
+        if source.standardized is not None:  # like= standardised: the statistics it used
+            mean, std = source.standardized.mean, source.standardized.std
+        else:
+            mean, std = source.stats()
+            if self.categories:  # codes stay codes
+                keep = np.isin(list(self.features or ()), list(self.categories))
+                mean, std = da.where(keep, 0.0, mean), da.where(keep, 1.0, std)
         X = preprocess.standardize(self.X, mean, std)
+        stats = preprocess.Standardization(mean, std)
         if self.task != "regression":
-            return self._like(X, self.y, same_rows=True)
+            out = self._like(X, self.y, same_rows=True)
+            out.standardized = stats
+            return out
         if like is not None and like.task != "regression":
             raise ValueError(
                 f"like= is a {like.task} data set; a regression data set needs the statistics "
@@ -377,15 +394,14 @@ class Dataset:
                 "These targets are standardised already (standardize() was called before); "
                 "call it once, on the data as they are."
             )
-        if source.target_scale is not None:
-            raise ValueError(
-                "like= is standardised already: its statistics would be those of standardised "
-                "targets. Pass the training set as it was before standardize() (train, test = "
-                "train.standardize(), test.standardize(like=train) does)."
-            )
-        scale = preprocess.target_moments(source.y)
+        if source.target_scale is not None:  # like= standardised: its targets' scale
+            scale = source.target_scale
+        else:
+            scale = preprocess.target_moments(source.y)
         y = preprocess.standardize(self.y, *scale)
-        return self._like(X, y, target_scale=scale, same_rows=True)
+        out = self._like(X, y, target_scale=scale, same_rows=True)
+        out.standardized = stats
+        return out
 
     def stats(self) -> tuple[da.Array, da.Array]:
         """Lazy (mean, std) used by :meth:`standardize`."""

@@ -22,8 +22,9 @@ def from_dataframe(
     categorical: Sequence[str] | None = None,
     categories: Mapping[str, Sequence] | None = None,
 ):
-    """X (float32) and y of ``ddf``'s columns, the features' names and the categorical
-    mapping (or None); see :meth:`daskdl.Dataset.from_dataframe`."""
+    """X (float32) and y of ``ddf``'s columns, the features' names, the categorical
+    mapping (or None) and the index, in X's partitions; see
+    :meth:`daskdl.Dataset.from_dataframe`."""
     features = list(features)
     labels = [label] if isinstance(label, str) else list(label)
     _check_columns(ddf, features, labels)
@@ -57,7 +58,7 @@ def from_dataframe(
     else:
         dtype = np.result_type(*[ddf[c].dtype for c in labels])
         y = frame.map_partitions(_select, labels, dtype).to_dask_array()
-    return X, y, features, mapping
+    return X, y, features, mapping, index_of(frame)
 
 
 def _select(df, columns, dtype):
@@ -109,17 +110,30 @@ def xarray_features(ds, sample_dim: str, features: Sequence[str]) -> da.Array:
     return X.rechunk({i: -1 for i in range(1, X.ndim)})
 
 
-def dataframe_features(ddf, features: Sequence[str], categories: Mapping | None) -> da.Array:
+def dataframe_features(ddf, features: Sequence[str], categories: Mapping | None):
     """X of ``ddf``'s ``features`` (float32), its categorical ones encoded with
-    ``categories`` (a training set's), one block per partition: what a model trained on a
-    ``from_dataframe`` data set reads."""
+    ``categories`` (a training set's), one block per partition, and the index that goes
+    with it (one partition per block): what a model trained on a ``from_dataframe`` data set
+    reads."""
     features = list(features)
     missing = [c for c in features if c not in ddf.columns]
     if missing:
         raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
     if categories:
         ddf = ddf.map_partitions(categorical_.encode, dict(categories))
-    return ddf[features].astype(np.float32).to_dask_array()
+    frame = ddf[features]
+    return frame.map_partitions(_select, features, np.float32).to_dask_array(), index_of(frame)
+
+
+def index_of(frame):
+    """``frame``'s index, in the partitions of ``frame.map_partitions(...)``: a bare
+    ``frame.index`` reads no column, and Dask's optimizer then joins small Parquet partitions
+    (3 where the features come in 4), so the index would not line up with the samples."""
+    return frame.map_partitions(_index_only, meta=frame._meta.iloc[:, :0]).index
+
+
+def _index_only(df):
+    return df.iloc[:, :0]
 
 
 def _check_columns(ddf, features: list[str], labels: list[str]) -> None:

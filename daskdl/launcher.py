@@ -15,7 +15,7 @@ import dask
 import numpy as np
 from distributed import Client
 
-from daskdl import categorical, checks, models, preflight, security, trackers
+from daskdl import categorical, checks, inputs, models, preflight, security, trackers
 from daskdl import config as config_
 from daskdl import metrics as metrics_
 from daskdl.config import TrainConfig
@@ -133,6 +133,9 @@ def fit(
     checks.check_client(client, "fit")
     loggers = trackers.check(loggers, out)
     folder = checks.run_folder(out, resume, overwrite, signing_key, verify_key)
+    if isinstance(train, Dataset) and isinstance(val, Dataset):
+        # Validated as the model will be applied: the training features, standardised once.
+        val = inputs.conform(client, val, train.features, train.standardized, "val")
     model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
     resume_state, manifest = _checkpoint_to_resume(folder, cfg)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)
@@ -171,6 +174,7 @@ def _plan(
     and score the trained model."""
     held = starting.held
     train = held[0].ds
+    recorded, reference = inputs.record(starting.client, train)
     loop = FitLoop(
         model,
         train.sample_shape,
@@ -185,7 +189,10 @@ def _plan(
         names=("train", "val")[: len(held)],
         target_dtypes=(str(np.dtype(objective.target_dtype)),) * len(held),
         options=cfg.to_dict(),
-        public=_describe(starting.run_id, loop, train, cfg, starting.folder, meta, n_params),
+        public={
+            **_describe(starting.run_id, loop, train, cfg, starting.folder, meta, n_params),
+            **recorded,
+        },
         batch_size=cfg.batch_size,
         grow=grow,
         epoch_gate=gate,
@@ -196,6 +203,8 @@ def _plan(
         "objective": objective,
         "metrics": metric_specs,
         "categories": train.categories,
+        "features": train.features,
+        "standardized": reference,
     }
     return plan, spec
 

@@ -17,7 +17,17 @@ import dask
 import numpy as np
 from distributed import Client, futures_of
 
-from daskdl import checkpoint, comm, events, pipeline, preflight, rundir, streaming, trackers
+from daskdl import (
+    checkpoint,
+    comm,
+    events,
+    pipeline,
+    preflight,
+    preprocess,
+    rundir,
+    streaming,
+    trackers,
+)
 from daskdl.checks import RunFolder
 from daskdl.context import LoopSpec, loop_main
 from daskdl.data import Dataset
@@ -320,19 +330,28 @@ def persist(client: Client, *datasets: Dataset) -> list[Held]:
     computation on them (``Run.evaluate``, the user's own) then agrees with the scheduler about
     every shared key instead of resubmitting it fused differently.
     """
-    collections = [(ds.X, ds.y, *(ds.target_scale or ())) for ds in datasets]
+    collections = [(ds.X, ds.y, *(ds.target_scale or ()), *_stats(ds)) for ds in datasets]
     arrays = client.persist([a for c in collections for a in c], optimize_graph=False)
     out, i = [], 0
     for ds, c in zip(datasets, collections):
-        X, y, *scale = arrays[i : i + len(c)]
+        X, y, *rest = arrays[i : i + len(c)]
         i += len(c)
+        scale = rest[: len(ds.target_scale or ())]
         with client.as_current():  # chunk sizes from this client's futures, not the default's
             persisted = ds._persisted(X, y, tuple(scale) or None)
+        if len(rest) > len(scale):  # the same statistics (the same keys), held on the cluster
+            persisted.standardized = preprocess.Standardization(*rest[len(scale) :])
         out.append(Held(persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
     counts = client.gather([client.map(preflight.value_counts, h.xs, h.ys) for h in out])
     for h, c in zip(out, counts):
         h.counts = np.asarray(c, dtype=np.float64)
     return out
+
+
+def _stats(ds: Dataset) -> tuple:
+    """The lazy statistics a data set's features were standardised with, if any."""
+    stats = ds.standardized
+    return () if stats is None else tuple(a for a in (stats.mean, stats.std) if hasattr(a, "dask"))
 
 
 def stream_data(client: Client, *datasets: Dataset) -> list[Held]:

@@ -22,11 +22,12 @@ import pandas as pd
 import torch
 from distributed import Client, get_client
 
-from daskdl import checkpoint, models, security
+from daskdl import checkpoint, inputs, models, security
 from daskdl import config as config_
 from daskdl.context import resolve_device
 from daskdl.data import Dataset
 from daskdl.objective import Objective, Scale
+from daskdl.run import Run
 from daskdl.worker import manager
 
 OUTPUTS = {
@@ -36,6 +37,7 @@ OUTPUTS = {
 }
 DEFAULT_OUTPUT = {"classification": "labels", "multilabel": "proba", "regression": "values"}
 PRECISIONS = ("fp32", "bf16")
+ON_NAN = ("raise", "propagate")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Predictor:
     batch_size: int = 1024
     device: str = "auto"
     precision: str = "fp32"
+    on_nan: str = "raise"  # samples with NaN or infinite features: refused, or NaN out
 
     @property
     def width(self) -> int | None:
@@ -75,8 +78,9 @@ class Predictor:
 
 
 def make_predictor(
-    model, input_shape, objective: Objective, key: str, output, batch_size, device, precision
-) -> Predictor:
+    model, input_shape, objective: Objective, key: str, output, batch_size, device, precision,
+    on_nan: str = "raise",
+) -> Predictor:  # fmt: skip
     """A checked :class:`Predictor` for the weights of digest ``key``."""
     task = objective.task
     output = DEFAULT_OUTPUT[task] if output is None else output
@@ -88,9 +92,11 @@ def make_predictor(
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
+    if on_nan not in ON_NAN:
+        raise ValueError(f"on_nan must be one of {list(ON_NAN)}, got {on_nan!r}.")
     batch_size = config_.integer("batch_size", batch_size, minimum=1)
     return Predictor(
-        model, tuple(input_shape), objective, output, key, batch_size, device, precision
+        model, tuple(input_shape), objective, output, key, batch_size, device, precision, on_nan
     )
 
 
@@ -147,7 +153,9 @@ def predictions(client, data, predictor: Predictor, weights, index=None):
 def _as_frame(out: da.Array, index: dd.Index, predictor: Predictor) -> dd.DataFrame:
     columns = predictor.columns()
     blocks = out.to_delayed(optimize_graph=False).ravel()
-    parts = index.to_delayed(optimize_graph=False)
+    # Optimised as the samples were when they became an array (to_dask_array): Dask may join
+    # small Parquet partitions, and the index must be cut as the samples were.
+    parts = index.to_delayed()
     if len(parts) != len(blocks):
         raise ValueError(
             f"the data's index has {len(parts)} partitions and its samples {len(blocks)}: "
@@ -159,16 +167,43 @@ def _as_frame(out: da.Array, index: dd.Index, predictor: Predictor) -> dd.DataFr
     return dd.from_delayed(
         [frame(b, i, columns) for b, i in zip(blocks, parts)],
         meta=meta,
-        divisions=index.divisions,
+        divisions=index.divisions if len(index.divisions) == len(parts) + 1 else None,
     )
 
 
 def _frame(block: np.ndarray, index: pd.Index, columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(block.reshape(len(block), -1), index=index, columns=columns)
+    if len(block) != len(index):
+        raise ValueError(
+            f"a partition of the data has {len(index)} index entries but {len(block)} samples: "
+            "its features and its index do not come from the same rows."
+        )
+    return pd.DataFrame(block.reshape(len(block), len(columns)), index=index, columns=columns)
 
 
-def predict_block(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndarray:
+def predict_block(
+    X: np.ndarray, predictor: Predictor, weights: dict, block_info=None
+) -> np.ndarray:
     """One partition's predictions, on the worker that holds it (a GPU where it has one)."""
+    bad = _nonfinite_rows(X)
+    if bad.any() and predictor.on_nan == "raise":
+        where = (block_info or {}).get(0, {}).get("chunk-location", ("?",))[0]
+        raise ValueError(
+            f"Partition {where} of the data has {int(bad.sum())} samples with NaN or infinite "
+            f"features (the first at row {int(np.argmax(bad))} of the partition): a model "
+            "cannot predict them. Drop them first (Dataset.dropna(), or ddf.dropna()), or "
+            "pass on_nan='propagate' (CLI: --on-nan propagate) for NaN predictions (label -1)."
+        )
+    out = _predict(X, predictor, weights)
+    if bad.any():
+        out[bad] = -1 if predictor.output == "labels" else np.nan
+    return out
+
+
+def _nonfinite_rows(X: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(X).reshape(len(X), int(np.prod(X.shape[1:]))).all(axis=1)
+
+
+def _predict(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndarray:
     device = resolve_device(predictor.device)
     model = manager().model(predictor.digest, lambda: _build(predictor, weights, device))
     obj = predictor.objective
@@ -216,7 +251,7 @@ def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.n
 
 
 def predict(
-    checkpoint_or_run: str | os.PathLike,
+    checkpoint_or_run: str | os.PathLike | Run,
     data: Dataset | da.Array,
     model: models.ModelSpec | None = None,
     *,
@@ -227,20 +262,61 @@ def predict(
     device: str = "auto",
     precision: str = "fp32",
     verify_key: str | os.PathLike | security.Key | None = None,
+    on_nan: str = "raise",
 ) -> da.Array | dd.DataFrame | str:
     """Predictions of a checkpoint's model over ``data`` (see :meth:`daskdl.Run.predict`).
 
-    ``checkpoint_or_run`` is a checkpoint folder or a run directory (its newest checkpoint
-    that verifies), checked as ``resume=`` checks it: signature and digests, before any
-    tensor is used. ``model`` rebuilds a model given to ``fit`` as a factory (a registered
-    model's name and options are in the checkpoint). ``client``: the current one by default;
-    ``index``: a Dask index (a partition per block of ``data``) to return a dataframe with.
+    ``checkpoint_or_run`` is a checkpoint folder, a run directory (its newest checkpoint
+    that verifies) or a :class:`Run`; checkpoints are checked as ``resume=`` checks them:
+    signature and digests, before any tensor is used. The checkpoint carries what the model
+    needs from raw data (feature names in order, standardisation statistics, categorical
+    codes, the targets' scale) and applies it, as :meth:`daskdl.Run.predict` does.
+    ``model`` rebuilds a model given to ``fit`` as a factory, or a ``launch`` loop's model
+    (whose predictions are its outputs as they are: a loop records no task); weights that
+    do not fit it are refused before any task, naming the tensors. ``client``: the current
+    one by default; ``index``: a Dask index (a partition per block of ``data``) to return a
+    dataframe with.
+
+    Examples
+    --------
+    >>> preds = daskdl.predict("runs/digits", test)                    # doctest: +SKIP
+    >>> preds = daskdl.predict("runs/loop", X, model=make_net)          # doctest: +SKIP
     """
+    if isinstance(checkpoint_or_run, Run):
+        return checkpoint_or_run.predict(
+            data, output=output, batch_size=batch_size, device=device, precision=precision,
+            on_nan=on_nan,
+        )  # fmt: skip
     client = client if client is not None else get_client()
-    predictor, weights, _ = from_checkpoint(
-        checkpoint_or_run, model, output, batch_size, device, precision, verify_key
+    sample_shape = _sample_shape(data)
+    predictor, weights, manifest = from_checkpoint(
+        checkpoint_or_run, model, output, batch_size, device, precision, verify_key, on_nan,
+        sample_shape,
+    )  # fmt: skip
+    X = conform(client, data, manifest)
+    if index is None and isinstance(data, Dataset):
+        index = data.index
+    return predictions(client, X, predictor, weights, index)
+
+
+def conform(client: Client, data, manifest: dict) -> da.Array:
+    """``data``'s samples as a checkpoint's model takes them (:mod:`daskdl.inputs`)."""
+    from daskdl.run import check_categories
+
+    reference = inputs.recorded(manifest)
+    if isinstance(data, Dataset):
+        check_categories(data, manifest.get("categories"), name="data")
+        return inputs.conform(client, data, manifest.get("features"), reference).X
+    if isinstance(data, da.Array):
+        return inputs.conform_array(client, data, None, None, None, reference)
+    raise TypeError(
+        f"data must be a daskdl.Dataset or a Dask array of samples, got {type(data).__name__}."
     )
-    return predictions(client, data, predictor, weights, index)
+
+
+def _sample_shape(data) -> tuple[int, ...] | None:
+    X = data.X if isinstance(data, Dataset) else data
+    return tuple(int(s) for s in X.shape[1:]) if isinstance(X, da.Array) else None
 
 
 def from_checkpoint(
@@ -251,27 +327,77 @@ def from_checkpoint(
     device="auto",
     precision="fp32",
     verify_key=None,
+    on_nan="raise",
+    sample_shape=None,
 ) -> tuple[Predictor, dict, dict]:
     """The predictor and weights of a checkpoint (verified), and its manifest."""
     key = security.verify_key(verify_key)
-    _, weights, _, manifest = checkpoint.load_latest(checkpoint_or_run, key)
+    path, weights, _, manifest = checkpoint.load_latest(checkpoint_or_run, key)
     spec = model if model is not None else manifest.get("model_spec")
     if spec is None:
+        if manifest.get("launched_by") == "launch":
+            raise ValueError(
+                f"{path} is a checkpoint of a launch() loop, whose model is the loop's own: "
+                "pass it as model= (a registered model's name, or a factory), as the loop "
+                "built it."
+            )
         raise ValueError(
             f"The checkpoint's model ({manifest.get('model')}) was built by a factory of the "
             "user's: pass it as model= to rebuild it."
         )
     spec = tuple(spec) if isinstance(spec, list) else spec
-    scale = manifest.get("target_scale")
-    objective = Objective(
-        manifest["task"],
-        manifest["n_outputs"],
-        None,
-        Scale(**scale) if scale else None,
-        manifest.get("target_ndim", 1),
-    )
+    if "task" not in manifest:  # a launch loop's: its outputs as they are
+        objective, input_shape = _loop_objective(spec, weights, sample_shape, path, output)
+        output = "values"
+    else:
+        input_shape = tuple(manifest["input_shape"])
+        scale = manifest.get("target_scale")
+        objective = Objective(
+            manifest["task"],
+            manifest["n_outputs"],
+            None,
+            Scale(**scale) if scale else None,
+            manifest.get("target_ndim", 1),
+        )
+        if model is not None:
+            _check_weights(spec, input_shape, objective.n_outputs, weights, path)
     predictor = make_predictor(
-        spec, manifest["input_shape"], objective, digest(weights), output, batch_size, device,
-        precision,
+        spec, input_shape, objective, digest(weights), output, batch_size, device,
+        precision, on_nan,
     )  # fmt: skip
     return predictor, weights, manifest
+
+
+def _check_weights(spec, input_shape, n_outputs: int, weights: dict, path) -> torch.nn.Module:
+    """The model ``spec`` builds here, once, and the checkpoint's tensors fit it: refused
+    before any task otherwise, naming the tensors (as ``resume=`` does)."""
+    from daskdl import preflight
+
+    built = models.build(spec, input_shape, n_outputs)
+    problems = preflight.weight_problems(built, weights)
+    if problems:
+        raise preflight.ModelCheckError(
+            f"The checkpoint {path} does not fit the model {models.describe(spec)}: "
+            + "; ".join(problems)
+            + ". Pass as model= the model the checkpoint was trained with."
+        )
+    return built
+
+
+def _loop_objective(spec, weights: dict, sample_shape, path, output):
+    """What a launch loop's checkpoint predicts: the model's outputs as they are (values),
+    their width found by one sample through the model."""
+    if output not in (None, "values", "logits"):
+        raise ValueError(
+            f"output={output!r}: {path} is a launch() loop's checkpoint, which records no task, "
+            "so its predictions are the model's outputs as they are (output='logits')."
+        )
+    if sample_shape is None:
+        raise TypeError("data must be a daskdl.Dataset or a Dask array of samples.")
+    # A factory f(input_shape, n_outputs) needs a width: the last tensor's first axis (the
+    # output layer's), checked with every other tensor below.
+    last = list(weights.values())[-1] if weights else np.zeros(1)
+    built = _check_weights(spec, sample_shape, int(np.shape(last)[0]), weights, path)
+    with torch.no_grad():
+        width = built(torch.zeros((1, *sample_shape))).reshape(1, -1).shape[1]
+    return Objective("regression", width, None, None, 2), sample_shape

@@ -242,18 +242,7 @@ def check_resume(
 ) -> None:
     """Whether the checkpoint at ``path`` fits the run asked for; one error naming every
     difference otherwise (before any rank starts, not as a ``load_state_dict`` error on each)."""
-    problems = []
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
-    missing = sorted(set(wanted) - set(have))
-    unexpected = sorted(set(have) - set(wanted))
-    if missing:
-        problems.append(f"the checkpoint lacks {_some(missing)} of the model")
-    if unexpected:
-        problems.append(f"it has {_some(unexpected)}, which the model lacks")
-    shapes = [f"{k} {have[k]} vs {wanted[k]}" for k in wanted if k in have and have[k] != wanted[k]]
-    if shapes:
-        problems.append(f"tensor shapes differ (checkpoint vs model): {_some(shapes)}")
+    problems = weight_problems(model, tensors)
     if tuple(manifest.get("input_shape", input_shape)) != tuple(input_shape):
         problems.append(f"samples were {tuple(manifest['input_shape'])}, now {tuple(input_shape)}")
     if categories is not None and manifest.get("categories") != categories:
@@ -276,6 +265,24 @@ def check_resume(
             + ". Resume with the model, data, task and optimizer it was trained with, or start a "
             "new run (another out=, without resume=)."
         )
+
+
+def weight_problems(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> list[str]:
+    """How a checkpoint's tensors do not fit ``model``: the tensors each lacks, and those
+    whose shapes differ (empty when they fit)."""
+    problems = []
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = sorted(set(wanted) - set(have))
+    unexpected = sorted(set(have) - set(wanted))
+    if missing:
+        problems.append(f"the checkpoint lacks {_some(missing)} of the model")
+    if unexpected:
+        problems.append(f"it has {_some(unexpected)}, which the model lacks")
+    shapes = [f"{k} {have[k]} vs {wanted[k]}" for k in wanted if k in have and have[k] != wanted[k]]
+    if shapes:
+        problems.append(f"tensor shapes differ (checkpoint vs model): {_some(shapes)}")
+    return problems
 
 
 def _some(items: list[str], n: int = 5) -> str:

@@ -112,7 +112,15 @@ def read_samples(
         ddf = _read_frame(path, fmt)
         if features is None:
             features = [c for c in ddf.columns if is_numeric_dtype(ddf[c].dtype)]
-        return frames.dataframe_features(ddf, features, categories), ddf.index
+        missing = [c for c in features if c not in ddf.columns]
+        if missing:
+            raise ValueError(
+                f"{path} has no column {missing[0]!r}{' (and more)' if len(missing) > 1 else ''}"
+                f", a feature of the model (it was trained on {list(features)}); the file has "
+                f"{list(ddf.columns)}. Predict on files with those columns, or name the "
+                "file's feature columns with --features (features=)."
+            )
+        return frames.dataframe_features(ddf, features, categories)
     if fmt in ("zarr", "netcdf"):
         import xarray as xr
 
@@ -229,13 +237,14 @@ def _parts(ds: Dataset) -> dict:
         "classes": ds.classes,
         "features": ds.features,
         "categories": ds.categories,
+        "standardized": ds.standardized,
     }
 
 
 def _dataset(parts: dict) -> Dataset:
     ds = Dataset(parts["X"], parts["y"], parts["n_classes"], parts["task"])
     ds.classes, ds.features = parts["classes"], parts["features"]
-    ds.categories = parts["categories"]
+    ds.categories, ds.standardized = parts["categories"], parts.get("standardized")
     if parts["target_scale"] is not None:
         ds.target_scale = tuple(parts["target_scale"])
     return ds

@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
-from daskdl import security
+from daskdl import preprocess, security
 from daskdl.checkpoint import parse_document
 from daskdl.objective import Scale
 
@@ -124,10 +124,13 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             )
         ]
         written = dask.compute(*writes)
-        scale = None
+        scale = standardized = None
         if ds.target_scale is not None:
             stats = Scale.from_arrays(*dask.compute(*ds.target_scale))
             scale = [stats.mean, stats.std]
+        if ds.standardized is not None:  # so that a loaded copy is not standardised twice
+            values = dask.compute(ds.standardized.mean, ds.standardized.std)
+            standardized = preprocess.to_record(*values)
         doc = {
             "format": FORMAT,
             "version": VERSION,
@@ -138,6 +141,7 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             "features": ds.features,
             "categories": ds.categories,
             "target_scale": scale,
+            "standardized": standardized,
             "x": {"dtype": str(ds.X.dtype), "sample_shape": list(ds.sample_shape)},
             "y": {"dtype": str(ds.y.dtype), "sample_shape": list(ds.y.shape[1:])},
             "partitions": [
@@ -227,4 +231,6 @@ def load(path: str | os.PathLike, key=None):
         if not y_shape:  # (n,) targets: scalar statistics
             mean, std = mean.reshape(()), std.reshape(())
         ds.target_scale = (da.from_array(mean), da.from_array(std))
+    if doc.get("standardized") is not None:
+        ds.standardized = preprocess.Standardization(*preprocess.from_record(doc["standardized"]))
     return ds

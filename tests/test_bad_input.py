@@ -112,14 +112,12 @@ y = np.arange(200) % 2
         (
             lambda: Dataset.from_numpy(X, y + 0.5).standardize().standardize(),
             ValueError,
-            r"These targets are standardised already",
+            r"This data set is standardised already",
         ),
         (
-            lambda: Dataset.from_numpy(X, y + 0.5).standardize(
-                like=Dataset.from_numpy(X, y + 0.5).standardize()
-            ),
+            lambda: Dataset.from_numpy(X, y).standardize().split(0.5)[1].standardize(),
             ValueError,
-            r"like= is standardised already",
+            r"This data set is standardised already",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
