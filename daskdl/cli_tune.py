@@ -35,13 +35,21 @@ def add_parser(sub) -> None:
     p.add_argument("--space", required=True, help="the search space, a YAML file (below)")
     cli.data_arguments(p)
     cli.cluster_arguments(p, "local cluster; with --scheduler, workers to use (default all)")
-    p.add_argument("--n-trials", type=int, default=20, help="trials to run (default 20)")
-    p.add_argument("--epochs", type=int, default=10, help="each trial's epochs (default 10)")
+    p.add_argument("--n-trials", type=cli._count, default=20, help="trials to run (default 20)")
+    p.add_argument("--epochs", type=cli._count, default=10, help="each trial's epochs (default 10)")
     p.add_argument("--metric", default="val_accuracy", help="what to optimise (a history column)")
-    p.add_argument("--direction", choices=["maximize", "minimize"], default="maximize")
+    p.add_argument(
+        "--direction",
+        choices=["maximize", "minimize"],
+        help="default: from --metric's name (losses and errors are minimised, accuracies and "
+        "scores maximised)",
+    )
     p.add_argument("--pruner", choices=PRUNERS, default="asha")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    p.add_argument("--ranks-per-trial", type=int, default=1, help="workers per trial")
+    p.add_argument("--ranks-per-trial", type=cli._count, default=1, help="workers per trial")
+    p.add_argument(
+        "--max-concurrent", type=cli._count, help="trials at once (default: as many as fit)"
+    )
     p.add_argument("--storage", help="a journal file or database URL that keeps the study")
     p.add_argument("--study-name", default="daskdl", help="the study's name in --storage")
     p.add_argument(
@@ -52,7 +60,30 @@ def add_parser(sub) -> None:
     cli.logger_arguments(p)
 
 
+# tune()'s arguments as the command line names them, for errors raised in tune()'s terms.
+FLAGS = {
+    "direction=": "--direction ",
+    "storage=": "--storage ",
+    "resume=True": "--resume",
+    "resume=False": "no --resume",
+    "study_name": "--study-name",
+    "out=": "--out ",
+    "metric=": "--metric ",
+    "tune()": "daskdl tune",
+}
+
+
 def tune(args) -> int:
+    try:
+        return _tune(args)
+    except ValueError as e:
+        message = str(e)
+        for python, flag in FLAGS.items():
+            message = message.replace(python, flag)
+        raise ValueError(message) from None
+
+
+def _tune(args) -> int:
     import daskdl
     from daskdl import cli, space
 
@@ -64,7 +95,8 @@ def tune(args) -> int:
         study = daskdl.tune(
             client, search, train, val=test, n_trials=args.n_trials, epochs=args.epochs,
             metric=args.metric, direction=args.direction, pruner=args.pruner,
-            sampler=args.sampler, ranks_per_trial=args.ranks_per_trial, storage=args.storage,
+            sampler=args.sampler, ranks_per_trial=args.ranks_per_trial,
+            max_concurrent=args.max_concurrent, storage=args.storage,
             study_name=args.study_name, resume=args.resume, out=args.out, seed=args.seed,
             loggers=args.loggers,
         )  # fmt: skip

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pandas as pd
 from distributed import Client
 
+from daskdl import config as config_
 from daskdl import events, trackers
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
@@ -24,9 +25,15 @@ from daskdl.tuning import (
     Trial,
     Trials,
     _optuna,
+    check_out,
+    check_same_space,
+    check_storage,
+    claim_out,
+    direction_for,
     make_pruner,
     make_sampler,
     make_storage,
+    probe_space,
     trial_event,
 )
 
@@ -231,6 +238,7 @@ class Study:
                     self.client, trial.number, params, free[: self.ranks_per_trial]
                 )
             except (ValueError, TypeError) as e:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
                 self.optuna.tell(trial, state=_optuna().trial.TrialState.FAIL)
                 self._publish_trial(trial.number)
                 if not self._runs:  # the first trial: the space or the options are wrong
@@ -314,7 +322,7 @@ def tune(
     n_trials: int = 20,
     epochs: int = 10,
     metric: str = "val_accuracy",
-    direction: str = "maximize",
+    direction: str | None = None,
     pruner: str | optuna.pruners.BasePruner = "asha",
     sampler: str | optuna.samplers.BaseSampler = "tpe",
     ranks_per_trial: int = 1,
@@ -343,7 +351,9 @@ def tune(
         Trials to run (complete, pruned or failed), and each one's epoch budget.
     metric, direction
         A column of the runs' history (``val_accuracy``, ``val_loss``, ...), reported after
-        every epoch, and ``"maximize"`` or ``"minimize"``.
+        every epoch, and ``"maximize"`` or ``"minimize"``: by default from the metric's name
+        (losses and errors are minimised, accuracies and scores maximised; a name that says
+        neither needs ``direction=``).
     pruner, sampler
         ``"asha"`` (default), ``"hyperband"``, ``"median"``, ``"none"``, or any Optuna pruner;
         ``"tpe"`` (default), ``"random"``, or any Optuna sampler.
@@ -371,18 +381,36 @@ def tune(
     """
     optuna = _optuna()
     workers = len(workers_info(client))
-    if metric.startswith("val_") and val is None:
-        raise ValueError(f"metric={metric!r} scores the validation set: pass val=.")
-    if ranks_per_trial < 1 or ranks_per_trial > workers:
+    n_trials = config_.integer("n_trials", n_trials, minimum=1)
+    epochs = config_.integer("epochs", epochs, minimum=1)
+    ranks_per_trial = config_.integer("ranks_per_trial", ranks_per_trial, minimum=1)
+    if ranks_per_trial > workers:
         raise ValueError(
             f"ranks_per_trial={ranks_per_trial} on a cluster of {workers} workers: give 1 to "
             f"{workers}, or add workers."
         )
+    if max_concurrent is not None:
+        max_concurrent = config_.integer("max_concurrent", max_concurrent, minimum=1)
+    if not isinstance(metric, str) or not metric:
+        raise TypeError(f"metric must be a column name of the runs' history, got {metric!r}.")
+    if metric.startswith("val_") and val is None:
+        raise ValueError(f"metric={metric!r} scores the validation set: pass val=.")
+    direction = direction_for(metric, direction)
     if not callable(space):
         raise TypeError(f"space must be a function space(trial) -> dict, got {space!r}.")
+    resume = config_.flag("resume", resume)
+    check_storage(storage)
+    if resume and storage is None:
+        raise ValueError("resume=True needs the storage= the study was kept in.")
+    check_out(None if out is None else Path(out), resume)
+    distributions = probe_space(space, fixed)
     loggers = trackers.check(loggers, out)
-    study = _open(optuna, storage, study_name, resume, direction,
-                  make_sampler(sampler, seed), make_pruner(pruner, epochs))  # fmt: skip
+    sampler_, pruner_ = make_sampler(sampler, seed), make_pruner(pruner, epochs)
+    # Everything is checked: only now is the study created (or loaded) in storage=.
+    study = _open(optuna, storage, study_name, resume, direction, sampler_, pruner_)
+    if resume:
+        check_same_space(study, distributions)
+    claim_out(None if out is None else Path(out), study)
     concurrent = max_concurrent or workers // ranks_per_trial
     parents = _study_trackers(study, loggers, out, resume, fixed, n_trials, epochs)
     trials = Trials(train, val, fixed, epochs, None if out is None else Path(out), parents)
@@ -422,7 +450,13 @@ def _open(optuna, storage, name, resume, direction, sampler, pruner):
             ) from None
     if storage is None:
         raise ValueError("resume=True needs the storage= the study was kept in.")
-    study = optuna.load_study(**kwargs)
+    try:
+        study = optuna.load_study(**kwargs)
+    except KeyError:  # Optuna's word for a study the storage does not hold
+        raise ValueError(
+            f"resume=True, but {storage} holds no study named {name!r}: pass resume=False to "
+            "create it, or the study_name it was stored under."
+        ) from None
     running = optuna.trial.TrialState.RUNNING
     for t in study.get_trials(deepcopy=False, states=(running,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)

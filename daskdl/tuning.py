@@ -17,19 +17,32 @@ died are queued again with the same parameters.
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distributed import Client
 
-from daskdl import streaming, trackers
+from daskdl import checks, config, streaming, trackers
 from daskdl.cluster import workers_info
 from daskdl.data import Dataset
 from daskdl.run import Run
 
 PRUNERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "random")
+DIRECTIONS = ("maximize", "minimize")
+# Words in a metric's name that say which way is better (a name with neither needs direction=).
+LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "perplexity")
+HIGHER_IS_BETTER = ("accuracy", "acc", "r2", "f1", "auroc", "auc", "precision", "recall", "ap")
+# What a trial's options may hold besides TrainConfig's fields: fit's own arguments.
+FIT_ARGUMENTS = ("model", "standardize", "loss", "metrics", "pipeline", "meta")
+# tune's own arguments, which a trial cannot change.
+TUNE_OWN = ("epochs", "workers", "out", "resume", "overwrite", "block", "progress", "loggers",
+            "epoch_gate", "signing_key", "verify_key", "config")  # fmt: skip
+MARKER = "study.json"  # in out=: which study's trials the folder holds
 
 
 def _optuna():
@@ -89,6 +102,148 @@ def make_storage(storage: str | Path | None):
 
     Path(text).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(text))
+
+
+# ------------------------------------------------------------------ checks before a study exists
+
+
+def check_storage(storage) -> None:
+    """A storage that can be opened: a journal file's path (not a folder, its parent not a
+    file) or a database URL SQLAlchemy can parse, with its driver installed."""
+    if storage is None:
+        return
+    if not isinstance(storage, (str, Path)) or not str(storage):
+        raise TypeError(
+            f"storage must be a journal file's path or a database URL, got {storage!r}."
+        )
+    text = str(storage)
+    if "://" in text:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(text).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ImportError) as e:
+            raise ValueError(
+                f"storage={text!r} is not a database URL this machine can open ({e}). Give a "
+                "journal file's path (storage='study.log') or an SQLAlchemy URL such as "
+                "'sqlite:///study.db'."
+            ) from None
+        return
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(
+            f"storage={text!r} is a folder; give a file in it, such as {str(path / 'study.log')!r}."
+        )
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"storage={text!r}: {parent} is a file, not a folder.")
+
+
+def direction_for(metric: str, direction: str | None) -> str:
+    """The study's direction: as given, or from the metric's name (losses and errors are
+    minimised, accuracies and scores maximised); refused where the name does not say."""
+    if direction is not None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}.")
+        return direction
+    words = metric.lower().replace("-", "_").split("_")
+    if any(w in LOWER_IS_BETTER for w in words):
+        return "minimize"
+    if any(w in HIGHER_IS_BETTER for w in words):
+        return "maximize"
+    raise ValueError(
+        f"metric={metric!r} does not say whether higher or lower is better: pass "
+        "direction='maximize' or direction='minimize'."
+    )
+
+
+def check_options(params: dict, where: str) -> None:
+    """A trial's options (the space's values over the fixed ones) are ``fit``'s: known
+    names, valid values; none of ``tune``'s own."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{where} must be a dict of fit options, got {type(params).__name__}.")
+    own = [k for k in params if k in TUNE_OWN]
+    if own:
+        raise ValueError(
+            f"{where} sets {own[0]!r}, which is tune()'s own: pass it to tune() "
+            f"({own[0]}=...), not per trial."
+        )
+    fields = {f.name for f in config.fields()}
+    unknown = [k for k in params if k not in fields and k not in FIT_ARGUMENTS]
+    if unknown:
+        raise ValueError(
+            f"{where} sets {unknown[0]!r}, which is no fit option; the options are "
+            f"{sorted(fields | set(FIT_ARGUMENTS))}."
+        )
+    checks.train_config(None, {k: v for k, v in params.items() if k in fields})
+
+
+def probe_space(space: Callable, fixed: dict) -> dict:
+    """``space`` called once on a throwaway trial, its options checked: a space that fails
+    or gives bad options does so before any study is created. Returns the parameters'
+    distributions."""
+    optuna = _optuna()
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    params = space(trial)
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"space(trial) must return a dict of fit options, got {type(params).__name__}."
+        )
+    check_options({**fixed, **params}, "space(trial)")
+    if "model" not in {**fixed, **params}:
+        raise ValueError(
+            "the search space gave no model: return one from space(trial) (a name such as "
+            "'mlp', or a factory), or pass model= to tune()."
+        )
+    return dict(trial.distributions)
+
+
+def check_same_space(study, distributions: dict) -> None:
+    """A resumed study's stored trials sampled the same ranges as the space now does."""
+    for t in study.get_trials(deepcopy=False):
+        for name, before in t.distributions.items():
+            now = distributions.get(name)
+            if now is not None and now != before:
+                raise ValueError(
+                    f"the search space changed since study {study.study_name!r} was stored: "
+                    f"{name} was {before}, now {now}. Resume it with the space it had, or "
+                    "start a new study (another study_name)."
+                )
+
+
+def check_out(out: Path | None, resume: bool) -> None:
+    """A new study's ``out`` holds no other study's trial folders (their checkpoints would
+    mix: trial N of each in ``trial-000N``)."""
+    marker = None if out is None else Path(out) / MARKER
+    if marker is not None and marker.exists() and not resume:
+        theirs = json.loads(marker.read_text())
+        raise ValueError(
+            f"out={str(out)!r} holds the trials of another study ({theirs.get('name')!r}): "
+            "their checkpoints would mix with this one's. Give another out= (or remove that "
+            "folder), or pass resume=True with that study's storage= to go on with it."
+        )
+
+
+def claim_out(out: Path | None, study) -> None:
+    """Mark ``out`` as this study's (a resumed study: check that it is)."""
+    if out is None:
+        return
+    key = study.user_attrs.get("daskdl_id")
+    marker = Path(out) / MARKER
+    if key is not None and marker.exists():
+        theirs = json.loads(marker.read_text())
+        if theirs.get("id") != key:
+            raise ValueError(
+                f"out={str(out)!r} holds the trials of another study ({theirs.get('name')!r}), "
+                f"not of {study.study_name!r}: give the out= this study was started with."
+            )
+        return
+    if key is None:
+        key = uuid.uuid4().hex
+        study.set_user_attr("daskdl_id", key)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"name": study.study_name, "id": key}))
 
 
 @dataclass

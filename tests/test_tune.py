@@ -4,6 +4,7 @@ stop, and studies that outlive their driver."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,10 +88,131 @@ def test_bad_tuning_input_is_refused_with_the_fix(client):
         daskdl.tune(client, _space, train, val=test, ranks_per_trial=3)
     with pytest.raises(ValueError, match="pruner must be one of"):
         daskdl.tune(client, _space, train, val=test, pruner="sha")
-    with pytest.raises(ValueError, match="Unknown training option"):
+    with pytest.raises(ValueError, match="sets 'learning_rate', which is no fit option"):
         daskdl.tune(client, lambda t: {"model": "mlp", "learning_rate": 0.1}, train, val=test)
     with pytest.raises(ValueError, match="the search space gave no model"):
         daskdl.tune(client, lambda t: {"lr": 0.1}, train, val=test, n_trials=1)
+
+
+def _good(trial):
+    return {"model": "mlp", "lr": trial.suggest_float("lr", 0.01, 0.1)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"max_concurrent": -1}, ValueError, "max_concurrent must be a positive integer, got -1"),
+        ({"max_concurrent": 0}, ValueError, "max_concurrent must be a positive integer, got 0"),
+        ({"n_trials": 0}, ValueError, "n_trials must be a positive integer, got 0"),
+        ({"n_trials": -3}, ValueError, "n_trials must be a positive integer, got -3"),
+        ({"n_trials": 2.5}, ValueError, r"n_trials must be an integer, got 2.5"),
+        ({"n_trials": 2.0}, ValueError, r"n_trials must be an integer, got 2.0. Pass n_trials=2"),
+        ({"ranks_per_trial": 1.5}, ValueError, "ranks_per_trial must be an integer"),
+        ({"ranks_per_trial": True}, ValueError, "ranks_per_trial must be an integer"),
+        ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
+        ({"direction": "maximise"}, ValueError, "direction must be 'maximize' or 'minimize'"),
+        ({"metric": "val_custom"}, ValueError, "does not say whether higher or lower is better"),
+        ({"storage": "{tmp}"}, ValueError, r"is a folder; give a file in it"),
+        ({"storage": "{tmp}/file/study.log"}, ValueError, r"file is a file, not a folder"),
+        ({"storage": "nosuchdb://x/y"}, ValueError, "is not a database URL this machine can"),
+        ({"resume": True, "storage": None}, ValueError, r"resume=True needs the storage="),
+        ({"resume": True, "storage": "{tmp}/s.log"}, ValueError, "holds no study named 'x'"),
+        ({"resume": "yes"}, ValueError, "resume must be True or False"),
+        (
+            {"space": lambda t: {"model": "mlp", "epochs": 3}},
+            ValueError,
+            "sets 'epochs', which is tune",
+        ),
+        (
+            {"space": lambda t: {"model": "mlp", "workers": 1}},
+            ValueError,
+            "sets 'workers', which is tune",
+        ),
+        ({"space": lambda t: {"model": "mlp", "lr": -1.0}}, ValueError, "lr must be"),
+        ({"space": lambda t: ["mlp"]}, TypeError, "must return a dict of fit options, got list"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_refused_tune_call_leaves_nothing_in_storage(client, tmp_path, kwargs, error, message):
+    """Every argument and the space's values are checked before the study exists: the
+    corrected call then creates the study under the same name."""
+    train, test = daskdl.datasets.train_test("digits")
+    (tmp_path / "file").write_text("not a folder")
+    kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+    space = kwargs.pop("space", _good)
+    storage = tmp_path / "study.log"
+    args = {"storage": storage, "study_name": "x", "n_trials": 1, "epochs": 1, **kwargs}
+    with pytest.raises(error, match=message):
+        daskdl.tune(client, space, train, val=test, block=False, **args)
+    if args["storage"] == storage and storage.exists():
+        assert not optuna.get_all_study_names(tuning.make_storage(storage))
+
+
+def test_the_direction_follows_the_metric_and_a_trial_that_cannot_start_keeps_its_error(
+    client, tmp_path
+):
+    train, test = daskdl.datasets.train_test("digits")
+
+    def space(trial):
+        lr = trial.suggest_float("lr", 0.02, 0.2)
+        # Trials after the first ask for a schedule that does not exist.
+        return {"model": "mlp", "lr": lr, **({"schedule": "cosin"} if trial.number else {})}
+
+    study = daskdl.tune(
+        client, space, train, val=test, metric="val_loss", n_trials=2, epochs=2,
+        pruner="none", max_concurrent=1, storage=tmp_path / "s.log", study_name="loss",
+    )  # fmt: skip
+    assert study.optuna.direction.name == "MINIMIZE"  # val_loss: lower is better
+    trials = study.trials.set_index("number")
+    assert trials.loc[1, "state"] == "fail" and "schedule" in trials.loc[1, "error"]
+    assert study.best.value == trials.loc[0, "value"]
+
+
+def test_two_studies_never_share_trial_folders_and_a_changed_space_is_named(client, tmp_path):
+    train, test = daskdl.datasets.train_test("digits")
+    common = dict(val=test, n_trials=1, epochs=1, pruner="none", out=tmp_path / "out")
+    daskdl.tune(client, _good, train, storage=tmp_path / "a.log", study_name="a", **common)
+    with pytest.raises(ValueError, match="holds the trials of another study \\('a'\\)"):
+        daskdl.tune(client, _good, train, storage=tmp_path / "b.log", study_name="b", **common)
+    assert not optuna.get_all_study_names(tuning.make_storage(tmp_path / "b.log"))
+
+    def changed(trial):
+        return {"model": "mlp", "lr": trial.suggest_float("lr", 0.001, 0.5)}
+
+    with pytest.raises(ValueError, match="search space changed since study 'a'.*lr was"):
+        daskdl.tune(
+            client, changed, train, storage=tmp_path / "a.log", study_name="a", resume=True,
+            **{**common, "n_trials": 2},
+        )  # fmt: skip
+    study = daskdl.tune(
+        client, _good, train, storage=tmp_path / "a.log", study_name="a", resume=True,
+        **{**common, "n_trials": 2},
+    )  # fmt: skip
+    assert len(study.trials) == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: mlp\nlr: {low: 1e-4, high: 0.1}\n", r"bad.yaml:2: lr: '1e-4' is read as text"),
+        ("model: mlp\nlr: {low: 0.01, high: 0.1, step: 0}\n", r"bad.yaml:2: lr has step: 0"),
+        (
+            "model: mlp\nbatch_sise: 32\n",
+            r"bad.yaml:2: batch_sise is no fit option. Did you mean 'batch_size'",
+        ),
+        ("model: mlp\nlr: [0.1\n", r"bad.yaml:3: not valid YAML"),
+        ("model: mlp\nepochs: 4\n", r"bad.yaml:2: epochs is tune's own setting.*--epochs"),
+    ],
+)
+def test_yaml_space_mistakes_are_one_line_naming_file_line_and_fix(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskdl.cli", "tune", "--space", "bad.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("daskdl: error:") and re.search(message, line), line
 
 
 DRIVER = """
