@@ -39,6 +39,10 @@ SYSTEM_METRICS = {
 }
 NOT_LOGGED = {"kind", "run", "rank", "step", "time"}
 CLOSE_TIMEOUT = 30.0  # seconds to wait for a tracker to write what is queued at the end
+# Opening a tracker runs on the client before the ranks start: an MLflow server that does not
+# answer is given this long (MLflow's own retries take minutes), then warned about and dropped.
+OPEN_TIMEOUT = 10.0
+PROBE_TIMEOUT = 3.0  # an HTTP tracking server's first answer
 
 
 class TensorBoardTracker:
@@ -74,6 +78,25 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+def _probe(uri: str) -> None:
+    """An HTTP tracking server answers at all, within :data:`PROBE_TIMEOUT` (MLflow itself
+    retries a refused connection for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri, timeout=PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a 404 at the root is still a server)
+    except (OSError, ValueError) as e:
+        raise ConnectionError(
+            f"the MLflow tracking server {uri} does not answer ({e}): start it, or set "
+            "MLFLOW_TRACKING_URI (or the tracker's tracking_uri) to one that runs."
+        ) from None
+
+
 class MLflowTracker:
     """A run's metrics in an MLflow run (needs ``pip install "daskdl[mlflow]"``).
 
@@ -91,6 +114,7 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        _probe(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment = experiment
         self.resumed = run_id is not None
@@ -181,11 +205,40 @@ def open_trackers(
         if item == "csv":
             continue  # the run folder's metrics.csv, written as it always is
         if isinstance(item, str):
-            item = _open_built_in(item, out, run_id, resumed.get(item), logged_until + 1)
+            item = _bounded(item, run_id, _open_built_in, item, out, run_id,
+                            resumed.get(item), logged_until + 1)  # fmt: skip
+            if item is None:
+                continue
             if isinstance(item, MLflowTracker) and item.resumed:
-                first = max(first, item.logged_until())
+                until = _bounded("mlflow", run_id, item.logged_until)
+                first = max(first, until if until is not None else first)
         made.append(item)
     return Trackers(made, run_id, first, epochs_logged)
+
+
+def _bounded(name: str, label: str, function, *args):
+    """``function(*args)`` for at most :data:`OPEN_TIMEOUT` seconds; its error or its
+    lateness is warned about and gives None (the tracker is dropped, training goes on)."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call():
+        try:
+            done.put((True, function(*args)))
+        except Exception as e:  # noqa: BLE001 - any tracker's failure only drops it
+            done.put((False, e))
+
+    threading.Thread(target=call, name=f"daskdl-open-{name}", daemon=True).start()
+    try:
+        ok, value = done.get(timeout=OPEN_TIMEOUT)
+    except queue.Empty:
+        logger.warning("run %s: tracker %r did not answer within %.0fs and is dropped",
+                       label, name, OPEN_TIMEOUT)  # fmt: skip
+        return None
+    if not ok:
+        logger.warning("run %s: tracker %r could not be opened and is dropped: %s: %s",
+                       label, name, type(value).__name__, value)  # fmt: skip
+        return None
+    return value
 
 
 def open_study(loggers: list, out, name: str, resumed: dict | None) -> Trackers:
@@ -196,7 +249,10 @@ def open_study(loggers: list, out, name: str, resumed: dict | None) -> Trackers:
         if item == "csv":
             continue  # each trial's out/trial-NNNN/metrics.csv
         if isinstance(item, str):
-            item = _open_built_in(item, out, name, (resumed or {}).get(item), None)
+            item = _bounded(item, name, _open_built_in, item, out, name,
+                            (resumed or {}).get(item), None)  # fmt: skip
+            if item is None:
+                continue
         elif not callable(getattr(item, "child", None)):
             raise TypeError(
                 f"loggers: {item!r} has no child(name) for the study's trials: give a name "

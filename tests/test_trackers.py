@@ -190,3 +190,46 @@ def test_a_launch_loop_logs_what_it_reports_against_the_epoch(client, digits_spl
     logged = [(s, m["epoch/train_loss"]) for s, m in seen.metrics]
     assert logged == list(zip(run.history["step"], [1.0, 0.5, 1 / 3]))
     assert seen.params[0]["config"]["epochs"] == 3
+
+
+@pytest.fixture
+def silent_server():
+    """A server on 127.0.0.1 that accepts connections and never answers."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+@pytest.fixture
+def refusing_uri():
+    """An address where nothing listens: connections are refused."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("server", ["silent_server", "refusing_uri"])
+def test_an_mlflow_server_that_does_not_answer_is_dropped_within_seconds(
+    client, digits_split, caplog, monkeypatch, request, server
+):
+    """MLflow retries for minutes (247 s measured); the run warns and trains without it."""
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue(server))
+    train, test = digits_split
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="daskdl.trackers"):
+        run = daskdl.fit(client, "mlp", train, val=test, epochs=1, loggers=["mlflow"],
+                         progress=False)  # fmt: skip
+    assert run.status == "finished" and len(run.history) == 1
+    assert "tracker 'mlflow' could not be opened and is dropped" in caplog.text
+    assert "does not answer" in caplog.text
+    assert time.monotonic() - began < 60  # the probe's 3 s, then training
