@@ -244,5 +244,24 @@ def check_pipeline(model: torch.nn.Module, cfg: TrainConfig) -> None:
         raise preflight.ModelCheckError(f"pipeline_stages={pipe.stages}: {e}") from None
 
 
+def check_shard(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """``shard="full"`` reduces each module's gradients once backward has reached all of its
+    parameters: parameters tied between modules (an embedding and an output layer sharing
+    weights) would fail in every rank at its first backward. Found here instead."""
+    if cfg.shard != "full":
+        return
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        raise preflight.ModelCheckError(
+            f"shard='full' gathers and reduces each module's parameters on its own, and this "
+            f"model ties parameters between modules ({' = '.join(tied[0])}"
+            f"{f' and {len(tied) - 1} more' if len(tied) > 1 else ''}): use shard='optimizer' "
+            "(CLI: --shard optimizer), which keeps the whole model on every rank."
+        )
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss

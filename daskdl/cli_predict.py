@@ -65,15 +65,16 @@ def predict(args) -> int:
         args.verify_key, args.on_nan,
     )  # fmt: skip
     trained = manifest.get("features")
-    tabular = sources.detect_or_glob(args.data) in ("parquet", "csv")
-    features = args.features or (trained if tabular else None)
+    fmt = sources.detect_or_glob(args.data)
+    named = fmt in ("parquet", "csv", "zarr", "netcdf")  # columns or variables by name
+    features = args.features or (trained if named else None)
     X, index = sources.read_samples(
         args.data, features, manifest.get("categories"), args.sample_dim
     )
     kind = _kind(out, index is not None)
     with ExitStack() as stack:
         client = client_for(args, stack)
-        names = features if tabular else None
+        names = features if named and features is not None else None
         X = inputs.conform_array(
             client, X, names, None, trained, inputs.recorded(manifest), "--data"
         )

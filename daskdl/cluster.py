@@ -37,13 +37,42 @@ def connect(address: str, timeout: str = "10s", security=None) -> Client:
             "(--tls-ca-file, --tls-cert, --tls-key; or daskdl.security.tls(...))."
         )
     try:
+        _answers(address, security, dask.utils.parse_timedelta(timeout))
         return Client(address, timeout=timeout, security=security)
-    except OSError as e:
+    except (OSError, TimeoutError) as e:
         raise ConnectionError(
-            f"could not reach the scheduler at {address} ({e}). Start one with "
-            "`dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
+            f"could not reach the scheduler at {address} ({e or type(e).__name__}). Start one "
+            "with `dask scheduler` and workers with `dask worker ADDRESS`, or drop --scheduler "
             "to use a local cluster."
         ) from None
+
+
+def _answers(address: str, security, seconds: float) -> None:
+    """The scheduler at ``address`` answers within ``seconds``: a server that accepts the
+    connection and never answers would hold ``Client(address)`` for good (seen: over
+    300 s), whatever its ``timeout``."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed.core import rpc
+
+    args = security.get_connection_args("client") if security is not None else {}
+
+    async def identity():
+        r = rpc(address, connection_args=args, timeout=seconds)
+        try:
+            await asyncio.wait_for(r.identity(), seconds)
+        finally:
+            await r.close_rpc()
+
+    # On a thread of its own: the caller may be inside a running event loop (a notebook).
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskdl-connect")
+    try:
+        pool.submit(asyncio.run, identity()).result(timeout=seconds + 5)
+    except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def workers_info(client: Client) -> dict[str, dict]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # for annotations only
 
     import dask.bag as db
     import dask.dataframe as dd
+    import pandas as pd
     import xarray as xr
     from distributed import Client
 
@@ -127,6 +128,8 @@ class Dataset:
                     "task='classification'."
                 )
             n_classes = integer("n_classes", n_classes, minimum=2)
+        if X.dtype.kind == "f" and X.dtype.itemsize > 4:  # values beyond float32's: named
+            X = X.map_blocks(frames.to_float, np.float32, "X", dtype=np.float32)
         self.X = X.astype(np.float32) if X.dtype != np.float32 else X
         self.y = y
         self._n_classes = n_classes
@@ -145,7 +148,9 @@ class Dataset:
         """From in-memory arrays, split into partitions of ``chunks`` samples.
 
         ``chunks="auto"`` picks partitions of about 64 MB (and at least 4 of them where there
-        are enough samples, so that two ranks each get work).
+        are enough samples, so that two ranks each get work). Where a ``distributed.Client``
+        is current and the arrays are large, their partitions are scattered to the workers
+        now, as Dask recommends, instead of travelling inside every graph that uses them.
         """
         X, y = np.asarray(X), np.asarray(y)
         if len(X) != len(y):
@@ -155,10 +160,7 @@ class Dataset:
         if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1:
             raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}.")
         chunks = int(chunks)
-        X_chunks = (chunks,) + tuple(-1 for _ in X.shape[1:])
-        y_chunks = (chunks,) + tuple(-1 for _ in y.shape[1:])
-        X, y = da.from_array(X, chunks=X_chunks), da.from_array(y, chunks=y_chunks)
-        return cls(X, y, n_classes, task)
+        return cls(frames.in_cluster(X, chunks), frames.in_cluster(y, chunks), n_classes, task)
 
     @classmethod
     def from_dask(
@@ -170,7 +172,7 @@ class Dataset:
     @classmethod
     def from_dataframe(
         cls,
-        ddf: dd.DataFrame,
+        ddf: dd.DataFrame | pd.DataFrame,
         features: Sequence[str],
         label: str | Sequence[str],
         n_classes: int | None = None,
@@ -178,8 +180,11 @@ class Dataset:
         categorical: Sequence[str] | None = None,
         categories: Mapping[str, Sequence] | None = None,
     ) -> Dataset:
-        """From a Dask dataframe: ``features`` columns become X (n, len(features)); ``label``
-        (one column, or a list of them: several regression targets or multi-hot labels) y.
+        """From a Dask (or pandas) dataframe: ``features`` columns become X (n, len(features));
+        ``label`` (one column, or a list of them: several regression targets or multi-hot
+        labels) y. pandas' nullable dtypes (``Int64``, ``Float64``, ``boolean``, ``string``
+        as a categorical column) work; a missing feature value is NaN (``dropna()`` drops its
+        row), a missing class id is refused naming the column.
 
         ``categorical`` features (and any feature of ``category`` dtype) are encoded as integer
         codes, lazily: 0 for a value not in the mapping, 1..K for the categories. The mapping
@@ -252,7 +257,10 @@ class Dataset:
         about 64 MB when the dataset is not chunked).
         """
         X, y = frames.from_xarray(ds, sample_dim, features, label)
-        return cls(X, y.rechunk((X.chunks[0],)), n_classes, task)
+        out = cls(X, y.rechunk((X.chunks[0],)), n_classes, task)
+        if all(ds[f].dims == (sample_dim,) for f in features):  # a column per variable
+            out.features = [str(f) for f in features]
+        return out
 
     # ---------------------------------------------------------------- properties
 

@@ -25,6 +25,7 @@ def from_dataframe(
     """X (float32) and y of ``ddf``'s columns, the features' names, the categorical
     mapping (or None) and the index, in X's partitions; see
     :meth:`daskdl.Dataset.from_dataframe`."""
+    ddf = as_dask_frame(ddf)
     features = list(features)
     labels = [label] if isinstance(label, str) else list(label)
     _check_columns(ddf, features, labels)
@@ -52,17 +53,81 @@ def from_dataframe(
     # X and y come from one frame whose columns are chosen once: projected apart, Dask's
     # optimizer may read them in different partitions (it joins small ones for few columns).
     frame = ddf[features + [c for c in labels if c not in features]]
-    X = frame.map_partitions(_select, features, np.float32).to_dask_array()
+    X = _selected(frame, features, np.float32)
     if isinstance(label, str):
-        y = frame.map_partitions(_select, label, ddf[label].dtype).to_dask_array()
+        y = _selected(frame, label, _numpy_dtype(ddf[label].dtype))
     else:
-        dtype = np.result_type(*[ddf[c].dtype for c in labels])
-        y = frame.map_partitions(_select, labels, dtype).to_dask_array()
+        y = _selected(frame, labels, np.result_type(*[_numpy_dtype(ddf[c].dtype) for c in labels]))
     return X, y, features, mapping, index_of(frame)
 
 
+def _selected(frame, columns, dtype) -> da.Array:
+    """``frame``'s ``columns`` as a Dask array of ``dtype`` (see :func:`_select`)."""
+    if isinstance(columns, str):
+        meta = pd.Series(np.empty(0, dtype), name=columns)
+    else:
+        meta = pd.DataFrame({c: np.empty(0, dtype) for c in columns})
+    # meta= given: Dask's guess runs _select on made-up rows, <NA> among them.
+    return frame.map_partitions(_select, columns, dtype, meta=meta).to_dask_array()
+
+
+def as_dask_frame(data):
+    """A Dask dataframe of ``data``: a pandas DataFrame is cut into partitions of about
+    64 MB (at least 4 where there are enough rows)."""
+    import dask.dataframe as dd
+
+    if isinstance(data, pd.DataFrame):
+        per_row = max(1, int(data.memory_usage(index=False).sum()) // max(1, len(data)))
+        return dd.from_pandas(data, chunksize=rows_for(len(data), per_row), sort=False)
+    if not isinstance(data, dd.DataFrame):
+        raise TypeError(
+            f"from_dataframe takes a pandas or Dask DataFrame, got {type(data).__name__}."
+        )
+    return data
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a column: pandas' nullable ones (``Int64``, ``Float64``,
+    ``boolean``) as their numpy counterparts."""
+    return np.dtype(getattr(dtype, "numpy_dtype", dtype))
+
+
 def _select(df, columns, dtype):
-    return df[columns].astype(dtype)
+    """Columns as numpy ``dtype``; pandas' missing values (``<NA>``) as NaN where that is a
+    float, refused naming the column where it is not (class ids)."""
+    part = df[columns]
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        missing = part.isna().to_numpy().any(axis=0) if len(part) else np.zeros(1, bool)
+        if np.any(missing):
+            names = [columns] if isinstance(columns, str) else list(np.asarray(columns)[missing])
+            raise ValueError(
+                f"Column(s) {names} have missing values (<NA>), which are no class ids: drop "
+                f"those rows first (ddf.dropna(subset={names}))."
+            )
+        return part.astype(dtype)
+    values = part.to_numpy(dtype=np.float64, na_value=np.nan)
+    names = [columns] if isinstance(columns, str) else list(columns)
+    values = to_float(values, dtype, f"columns {names}")
+    if isinstance(columns, str):
+        return pd.Series(values, index=part.index, name=columns)
+    return pd.DataFrame(values, index=part.index, columns=columns)
+
+
+def to_float(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``values`` in the float ``dtype``; finite values beyond its range are named (they would
+    become infinite, and then be reported as such, which the user's data are not)."""
+    dtype = np.dtype(dtype)
+    if dtype == values.dtype or dtype.itemsize >= values.dtype.itemsize:
+        return values.astype(dtype, copy=False)
+    big = np.isfinite(values) & (np.abs(values) > np.finfo(dtype).max)
+    if big.any():
+        raise ValueError(
+            f"{int(big.sum())} values of {what} are beyond {dtype}'s range (largest magnitude "
+            f"{np.abs(values[big]).max():.3g}, over {np.finfo(dtype).max:.3g}): models compute "
+            f"in {dtype}. Rescale them first (divide by a power of ten, or take a log)."
+        )
+    return values.astype(dtype)
 
 
 def from_xarray(ds, sample_dim: str, features: Sequence[str], label: str):
@@ -122,7 +187,7 @@ def dataframe_features(ddf, features: Sequence[str], categories: Mapping | None)
     if categories:
         ddf = ddf.map_partitions(categorical_.encode, dict(categories))
     frame = ddf[features]
-    return frame.map_partitions(_select, features, np.float32).to_dask_array(), index_of(frame)
+    return _selected(frame, features, np.float32), index_of(frame)
 
 
 def index_of(frame):
@@ -163,8 +228,44 @@ def _is_category(dtype) -> bool:
 def auto_rows(values: np.ndarray) -> int:
     """Samples per partition of in-memory data: about 64 MB, and at least 4 partitions where
     there are enough samples, so that two ranks each get work."""
-    per_sample = max(1, values[:1].nbytes)
-    return max(1, min(64 * 2**20 // per_sample, math.ceil(len(values) / 4)))
+    return rows_for(len(values), max(1, values[:1].nbytes))
+
+
+def rows_for(n: int, per_sample: int) -> int:
+    """Rows per partition for ``n`` rows of ``per_sample`` bytes (see :func:`auto_rows`)."""
+    return max(1, min(64 * 2**20 // per_sample, math.ceil(n / 4)))
+
+
+SCATTER_BYTES = 8 * 2**20  # larger arrays go to the workers ahead of the graph
+
+
+def in_cluster(values: np.ndarray, rows: int) -> da.Array:
+    """``values`` as a Dask array of ``rows`` samples per partition. Large arrays, where a
+    client is current, are scattered to the workers block by block (Dask warns of "large
+    graphs" otherwise, and sends them with every computation); small ones live in the graph."""
+    chunks = (rows,) + tuple(-1 for _ in values.shape[1:])
+    client = _current_client()
+    if client is None or values.nbytes < SCATTER_BYTES:
+        return da.from_array(values, chunks=chunks)
+    import dask
+
+    starts = range(0, len(values), rows)
+    futures = client.scatter([np.ascontiguousarray(values[i : i + rows]) for i in starts])
+    blocks = [
+        da.from_delayed(dask.delayed(f), shape=(len(values[i : i + rows]), *values.shape[1:]),
+                        dtype=values.dtype)
+        for i, f in zip(starts, futures)
+    ]  # fmt: skip
+    return da.concatenate(blocks)
+
+
+def _current_client():
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError:  # no client: the arrays stay in the graph
+        return None
 
 
 def chunk_numpy(values: np.ndarray) -> da.Array:

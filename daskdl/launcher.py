@@ -153,6 +153,7 @@ def fit(
             client, held, model, loss, metric_specs, cfg, manifest, resume_state
         )
         checks.check_pipeline(probe, cfg)
+        checks.check_shard(probe, cfg)
         checks.check_memory(client, probe, cfg, ranks)
         n_params = sum(p.numel() for p in probe.parameters())
         starting.claim()

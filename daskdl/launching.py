@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -234,6 +235,8 @@ class Starting:
         datasets = list(datasets)
         streamed = streaming.should_stream(client, datasets, workers, stream)
         self.held = (stream_data if streamed else persist)(client, *datasets)
+        if not streamed:  # a single file is the most common thing a user has
+            self.held[0] = enough_partitions(client, self.held[0], len(workers))
         self.run_id = uuid.uuid4().hex[:8]
         self.staging: Path | None = None
 
@@ -346,6 +349,26 @@ def persist(client: Client, *datasets: Dataset) -> list[Held]:
     for h, c in zip(out, counts):
         h.counts = np.asarray(c, dtype=np.float64)
     return out
+
+
+def enough_partitions(client: Client, held: Held, n_ranks: int) -> Held:
+    """A held data set with a non-empty partition for each of ``n_ranks`` ranks: one with
+    fewer (a single file, or one partition and empty ones) is cut into ``n_ranks`` equal
+    partitions on the cluster, instead of being refused."""
+    sizes = [int(n) for n in held.ds.X.chunks[0]]
+    if sum(1 for n in sizes if n) >= n_ranks or sum(sizes) < n_ranks:
+        return held  # enough already; too few samples is the layout's error to name
+    chunk = math.ceil(sum(sizes) / n_ranks)
+    logger.info(
+        "the data set has %d non-empty partitions for %d ranks: split into partitions of %d "
+        "samples", sum(1 for n in sizes if n), n_ranks, chunk,
+    )  # fmt: skip
+    ds = held.ds
+    split = ds._like(ds.X.rechunk({0: chunk}), ds.y.rechunk({0: chunk}))
+    [again] = persist(client, split)
+    for f in held.futures:
+        f.release()  # the cut copy is computed (persist counted it): the first one goes
+    return again
 
 
 def _stats(ds: Dataset) -> tuple:

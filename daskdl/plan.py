@@ -82,11 +82,14 @@ def layout(
     if stages > 1:
         return _pipeline_layout(names, sizes, locations, workers, batch_size, shards, stages)
     first = [int(n) for n in sizes[0]]
-    if len(first) < len(workers):
+    filled = sum(1 for n in first if n)
+    if filled < len(workers):
         raise ValueError(
-            f"The data set {names[0]!r} has {len(first)} partitions for {len(workers)} ranks; "
-            "each rank needs at least one. Repartition it (Dataset.from_numpy(..., chunks=...)) "
-            f"or use workers={len(first)}."
+            f"The data set {names[0]!r} has {filled} non-empty partitions ({len(first)} in "
+            f"all) for {len(workers)} ranks; each rank needs one. Give it more partitions "
+            f"(ddf.repartition(npartitions={len(workers)}), Dataset.from_numpy(..., "
+            f"chunks=...), or more files; streamed data are not split for you) or use "
+            f"workers={max(filled, 1)} (CLI: --workers {max(filled, 1)})."
         )
     shards = [list(s) for s in shards] if shards else balanced_shards(first, len(workers))
     # Rank r always trains on shard r; where the data lives only decides which worker is r.

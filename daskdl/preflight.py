@@ -113,7 +113,10 @@ def dry_run(
             raise ModelCheckError(
                 f"The model {name} failed on {seen}: {type(e).__name__}: {e}. Its forward "
                 f"must take samples of shape {input_shape} with the batch first."
+                + layout_hint(input_shape)
             ) from e
+    if layout_hint(input_shape):
+        logger.warning("The model %s ran on %s.%s", name, seen, layout_hint(input_shape))
     _check_output(out, name, seen, len(xb), objective, tuple(yb.shape))
     loss = _check_loss(objective, out, yb, seen)
     try:
@@ -265,6 +268,21 @@ def check_resume(
             + ". Resume with the model, data, task and optimizer it was trained with, or start a "
             "new run (another out=, without resume=)."
         )
+
+
+def layout_hint(input_shape: tuple[int, ...]) -> str:
+    """A hint where images look channels-last, (H, W, C), for models that take them
+    channels-first, (C, H, W), as PyTorch's do; else ''."""
+    if len(input_shape) != 3:
+        return ""
+    first, *_, last = input_shape
+    if last in (1, 3, 4) and first not in (1, 3, 4) and first > 4:
+        return (
+            f" The images look channels-last, (height, width, channels) = {input_shape}: "
+            "PyTorch's models take them channels-first, (channels, height, width); give "
+            "X.transpose(0, 3, 1, 2) (xarray: ds.transpose(sample, channel, y, x))."
+        )
+    return ""
 
 
 def weight_problems(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> list[str]:

@@ -126,6 +126,13 @@ def read_samples(
 
         ds = xr.open_zarr(path) if fmt == "zarr" else xr.open_dataset(path, chunks={})
         features = list(features or [str(v) for v in ds.data_vars])
+        missing = [f for f in features if f not in ds.variables]
+        if missing:
+            raise ValueError(
+                f"{path} has no variable {missing[0]!r}, a feature of the model (it was trained "
+                f"on {features}); it has {sorted(map(str, ds.data_vars))}. Name its feature "
+                "variables with --features (features=)."
+            )
         dim = sample_dim or str(ds[features[0]].dims[0])
         return frames.xarray_features(ds, dim, features), None
     if fmt == "npz":

@@ -145,6 +145,9 @@ def sources(client: Client, datasets: Sequence[Dataset]) -> list[StreamSource]:
     graphs = [_graph(ds) for ds in datasets]
     merged = {k: v for dsk, _ in graphs for k, v in dsk.items()}
     deps, _ = get_deps(merged)  # each data set's graph is closed: its keys' deps are its own
+    for k, v in merged.items():
+        if isinstance(v, Future):  # a persisted result: a reference to its own key, no cycle
+            deps[k] = set()
     shared = set().union(*(_shared_inputs(dsk, outputs, deps) for dsk, outputs in graphs))
     todo = [k for k in shared if not isinstance(merged[k], Future)]
     futures = {k: merged[k] for k in shared if isinstance(merged[k], Future)}
@@ -233,6 +236,15 @@ class PartitionReader:
                 f"Could not compute partition {i} of this rank's shard of {self.name!r} "
                 f"(keys {part.keys}): {type(e).__name__}: {e}"
             ) from e
+        expected = self.shard.sizes[i]
+        if len(X) != expected or len(y) != expected:
+            # The plan placed this partition's samples by the count made when the run started.
+            raise RuntimeError(
+                f"Partition {i} of this rank's shard of {self.name!r} (keys {part.keys}) has "
+                f"{len(X)} samples now, {expected} when the run counted them: its files "
+                "changed during the run. Keep the files as they are while a run reads them "
+                "(write new data to new files), and start the run again."
+            )
         return np.ascontiguousarray(X, np.float32), np.ascontiguousarray(y, self.y_dtype)
 
     def stream(self, order: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -302,9 +302,12 @@ class Trials:
         on the workers until it ends (unless it streams), not once per trial."""
         if standardize not in self._variants:
             train, val = self.train, self.val
-            if standardize:
+            # Data standardised already (datasets.train_test's) stay as they are: the runs
+            # record their statistics either way, and nothing is standardised twice.
+            if standardize and train.standardized is None:
                 train = train.standardize()
-                val = None if val is None else val.standardize(like=train)
+                if val is not None and val.standardized is None:
+                    val = val.standardize(like=train)
             both = [d for d in (train, val) if d is not None]
             if not streaming.should_stream(
                 client, both, list(workers_info(client)), self.fixed.get("stream")

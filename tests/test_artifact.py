@@ -275,3 +275,22 @@ def test_a_launch_checkpoint_predicts_with_model_and_wrong_weights_are_named(
         ValueError, match=r"does not fit the model.*0.weight \(16, 6\) vs \(32, 6\)"
     ):
         daskdl.predict(tmp_path / "loop", data.X, model=wider, client=client)
+
+
+def test_a_single_file_trains_on_two_workers(client, tmp_path):
+    """One Parquet file is one partition: it is cut into one per rank, not refused."""
+    frame = _frame(n=600, seed=2)
+    frame.to_parquet(tmp_path / "one.parquet")  # a single file, a single row group
+    out = tmp_path / "run"
+    done = _cli(
+        "train", "--data", str(tmp_path / "one.parquet"), "--label", "label", "--model", "mlp",
+        "--epochs", "3", "--out", str(out), "--no-progress", "--scheduler",
+        client.scheduler.address,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["n_train"] == 480  # 600 less 20% held out
+    # A dataframe of one partition from Python, and one with empty partitions besides.
+    ds = Dataset.from_dataframe(dd.from_pandas(frame, npartitions=1), FEATURES, "label")
+    run = daskdl.fit(client, "mlp", ds.standardize(), **QUICK)
+    assert run.info["world_size"] == 2 and run.history["train_loss"].iloc[-1] < 1.0

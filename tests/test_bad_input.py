@@ -163,9 +163,9 @@ def _one_output(input_shape, n_outputs):
         ({"train": X}, TypeError, "train must be a daskdl.Dataset"),
         ({"val": Dataset.from_numpy(X[:, :3], y)}, ValueError, r"val has samples of shape \(3,\)"),
         (
-            {"train": Dataset.from_numpy(X, y, chunks=200)},
+            {"train": Dataset.from_numpy(X, y, chunks=200), "stream": True},
             ValueError,
-            "1 partitions for 2 ranks",
+            r"has 1 non-empty partitions \(1 in all\) for 2 ranks.*--workers 1",
         ),
         (
             {"train": Dataset.from_numpy(X, np.where(y, 5, 0), n_classes=3)},

@@ -242,3 +242,18 @@ def test_train_on_cifar10_binary_files(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _val_accuracy(proc.stdout) > 0.2  # 10 classes: chance is 0.1
+
+
+def test_a_scheduler_that_never_answers_is_an_error_within_seconds():
+    """A server that accepts the connection and says nothing held Client() for good."""
+    import socket
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        began = time.monotonic()
+        proc = _run("train", "--scheduler", address, "--epochs", "1", "--no-progress", timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - began < 60
+    assert f"could not reach the scheduler at {address} (no answer within 10 s)" in proc.stderr

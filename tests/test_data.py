@@ -155,3 +155,68 @@ def test_cifar10_binary_files_are_read_lazily(tmp_path):
     np.testing.assert_array_equal(y[:30], raw[:, 0])
     np.testing.assert_allclose(X[:30].reshape(30, -1), raw[:, 1:] / 255.0, rtol=1e-6)
     assert len(daskdl.datasets.cifar10(tmp_path, "test")) == 10
+
+
+def _nullable() -> pd.DataFrame:
+    n = 40
+    return pd.DataFrame({
+        "a": pd.array([1, 2, None, 4] * (n // 4), dtype="Int64"),
+        "b": pd.array([0.5, None, 1.5, 2.0] * (n // 4), dtype="Float64"),
+        "c": pd.array([True, False, None, True] * (n // 4), dtype="boolean"),
+        "s": pd.array(["x", "y", "x", None] * (n // 4), dtype="string"),
+        "y": pd.array([0, 1, 2, 0] * (n // 4), dtype="Int64"),
+        "yb": pd.array([True, False] * (n // 2), dtype="boolean"),
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["pandas", "dask"])
+def test_from_dataframe_takes_pandas_frames_and_nullable_dtypes(kind):
+    frame = _nullable()
+    given = frame if kind == "pandas" else dd.from_pandas(frame, npartitions=3)
+    ds = Dataset.from_dataframe(given, ["a", "b", "c", "s"], "y", categorical=["s"])
+    X, y = ds.compute()
+    expected = frame[["a", "b", "c"]].astype("float64").to_numpy(na_value=np.nan)
+    np.testing.assert_array_equal(X[:, :3], expected.astype(np.float32))  # <NA> is NaN
+    assert sorted(ds.categories["s"]) == ["x", "y"] and set(X[:, 3]) == {0.0, 1.0, 2.0}
+    assert y.dtype == np.int64 and list(y[:4]) == [0, 1, 2, 0] and ds.task == "classification"
+    assert ds.npartitions >= 1 and len(X) == len(frame)
+    _, yb = Dataset.from_dataframe(given, ["a"], "yb").compute()
+    assert yb.dtype == np.int64 and list(yb[:2]) == [1, 0]  # booleans are classes 0 and 1
+    assert len(ds.dropna().compute()[0]) == 20  # rows with a missing feature go
+
+
+def test_missing_class_ids_and_float32_overflow_are_named():
+    frame = _nullable()
+    frame.loc[5, "y"] = pd.NA
+    with pytest.raises(ValueError, match=r"Column\(s\) \['y'\] have missing values \(<NA>\)"):
+        Dataset.from_dataframe(frame, ["a"], "y").compute()
+    big = np.ones((8, 2))
+    big[3, 1] = 1e39
+    with pytest.raises(ValueError, match=r"1 values of X are beyond float32's range.*1e\+39"):
+        Dataset.from_numpy(big, np.arange(8) % 2).compute()
+    wide = pd.DataFrame({"a": big[:, 1], "y": np.arange(8) % 2})
+    with pytest.raises(ValueError, match=r"values of columns \['a'\] are beyond float32"):
+        Dataset.from_dataframe(wide, ["a"], "y").compute()
+
+
+def test_channels_last_images_get_a_hint():
+    from daskdl import preflight
+
+    assert "X.transpose(0, 3, 1, 2)" in preflight.layout_hint((32, 32, 3))
+    assert preflight.layout_hint((3, 32, 32)) == "" and preflight.layout_hint((6,)) == ""
+
+
+def test_a_large_array_is_scattered_not_sent_in_every_graph(client):
+    import warnings
+
+    X = np.random.default_rng(0).random((40_000, 100)).astype(np.float32)  # 16 MB
+    y = np.arange(len(X)) % 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = Dataset.from_numpy(X, y)
+        total = float(ds.X.sum().compute())
+        persisted = ds.persist(client)
+    assert not [w for w in caught if "large graph" in str(w.message)], caught
+    assert total == pytest.approx(float(X.astype(np.float64).sum()), rel=1e-4)
+    np.testing.assert_array_equal(persisted.compute()[1], y)
+    assert ds.npartitions == 4

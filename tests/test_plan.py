@@ -133,5 +133,7 @@ def test_a_layout_is_planned_from_sizes_and_locations_alone():
     assert again.shards == ((3,), (0, 1, 2)) and again.shard_sizes["train"] == [100, 300]
     with pytest.raises(ValueError, match="batch_size=300 is larger than rank 0's shard"):
         layout(["train"], [[100] * 4], [where], ["w0", "w1"], batch_size=300)
-    with pytest.raises(ValueError, match="has 4 partitions for 5 ranks"):
+    with pytest.raises(ValueError, match=r"has 4 non-empty partitions \(4 in all\) for 5 ranks"):
         layout(["train"], [[100] * 4], [where], ["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match=r"has 1 non-empty partitions \(3 in all\) for 2 ranks"):
+        layout(["train"], [[300, 0, 0]], [where[:3]], ["a", "b"])

@@ -290,3 +290,34 @@ def test_streaming_options_are_checked_at_once(client, option, no_rank_may_start
     train = daskdl.datasets.digits()
     with pytest.raises((ValueError, TypeError), match=next(iter(option))):
         daskdl.fit(client, "mlp", train, progress=False, **option)
+
+
+def test_a_persisted_data_set_streams_as_it_trains_in_memory(client):
+    X, y = load_digits(return_X_y=True)
+    ds = Dataset.from_numpy(X.astype(np.float32), y, chunks=300).standardize().persist(client)
+    streamed = daskdl.fit(client, "mlp", ds, epochs=2, seed=0, stream=True, progress=False)
+    held = daskdl.fit(client, "mlp", ds, epochs=2, seed=0, stream=False, progress=False)
+    assert streamed.info["streamed"] == ["train"] and held.info["streamed"] == []
+    assert streamed.history["train_loss"].iloc[-1] < streamed.history["train_loss"].iloc[0]
+    # Every sample once per epoch either way: the same number of steps.
+    assert streamed.history["step"].tolist() == held.history["step"].tolist()
+
+
+def test_a_partition_whose_file_changed_during_the_run_is_named(client, tmp_path):
+    """A streamed partition is read by the count made when the run started."""
+    path = tmp_path / "parts"
+    path.mkdir()
+    for i in range(2):
+        frame = pd.DataFrame({"a": np.arange(50.0) + 50 * i, "label": np.arange(50) % 2})
+        frame.to_parquet(path / f"part.{i}.parquet")
+    ds = daskdl.sources.read(path, label="label")
+    [source] = streaming.sources(client, [ds])
+    source.sizes = [50, 50]  # as the run counted them
+    pd.DataFrame({"a": np.arange(40.0), "label": np.arange(40) % 2}).to_parquet(
+        path / "part.1.parquet"
+    )  # rewritten while the run reads
+    shard, inputs = source.for_shard([0, 1])
+    reader = streaming.PartitionReader("train", shard, inputs, np.dtype(np.int64), 0)
+    assert len(reader.read(0)[0]) == 50
+    with pytest.raises(RuntimeError, match=r"Partition 1 .* has 40 samples now, 50 when the run"):
+        reader.read(1)
