@@ -69,7 +69,7 @@ def _answers(address: str, security, seconds: float) -> None:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskdl-connect")
     try:
         pool.submit(asyncio.run, identity()).result(timeout=seconds + 5)
-    except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+    except TimeoutError:  # asyncio's and concurrent.futures' are this one since 3.11
         raise TimeoutError(f"no answer within {seconds:g} s") from None
     finally:
         pool.shutdown(wait=False)

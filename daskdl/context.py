@@ -468,9 +468,9 @@ class RankContext:
             return float(buf[0])
         return buf.reshape(np.shape(value))
 
-    def mean(self, value: Reducible) -> float:
+    def mean(self, value: Reducible) -> Any:
         """The mean over the ranks of a number or a one-element tensor (a loss, say), as a
-        float (for ``log``)."""
+        float (for ``log``); of a larger array or tensor, as ``all_reduce`` gives it."""
         out = self.all_reduce(value, "mean")
         return float(out) if np.size(out) == 1 else out
 

@@ -129,7 +129,7 @@ class Dataset:
                 )
             n_classes = integer("n_classes", n_classes, minimum=2)
         if X.dtype.kind == "f" and X.dtype.itemsize > 4:  # values beyond float32's: named
-            X = X.map_blocks(frames.to_float, np.float32, "X", dtype=np.float32)
+            X = X.map_blocks(frames.to_float, np.float32, "X", dtype=np.float32)  # type: ignore[arg-type]  # dask's stubs
         self.X = X.astype(np.float32) if X.dtype != np.float32 else X
         self.y = y
         self._n_classes = n_classes

@@ -45,7 +45,7 @@ def _mean_std(A: da.Array, axes: tuple[int, ...], keepdims: bool) -> tuple[da.Ar
     return mean, std
 
 
-def standardize(X: da.Array, mean: da.Array, std: da.Array) -> da.Array:
+def standardize(X: da.Array, mean: da.Array | np.ndarray, std: da.Array | np.ndarray) -> da.Array:
     """``(X - mean) / std``, lazily, broadcast over samples."""
     return ((X - mean) / std).astype(np.float32)
 
