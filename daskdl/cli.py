@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -227,6 +228,9 @@ def train(args) -> int:
 
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out; give --out DIR.")
+    from daskdl import checks
+
+    checks.train_config(None, config_options(args))  # before a cluster is started for it
     train_ds, test_ds = load_dataset(args)
     with ExitStack() as stack:
         client = client_for(args, stack)
@@ -519,8 +523,18 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         RunError,
     ) as e:
-        print(f"daskdl: error: {_one_line(e)}", file=sys.stderr)
+        print(f"daskdl: error: {as_flags(_one_line(e))}", file=sys.stderr)
         return 2
+
+
+def as_flags(message: str) -> str:
+    """A training option named as Python names it (``batch_size must be ...``,
+    ``lr=0.1``) as the command line does (``--batch-size must be ...``, ``--lr 0.1``)."""
+    for f in config.fields():
+        flag = "--" + f.name.replace("_", "-")
+        message = re.sub(rf"^{f.name}\b(?!=)", flag, message)
+        message = re.sub(rf"(?<![\w.'\"-]){f.name}=", flag + " ", message)
+    return message
 
 
 def _one_line(e: BaseException) -> str:

@@ -114,11 +114,13 @@ def _kind(out: Path, tabular: bool) -> str:
     kinds = ("parquet", "csv") if tabular else ("zarr",)
     if suffix[1:] in kinds:
         return suffix[1:]
+    what = "Tabular input (Parquet, CSV)" if tabular else "Array input"
+    shown = " or ".join(f"--out {out.with_suffix('.' + k)}" for k in kinds)
     if suffix in (".parquet", ".csv", ".zarr"):
-        what = "Tabular input (Parquet, CSV)" if tabular else "Array input"
-        shown = " or ".join(f"--out {out.with_suffix('.' + k)}" for k in kinds)
         raise ValueError(f"{what} is written as {' or '.join(kinds)}: give {shown}.")
-    return kinds[0]
+    if suffix:  # p.txt, p.json: not a format predictions are written in
+        raise ValueError(f"--out {out}: {what} is written as {' or '.join(kinds)}: give {shown}.")
+    return kinds[0]  # a folder's name: Parquet (or Zarr) files in it
 
 
 def _follow(futures, as_completed, progress: bool) -> None:

@@ -4,6 +4,7 @@ Dask arrays a :class:`daskdl.Dataset` holds."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -181,9 +182,7 @@ def dataframe_features(ddf, features: Sequence[str], categories: Mapping | None)
     with it (one partition per block): what a model trained on a ``from_dataframe`` data set
     reads."""
     features = list(features)
-    missing = [c for c in features if c not in ddf.columns]
-    if missing:
-        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
+    _check_present(ddf, features, [])
     if categories:
         ddf = ddf.map_partitions(categorical_.encode, dict(categories))
     frame = ddf[features]
@@ -201,10 +200,21 @@ def _index_only(df):
     return df.iloc[:, :0]
 
 
+def _check_present(ddf, features: list[str], labels: list[str]) -> None:
+    """Every named column is there; the first missing is named, with the closest match."""
+    for what, names, flag in (("label", labels, "--label"), ("features", features, "--features")):
+        missing = [c for c in names if c not in ddf.columns]
+        if missing:
+            close = difflib.get_close_matches(str(missing[0]), list(map(str, ddf.columns)), 1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{what}: {missing} {'is not a column' if len(missing) == 1 else 'are not columns'}"
+                f" of the data ({flag} on the command line); it has {list(ddf.columns)}.{hint}"
+            )
+
+
 def _check_columns(ddf, features: list[str], labels: list[str]) -> None:
-    missing = [c for c in [*features, *labels] if c not in ddf.columns]
-    if missing:
-        raise KeyError(f"Columns {missing} are not in the dataframe; it has {list(ddf.columns)}.")
+    _check_present(ddf, features, labels)
     if not features:
         raise ValueError("features is empty: name at least one feature column.")
     if not labels:

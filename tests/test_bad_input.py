@@ -45,8 +45,8 @@ y = np.arange(200) % 2
                 ["a", "b"],
                 "label",
             ),
-            KeyError,
-            r"Columns \['b'\] are not in the dataframe",
+            ValueError,
+            r"features: \['b'\] is not a column of the data \(--features on the command line\)",
         ),
         (
             lambda: Dataset.from_dataframe(

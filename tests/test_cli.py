@@ -257,3 +257,23 @@ def test_a_scheduler_that_never_answers_is_an_error_within_seconds():
         proc = _run("train", "--scheduler", address, "--epochs", "1", "--no-progress", timeout=120)
     assert proc.returncode == 2 and time.monotonic() - began < 60
     assert f"could not reach the scheduler at {address} (no answer within 10 s)" in proc.stderr
+
+
+def test_first_day_mistakes_are_named_in_flags(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    n = np.arange(40)
+    pd.DataFrame({"a": n * 1.0, "b": n % 3.0, "label": n % 2}).to_csv(tmp_path / "d.csv")
+    data = ["--data", str(tmp_path / "d.csv")]
+    cases = [
+        (["--label", "lable"], r"label: \['lable'\] is not a column .*--label.*mean 'label'\?"),
+        (["--label", "label", "--features", "a", "zz"], r"features: \['zz'\] is not a column"),
+        (["--label", "label", "--batch-size", "0"], r"--batch-size must be a positive integer"),
+        (["--label", "label", "--lr", "-1"], r"--lr must be a positive number"),
+    ]
+    for args, message in cases:
+        proc = _run("train", *data, *args, "--epochs", "1", "--no-progress", timeout=120)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and re.search(message, last), last
+        assert "daskdl: cluster" not in proc.stderr  # refused before a cluster was started
