@@ -75,9 +75,8 @@ def predict(args) -> int:
     with ExitStack() as stack:
         client = client_for(args, stack)
         names = features if named and features is not None else None
-        X = inputs.conform_array(
-            client, X, names, None, trained, inputs.recorded(manifest), "--data"
-        )
+        expected = inputs.Trained.from_manifest(manifest, predictor.input_shape)
+        X = inputs.conform_array(client, X, names, None, expected, "--data")
         preds = predictions(client, X, predictor, weights, index)
         # Held on the workers while the bar runs, and written from there (predictions are
         # small beside the samples they come from).

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask.array as da
+import dask.dataframe as dd
 import numpy as np
+import pandas as pd
 from distributed import Client
 
-from daskdl import preprocess
+from daskdl import frames, preprocess
 from daskdl.data import Dataset
 from daskdl.preprocess import Standardization
 
@@ -77,28 +80,102 @@ def match_order(names: Sequence[str], trained: Sequence[str], what: str) -> np.n
     return np.array([names.index(n) for n in trained])
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What a trained model takes: its features by name (None: it learned from arrays),
+    their categorical codes, the statistics they were standardised with, and one sample's
+    shape."""
+
+    features: Sequence[str] | None
+    categories: dict | None
+    reference: Standardization | None
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, input_shape: tuple[int, ...]) -> Trained:
+        return cls(
+            manifest.get("features"), manifest.get("categories"), recorded(manifest),
+            tuple(input_shape),
+        )  # fmt: skip
+
+
+def check_categories(data: Dataset, categories: dict | None, name: str) -> None:
+    """``data`` encodes its categorical features with the codes the model learned."""
+    if data.categories != categories:
+        raise ValueError(
+            f"{name}'s categorical codes are not the training data's (categories "
+            f"{sorted(data.categories or {})} vs {sorted(categories or {})}, or other values): "
+            "build it with Dataset.from_dataframe(..., categories=train.categories), or split "
+            "it from the same data set."
+        )
+
+
+def samples(client: Client, data, trained: Trained, what: str = "data"):
+    """``data``'s samples as the model takes them, and the index to give predictions (a
+    dataframe's, or None): ``data`` is a :class:`Dataset`, a Dask array of raw samples, or a
+    pandas or Dask dataframe holding the training features by name."""
+    if isinstance(data, Dataset):
+        check_categories(data, trained.categories, name=what)
+        return conform(client, data, trained, what).X, data.index
+    if isinstance(data, da.Array):
+        return conform_array(client, data, None, None, trained, what), None
+    if isinstance(data, (pd.DataFrame, dd.DataFrame)):
+        if trained.features is None:
+            raise TypeError(
+                f"{what} is a dataframe, but the model learned from arrays, without feature "
+                "names: pass a daskdl.Dataset or a Dask array of samples."
+            )
+        ddf = frames.as_dask_frame(data)
+        X, index = frames.dataframe_features(ddf, trained.features, trained.categories)
+        extra = [c for c in ddf.columns if c not in trained.features]
+        if extra:
+            logger.info("%s: columns the model was not trained on, left out: %s", what, extra)
+        return conform_array(client, X, None, None, trained, what), index
+    raise TypeError(
+        f"{what} must be a daskdl.Dataset, a Dask array of samples or a dataframe, got "
+        f"{type(data).__name__}."
+    )
+
+
+def conform(client: Client, data: Dataset, trained: Trained, what: str = "data") -> Dataset:
+    """A data set as the model takes it (:func:`conform_array` on its features), marked with
+    the statistics it now carries."""
+    X = conform_array(client, data.X, data.features, data.standardized, trained, what)
+    if X is data.X:
+        return data
+    out = data._like(X, data.y, same_rows=True)
+    out.features = list(trained.features) if trained.features is not None else data.features
+    out.standardized = trained.reference
+    return out
+
+
 def conform_array(
     client: Client,
     X: da.Array,
     names: Sequence[str] | None,
     stats: Standardization | None,
-    trained_names: Sequence[str] | None,
-    reference: Standardization | None,
+    trained: Trained,
     what: str = "data",
 ) -> da.Array:
     """``X`` as the model takes it: the model's features in its order (by name, where both
     sides have names), standardised with the training statistics unless it already was."""
     order = None
-    if names is not None and trained_names is not None:
-        order = match_order(names, trained_names, what)
+    if names is not None and trained.features is not None:
+        order = match_order(names, trained.features, what)
         if order is not None:
             if X.ndim != 2 or X.shape[1] != len(names):
                 raise ValueError(
-                    f"{what}'s features {list(names)} are not the model's {list(trained_names)}, "
-                    "and its samples are not one column per name to reorder: build it with the "
-                    "training features, in their order."
+                    f"{what}'s features {list(names)} are not the model's "
+                    f"{list(trained.features)}, and its samples are not one column per name to "
+                    "reorder: build it with the training features, in their order."
                 )
             X = X[:, order]
+    if tuple(X.shape[1:]) != tuple(trained.input_shape):
+        raise ValueError(
+            f"{what} has samples of shape {tuple(X.shape[1:])}, but the model takes "
+            f"{tuple(trained.input_shape)}."
+        )
+    reference = trained.reference
     if stats is None:
         if reference is None:
             return X
@@ -122,26 +199,6 @@ def conform_array(
             "standardize() (the model applies its own statistics), or standardize(like=train)."
         )
     return X
-
-
-def conform(
-    client: Client,
-    data: Dataset,
-    trained_names: Sequence[str] | None,
-    reference: Standardization | None,
-    what: str = "data",
-) -> Dataset:
-    """A data set as the model takes it (:func:`conform_array` on its features), marked with
-    the statistics it now carries."""
-    X = conform_array(
-        client, data.X, data.features, data.standardized, trained_names, reference, what
-    )
-    if X is data.X:
-        return data
-    out = data._like(X, data.y, same_rows=True)
-    out.features = list(trained_names) if trained_names is not None else data.features
-    out.standardized = reference
-    return out
 
 
 def _short(values: np.ndarray, n: int = 4) -> str:

@@ -21,10 +21,11 @@ from daskdl import metrics as metrics_
 from daskdl.config import TrainConfig
 from daskdl.data import Dataset
 from daskdl.fitloop import FitLoop
+from daskdl.inputs import check_categories
 from daskdl.launching import Launch, Starting, read_resume, start
 from daskdl.objective import Objective, check_loss, describe_loss
 from daskdl.pipeline import Pipeline
-from daskdl.run import Run, check_categories, check_compatible, target_scale
+from daskdl.run import Run, check_compatible, target_scale
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ def fit(
     folder = checks.run_folder(out, resume, overwrite, signing_key, verify_key)
     if isinstance(train, Dataset) and isinstance(val, Dataset):
         # Validated as the model will be applied: the training features, standardised once.
-        val = inputs.conform(client, val, train.features, train.standardized, "val")
+        trained = inputs.Trained(
+            train.features, train.categories, train.standardized, train.sample_shape
+        )
+        val = inputs.conform(client, val, trained, "val")
     model, metric_specs = _what_to_learn(train, val, model, loss, metrics, cfg)
     resume_state, manifest = _checkpoint_to_resume(folder, cfg)
     ranks = checks.check_cluster(client, cfg, folder.key, workers)

@@ -252,7 +252,7 @@ def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.n
 
 def predict(
     checkpoint_or_run: str | os.PathLike | Run,
-    data: Dataset | da.Array,
+    data: Dataset | da.Array | pd.DataFrame | dd.DataFrame,
     model: models.ModelSpec | None = None,
     *,
     client: Client | None = None,
@@ -293,29 +293,16 @@ def predict(
         checkpoint_or_run, model, output, batch_size, device, precision, verify_key, on_nan,
         sample_shape,
     )  # fmt: skip
-    X = conform(client, data, manifest)
-    if index is None and isinstance(data, Dataset):
-        index = data.index
-    return predictions(client, X, predictor, weights, index)
-
-
-def conform(client: Client, data, manifest: dict) -> da.Array:
-    """``data``'s samples as a checkpoint's model takes them (:mod:`daskdl.inputs`)."""
-    from daskdl.run import check_categories
-
-    reference = inputs.recorded(manifest)
-    if isinstance(data, Dataset):
-        check_categories(data, manifest.get("categories"), name="data")
-        return inputs.conform(client, data, manifest.get("features"), reference).X
-    if isinstance(data, da.Array):
-        return inputs.conform_array(client, data, None, None, None, reference)
-    raise TypeError(
-        f"data must be a daskdl.Dataset or a Dask array of samples, got {type(data).__name__}."
-    )
+    trained = inputs.Trained.from_manifest(manifest, predictor.input_shape)
+    X, found = inputs.samples(client, data, trained)
+    return predictions(client, X, predictor, weights, index if index is not None else found)
 
 
 def _sample_shape(data) -> tuple[int, ...] | None:
+    """One sample's shape, where ``data`` says it (a launch checkpoint records none)."""
     X = data.X if isinstance(data, Dataset) else data
+    if isinstance(X, (pd.DataFrame, dd.DataFrame)):
+        return (len(X.columns),)
     return tuple(int(s) for s in X.shape[1:]) if isinstance(X, da.Array) else None
 
 

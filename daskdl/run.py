@@ -21,6 +21,7 @@ from daskdl import comm, config, events, inputs, models, preflight
 from daskdl import metrics as metrics_
 from daskdl.coordinator import Coordinator, RunError, State
 from daskdl.data import Dataset
+from daskdl.inputs import check_categories
 from daskdl.objective import Scale
 
 if TYPE_CHECKING:
@@ -227,8 +228,7 @@ class Run:
         objective = self.spec["objective"]
         check_compatible(data, None, name="data", task=objective.task)
         check_categories(data, self.spec.get("categories"), name="data")
-        data = self._conform(data)
-        check_compatible(data, self.spec["input_shape"], name="data")
+        data = inputs.conform(self.client, data, self._trained())
         self._scatter_weights()
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
         y_parts = data.y.to_delayed(optimize_graph=False).ravel()
@@ -247,7 +247,7 @@ class Run:
 
     def predict(
         self,
-        data: Dataset | da.Array,
+        data: Dataset | da.Array | pd.DataFrame | dd.DataFrame,
         *,
         output: str | None = None,
         batch_size: int = 1024,
@@ -255,9 +255,10 @@ class Run:
         precision: str = "fp32",
         on_nan: str = "raise",
     ) -> da.Array | dd.DataFrame | str:
-        """The trained model's predictions over ``data`` (a Dataset, or a Dask array of
-        samples), lazily: a Dask array with one block per partition, or, for a Dataset made
-        by ``from_dataframe``, a Dask dataframe with its index. Waits for the run.
+        """The trained model's predictions over ``data`` (a Dataset, a Dask array of
+        samples, or a pandas or Dask dataframe with the training features by name), lazily:
+        a Dask array with one block per partition, or, for a dataframe or a Dataset made by
+        ``from_dataframe``, a Dask dataframe with its index. Waits for the run.
 
         ``data`` may be raw (as read) or standardised with the training statistics
         (``standardize(like=train)``): the run applies its own statistics to raw data, and
@@ -281,30 +282,21 @@ class Run:
                 "predict() uses a fit() run's model; a launch() loop's model is its own "
                 "(daskdl.predict(checkpoint, data, model=...) rebuilds one from a checkpoint)."
             )
-        if isinstance(data, Dataset):
-            check_categories(data, self.spec.get("categories"), name="data")
-        X = self._conform(data)
+        X, index = inputs.samples(self.client, data, self._trained())
         self._scatter_weights()
         self._digest = self._digest or digest(self._result_model())
         predictor = make_predictor(
             self.spec["model"], self.spec["input_shape"], self.spec["objective"], self._digest,
             output, batch_size, device, precision, on_nan,
         )  # fmt: skip
-        index = data.index if isinstance(data, Dataset) else None
         return predictions(self.client, X, predictor, self._state, index)
 
-    def _conform(self, data):
-        """``data`` as the trained model takes it: its features in the training order,
-        standardised with the training statistics (once). A Dask array counts as raw
-        samples."""
+    def _trained(self) -> inputs.Trained:
         spec = self.spec
-        if isinstance(data, Dataset):
-            return inputs.conform(self.client, data, spec.get("features"), spec.get("standardized"))
-        if isinstance(data, da.Array):
-            return inputs.conform_array(
-                self.client, data, None, None, None, spec.get("standardized")
-            )
-        return data
+        return inputs.Trained(
+            spec.get("features"), spec.get("categories"), spec.get("standardized"),
+            tuple(spec["input_shape"]),
+        )  # fmt: skip
 
     def _scatter_weights(self) -> None:
         """The trained weights on every worker, once per run: one future for the whole state
@@ -337,17 +329,6 @@ def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batc
         model, xt, yt, batch_size, no_autocast, objective, scores, spec["data_scale"]
     )
     return counts, sums, scores
-
-
-def check_categories(data: Dataset, categories: dict | None, name: str) -> None:
-    """``data`` encodes its categorical features with the codes the model learned."""
-    if data.categories != categories:
-        raise ValueError(
-            f"{name}'s categorical codes are not the training data's (categories "
-            f"{sorted(data.categories or {})} vs {sorted(categories or {})}, or other values): "
-            "build it with Dataset.from_dataframe(..., categories=train.categories), or split "
-            "it from the same data set."
-        )
 
 
 def target_scale(client: Client, data: Dataset) -> Scale | None:

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -341,7 +341,8 @@ def tune(
     Parameters
     ----------
     space
-        ``space(trial) -> dict``: the options of one trial, sampled with Optuna's
+        ``space(trial) -> dict`` (or the dict a YAML search space holds: ``{"lr": {"low":
+        1e-3, "high": 0.3, "log": True}, ...}``): the options of one trial, sampled with Optuna's
         ``trial.suggest_*``: ``model`` (a registered name or a factory), any :func:`daskdl.fit`
         option (``lr``, ``batch_size``, ``augment``, ``precision``, ``schedule``, ``shard``,
         ``pipeline``, ``loss``, ...) and ``standardize`` (the data standardised or not).
@@ -396,8 +397,15 @@ def tune(
     if metric.startswith("val_") and val is None:
         raise ValueError(f"metric={metric!r} scores the validation set: pass val=.")
     direction = direction_for(metric, direction)
+    if isinstance(space, Mapping):  # the YAML file's form, as data
+        from daskdl import space as space_
+
+        space = space_.from_dict(space)
     if not callable(space):
-        raise TypeError(f"space must be a function space(trial) -> dict, got {space!r}.")
+        raise TypeError(
+            f"space must be a function space(trial) -> dict, or a dict as daskdl tune's YAML "
+            f"file holds it, got {space!r}."
+        )
     resume = config_.flag("resume", resume)
     check_storage(storage)
     if resume and storage is None:

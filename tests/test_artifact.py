@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import dask
+import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -294,3 +295,17 @@ def test_a_single_file_trains_on_two_workers(client, tmp_path):
     ds = Dataset.from_dataframe(dd.from_pandas(frame, npartitions=1), FEATURES, "label")
     run = daskdl.fit(client, "mlp", ds.standardize(), **QUICK)
     assert run.info["world_size"] == 2 and run.history["train_loss"].iloc[-1] < 1.0
+
+
+def test_a_dataframe_predicts_by_its_column_names_and_a_wrong_width_is_named(client, python_run):
+    run, train, test, frame = python_run
+    expected = _reference(run, train, frame[FEATURES].to_numpy(np.float32)).argmax(1)
+    shuffled = frame[["label", *FEATURES[::-1]]]  # the label and another order: by name
+    for given in (shuffled, dd.from_pandas(shuffled, npartitions=3)):
+        got = run.predict(given).compute()
+        assert list(got.columns) == ["prediction"] and got.index.equals(frame.index)
+        np.testing.assert_array_equal(got["prediction"].to_numpy(), expected)
+    with pytest.raises(ValueError, match=r"data has samples of shape \(3,\), but the model"):
+        run.predict(da.from_array(frame[FEATURES[:3]].to_numpy(np.float32)))
+    with pytest.raises(ValueError, match=r"features: \['f'\] is not a column"):
+        run.predict(frame.drop(columns=["f"]))

@@ -53,7 +53,7 @@ def test_bad_prediction_requests_say_what_to_do(classifier):
         run.predict(Dataset.from_numpy(X, np.zeros(len(X), np.int64)), output="values")
     with pytest.raises(ValueError, match=r"samples of shape \(4,\), but the model takes \(6,\)"):
         run.predict(Dataset.from_numpy(X[:, :4], np.zeros(len(X), np.int64)))
-    with pytest.raises(TypeError, match="a daskdl.Dataset or a Dask array"):
+    with pytest.raises(TypeError, match="a daskdl.Dataset, a Dask array of samples or a dataframe"):
         run.predict(X)
 
 

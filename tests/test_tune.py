@@ -332,3 +332,12 @@ def test_a_yaml_search_space_through_the_command_line(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "lr has low=0.3 >= high=0.1" in proc.stderr
+
+
+def test_a_space_given_as_a_dict_is_the_yaml_files_form(client):
+    train, test = daskdl.datasets.train_test("digits")
+    space = {"model": "mlp", "lr": {"low": 0.02, "high": 0.1, "log": True}}
+    study = daskdl.tune(client, space, train, val=test, n_trials=1, epochs=1, pruner="none")
+    assert set(study.trials["lr"].dropna()) and 0.02 <= study.best.params["lr"] <= 0.1
+    with pytest.raises(ValueError, match="lerning_rate is no fit option"):
+        daskdl.tune(client, {"model": "mlp", "lerning_rate": 0.1}, train, val=test)
