@@ -150,7 +150,9 @@ def sources(client: Client, datasets: Sequence[Dataset]) -> list[StreamSource]:
             deps[k] = set()
     shared = set().union(*(_shared_inputs(dsk, outputs, deps) for dsk, outputs in graphs))
     todo = [k for k in shared if not isinstance(merged[k], Future)]
-    futures = {k: merged[k] for k in shared if isinstance(merged[k], Future)}
+    # The run's own handles on results the user persisted: the run releases its handles when
+    # it ends, and the user's persisted data set must stay.
+    futures = {k: Future(k, client) for k in shared if isinstance(merged[k], Future)}
     if todo:
         culled, _ = _cull(merged, deps, todo)
         futures.update(zip(todo, client.get(culled, todo, sync=False)))

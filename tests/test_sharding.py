@@ -388,7 +388,7 @@ def test_a_worker_that_joins_a_sharded_run_gets_a_rank_only_from_a_checkpoint(
         assert changes == [] and len(run.workers) == 2
 
 
-class _Tied(torch.nn.Module):
+class _TiedLayers(torch.nn.Module):
     """An input and an output layer sharing one weight, as language models tie them."""
 
     def __init__(self, d=6, k=3):
@@ -402,19 +402,19 @@ class _Tied(torch.nn.Module):
         return self.head(torch.relu(self.out(torch.relu(self.inp(x)))))
 
 
-def _tied() -> torch.nn.Module:
-    return _Tied()
+def _tied_model() -> torch.nn.Module:
+    return _TiedLayers()
 
 
 def test_tied_weights_with_full_sharding_are_refused_before_any_rank(client, no_rank_may_start):
     X = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
     data = Dataset.from_numpy(X, np.arange(200) % 3, chunks=50)
     with pytest.raises(ValueError, match=r"ties parameters between modules \(inp.weight = out"):
-        daskdl.fit(client, _tied, data, shard="full", epochs=1, progress=False)
+        daskdl.fit(client, _tied_model, data, shard="full", epochs=1, progress=False)
 
 
 def test_tied_weights_train_with_the_optimizer_sharded(client):
     X = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
     data = Dataset.from_numpy(X, np.arange(200) % 3, chunks=50)
-    run = daskdl.fit(client, _tied, data, shard="optimizer", epochs=1, progress=False)
+    run = daskdl.fit(client, _tied_model, data, shard="optimizer", epochs=1, progress=False)
     assert run.status == "finished"
