@@ -152,7 +152,7 @@ def sources(client: Client, datasets: Sequence[Dataset]) -> list[StreamSource]:
     todo = [k for k in shared if not isinstance(merged[k], Future)]
     # The run's own handles on results the user persisted: the run releases its handles when
     # it ends, and the user's persisted data set must stay.
-    futures = {k: Future(k, client) for k in shared if isinstance(merged[k], Future)}
+    futures: dict = {k: Future(k, client) for k in shared if isinstance(merged[k], Future)}
     if todo:
         culled, _ = _cull(merged, deps, todo)
         futures.update(zip(todo, client.get(culled, todo, sync=False)))
