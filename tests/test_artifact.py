@@ -309,3 +309,15 @@ def test_a_dataframe_predicts_by_its_column_names_and_a_wrong_width_is_named(cli
         run.predict(da.from_array(frame[FEATURES[:3]].to_numpy(np.float32)))
     with pytest.raises(ValueError, match=r"features: \['f'\] is not a column"):
         run.predict(frame.drop(columns=["f"]))
+
+
+def test_python_predicts_a_dask_written_parquet_folder_with_its_index(client, parquet, cli_run):
+    """The Dataset's index comes in the partitions of its rows (Dask joins small Parquet
+    files when it reads only some columns), empty partitions and unknown divisions too."""
+    path, frame = parquet
+    model, manifest = _checkpoint_model(cli_run)
+    data = sources.read(path, "label")
+    got = daskdl.predict(cli_run, data, output="logits", client=client).compute()
+    expected = _outputs(model, _by_hand(manifest["standardize"], frame[FEATURES].to_numpy()))
+    assert got.index.equals(frame.index) and len(got) == len(frame)
+    np.testing.assert_allclose(got.to_numpy(), expected, rtol=1e-4, atol=1e-4)
