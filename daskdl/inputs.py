@@ -177,7 +177,7 @@ def conform_array(
         )
     reference = trained.reference
     if stats is None:
-        if reference is None:
+        if reference is None or _reads(X, reference):
             return X
         return preprocess.standardize(X, reference.mean, reference.std)
     if reference is None:
@@ -199,6 +199,18 @@ def conform_array(
             "standardize() (the model applies its own statistics), or standardize(like=train)."
         )
     return X
+
+
+def _reads(X: da.Array, reference: Standardization) -> bool:
+    """Whether ``X`` was computed from the training statistics themselves: the features of a
+    data set standardised ``like=train``, handed over as a bare array (``test.X``)."""
+    if reference.key is None:
+        return False
+    names = {k[0] if isinstance(k, tuple) else k for k in X.__dask_graph__()}
+    if reference.key[0] in names:
+        logger.info("the samples are standardised with the training statistics: taken as they are")
+        return True
+    return False
 
 
 def _short(values: np.ndarray, n: int = 4) -> str:

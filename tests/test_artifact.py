@@ -176,6 +176,9 @@ def test_python_predict_raw_or_standardised_data_alike(client, python_run, tmp_p
     # like= a standardised training set: its statistics, not those of standardised data
     also = run.predict(test.standardize(like=train.standardize()), output="logits").compute()
     np.testing.assert_allclose(np.asarray(also), expected, rtol=1e-4, atol=1e-4)
+    # A bare array of features standardised like=train (test.X) is not standardised again.
+    bare = run.predict(test.standardize(like=train).X, output="logits").compute()
+    np.testing.assert_allclose(bare, expected, rtol=1e-4, atol=1e-4)
     # evaluate scores raw data as standardised data
     a, b = run.evaluate(test), run.evaluate(test.standardize(like=train))
     assert a["accuracy"] == b["accuracy"] > 0.9 and a["loss"] == pytest.approx(b["loss"])
