@@ -99,7 +99,7 @@ def _select(df, columns, dtype):
     part = df[columns]
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
-        missing = part.isna().to_numpy().any(axis=0) if len(part) else np.zeros(1, bool)
+        missing = part.isna().to_numpy().any(axis=0)
         if np.any(missing):
             names = [columns] if isinstance(columns, str) else list(np.asarray(columns)[missing])
             raise ValueError(
@@ -259,13 +259,12 @@ def in_cluster(values: np.ndarray, rows: int) -> da.Array:
         return da.from_array(values, chunks=chunks)
     import dask
 
-    starts = range(0, len(values), rows)
-    futures = client.scatter([np.ascontiguousarray(values[i : i + rows]) for i in starts])
+    parts = [np.ascontiguousarray(values[i : i + rows]) for i in range(0, len(values), rows)]
+    futures = client.scatter(parts)
     blocks = [
-        da.from_delayed(dask.delayed(f), shape=(len(values[i : i + rows]), *values.shape[1:]),
-                        dtype=values.dtype)
-        for i, f in zip(starts, futures)
-    ]  # fmt: skip
+        da.from_delayed(dask.delayed(f), shape=part.shape, dtype=values.dtype)
+        for part, f in zip(parts, futures)
+    ]
     return da.concatenate(blocks)
 
 
@@ -280,7 +279,7 @@ def _current_client():
 
 def chunk_numpy(values: np.ndarray) -> da.Array:
     """``values`` as a Dask array of :func:`auto_rows` samples per partition."""
-    return da.from_array(values, chunks=(auto_rows(values),) + values.shape[1:])
+    return in_cluster(values, auto_rows(values))
 
 
 def _flat_concat(arrays: list[da.Array]) -> da.Array:

@@ -74,10 +74,14 @@ def match_order(names: Sequence[str], trained: Sequence[str], what: str) -> np.n
             f"needs the features {trained}. Give {what} "
             "every training feature (from_dataframe(..., features=...)), or --features."
         )
+    _note_left_out(names, trained, what)
+    return np.array([names.index(n) for n in trained])
+
+
+def _note_left_out(names: Sequence, trained: Sequence[str], what: str) -> None:
     extra = [n for n in names if n not in trained]
     if extra:
         logger.warning("%s has columns the model was not trained on, left out: %s", what, extra)
-    return np.array([names.index(n) for n in trained])
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,7 @@ def samples(client: Client, data, trained: Trained, what: str = "data"):
             )
         ddf = frames.as_dask_frame(data)
         X, index = frames.dataframe_features(ddf, trained.features, trained.categories)
-        extra = [c for c in ddf.columns if c not in trained.features]
-        if extra:
-            logger.info("%s: columns the model was not trained on, left out: %s", what, extra)
+        _note_left_out(list(ddf.columns), trained.features, what)
         return conform_array(client, X, None, None, trained, what), index
     raise TypeError(
         f"{what} must be a daskdl.Dataset, a Dask array of samples or a dataframe, got "

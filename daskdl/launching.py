@@ -356,12 +356,13 @@ def enough_partitions(client: Client, held: Held, n_ranks: int) -> Held:
     fewer (a single file, or one partition and empty ones) is cut into ``n_ranks`` equal
     partitions on the cluster, instead of being refused."""
     sizes = [int(n) for n in held.ds.X.chunks[0]]
-    if sum(1 for n in sizes if n) >= n_ranks or sum(sizes) < n_ranks:
+    filled = sum(1 for n in sizes if n)
+    if filled >= n_ranks or sum(sizes) < n_ranks:
         return held  # enough already; too few samples is the layout's error to name
     chunk = math.ceil(sum(sizes) / n_ranks)
     logger.info(
         "the data set has %d non-empty partitions for %d ranks: split into partitions of %d "
-        "samples", sum(1 for n in sizes if n), n_ranks, chunk,
+        "samples", filled, n_ranks, chunk,
     )  # fmt: skip
     ds = held.ds
     split = ds._like(ds.X.rechunk({0: chunk}), ds.y.rechunk({0: chunk}))

@@ -211,7 +211,8 @@ def open_trackers(
                 continue
             if isinstance(item, MLflowTracker) and item.resumed:
                 until = _bounded("mlflow", run_id, item.logged_until)
-                first = max(first, until if until is not None else first)
+                if until is not None:
+                    first = max(first, until)
         made.append(item)
     return Trackers(made, run_id, first, epochs_logged)
 
