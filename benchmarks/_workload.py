@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import daskdl
-from daskdl.process import flush_denormals, torch_friendly_malloc
+from daskdl.worker.process import flush_denormals, torch_friendly_malloc
 
 
 def synthetic(n: int) -> daskdl.Dataset:

@@ -28,16 +28,17 @@ from _report import report
 from distributed import get_worker
 
 import daskdl
-from daskdl import comm
 from daskdl.cluster import workers_info
-from daskdl.worker import manager
+from daskdl.collectives import comm
+from daskdl.worker.extension import manager
 
 RESNET18 = 11_173_962
 
 
 def _daskdl_rank(run_id, rank, peers, size, iters, warmup, wire):
     # The allocator settings every training rank runs with, and Dask's profiler paused as
-    # for a rank: it samples stacks on the event loop that runs the ring (see daskdl.process).
+    # for a rank: it samples stacks on the event loop that runs the ring (see
+    # daskdl.worker.process).
     tuning = manager(get_worker()).tuning
     with tuning.malloc(), tuning.profiler_paused(get_worker()):
         return _daskdl_loop(run_id, rank, peers, size, iters, warmup, wire)

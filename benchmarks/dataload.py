@@ -1,4 +1,4 @@
-"""How fast a rank's loader delivers batches: ``daskdl.loader.ShardLoader`` over the partitions
+"""How fast a rank's loader delivers batches: ``daskdl.rank.loader.ShardLoader`` over the partitions
 of a persisted Dask array, on the worker that trains, against random-batch indexing of the same
 array held in numpy in this process.
 
@@ -21,12 +21,12 @@ import torch
 from _report import report
 
 import daskdl
-from daskdl.loader import ShardLoader
-from daskdl.process import torch_friendly_malloc
+from daskdl.rank.loader import ShardLoader
+from daskdl.worker.process import torch_friendly_malloc
 
 
 def loader_rate(batch_size: int, epochs: int, n_parts: int, *parts):
-    # The allocator settings every training rank runs with (see daskdl.process).
+    # The allocator settings every training rank runs with (see daskdl.worker.process).
     with torch_friendly_malloc():
         return _loader_rate(batch_size, epochs, n_parts, *parts)
 

@@ -29,7 +29,7 @@ BATCH = 64
 
 
 def _ddp_rank(rank, port, X, y, epochs, out):
-    # The ceiling gets the settings daskdl's ranks get (see daskdl.process).
+    # The ceiling gets the settings daskdl's ranks get (see daskdl.worker.process).
     with as_a_rank():
         _ddp_loop(rank, port, X, y, epochs, out)
 

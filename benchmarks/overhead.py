@@ -21,7 +21,7 @@ from _workload import plain_epochs
 
 import daskdl
 from daskdl import models
-from daskdl.process import torch_friendly_malloc
+from daskdl.worker.process import torch_friendly_malloc
 
 
 def plain_loop(X, y, model_name, epochs, batch, lr, seed):
@@ -56,7 +56,7 @@ def main():
     parser.add_argument("--n", type=int, default=2048)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # As daskdl's ranks do (see daskdl.process.flush_denormals): both sides run alike.
+    # As daskdl's ranks do (see daskdl.worker.process.flush_denormals): both sides run alike.
     torch.set_flush_denormal(True)
     data = daskdl.datasets.synthetic_images(args.n, (3, 32, 32), 10, seed=0)
     X, y = data.compute()

@@ -35,7 +35,8 @@ import torch.multiprocessing as mp
 from _report import report
 
 import daskdl
-from daskdl import Dataset, Pipeline, sharding
+from daskdl import Dataset, Pipeline
+from daskdl.parallel import sharding
 
 TARGET = 0.9
 STATE_TARGETS = {"optimizer": 0.8, "full": 0.6}

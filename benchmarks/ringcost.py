@@ -30,9 +30,9 @@ from _report import report
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 
 import daskdl
-from daskdl import comm, hierarchy
 from daskdl.cluster import workers_info
-from daskdl.process import torch_friendly_malloc
+from daskdl.collectives import comm, hierarchy
+from daskdl.worker.process import torch_friendly_malloc
 
 SIZES = [65_536, 1_048_576, 6_250_000, 11_173_962]  # float32 values: 256 KB to 44.7 MB
 
@@ -127,8 +127,8 @@ def tree(p, n, alpha, beta):
 
 
 def two_level(p, n, alpha, beta, per_host=8, local=10.0, link_shared=True):
-    """daskdl.hierarchy's all-reduce: a reduce-scatter and an all-gather inside each host (a
-    ring's cost, at ``local`` times the bandwidth and a tenth of the step cost), and between
+    """daskdl.collectives.hierarchy's all-reduce: a reduce-scatter and an all-gather inside each
+    host (a ring's cost, at ``local`` times the bandwidth and a tenth of the step cost), and between
     them ``per_host`` rings across the hosts side by side, each on ``1/per_host`` of the
     buffer, sharing the host's network link (``link_shared``) or each with a link of its own
     (a NIC per GPU)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from _report import report
 
 import daskdl
-from daskdl import text
+from daskdl.data import text
 
 
 def write_corpus(folder: Path, mb: int, files: int, seed: int = 0) -> list[Path]:

@@ -2,20 +2,20 @@
 
 from daskdl import config as _config  # noqa: F401  (loads daskdl.yaml defaults into dask.config)
 from daskdl import datasets, models
-from daskdl.checkpoint import CheckpointError
+from daskdl.checkpoint.files import CheckpointError
 from daskdl.cluster import local_cluster
-from daskdl.comm import CollectiveAborted, PeerTimeoutError
+from daskdl.collectives.comm import CollectiveAborted, PeerTimeoutError
 from daskdl.config import TrainConfig
-from daskdl.context import RankContext
-from daskdl.data import Dataset
-from daskdl.launcher import fit
-from daskdl.pipeline import Pipeline
-from daskdl.prediction import predict
-from daskdl.run import Run, RunError
-from daskdl.shards import plan_shards
-from daskdl.sources import publish
-from daskdl.study import Study, tune
-from daskdl.userloop import launch
+from daskdl.data.dataset import Dataset
+from daskdl.data.sources import publish
+from daskdl.parallel.pipeline import Pipeline
+from daskdl.prediction.partitions import predict
+from daskdl.rank.context import RankContext
+from daskdl.runs.run import Run, RunError
+from daskdl.runs.shards import plan_shards
+from daskdl.runs.userloop import launch
+from daskdl.training.launcher import fit
+from daskdl.tuning.study import Study, tune
 from daskdl.webapp import dashboard
 
 __version__ = "0.1.0"

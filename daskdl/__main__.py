@@ -1,5 +1,5 @@
 import sys
 
-from daskdl.cli import main
+from daskdl.cli.main import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 if TYPE_CHECKING:  # the pipeline module imports this one
-    from daskdl.pipeline import Pipeline
+    from daskdl.parallel.pipeline import Pipeline
 
 _defaults_file = os.path.join(os.path.dirname(__file__), "daskdl.yaml")
 with open(_defaults_file) as f:
@@ -226,7 +226,7 @@ class TrainConfig:
 
     def pipeline(self) -> Pipeline | None:
         """The run's :class:`daskdl.Pipeline` (``None`` without one)."""
-        from daskdl.pipeline import Pipeline  # the config is imported first: no cycle
+        from daskdl.parallel.pipeline import Pipeline  # the config is imported first: no cycle
 
         if self.pipeline_stages == 1:
             return None

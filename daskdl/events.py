@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "daskdl-run-"
 RUNS_TOPIC = "daskdl-runs"
-# Tuning studies' events (see daskdl.tuning.trial_event): ``study`` when a driver starts,
+# Tuning studies' events (see daskdl.tuning.parts.trial_event): ``study`` when a driver starts,
 # ``trial`` whenever a trial starts, reports an epoch or ends, ``end`` when the driver stops.
 STUDIES_TOPIC = "daskdl-studies"
 
@@ -91,7 +91,7 @@ class Recorder:
         trackers=None,
     ):  # fmt: skip
         self.run_id = run_id
-        self.trackers = trackers  # daskdl.trackers.Trackers: fed every event, closed with us
+        self.trackers = trackers  # daskdl.runs.trackers.Trackers: fed every event, closed with us
         self.unit = unit  # what the bar counts: steps (fit), or epochs (a user's loop)
         self._lock = threading.Lock()
         self.epochs: list[dict] = []

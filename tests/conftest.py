@@ -101,7 +101,7 @@ def no_signing_keys(monkeypatch):
 @pytest.fixture
 def no_rank_may_start(monkeypatch):
     """Any rank task submitted fails the test: every bad input must be found before."""
-    from daskdl.launching import Launch
+    from daskdl.runs.launching import Launch
 
     def submit(*args, **kwargs):
         raise AssertionError("a rank task was submitted before the problem was found")

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import daskdl
-from daskdl import Dataset, checkpoint, models, sources
+from daskdl import Dataset, models
+from daskdl.checkpoint import files as checkpoint
+from daskdl.data import sources
 from tests.test_fit import QUICK, blobs
 
 DASKDL = [sys.executable, "-m", "daskdl"]
@@ -209,7 +211,7 @@ def test_another_column_order_is_reordered_a_missing_column_refused(client, pyth
     np.testing.assert_array_equal(np.asarray(run.predict(reordered).compute()).ravel(), expected)
     extra = Dataset.from_dataframe(ddf.assign(g=1.0), [*FEATURES, "g"], "label")
     extra = extra.split(0.25, seed=0)[1]
-    with caplog.at_level("WARNING", logger="daskdl.inputs"):
+    with caplog.at_level("WARNING", logger="daskdl.data.inputs"):
         got = np.asarray(run.predict(extra).compute()).ravel()
     np.testing.assert_array_equal(got, expected)
     assert "left out: ['g']" in caplog.text

@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import daskdl
-from daskdl import audit, security
+from daskdl import security
+from daskdl.cli import audit
 
-DASKDL = [sys.executable, "-m", "daskdl.cli"]
+DASKDL = [sys.executable, "-m", "daskdl"]
 DASK = [sys.executable, "-m", "dask"]
 
 

@@ -10,10 +10,12 @@ import torch
 from distributed import get_worker
 
 import daskdl
-from daskdl import averaging, comm, models
+from daskdl import models
 from daskdl.cluster import workers_info
+from daskdl.collectives import comm
 from daskdl.config import TrainConfig
-from daskdl.objective import Objective
+from daskdl.objective.task import Objective
+from daskdl.parallel import averaging
 
 # What the rank loop trains these small classifiers with (the engine's default objective).
 CLASSES = Objective("classification", 3)
@@ -39,7 +41,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
     cfg = TrainConfig(
         lr=0.1, momentum=0.9, optimizer=optimizer, sync_every=every, outer_optimizer=outer
     )
-    opt = daskdl.engine.make_optimizer(model.parameters(), cfg)
+    opt = daskdl.training.engine.make_optimizer(model.parameters(), cfg)
     group = comm.DaskGroup(get_worker(), run_id, rank, peers, timeout=30)
     sync = (
         averaging.GradientAveraging(model, opt, group)
@@ -51,7 +53,7 @@ def _train(run_id, rank, peers, mode, steps, every=1, outer=None, optimizer="sgd
         for step in range(steps):
             xb = torch.from_numpy(rng.normal(size=(8, 6)).astype(np.float32))
             yb = torch.from_numpy(rng.integers(0, 3, 8))
-            daskdl.engine.train_step(
+            daskdl.training.engine.train_step(
                 model, opt, xb, yb, sync, torch.autocast("cpu", enabled=False), False, CLASSES
             )
             sync.step_done(step, end_of_epoch=step == steps - 1)
@@ -173,8 +175,8 @@ def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_devic
     torch.manual_seed(0)
     model = models.mlp((6,), 3)
     cfg = TrainConfig(lr=0.1, momentum=0.9, sync_every=4)
-    opt = daskdl.engine.make_optimizer(model.parameters(), cfg, fused=True)
-    daskdl.engine.prepare_optimizer(opt, fused=True)
+    opt = daskdl.training.engine.make_optimizer(model.parameters(), cfg, fused=True)
+    daskdl.training.engine.prepare_optimizer(opt, fused=True)
     sync = averaging.make(model, opt, _OneRank(), cfg)
     assert isinstance(sync, averaging.LocalSGD) and sync.defer_nonfinite
     before = _flat(model)
@@ -187,7 +189,7 @@ def test_local_sgd_with_a_fused_optimizer_leaves_the_nonfinite_flag_on_the_devic
     for name in ("__bool__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     no_autocast = torch.autocast("cpu", enabled=False)
-    daskdl.engine.train_step(model, opt, xb, yb, sync, no_autocast, False, CLASSES)
+    daskdl.training.engine.train_step(model, opt, xb, yb, sync, no_autocast, False, CLASSES)
     monkeypatch.undo()
 
     assert sync.bad_ranks == [] and bool(sync.pending_bad)

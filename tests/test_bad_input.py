@@ -13,8 +13,9 @@ import torch
 from distributed import Client
 
 import daskdl
-from daskdl import Dataset, comm
+from daskdl import Dataset
 from daskdl.cluster import workers_info
+from daskdl.collectives import comm
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
 y = np.arange(200) % 2

@@ -20,7 +20,7 @@ def test_daskdl_bench_summarises_the_benchmarks(tmp_path):
     recorded = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     env = {**os.environ, "DASKDL_BENCH_RESULTS": str(results)}
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "bench", "--only", "dataload", "--record"],
+        [sys.executable, "-m", "daskdl", "bench", "--only", "dataload", "--record"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -39,7 +39,7 @@ def test_daskdl_bench_summarises_the_benchmarks(tmp_path):
 
 def test_daskdl_bench_without_a_checkout_says_where_it_looked(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "bench", "--benchmarks", str(tmp_path)],
+        [sys.executable, "-m", "daskdl", "bench", "--benchmarks", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import daskdl
-from daskdl import Dataset, checkpoint
+from daskdl import Dataset
+from daskdl.checkpoint import files as checkpoint
 
 CITIES = ["Lyon", "Nice", "Paris", "Rome", "Oslo", "Bern"]
 
@@ -108,7 +109,7 @@ def test_a_published_data_set_keeps_its_categories(client):
     data = _data(_houses(400), categorical=["city"])
     daskdl.publish(client, "houses-categorical", data)
     try:
-        got, _ = daskdl.sources.get(client, "houses-categorical")
+        got, _ = daskdl.data.sources.get(client, "houses-categorical")
         assert got.categories == data.categories and got.features == data.features
     finally:
-        daskdl.sources.unpublish(client, "houses-categorical")
+        daskdl.data.sources.unpublish(client, "houses-categorical")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from daskdl import checkpoint, models
-from daskdl.checkpoint import CheckpointError
+from daskdl import models
+from daskdl.checkpoint import files as checkpoint
+from daskdl.checkpoint.files import CheckpointError
 
 
 def _trained(optimizer="sgd"):

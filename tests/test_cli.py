@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from daskdl import checkpoint
+from daskdl.checkpoint import files as checkpoint
 
-DASKDL = [sys.executable, "-m", "daskdl.cli"]
+DASKDL = [sys.executable, "-m", "daskdl"]
 
 
 def _run(*args, timeout=300):

@@ -11,9 +11,9 @@ import pytest
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, get_worker
 
 import daskdl
-from daskdl import comm, hierarchy
 from daskdl.cluster import workers_info
-from daskdl.worker import Mailbox
+from daskdl.collectives import comm, hierarchy
+from daskdl.worker.extension import Mailbox
 
 
 def _allreduce(

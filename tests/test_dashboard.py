@@ -223,7 +223,7 @@ def _serve(tmp_path, *cluster: str):
     port = free_port("127.0.0.1")
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daskdl.cli", "dashboard", *(cluster or ("--workers", "2"))]
+        [sys.executable, "-m", "daskdl", "dashboard", *(cluster or ("--workers", "2"))]
         + ["--port", str(port), "--runs-dir", str(tmp_path / "runs")],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -365,7 +365,7 @@ def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
     from daskdl.webapp.serve import free_port
 
     refused = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "dashboard", "--address", "0.0.0.0"],
+        [sys.executable, "-m", "daskdl", "dashboard", "--address", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -376,7 +376,16 @@ def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
     port = free_port("0.0.0.0")
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "1", "--port", str(port)]
+        [
+            sys.executable,
+            "-m",
+            "daskdl",
+            "dashboard",
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+        ]
         + ["--address", "0.0.0.0", "--basic-auth", "correct horse battery"]
         + ["--runs-dir", str(tmp_path / "runs")],
         stdout=log,
@@ -421,7 +430,16 @@ def test_insecure_serves_beyond_loopback_without_a_password_and_says_so(tmp_path
     port = free_port("0.0.0.0")
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daskdl.cli", "dashboard", "--workers", "1", "--port", str(port)]
+        [
+            sys.executable,
+            "-m",
+            "daskdl",
+            "dashboard",
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+        ]
         + ["--address", "0.0.0.0", "--insecure", "--runs-dir", str(tmp_path / "runs")],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -200,7 +200,7 @@ def test_missing_class_ids_and_float32_overflow_are_named():
 
 
 def test_channels_last_images_get_a_hint():
-    from daskdl import preflight
+    from daskdl.models import preflight
 
     assert "X.transpose(0, 3, 1, 2)" in preflight.layout_hint((32, 32, 3))
     assert preflight.layout_hint((3, 32, 32)) == "" and preflight.layout_hint((6,)) == ""

@@ -11,8 +11,8 @@ import torch
 from distributed import get_worker
 
 import daskdl
-from daskdl import comm
 from daskdl.cluster import workers_info
+from daskdl.collectives import comm
 from daskdl.config import TrainConfig
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -66,7 +66,7 @@ def test_compile_trains_and_checkpoints_the_plain_module(client, digits_split, t
         client, "mlp", train, val=test, epochs=2, compile=True, out=tmp_path, progress=False
     )
     assert run.history["val_accuracy"].iloc[-1] >= 0.85
-    _, model, _, _ = daskdl.checkpoint.load_latest(tmp_path)
+    _, model, _, _ = daskdl.checkpoint.files.load_latest(tmp_path)
     assert not any("_orig_mod" in name for name in model)
     assert set(model) == set(run.model.state_dict())
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daskdl import checkpoint, models
+from daskdl import models
+from daskdl.checkpoint import files as checkpoint
 from daskdl.config import TrainConfig
-from daskdl.context import load_state
-from daskdl.engine import lr_at, make_optimizer
-from daskdl.loader import ShardLoader, epoch_order
-from daskdl.preprocess import augment_images
+from daskdl.data.preprocess import augment_images
+from daskdl.rank.context import load_state
+from daskdl.rank.loader import ShardLoader, epoch_order
+from daskdl.training.engine import lr_at, make_optimizer
 
 
 def test_epoch_order_is_seeded_reshuffled_and_wraps():

@@ -20,7 +20,8 @@ from conftest import Recording, kill_mid_epoch, poll_for, ranks_gone
 from distributed import Client
 
 import daskdl
-from daskdl import Dataset, checkpoint, events
+from daskdl import Dataset, events
+from daskdl.checkpoint import files as checkpoint
 from daskdl.cluster import workers_info
 
 
@@ -546,7 +547,9 @@ def test_ranks_stop_when_their_client_dies(fresh_client, tmp_path):
     finally:
         proc.kill()
     # The cluster is clean (no mailbox left behind) and trains the next run.
-    boxes = fresh_client.run(lambda dask_worker: len(daskdl.worker.manager(dask_worker).runs))
+    boxes = fresh_client.run(
+        lambda dask_worker: len(daskdl.worker.extension.manager(dask_worker).runs)
+    )
     assert not any(boxes.values())
     train, test = daskdl.datasets.train_test("digits")
     assert daskdl.fit(fresh_client, "mlp", train, epochs=1, progress=False).status == "finished"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from daskdl import kernels
+from daskdl.collectives import kernels
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

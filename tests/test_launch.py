@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import poll_for
 
 import daskdl
-from daskdl import Dataset, checkpoint
+from daskdl import Dataset
+from daskdl.checkpoint import files as checkpoint
 
 # The loops below run on the workers, which cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -279,7 +280,8 @@ def test_fits_loop_asks_its_context_only_what_any_loop_may():
     import ast
     import inspect
 
-    from daskdl import RankContext, fitloop
+    from daskdl import RankContext
+    from daskdl.training import fitloop
 
     def is_ctx(node) -> bool:
         return (isinstance(node, ast.Name) and node.id == "ctx") or (

@@ -74,7 +74,7 @@ def test_a_rank_stuck_in_user_code_is_cancelled_and_the_cluster_trains_on(fresh_
     time.sleep(3)  # the ranks are stuck now
     before = set(workers_info(fresh_client))
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="daskdl.run"):
+    with caplog.at_level(logging.WARNING, logger="daskdl.runs.run"):
         run.stop(timeout=3)  # a stop request never reaches a stuck rank: it cancels
     assert time.monotonic() - start < 60
     assert run.status == "cancelled"

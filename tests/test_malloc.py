@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from distributed import get_worker
 
 from daskdl import models
-from daskdl.worker import manager
+from daskdl.worker.extension import manager
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
 
@@ -75,7 +75,7 @@ def test_a_rank_reuses_its_step_memory_on_a_worker_thread(fresh_client):
 _SETTINGS_PROBE = textwrap.dedent(
     """
     import ctypes, ctypes.util, json
-    from daskdl.process import ProcessTuning
+    from daskdl.worker.process import ProcessTuning
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

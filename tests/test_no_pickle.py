@@ -19,8 +19,11 @@ import pytest
 import torch
 
 import daskdl
-from daskdl import checkpoint, cli, security, storage
+from daskdl import security
+from daskdl.checkpoint import files as checkpoint
+from daskdl.cli import main as cli
 from daskdl.config import TrainConfig
+from daskdl.data import storage
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import daskdl
-from daskdl import cli, config
+from daskdl import config
+from daskdl.cli import main as cli
 from daskdl.config import TrainConfig
 
 OPTIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "options.md"

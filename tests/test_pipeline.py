@@ -18,7 +18,7 @@ from distributed import get_worker
 
 import daskdl
 from daskdl import Dataset, Pipeline, events
-from daskdl.pipeline import PipelineError, cut, order, parameter_costs
+from daskdl.parallel.pipeline import PipelineError, cut, order, parameter_costs
 
 STEPS, BATCH = 3, 24
 
@@ -390,7 +390,7 @@ class _NotSequential(torch.nn.Module):
 def test_a_model_a_pipeline_cannot_cut_fails_before_any_rank_starts(
     client, no_rank_may_start, model, pipe, match
 ):
-    with pytest.raises(daskdl.preflight.ModelCheckError, match=match):
+    with pytest.raises(daskdl.models.preflight.ModelCheckError, match=match):
         daskdl.fit(client, model, _blobs(), epochs=1, pipeline=pipe, **FIT)
 
 
@@ -426,7 +426,7 @@ def test_pipeline_settings_are_checked(options, match):
 
 
 def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplog):
-    caplog.set_level(logging.WARNING, logger="daskdl.launching")
+    caplog.set_level(logging.WARNING, logger="daskdl.runs.launching")
     train, test = daskdl.datasets.train_test("digits")
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as four:
         run = daskdl.fit(
@@ -457,7 +457,7 @@ def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplo
 def test_a_pipeline_that_loses_its_only_copy_of_a_stage_goes_on_from_disk(
     three_workers, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO, logger="daskdl.launching")
+    caplog.set_level(logging.INFO, logger="daskdl.runs.launching")
     train, test = daskdl.datasets.train_test("digits")
     run = daskdl.fit(
         three_workers, MLP, train, val=test, epochs=4, batch_size=8, out=tmp_path / "run",

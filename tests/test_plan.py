@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from daskdl.shards import (
+from daskdl.runs.shards import (
     ShardPlan,
     balanced_shards,
     match_workers,
@@ -110,7 +110,7 @@ def test_who_has_to_locations_keeps_partition_order():
 
 
 def test_a_layout_is_planned_from_sizes_and_locations_alone():
-    from daskdl.plan import Layout, layout
+    from daskdl.runs.plan import Layout, layout
 
     first, second = balanced_shards([100] * 4, 2)
     where = [["w1"] if i in first else ["w0"] for i in range(4)]  # shard 0 lives on w1

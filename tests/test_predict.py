@@ -14,7 +14,7 @@ import torch
 
 import daskdl
 from daskdl import Dataset
-from daskdl.worker import manager
+from daskdl.worker.extension import manager
 from tests.test_fit import QUICK, blobs
 
 QUIET = {"progress": False}
@@ -165,7 +165,7 @@ def test_daskdl_predict_writes_parquet_with_the_index_and_zarr_for_arrays(
     client, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("DASKDL_SIGNING_KEY", "a test secret of enough length, 32+ bytes")
-    from daskdl import cli
+    from daskdl.cli import main as cli
 
     rng = np.random.default_rng(3)
     n = 400

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import daskdl
-from daskdl import Dataset, preflight
-from daskdl.objective import Objective
+from daskdl import Dataset
+from daskdl.models import preflight
+from daskdl.objective.task import Objective
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
 y = np.arange(200) % 3

@@ -176,7 +176,7 @@ def test_the_public_api_is_fully_annotated():
     """Every function, method and property of ``daskdl.__all__`` (and the trackers) says the
     types it takes and returns (mypy checks them in CI)."""
     import daskdl
-    from daskdl import trackers
+    from daskdl.runs import trackers
 
     public = [(n, getattr(daskdl, n)) for n in daskdl.__all__]
     public += [

@@ -14,7 +14,8 @@ import pytest
 from torch import nn
 
 import daskdl
-from daskdl import Dataset, checkpoint
+from daskdl import Dataset
+from daskdl.checkpoint import files as checkpoint
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
 

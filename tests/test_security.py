@@ -14,11 +14,12 @@ import torch
 from distributed import Client
 
 import daskdl
-from daskdl import checkpoint, models, security
-from daskdl.checkpoint import CheckpointSignatureError
+from daskdl import models, security
+from daskdl.checkpoint import files as checkpoint
+from daskdl.checkpoint.files import CheckpointSignatureError
 from daskdl.cluster import workers_info
 
-DASKDL = [sys.executable, "-m", "daskdl.cli"]
+DASKDL = [sys.executable, "-m", "daskdl"]
 
 
 # Keys set in the developer's or CI's environment would change what these tests see.

@@ -16,7 +16,7 @@ from conftest import kill_mid_epoch, poll_for
 
 import daskdl
 from daskdl import Dataset, events
-from daskdl.sharding import ShardedOptimizer
+from daskdl.parallel.sharding import ShardedOptimizer
 
 
 def _adamw(params):
@@ -283,7 +283,7 @@ def test_sharding_options_that_cannot_go_together(options, match):
 def test_a_sharded_run_that_loses_a_worker_regroups_from_its_checkpoint(
     three_workers, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO, logger="daskdl.launching")
+    caplog.set_level(logging.INFO, logger="daskdl.runs.launching")
     train, test = daskdl.datasets.train_test("digits")
     run = daskdl.fit(
         three_workers, ("mlp", {"hidden": 64}), train, val=test, epochs=5, batch_size=16,
@@ -321,7 +321,9 @@ def test_a_model_too_big_for_one_worker_fails_early_and_trains_sharded_or_pipeli
     opts = dict(epochs=1, batch_size=8, optimizer="adamw", lr=1e-4, max_failures=0, progress=False)
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1, memory_limit="1.15GB") as c:
         one = c.scheduler_info()["workers"]
-        with pytest.raises(daskdl.preflight.ModelCheckError, match=r"needs 0\.72 GB per rank") as e:
+        with pytest.raises(
+            daskdl.models.preflight.ModelCheckError, match=r"needs 0\.72 GB per rank"
+        ) as e:
             daskdl.fit(c, _too_big, data, workers=1, **opts)
         assert "shard='full'" in str(e.value) and "1.15 GB memory limit" in str(e.value)
         for layout in (dict(shard="full"), dict(pipeline=daskdl.Pipeline(stages=4))):

@@ -15,9 +15,10 @@ import xarray as xr
 from sklearn.datasets import load_digits, make_friedman1
 
 import daskdl
-from daskdl import Dataset, sources
+from daskdl import Dataset
+from daskdl.data import sources
 
-DASKDL = [sys.executable, "-m", "daskdl.cli"]
+DASKDL = [sys.executable, "-m", "daskdl"]
 
 
 def _digits_frame() -> pd.DataFrame:

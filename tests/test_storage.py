@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import daskdl
+from daskdl.data.storage import DatasetFileError
 from daskdl.security import DecryptionError
-from daskdl.storage import DatasetFileError
 
 
 @pytest.fixture(scope="module")

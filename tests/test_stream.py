@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 import daskdl
-from daskdl import Dataset, checkpoint, events, streaming
-from daskdl.loader import StreamLoader, _Pool, epoch_order, stream_plan
+from daskdl import Dataset, events
+from daskdl.checkpoint import files as checkpoint
+from daskdl.data import streaming
+from daskdl.rank.loader import StreamLoader, _Pool, epoch_order, stream_plan
 
 
 class ListReader:
@@ -168,7 +170,7 @@ def _digits_files(tmp_path):
 @pytest.mark.parametrize("fmt", ["parquet", "zarr"])
 def test_a_streamed_run_trains_like_the_in_memory_run(client, tmp_path, fmt):
     path = dict(zip(["parquet", "zarr"], _digits_files(tmp_path)))[fmt]
-    data = daskdl.sources.read(path, label="label")
+    data = daskdl.data.sources.read(path, label="label")
     train, val = data.split(0.2, seed=0)
     train, val = train.standardize(), val.standardize(like=train)
     model = "mlp" if fmt == "parquet" else "small_cnn"
@@ -185,7 +187,7 @@ def test_a_streamed_run_trains_like_the_in_memory_run(client, tmp_path, fmt):
 
 def test_partitions_read_the_shared_statistics_instead_of_recomputing_them(client, tmp_path):
     _, path = _digits_files(tmp_path)
-    train = daskdl.sources.read(path, label="label").standardize()
+    train = daskdl.data.sources.read(path, label="label").standardize()
     [source] = streaming.sources(client, [train])
     assert source.inputs  # the mean and std, persisted once
     for part in source.partitions:
@@ -216,7 +218,7 @@ def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(t
     (X[:, 0] > 0).astype(np.int64).to_zarr(str(tmp_path / "y.zarr"))
     data = Dataset.from_dask(*(da.from_zarr(str(tmp_path / f"{v}.zarr")) for v in "Xy"))
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1, memory_limit=limit) as client:
-        client.run(lambda: __import__("daskdl.context"))  # torch loaded: the baseline
+        client.run(lambda: __import__("daskdl.rank.context"))  # torch loaded: the baseline
         before = client.run(_peak_rss)
         run = daskdl.fit(
             client, _linear, data, epochs=1, batch_size=512, lr=0.01, progress=False,
@@ -237,7 +239,7 @@ def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(t
 
 def _digits_zarr_run(client, tmp_path, **options):
     _, path = _digits_files(tmp_path)
-    train, val = daskdl.sources.read(path, label="label").split(0.2, seed=0)
+    train, val = daskdl.data.sources.read(path, label="label").split(0.2, seed=0)
     options = {"epochs": 6, "batch_size": 16, "seed": 0, "progress": False, **options}
     return daskdl.fit(client, "mlp", train, val=val, stream=True, **options)
 
@@ -269,7 +271,7 @@ def test_a_worker_killed_mid_stream_costs_only_its_partitions(three_workers, tmp
 
 def test_a_streamed_shard_is_never_held_and_a_lost_file_names_its_partition(client, tmp_path):
     parquet, _ = _digits_files(tmp_path)
-    data = daskdl.sources.read(parquet, label="label")
+    data = daskdl.data.sources.read(parquet, label="label")
 
     def holds_the_shard(ctx):
         return ctx.shard("train")
@@ -310,7 +312,7 @@ def test_a_partition_whose_file_changed_during_the_run_is_named(client, tmp_path
     for i in range(2):
         frame = pd.DataFrame({"a": np.arange(50.0) + 50 * i, "label": np.arange(50) % 2})
         frame.to_parquet(path / f"part.{i}.parquet")
-    ds = daskdl.sources.read(path, label="label")
+    ds = daskdl.data.sources.read(path, label="label")
     [source] = streaming.sources(client, [ds])
     source.sizes = [50, 50]  # as the run counted them
     pd.DataFrame({"a": np.arange(40.0), "label": np.arange(40) % 2}).to_parquet(

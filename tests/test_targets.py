@@ -19,7 +19,8 @@ from sklearn.linear_model import LinearRegression
 from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score
 
 import daskdl
-from daskdl import Dataset, checkpoint
+from daskdl import Dataset
+from daskdl.checkpoint import files as checkpoint
 
 # The losses below run on the workers, which cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -72,7 +73,7 @@ def test_regression_on_a_dataframe_reaches_r2_090_in_the_targets_units(client):
     assert set(scores) == {"loss", "mae", "rmse", "r2"}
     assert scores["r2"] >= 0.90
     # In the targets' own units: the model's standardised outputs are scaled back.
-    scale = daskdl.run.target_scale(client, train)
+    scale = daskdl.runs.run.target_scale(client, train)
     (X_test, y_std) = test.compute()
     y_test = y_std * scale.std[0] + scale.mean[0]
     predicted = _outputs(run, X_test).squeeze(1).numpy() * scale.std[0] + scale.mean[0]
@@ -177,7 +178,7 @@ def test_every_builtin_metric_equals_its_one_process_value(three_workers, n_rank
     elif task == "multilabel":
         expected = _reference_multilabel(logits, y_val)
     else:
-        scale = daskdl.run.target_scale(three_workers, train)
+        scale = daskdl.runs.run.target_scale(three_workers, train)
         mean, std = np.asarray(scale.mean), np.asarray(scale.std)
         predicted = logits.numpy() * std + mean
         expected = {
@@ -270,7 +271,7 @@ def test_standardised_regression_targets_survive_save_and_load(client, tmp_path)
     train = Dataset.from_numpy(X, y, chunks=500).standardize()
     loaded = Dataset.load(train.save(tmp_path / "data"))
     assert loaded.task == "regression" and loaded.n_outputs == 2
-    scale, again = (daskdl.run.target_scale(client, d) for d in (train, loaded))
+    scale, again = (daskdl.runs.run.target_scale(client, d) for d in (train, loaded))
     np.testing.assert_allclose(again.mean, scale.mean, rtol=1e-6)
     np.testing.assert_allclose(again.std, scale.std, rtol=1e-6)
     np.testing.assert_allclose(loaded.y.compute(), train.y.compute(), rtol=1e-6)

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 import daskdl
-from daskdl import text
-from daskdl.data import Dataset
+from daskdl.data import text
+from daskdl.data.dataset import Dataset
 
 LINES = [
     "The cat sat on the mat.",
@@ -224,7 +224,17 @@ def test_words_cli(tmp_path):
     corpus.write_text("\n".join(LINES) + "\n")
     plot = tmp_path / "words.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "words", str(corpus), "--top", "3", "--workers", "1"]
+        [
+            sys.executable,
+            "-m",
+            "daskdl",
+            "words",
+            str(corpus),
+            "--top",
+            "3",
+            "--workers",
+            "1",
+        ]
         + ["--plot", str(plot)],
         capture_output=True,
         text=True,

@@ -119,7 +119,7 @@ def test_any_lightning_style_logger_works_and_a_failing_one_does_not_stop_traini
 ):
     train, test = digits_split
     good, bad = Recording(), Recording(fail_on="log_metrics")
-    with caplog.at_level(logging.WARNING, logger="daskdl.trackers"):
+    with caplog.at_level(logging.WARNING, logger="daskdl.runs.trackers"):
         run = daskdl.fit(client, "mlp", train, val=test, epochs=2, loggers=[good, bad],
                          progress=False)  # fmt: skip
     assert run.status == "finished"
@@ -226,7 +226,7 @@ def test_an_mlflow_server_that_does_not_answer_is_dropped_within_seconds(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue(server))
     train, test = digits_split
     began = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="daskdl.trackers"):
+    with caplog.at_level(logging.WARNING, logger="daskdl.runs.trackers"):
         run = daskdl.fit(client, "mlp", train, val=test, epochs=1, loggers=["mlflow"],
                          progress=False)  # fmt: skip
     assert run.status == "finished" and len(run.history) == 1

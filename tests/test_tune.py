@@ -15,7 +15,8 @@ import pytest
 from conftest import poll_for
 
 import daskdl
-from daskdl import events, tuning
+from daskdl import events
+from daskdl.tuning import parts as tuning
 
 
 def _space(trial):
@@ -206,7 +207,7 @@ def test_two_studies_never_share_trial_folders_and_a_changed_space_is_named(clie
 def test_yaml_space_mistakes_are_one_line_naming_file_line_and_fix(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "tune", "--space", "bad.yaml"],
+        [sys.executable, "-m", "daskdl", "tune", "--space", "bad.yaml"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -310,7 +311,7 @@ weight_decay: 0.0001
 def test_a_yaml_search_space_through_the_command_line(tmp_path):
     (tmp_path / "search.yaml").write_text(SEARCH_YAML)
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "tune", "--space", "search.yaml", "--dataset",
+        [sys.executable, "-m", "daskdl", "tune", "--space", "search.yaml", "--dataset",
          "digits", "--n-trials", "3", "--epochs", "3", "--workers", "2", "--pruner", "none",
          "--storage", "study.journal", "--study-name", "cli"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
@@ -328,7 +329,7 @@ def test_a_yaml_search_space_through_the_command_line(tmp_path):
     # A malformed space is refused, naming the key and the fix.
     (tmp_path / "bad.yaml").write_text("lr: {low: 0.3, high: 0.1}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "daskdl.cli", "tune", "--space", "bad.yaml"],
+        [sys.executable, "-m", "daskdl", "tune", "--space", "bad.yaml"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "lr has low=0.3 >= high=0.1" in proc.stderr

@@ -13,7 +13,7 @@ from torch import nn
 
 import daskdl
 from daskdl import Dataset
-from daskdl.loader import epoch_order
+from daskdl.rank.loader import epoch_order
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
 

@@ -13,8 +13,11 @@ import param
 from panel.io.location import Location
 from panel.viewable import Viewer
 
-from daskdl import comm, config, datasets, models, rundir, sources
+from daskdl import config, datasets, models
+from daskdl.checkpoint import rundir
 from daskdl.cluster import workers_info
+from daskdl.collectives import comm
+from daskdl.data import sources
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.studies import Studies
 from daskdl.webapp.views import Curves, RunList, Stages, Status, Workers

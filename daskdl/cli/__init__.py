@@ -1,0 +1,1 @@
+"""The `daskdl` command: one module per group of subcommands, `main.py` the entry point."""

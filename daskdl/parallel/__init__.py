@@ -1,0 +1,2 @@
+"""How ranks share the training state: averaged replicas, local SGD, sharded state, pipeline
+stages."""

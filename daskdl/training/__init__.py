@@ -1,0 +1,1 @@
+"""`fit`: the built-in training loop, one `train_fn` of the `RankContext` contract."""

@@ -1,0 +1,1 @@
+"""`tune`: many trials on one cluster, driven by Optuna."""
