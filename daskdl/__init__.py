@@ -5,10 +5,10 @@ from daskdl import datasets, models
 from daskdl.checkpoint.files import CheckpointError
 from daskdl.cluster import local_cluster
 from daskdl.collectives.comm import CollectiveAborted, PeerTimeoutError
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
+from daskdl.config.pipeline import Pipeline
 from daskdl.data.dataset import Dataset
 from daskdl.data.sources import publish
-from daskdl.parallel.pipeline import Pipeline
 from daskdl.prediction.partitions import predict
 from daskdl.rank.context import RankContext
 from daskdl.runs.run import Run, RunError

@@ -13,7 +13,7 @@ import torch
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from daskdl.config import integer
+from daskdl.config.options import integer
 
 
 class _OwningClient(Client):

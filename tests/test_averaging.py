@@ -13,7 +13,7 @@ import daskdl
 from daskdl import models
 from daskdl.cluster import workers_info
 from daskdl.collectives import comm
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
 from daskdl.objective.task import Objective
 from daskdl.parallel import averaging
 

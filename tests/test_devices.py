@@ -13,7 +13,7 @@ from distributed import get_worker
 import daskdl
 from daskdl.cluster import workers_info
 from daskdl.collectives import comm
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from daskdl import models
 from daskdl.checkpoint import files as checkpoint
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
 from daskdl.data.preprocess import augment_images
 from daskdl.rank.context import load_state
 from daskdl.rank.loader import ShardLoader, epoch_order

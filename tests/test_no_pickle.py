@@ -22,7 +22,7 @@ import daskdl
 from daskdl import security
 from daskdl.checkpoint import files as checkpoint
 from daskdl.cli import main as cli
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
 from daskdl.data import storage
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import daskdl
-from daskdl import config
 from daskdl.cli import main as cli
-from daskdl.config import TrainConfig
+from daskdl.config import options as config
+from daskdl.config.options import TrainConfig
 
 OPTIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 

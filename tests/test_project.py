@@ -157,7 +157,8 @@ def test_the_pre_commit_hooks_are_ci_s_checks():
     hooks = yaml.safe_load(config.read_text())["repos"][0]["hooks"]
     entries = {h["entry"].split()[0] for h in hooks}
     ci = (ROOT / ".ci" / "run").read_text()
-    assert entries == {"ruff", "mypy"} and all(f".venv/bin/{e}" in ci for e in entries)
+    assert entries == {"ruff", "mypy", "lint-imports"}
+    assert all(f".venv/bin/{e}" in ci for e in entries)
 
 
 def _unannotated(func, name: str) -> list[str]:

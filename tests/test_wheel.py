@@ -27,7 +27,7 @@ def test_the_wheel_installs_and_trains_digits_in_a_fresh_environment(tmp_path):
     [wheel] = dist.glob("daskdl-*.whl")
     assert wheel.name.startswith(f"daskdl-{daskdl.__version__}-py3-none-any")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"daskdl/daskdl.yaml", "daskdl/webapp/script.py", "daskdl/webapp/app.py"} <= names
+    assert {"daskdl/config/daskdl.yaml", "daskdl/webapp/script.py", "daskdl/webapp/app.py"} <= names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
 
     venv = tmp_path / "venv"

@@ -9,45 +9,22 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from daskdl import config
 from daskdl.cli import predict as cli_predict
 from daskdl.cli import security as cli_security
 from daskdl.cli import tune as cli_tune
-from daskdl.objective.task import TASKS
-
-
-def _count(text: str) -> int:
-    """An argparse type: a positive integer (``--workers 0`` is an error, not the default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: any), got {text!r}")
-    return value
-
-
-def cluster_arguments(p, what: str = "local cluster") -> None:
-    p.add_argument("--scheduler", help="address of a running scheduler, e.g. tls://host:8786")
-    p.add_argument("--workers", type=_count, default=None, help=f"workers of the {what}")
-    p.add_argument("--tls-ca-file", help="CA certificate of a TLS cluster (with --scheduler)")
-    p.add_argument("--tls-cert", help="this client's TLS certificate")
-    p.add_argument("--tls-key", help="this client's TLS private key")
-    p.add_argument(
-        "--secure",
-        action="store_true",
-        help="local cluster only: TLS on every connection, with a certificate made for it",
-    )
+from daskdl.cli.arguments import (
+    as_flags,
+    client_for,
+    cluster_arguments,
+    config_arguments,
+    config_options,
+    data_arguments,
+    load_dataset,
+    logger_arguments,
+    port,
+    run_meta,
+    tls_settings,
+)
 
 
 def _train_parser(sub) -> None:
@@ -64,7 +41,7 @@ def _train_parser(sub) -> None:
         "--model", default="small_cnn", help=f"a registered model: {', '.join(models.REGISTRY)}"
     )
     cluster_arguments(p, "local cluster; with --scheduler, ranks to use (default all)")
-    _config_arguments(p)
+    config_arguments(p)
     p.add_argument("--out", default=None, help="run directory for checkpoints and metrics")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
@@ -87,148 +64,8 @@ def _train_parser(sub) -> None:
     logger_arguments(p)
 
 
-def logger_arguments(p) -> None:
-    from daskdl.runs.trackers import NAMES
-
-    p.add_argument(
-        "--loggers", nargs="+", choices=NAMES, default=None,
-        help="experiment trackers for the metrics: tensorboard (in --out), mlflow "
-        "(MLFLOW_TRACKING_URI, else ./mlflow.db), csv",
-    )  # fmt: skip
-
-
-def data_arguments(p) -> None:
-    """The data set: a built-in one, or the user's files; its validation split."""
-    from daskdl import datasets
-
-    names = ", ".join([*datasets.REGISTRY, "cifar10 (with --data-path)"])
-    p.add_argument("--dataset", help=f"a built-in data set (default digits): {names}")
-    p.add_argument("--data-path", help="folder of the CIFAR-10 binary files")
-    data = p.add_argument_group("your own data (instead of --dataset)")
-    data.add_argument(
-        "--data",
-        help="Parquet, CSV (globs too), Zarr, netCDF, .npz/.npy, or a Dataset.save folder",
-    )
-    data.add_argument("--label", nargs="+", help="target column(s), variable or array")
-    data.add_argument("--features", nargs="+", help="feature columns (default: all the others)")
-    data.add_argument(
-        "--categorical", nargs="+", help="columns to encode as categories (Parquet, CSV)"
-    )
-    data.add_argument(
-        "--task", choices=TASKS, help="what the targets are (default: from their type)"
-    )
-    data.add_argument("--sample-dim", help="the samples' dimension (Zarr, netCDF)")
-    p.add_argument("--test-size", type=float, default=0.2, help="fraction held out for validation")
-    p.add_argument(
-        "--no-standardize",
-        dest="standardize",
-        action="store_false",
-        help="skip per-channel standardisation of the features",
-    )
-
-
-def _config_arguments(p) -> None:
-    """One flag per :class:`daskdl.TrainConfig` field, with its type, default, choices and
-    help: the options are defined there once."""
-    group = p.add_argument_group("training options (daskdl.TrainConfig; see fit)")
-    for f in config.fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = config.base_type(f)
-        kwargs = {"dest": f.name, "default": f.default}
-        help = f.metadata["help"]
-        if f.metadata["choices"] is not None:
-            kwargs["choices"] = [c for c in f.metadata["choices"] if c is not None]
-        elif kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-            if f.default is None:
-                help += " (default: automatic)"
-        else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
-        if f.default is not None and kwargs.get("action") is None:
-            help += f" (default: {f.default})"
-        group.add_argument(flag, help=help.replace("%", "%%"), **kwargs)
-
-
-def config_options(args) -> dict:
-    """The training options of parsed ``args``."""
-    return {f.name: getattr(args, f.name) for f in config.fields()}
-
-
-def load_dataset(args):
-    from daskdl import datasets
-    from daskdl.data import sources
-
-    if args.data:
-        if args.dataset or args.data_path:
-            raise ValueError(
-                "Give --data (your own files) or --dataset (a built-in one), not both."
-            )
-        label = args.label[0] if args.label and len(args.label) == 1 else args.label
-        data = sources.read(
-            args.data, label, args.features, args.task, args.sample_dim, None, args.categorical
-        )
-        train, test = data.split(args.test_size, args.seed)
-        if args.standardize:
-            train, test = train.standardize(), test.standardize(like=train)
-        return train, test
-    for flag in ("label", "features", "task", "sample_dim", "categorical"):
-        if getattr(args, flag):
-            raise ValueError(f"--{flag.replace('_', '-')} is for --data (your own files).")
-    args.dataset = args.dataset or "digits"
-    if args.dataset == "cifar10" and not args.data_path:
-        raise ValueError("--dataset cifar10 needs --data-path FOLDER with the .bin files.")
-    if args.data_path and args.dataset != "cifar10":
-        raise ValueError(f"--data-path is only for --dataset cifar10, not {args.dataset}.")
-    return datasets.train_test(
-        args.dataset, args.data_path, args.test_size, args.seed, args.standardize
-    )
-
-
-def _meta(args) -> dict:
-    """What the run records about its data, for the dashboard (which resumes built-ins)."""
-    if args.data:
-        return {"data": str(args.data), "launched_by": "cli"}
-    return {"dataset": args.dataset, "data_path": args.data_path, "launched_by": "cli"}
-
-
-def _security(args):
-    """The TLS settings the cluster options ask for (None: plain TCP)."""
-    from daskdl import security
-
-    files = (args.tls_ca_file, args.tls_cert, args.tls_key)
-    if any(files) and not args.scheduler:
-        raise ValueError(
-            "--tls-ca-file/--tls-cert/--tls-key attach to a running TLS cluster: give "
-            "--scheduler tls://HOST:PORT too (for a local TLS cluster use --secure)."
-        )
-    if args.secure and args.scheduler:
-        raise ValueError(
-            "--secure starts a local TLS cluster; to attach to a running one give "
-            "--tls-ca-file, --tls-cert and --tls-key with --scheduler."
-        )
-    return security.tls(*files) if any(files) else None
-
-
-def client_for(args, stack: ExitStack):
-    from daskdl.cluster import connect, local_cluster
-
-    tls = _security(args)
-    gpus = getattr(args, "gpus", None)  # only `daskdl train` has --gpus
-    if args.scheduler:
-        client = connect(args.scheduler, security=tls)
-    elif gpus:
-        if gpus == "all":
-            gpus = True
-        elif gpus.isdigit():
-            gpus = int(gpus)
-        client = local_cluster(gpus=gpus, secure=args.secure)
-    else:
-        client = local_cluster(n_workers=args.workers, secure=args.secure)
-    return stack.enter_context(client)
-
-
 def train(args) -> int:
-    import daskdl
+    from daskdl.training.launcher import fit
 
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out; give --out DIR.")
@@ -242,7 +79,7 @@ def train(args) -> int:
             f"daskdl: cluster {client.scheduler.address}, dashboard {client.dashboard_link}",
             file=sys.stderr,
         )
-        run = daskdl.fit(
+        run = fit(
             client,
             args.model,
             train_ds,
@@ -255,7 +92,7 @@ def train(args) -> int:
             signing_key=args.signing_key,
             verify_key=args.verify_key,
             progress=args.progress,
-            meta=_meta(args),
+            meta=run_meta(args),
             loggers=args.loggers,
         )
         last = run.history.iloc[-1]
@@ -371,7 +208,7 @@ def _dashboard_parser(sub) -> None:
     )
     cluster_arguments(p)
     p.add_argument("--address", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=_port, default=5006, help="port (0: any free one)")
+    p.add_argument("--port", type=port, default=5006, help="port (0: any free one)")
     p.add_argument("--runs-dir", default="runs", help="where runs started from the page write")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.add_argument(
@@ -395,7 +232,7 @@ def dashboard(args) -> int:
         check_port(args.address, args.port)
     if args.insecure and not args.basic_auth:
         print(f"daskdl: warning: serving on {args.address} without a password", file=sys.stderr)
-    client = shared_client(args.scheduler, args.workers, _security(args), args.secure)
+    client = shared_client(args.scheduler, args.workers, tls_settings(args), args.secure)
 
     def ready(url: str) -> None:
         print(
@@ -424,9 +261,8 @@ def dashboard(args) -> int:
 
 
 def _benchmarks_dir(args) -> Path:
-    import daskdl
-
-    folder = Path(args.benchmarks or Path(daskdl.__file__).resolve().parent.parent / "benchmarks")
+    checkout = Path(__file__).resolve().parents[2]  # daskdl/cli/main.py in a checkout
+    folder = Path(args.benchmarks or checkout / "benchmarks")
     if not (folder / "_report.py").is_file():
         raise FileNotFoundError(
             f"no benchmark scripts in {folder}: daskdl bench runs those of a daskdl checkout "
@@ -437,7 +273,6 @@ def _benchmarks_dir(args) -> Path:
 
 def bench(args) -> int:
     import os
-    import re
     import subprocess
     import tempfile
     import time
@@ -485,7 +320,7 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import daskdl
+    import daskdl  # the root package: its __version__ (it does not import the CLI)
 
     parser = argparse.ArgumentParser(
         prog="daskdl", description="Distributed deep learning on Dask clusters."
@@ -529,16 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"daskdl: error: {as_flags(_one_line(e))}", file=sys.stderr)
         return 2
-
-
-def as_flags(message: str) -> str:
-    """A training option named as Python names it (``batch_size must be ...``,
-    ``lr=0.1``) as the command line does (``--batch-size must be ...``, ``--lr 0.1``)."""
-    for f in config.fields():
-        flag = "--" + f.name.replace("_", "-")
-        message = re.sub(rf"^{f.name}\b(?!=)", flag, message)
-        message = re.sub(rf"(?<![\w.'\"-]){f.name}=", flag + " ", message)
-    return message
 
 
 def _one_line(e: BaseException) -> str:

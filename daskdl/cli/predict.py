@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from daskdl.cli.main import cluster_arguments
+    from daskdl.cli.arguments import cluster_arguments
     from daskdl.prediction.partitions import PRECISIONS
 
     p = sub.add_parser(
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
 def predict(args) -> int:
     from distributed import as_completed, futures_of
 
-    from daskdl.cli.main import client_for
+    from daskdl.cli.arguments import client_for
     from daskdl.data import inputs, sources
     from daskdl.prediction.partitions import from_checkpoint, predictions
 

@@ -90,7 +90,7 @@ def _audit_parser(sub) -> None:
         "finding is at or above --fail-on. Without --scheduler (or --checkpoint alone), "
         "a local cluster as daskdl starts one is checked.",
     )
-    from daskdl.cli.main import cluster_arguments
+    from daskdl.cli.arguments import cluster_arguments
 
     cluster_arguments(p)
     p.add_argument("--checkpoint", help="a checkpoint or run directory to check")
@@ -122,7 +122,7 @@ def audit(args) -> int:
         epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     except ValueError:
         raise ValueError(f"--epsilons must be numbers separated by commas, got {args.epsilons!r}.")
-    from daskdl.cli.main import client_for
+    from daskdl.cli.arguments import client_for
 
     with ExitStack() as stack:
         cluster = args.scheduler or args.secure or args.workers or not args.checkpoint

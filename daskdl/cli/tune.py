@@ -22,7 +22,7 @@ EXAMPLE = """example search.yaml:
 def add_parser(sub) -> None:
     import argparse
 
-    from daskdl.cli import main as cli
+    from daskdl.cli import arguments as cli
 
     p = sub.add_parser(
         "tune",
@@ -35,8 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--space", required=True, help="the search space, a YAML file (below)")
     cli.data_arguments(p)
     cli.cluster_arguments(p, "local cluster; with --scheduler, workers to use (default all)")
-    p.add_argument("--n-trials", type=cli._count, default=20, help="trials to run (default 20)")
-    p.add_argument("--epochs", type=cli._count, default=10, help="each trial's epochs (default 10)")
+    p.add_argument("--n-trials", type=cli.count, default=20, help="trials to run (default 20)")
+    p.add_argument("--epochs", type=cli.count, default=10, help="each trial's epochs (default 10)")
     p.add_argument("--metric", default="val_accuracy", help="what to optimise (a history column)")
     p.add_argument(
         "--direction",
@@ -46,9 +46,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--pruner", choices=PRUNERS, default="asha")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    p.add_argument("--ranks-per-trial", type=cli._count, default=1, help="workers per trial")
+    p.add_argument("--ranks-per-trial", type=cli.count, default=1, help="workers per trial")
     p.add_argument(
-        "--max-concurrent", type=cli._count, help="trials at once (default: as many as fit)"
+        "--max-concurrent", type=cli.count, help="trials at once (default: as many as fit)"
     )
     p.add_argument("--storage", help="a journal file or database URL that keeps the study")
     p.add_argument("--study-name", default="daskdl", help="the study's name in --storage")
@@ -84,16 +84,16 @@ def tune(args) -> int:
 
 
 def _tune(args) -> int:
-    import daskdl
-    from daskdl.cli import main as cli
+    from daskdl.cli import arguments as cli
     from daskdl.tuning import space
+    from daskdl.tuning.study import tune
 
     search = space.load(args.space)
     train, test = cli.load_dataset(args)
     with ExitStack() as stack:
         client = cli.client_for(args, stack)
         logging.getLogger("optuna").setLevel(logging.WARNING)  # daskdl logs each trial
-        study = daskdl.tune(
+        study = tune(
             client, search, train, val=test, n_trials=args.n_trials, epochs=args.epochs,
             metric=args.metric, direction=args.direction, pruner=args.pruner,
             sampler=args.sampler, ranks_per_trial=args.ranks_per_trial,

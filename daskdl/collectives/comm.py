@@ -30,6 +30,7 @@ from distributed.comm import Comm
 from distributed.protocol import to_serialize
 from distributed.worker import Worker
 
+from daskdl.collectives.base import Group
 from daskdl.collectives.hierarchy import TwoLevel, two_level_layout
 from daskdl.worker.extension import (  # noqa: F401 - the errors are part of this module's API
     FRAME,
@@ -691,10 +692,6 @@ class TorchGroup:
             except Exception:  # the scheduler may already be gone at shutdown
                 pass
         manager(self.worker).discard(self.run_id)
-
-
-# A run's group, whichever backend: what averaging and sharding need of it, both have.
-Group = DaskGroup | TorchGroup
 
 
 def make_group(

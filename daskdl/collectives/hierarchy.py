@@ -28,7 +28,7 @@ from distributed.comm import get_address_host
 if TYPE_CHECKING:
     import numpy as np
 
-    from daskdl.collectives.comm import DaskGroup
+    from daskdl.collectives.base import PointToPoint
 
 ALGORITHMS = ("auto", "ring")
 
@@ -73,7 +73,7 @@ class TwoLevel:
     """One rank's part in the two-level all-reduce of ``group``: the subgroup of its host and
     the subgroup of its local index across hosts."""
 
-    def __init__(self, group: DaskGroup, layout: list[list[int]]):
+    def __init__(self, group: PointToPoint, layout: list[list[int]]):
         host = next(h for h, ranks in enumerate(layout) if group.rank in ranks)
         index = layout[host].index(group.rank)
         self.local = group.subgroup(layout[host], f"host{host}")

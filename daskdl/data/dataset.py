@@ -13,8 +13,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from daskdl.config import integer
-from daskdl.data import frames, preprocess
+from daskdl.config.options import integer
+from daskdl.data import frames, preprocess, storage
 from daskdl.objective.task import check_task, infer_task
 
 if TYPE_CHECKING:  # for annotations only
@@ -466,17 +466,21 @@ class Dataset:
         >>> ds.save("cache/train", key=key)                          # doctest: +SKIP
         >>> train = daskdl.Dataset.load("cache/train", key=key)      # doctest: +SKIP
         """
-        from daskdl.data import storage
-
         return storage.save(self, path, key, overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: bytes | str | None = None) -> Dataset:
         """A lazy data set over a folder written by :meth:`save` (pass the same ``key`` if it
         was encrypted). A wrong key is an error before any partition is read."""
-        from daskdl.data import storage
-
-        return storage.load(path, key)
+        X, y, meta = storage.load(path, key)
+        ds = cls(X, y, meta["n_classes"], meta["task"])
+        ds.classes, ds.features, ds.categories = (
+            meta["classes"],
+            meta["features"],
+            meta["categories"],
+        )
+        ds.target_scale, ds.standardized = meta["target_scale"], meta["standardized"]
+        return ds
 
 
 def _check_target_shape(y: da.Array, task: str) -> da.Array:

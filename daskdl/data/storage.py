@@ -171,10 +171,10 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
     return root
 
 
-def load(path: str | os.PathLike, key=None):
-    """A lazy :class:`daskdl.Dataset` over a data set written by :func:`save`."""
-    from daskdl.data.dataset import Dataset
-
+def load(path: str | os.PathLike, key=None) -> tuple[da.Array, da.Array, dict]:
+    """The lazy arrays of a data set written by :func:`save`, and what the data set records
+    beside them (``n_classes``, ``task``, ``classes``, ``features``, ``categories``,
+    ``target_scale``, ``standardized``), from which :meth:`daskdl.Dataset.load` makes one."""
     root = Path(path).resolve()  # read by workers, which may run in another directory
     try:
         raw = (root / META).read_bytes()
@@ -224,14 +224,15 @@ def load(path: str | os.PathLike, key=None):
         )
         xs.append(da.from_delayed(read[0], shape=(rows, *sample_shape), dtype=x_dtype))
         ys.append(da.from_delayed(read[1], shape=(rows, *y_shape), dtype=y_dtype))
-    ds = Dataset(da.concatenate(xs), da.concatenate(ys), doc.get("n_classes"), doc.get("task"))
-    ds.classes, ds.features = doc.get("classes"), doc.get("features")
-    ds.categories = doc.get("categories")
+    meta = {name: doc.get(name) for name in ("n_classes", "task", "classes", "features")}
+    meta["categories"] = doc.get("categories")
+    meta["target_scale"] = meta["standardized"] = None
     if doc.get("target_scale") is not None:
         mean, std = (np.asarray(v, dtype=np.float32) for v in doc["target_scale"])
         if not y_shape:  # (n,) targets: scalar statistics
             mean, std = mean.reshape(()), std.reshape(())
-        ds.target_scale = (da.from_array(mean), da.from_array(std))
+        meta["target_scale"] = (da.from_array(mean), da.from_array(std))
     if doc.get("standardized") is not None:
-        ds.standardized = preprocess.Standardization(*preprocess.from_record(doc["standardized"]))
-    return ds
+        record = preprocess.from_record(doc["standardized"])
+        meta["standardized"] = preprocess.Standardization(*record)
+    return da.concatenate(xs), da.concatenate(ys), meta

@@ -17,7 +17,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from daskdl.collectives.comm import Group
+from daskdl.collectives.base import Group
 
 
 def _float_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
@@ -370,3 +370,20 @@ def make(model, opt, group: Group, cfg) -> GradientAveraging | LocalSGD:
         cfg.outer_momentum,
         defer_nonfinite=fused,
     )
+
+
+def average_buffers(model: torch.nn.Module, group: Group) -> None:
+    """Batch-norm statistics differ per rank; average them so every replica evaluates alike."""
+    average_tensors([b for b in model.buffers() if b.is_floating_point()], group)
+
+
+def average_tensors(tensors: list[torch.Tensor], group: Group) -> None:
+    """Average ``tensors`` over ``group``'s ranks in place, in one all-reduce."""
+    if not tensors or group.size == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    group.allreduce_mean_(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -23,91 +23,24 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import safetensors.numpy
 import torch
 from torch import nn
 
-from daskdl import config as config_
 from daskdl.checkpoint import files as checkpoint
-from daskdl.collectives.comm import DaskGroup, PeerTimeoutError
-from daskdl.parallel.schedules import SCHEDULES, check_microbatches, order
-from daskdl.training.engine import average_tensors
+from daskdl.collectives.base import PointToPoint
+from daskdl.collectives.comm import PeerTimeoutError
+from daskdl.config.pipeline import Pipeline
+from daskdl.parallel.averaging import average_tensors
+from daskdl.parallel.schedules import order
 
 logger = logging.getLogger(__name__)
-
-BALANCES = ("params", "time")
 
 
 class PipelineError(RuntimeError):
     """A pipeline that cannot run: its message names the stage and what was seen."""
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """How a model is cut into stages and fed: ``fit(..., pipeline=Pipeline(stages=2))``.
-
-    ``stages`` ranks hold one stage each (with more workers, replicas of the pipeline);
-    ``microbatches`` per step; ``schedule`` ``"1f1b"`` or ``"gpipe"``; ``balance`` cuts by
-    ``"params"`` or by the ``"time"`` each layer takes on the workers; ``split`` gives the
-    cut points instead (the indices of the layers that start pieces 1, 2, ...). ``chunks``
-    above 1 cuts the model into ``stages * chunks`` pieces, stage ``s`` holding pieces
-    ``s, s + stages, ...``: the interleaved schedule, whose bubble is ``chunks`` times
-    smaller, for ``chunks`` times the messages (:mod:`daskdl.parallel.schedules`).
-    """
-
-    stages: int = 2
-    microbatches: int = 4
-    schedule: str = "1f1b"
-    balance: str = "params"
-    split: tuple[int, ...] | None = None
-    chunks: int = 1
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: checked and normalised once, here
-        set_(self, "stages", config_.integer("stages", self.stages, minimum=1))
-        set_(self, "microbatches", config_.integer("microbatches", self.microbatches, minimum=1))
-        set_(self, "chunks", config_.integer("chunks", self.chunks, minimum=1))
-        config_.choice("schedule", self.schedule, SCHEDULES)
-        config_.choice("balance", self.balance, BALANCES)
-        if self.chunks > 1 and self.stages == 1:
-            raise ValueError(
-                f"chunks={self.chunks} interleaves pieces over the stages: use at least 2 "
-                "stages, or chunks=1."
-            )
-        check_microbatches(self.stages, self.microbatches, self.chunks)
-        if self.split is not None:
-            split = tuple(config_.integer("split", i, minimum=1) for i in self.split)
-            n = self.pieces - 1
-            if len(split) != n or list(split) != sorted(set(split)):
-                raise ValueError(
-                    f"split={self.split!r}: give the {n} increasing indices of the layers "
-                    f"that start pieces 1..{n} ({self.stages} stages x {self.chunks} chunks)."
-                )
-            set_(self, "split", split)
-
-    @property
-    def pieces(self) -> int:
-        """How many runs of consecutive layers the model is cut into."""
-        return self.stages * self.chunks
-
-    def layers_of_stage(self, bounds: Sequence[int], stage: int) -> list[int]:
-        """The indices of the layers ``stage`` holds, given the pieces' ``bounds``."""
-        pieces = range(stage, self.pieces, self.stages)
-        return [i for g in pieces for i in range(bounds[g], bounds[g + 1])]
-
-    def as_options(self) -> dict:
-        """The :class:`daskdl.TrainConfig` options that say the same."""
-        return {
-            "pipeline_stages": self.stages,
-            "microbatches": self.microbatches,
-            "pipeline_schedule": self.schedule,
-            "pipeline_balance": self.balance,
-            "pipeline_split": ",".join(map(str, self.split)) if self.split else None,
-            "pipeline_chunks": self.chunks,
-        }
 
 
 def layers_of(model) -> list[nn.Module]:
@@ -190,7 +123,7 @@ class Stage:
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], pipe: Pipeline, group: DaskGroup, bounds: list[int]
+        self, layers: Sequence[nn.Module], pipe: Pipeline, group: PointToPoint, bounds: list[int]
     ):
         S = pipe.stages
         if group.size % S:
@@ -383,7 +316,7 @@ class Stage:
             self._send(self.prev, f"g{g - 1}.{m}", x.grad)
         self.stats["backward"] += time.perf_counter() - t0
 
-    def _average(self, peers: DaskGroup) -> None:
+    def _average(self, peers: PointToPoint) -> None:
         grads = []
         for p in self.module.parameters():
             if p.requires_grad:
@@ -538,7 +471,7 @@ def split_bounds(layers: Sequence[nn.Module], pipe: Pipeline) -> list[int]:
     return cut(parameter_costs(layers), pipe.pieces)
 
 
-def split_layers(model, pipe: Pipeline, group: DaskGroup, sample: torch.Tensor | None):
+def split_layers(model, pipe: Pipeline, group: PointToPoint, sample: torch.Tensor | None):
     """The stage boundaries every rank agrees on: ``pipe.split``, or balanced by parameters,
     or by the layer times measured on ``sample`` and averaged over the ranks."""
     layers = layers_of(model)

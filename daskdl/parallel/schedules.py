@@ -13,7 +13,7 @@ of the stage's ``chunk``-th piece on that microbatch.
 
 from __future__ import annotations
 
-SCHEDULES = ("1f1b", "gpipe")
+from daskdl.config.pipeline import check_microbatches
 
 Pass = tuple[str, int, int]
 
@@ -40,15 +40,6 @@ def order(schedule: str, stages: int, stage: int, microbatches: int, chunks: int
     for i in range(total - warm):
         ops += [forward[warm + i], backward[i]]
     return ops + backward[total - warm :]
-
-
-def check_microbatches(stages: int, microbatches: int, chunks: int) -> None:
-    """An interleaved order runs microbatches ``stages`` at a time: a multiple is needed."""
-    if chunks > 1 and microbatches % stages:
-        raise ValueError(
-            f"An interleaved pipeline ({chunks} chunks per stage) runs microbatches {stages} "
-            f"at a time: use a multiple of {stages} microbatches, not {microbatches}."
-        )
 
 
 def _nth(kind: str, k: int, stages: int, chunks: int) -> Pass:

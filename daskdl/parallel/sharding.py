@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from daskdl.checkpoint import files as checkpoint
-from daskdl.collectives.comm import Group
+from daskdl.collectives.base import Group
 from daskdl.parallel import pipeline
 
 SHARDS = (None, "optimizer", "full")

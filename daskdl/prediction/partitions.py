@@ -13,6 +13,7 @@ import hashlib
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import dask
 import dask.array as da
@@ -22,14 +23,13 @@ import pandas as pd
 import torch
 from distributed import Client, get_client
 
-from daskdl import config as config_
 from daskdl import models, security
 from daskdl.checkpoint import files as checkpoint
+from daskdl.config import options as config_
 from daskdl.data import inputs
 from daskdl.data.dataset import Dataset
 from daskdl.objective.task import Objective, Scale
 from daskdl.rank.context import resolve_device
-from daskdl.runs.run import Run
 from daskdl.worker.extension import manager
 
 OUTPUTS = {
@@ -261,8 +261,16 @@ def _build(predictor: Predictor, weights: dict, device: torch.device) -> torch.n
     return models.trained(predictor.model, predictor.input_shape, obj.n_outputs, weights).to(device)
 
 
+@runtime_checkable
+class Predicts(Protocol):
+    """What :func:`predict` takes instead of a checkpoint: a :class:`daskdl.Run` (this package
+    sits below the runs, which use it, so it names the ability, not the class)."""
+
+    def predict(self, data, **options): ...
+
+
 def predict(
-    checkpoint_or_run: str | os.PathLike | Run,
+    checkpoint_or_run: str | os.PathLike | Predicts,
     data: Dataset | da.Array | pd.DataFrame | dd.DataFrame,
     model: models.ModelSpec | None = None,
     *,
@@ -293,7 +301,7 @@ def predict(
     >>> preds = daskdl.predict("runs/digits", test)                    # doctest: +SKIP
     >>> preds = daskdl.predict("runs/loop", X, model=make_net)          # doctest: +SKIP
     """
-    if isinstance(checkpoint_or_run, Run):
+    if isinstance(checkpoint_or_run, Predicts):
         return checkpoint_or_run.predict(
             data, output=output, batch_size=batch_size, device=device, precision=precision,
             on_nan=on_nan,

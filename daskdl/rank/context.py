@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from distributed import get_worker, secede
 
-from daskdl import config as config_
 from daskdl import events, security
 from daskdl.checkpoint import files as checkpoint
 from daskdl.checkpoint import rundir
-from daskdl.collectives.comm import CollectiveError, DaskGroup, make_group
-from daskdl.config import TrainConfig
+from daskdl.collectives.base import PointToPoint
+from daskdl.collectives.comm import CollectiveError, make_group
+from daskdl.config import options as config_
+from daskdl.config.options import TrainConfig
 from daskdl.data.streaming import PartitionReader, Shard
 from daskdl.parallel import averaging
 from daskdl.parallel.averaging import GradientAveraging, LocalSGD
@@ -237,7 +238,7 @@ class RankContext:
         in them. ``sample``: a batch for ``balance="time"``. See :mod:`daskdl.parallel.pipeline`."""
         if self.device.type != "cpu":
             raise ValueError("Pipelines run on the CPU so far: launch with device='cpu'.")
-        if not isinstance(self.group, DaskGroup):  # stages talk point to point
+        if not isinstance(self.group, PointToPoint):  # stages talk point to point
             raise ValueError(
                 "Pipelines send activations over daskdl's own comms: launch with "
                 "backend='dask' (the default), not backend='torch'."

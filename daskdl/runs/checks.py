@@ -17,11 +17,11 @@ import psutil
 import torch
 from distributed import Client
 
-from daskdl import config as config_
 from daskdl import security
 from daskdl.checkpoint import rundir
 from daskdl.cluster import workers_info
-from daskdl.config import TrainConfig
+from daskdl.config import options as config_
+from daskdl.config.options import TrainConfig
 from daskdl.models import preflight
 from daskdl.parallel import pipeline, sharding
 

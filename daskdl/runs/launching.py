@@ -30,7 +30,6 @@ from daskdl.rank.context import LoopSpec, loop_main
 from daskdl.runs import trackers
 from daskdl.runs.checks import RunFolder
 from daskdl.runs.plan import LaunchPlan, Layout, layout
-from daskdl.runs.run import Run
 from daskdl.runs.shards import who_has_to_locations
 
 logger = logging.getLogger(__name__)
@@ -224,7 +223,8 @@ class Starting:
 
     >>> with Starting(client, folder, [train], workers, None) as starting:  # doctest: +SKIP
     ...     ...  # checks on starting.held
-    ...     run = start(Launch(client, starting.plan(...), starting.held), ...)
+    ...     launch = Launch(client, starting.plan(...), starting.held)
+    ...     run = Run(launch, spec, start(launch, ...))
     """
 
     def __init__(self, client: Client, folder: RunFolder, datasets, workers, stream):
@@ -265,13 +265,20 @@ class Starting:
         )
 
 
-def start(
-    launch: Launch, workers: list[str], resume: dict | None, spec: dict, progress, loggers=()
-) -> Run:
+@dataclass
+class Started:
+    """A run whose rank tasks are submitted: what its :class:`daskdl.Run` follows."""
+
+    futures: list
+    recorder: events.Recorder
+    ranks: list[str]
+
+
+def start(launch: Launch, workers: list[str], resume: dict | None, progress, loggers=()) -> Started:
     """Lay out a checked run's shards, describe it (its ``config.json`` and ``start`` event)
     and submit its rank tasks. ``resume`` is the state it starts from (``epoch``, ``model``,
-    ``optimizer``, ``history``, ``shards``, ``trackers``), ``spec`` what its :class:`Run`
-    needs to rebuild the model, ``loggers`` its experiment trackers (checked)."""
+    ``optimizer``, ``history``, ``shards``, ``trackers``), ``loggers`` its experiment trackers
+    (checked)."""
     plan = launch.plan
     sizes = [int(c) for c in launch.held[0].ds.X.chunks[0]]
     shards = None
@@ -303,10 +310,7 @@ def start(
     history = resume["history"] if resume else []
     recorder.epochs.extend(history)
     announce(launch, recorder)
-    futures = launch.submit(lay, resume, 0, history)
-    out = Path(plan.out_arg) if plan.out_arg else None
-    staging = Path(plan.staging) if plan.staging else None
-    return Run(launch.client, launch, spec, futures, recorder, list(lay.ranks), out, staging)
+    return Started(launch.submit(lay, resume, 0, history), recorder, list(lay.ranks))
 
 
 def announce(launch: Launch, recorder: events.Recorder) -> None:

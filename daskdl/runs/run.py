@@ -4,9 +4,11 @@ tasks), and rebuilds and scores a ``fit`` run's trained model."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +19,9 @@ import pandas as pd
 import torch
 from distributed import Client
 
-from daskdl import config, events, models
+from daskdl import events, models
 from daskdl.collectives import comm
+from daskdl.config import options as config
 from daskdl.data import inputs
 from daskdl.data.dataset import Dataset
 from daskdl.data.inputs import check_categories
@@ -30,9 +33,7 @@ from daskdl.runs.coordinator import Coordinator, RunError, State
 if TYPE_CHECKING:
     import dask.dataframe as dd
 
-    from daskdl.events import Recorder
-    from daskdl.runs.launching import Launch
-    from daskdl.webapp.app import App
+    from daskdl.runs.launching import Launch, Started
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +47,18 @@ class Run:
     ``history`` has one row per finished epoch, ``model`` is the trained module (on the CPU).
     """
 
-    def __init__(
-        self,
-        client: Client,
-        launch: Launch,
-        spec: dict,
-        futures: list,
-        recorder: Recorder,
-        workers: list[str],
-        out: Path | None,
-        staging: Path | None = None,
-    ):
-        self.client = client
-        self.run_id = launch.plan.run_id
-        self.spec = spec
-        self.out = out
+    def __init__(self, launch: Launch, spec: dict, started: Started):
+        plan = launch.plan
+        self.client = client = launch.client
+        self.run_id = plan.run_id
+        self.spec = spec  # what rebuilds the model: the factory and its objective
+        self.out = out = Path(plan.out_arg) if plan.out_arg else None
+        staging = Path(plan.staging) if plan.staging else None
+        recorder = started.recorder
         self._launch = launch
-        self._coordinator = Coordinator(client, launch, futures, workers, recorder, out, staging)
+        self._coordinator = Coordinator(
+            client, launch, started.futures, started.ranks, recorder, out, staging
+        )
         self._recorder = recorder
         self._model: torch.nn.Module | None = None
         self._state = None  # the trained weights on the workers (evaluate, predict)
@@ -157,17 +153,9 @@ class Run:
             self._following.release()
         return self
 
-    def dashboard(self) -> App:
-        """A live dashboard of this run (and the others on the cluster), for a notebook.
-
-        Needs ``pip install "daskdl[app]"``; see :func:`daskdl.dashboard`.
-        """
-        from daskdl.webapp import dashboard
-
-        app = dashboard(self.client)
-        if self.run_id in app.store.runs:
-            app.store.selected = self.run_id
-        return app
+    def dashboard(self) -> Any:
+        """Deprecated: ``daskdl.dashboard(client, run=run)`` (removed in daskdl 0.3)."""
+        return deprecated_dashboard("run.dashboard()", "run=run", self.client, run=self.run_id)
 
     def stop(self, timeout: float | None = None) -> Run:
         """Ask every rank to stop after the current step, and wait for them: at most
@@ -359,3 +347,15 @@ def check_compatible(data, input_shape, name: str, task: str | None = None) -> N
             f"{name} has samples of shape {data.sample_shape}, but the model takes "
             f"{tuple(input_shape)}."
         )
+
+
+def deprecated_dashboard(call: str, keyword: str, client: Client, *args, **kwargs) -> Any:
+    """The dashboard that ``run.dashboard()`` and ``study.dashboard()`` opened, with a warning."""
+    warnings.warn(
+        f"{call} is deprecated and goes in daskdl 0.3: use daskdl.dashboard(client, {keyword}).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    # The dashboard sits above the runs (it starts them), so they do not import it: the
+    # deprecated methods reach it by name for one more release.
+    return importlib.import_module("daskdl.webapp").dashboard(client, *args, **kwargs)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from daskdl import config as config_
 from daskdl import security
+from daskdl.config import options as config_
 from daskdl.data.dataset import Dataset
 from daskdl.models import preflight
 from daskdl.objective.task import target_dtype
@@ -136,9 +136,8 @@ def launch(
             public=_describe(starting, names, train_fn, user_config, cfg, meta),
             grow=workers is None,
         )
-        run = start(
-            Launch(client, plan, held), ranks, resume_from, {"loop": True}, progress, loggers
-        )
+        launch = Launch(client, plan, held)
+        run = Run(launch, {"loop": True}, start(launch, ranks, resume_from, progress, loggers))
     if block:
         run.wait()
     return run

@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from daskdl.collectives.comm import Group
-from daskdl.config import TrainConfig
+from daskdl.config.options import TrainConfig
 from daskdl.objective.task import Objective
 
 
@@ -85,20 +84,3 @@ def train_step(model, opt, xb, yb, sync, autocast, stop_requested: bool, objecti
     elif not sync.bad_ranks:
         opt.step()
     return loss.detach(), objective.correct(outputs, yb)
-
-
-def average_buffers(model: torch.nn.Module, group: Group) -> None:
-    """Batch-norm statistics differ per rank; average them so every replica evaluates alike."""
-    average_tensors([b for b in model.buffers() if b.is_floating_point()], group)
-
-
-def average_tensors(tensors: list[torch.Tensor], group: Group) -> None:
-    """Average ``tensors`` over ``group``'s ranks in place, in one all-reduce."""
-    if not tensors or group.size == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    group.allreduce_mean_(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()

@@ -26,7 +26,6 @@ from daskdl.parallel import averaging
 from daskdl.parallel.sharding import ShardedOptimizer
 from daskdl.rank.context import RankContext
 from daskdl.training.engine import (
-    average_buffers,
     lr_at,
     make_optimizer,
     prepare_optimizer,
@@ -241,7 +240,7 @@ class Trainer:
     def finish_epoch(self, epoch: int, metrics: dict) -> None:
         """Agree on batch-norm statistics, evaluate, log the epoch, and checkpoint."""
         ctx, cfg = self.ctx, self.cfg
-        average_buffers(self.model, ctx.group)
+        averaging.average_buffers(self.model, ctx.group)
         # One small all-reduce: this rank's training means, its validation loss sum and count
         # (zeros on a rank without validation partitions; every rank joins either way), its
         # skipped steps; then the metrics' states.

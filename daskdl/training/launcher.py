@@ -15,16 +15,16 @@ import dask
 import numpy as np
 from distributed import Client
 
-from daskdl import config as config_
 from daskdl import models, security
-from daskdl.config import TrainConfig
+from daskdl.config import options as config_
+from daskdl.config.options import TrainConfig
+from daskdl.config.pipeline import Pipeline
 from daskdl.data import categorical, inputs
 from daskdl.data.dataset import Dataset
 from daskdl.data.inputs import check_categories
 from daskdl.models import preflight
 from daskdl.objective import metrics as metrics_
 from daskdl.objective.task import Objective, check_loss, describe_loss
-from daskdl.parallel.pipeline import Pipeline
 from daskdl.runs import checks, trackers
 from daskdl.runs.launching import Launch, Starting, read_resume, start
 from daskdl.runs.run import Run, check_compatible, target_scale
@@ -169,7 +169,8 @@ def fit(
             grow=workers is None,  # workers that join get ranks, unless these were chosen
             gate=config_.flag("epoch_gate", epoch_gate),
         )  # fmt: skip
-        run = start(Launch(client, plan, held), ranks, resume_state, spec, progress, loggers)
+        launch = Launch(client, plan, held)
+        run = Run(launch, spec, start(launch, ranks, resume_state, progress, loggers))
     if block:
         run.wait()
     return run

@@ -26,8 +26,8 @@ from typing import Any
 
 from distributed import Client
 
-from daskdl import config
 from daskdl.cluster import workers_info
+from daskdl.config import options as config
 from daskdl.data import streaming
 from daskdl.data.dataset import Dataset
 from daskdl.runs import checks, trackers

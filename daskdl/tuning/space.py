@@ -121,7 +121,7 @@ def _check(name, value, where: str) -> None:
 
 def _check_name(name: str, where: str) -> None:
     """A key is a fit option, ``model``, ``standardize``, or ``<model>.<option>``."""
-    from daskdl import config
+    from daskdl.config import options as config
     from daskdl.tuning.parts import FIT_ARGUMENTS, TUNE_OWN
 
     if "." in name:

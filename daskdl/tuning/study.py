@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, cast
 import pandas as pd
 from distributed import Client
 
-from daskdl import config as config_
 from daskdl import events
 from daskdl.cluster import workers_info
+from daskdl.config import options as config_
 from daskdl.data.dataset import Dataset
 from daskdl.runs import trackers
-from daskdl.runs.run import Run
+from daskdl.runs.run import Run, deprecated_dashboard
 from daskdl.tuning.parts import (
     Best,
     Trial,
@@ -41,7 +41,6 @@ from daskdl.tuning.parts import (
 if TYPE_CHECKING:  # optuna and Panel are extras: for annotations only
     import optuna
 
-    from daskdl.webapp.app import App
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +107,11 @@ class Study:
         self._thread.join()
         return self
 
-    def dashboard(self, runs_dir: str = "runs") -> App:
-        """The dashboard, opened on this study's trials (a trial's row opens its run)."""
-        from daskdl.webapp import dashboard
-
-        return dashboard(self.client, runs_dir, study=self.key)
+    def dashboard(self, runs_dir: str = "runs") -> Any:
+        """Deprecated: ``daskdl.dashboard(client, study=study)`` (removed in daskdl 0.3)."""
+        return deprecated_dashboard(
+            "study.dashboard()", "study=study", self.client, runs_dir, study=self.key
+        )
 
     @property
     def done(self) -> bool:

@@ -13,10 +13,11 @@ import param
 from panel.io.location import Location
 from panel.viewable import Viewer
 
-from daskdl import config, datasets, models
+from daskdl import datasets, models
 from daskdl.checkpoint import rundir
 from daskdl.cluster import workers_info
 from daskdl.collectives import comm
+from daskdl.config import options as config
 from daskdl.data import sources
 from daskdl.webapp.store import DashboardStore, feed
 from daskdl.webapp.studies import Studies
@@ -108,11 +109,11 @@ class Launcher(Viewer):
         return train, val, {**meta, "published": True}
 
     def _fit(self, options: dict, dataset: str, data_path: str, **extra):
-        import daskdl
+        from daskdl.training.launcher import fit
 
         seed = options.get("seed", options.get("config", {}).get("seed", 0))
         train, val, meta = self._data(dataset, data_path, seed)
-        run = daskdl.fit(
+        run = fit(
             self.client,
             train=train,
             val=val,
