@@ -1,3 +1,5 @@
+"""`python -m daskdl`: the `daskdl` command."""
+
 import sys
 
 from daskdl.cli.main import main

@@ -168,8 +168,11 @@ def test_notebook_views_render(client, digits_split):
 
     train, test = digits_split
     run = daskdl.fit(client, "small_cnn", train, val=test, epochs=2, progress=False)
-    app = run.dashboard()
+    app = daskdl.dashboard(client, run=run)
     assert app.store.selected == run.run_id
+    # The deprecated method opens the same, with a warning that names the call to use.
+    with pytest.warns(DeprecationWarning, match=r"daskdl.dashboard\(client, run=run\)"):
+        assert run.dashboard().store.selected == run.run_id
     app.store.refresh()
     app.curves._update()
     assert len(app.curves.epochs.data["epoch"]) == 2

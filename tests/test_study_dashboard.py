@@ -92,7 +92,9 @@ def test_study_dashboard_opens_on_its_trials_and_a_trial_opens_its_run(client, d
     train, test = digits_split
     study = daskdl.tune(client, _space, train, val=test, n_trials=4, epochs=2, pruner="none",
                         sampler="random")  # fmt: skip
-    app = study.dashboard()
+    app = daskdl.dashboard(client, study=study)
+    with pytest.warns(DeprecationWarning, match="study=study"):
+        assert study.dashboard().store.study == study.key
     app.store.refresh()
     assert app.store.study == study.key and app.tabs.active == 1
     view = app.studies

@@ -1,5 +1,6 @@
-"""Hyperparameter tuning and model selection: many trials, each a daskdl run, sharing one
-cluster, with Optuna underneath (``pip install "daskdl[tune]"``).
+"""A study's pieces: pruners, samplers and storage by name, tune's checks, a trial's data and
+run. Tuning is many trials, each a daskdl run, sharing one cluster, with Optuna underneath
+(``pip install "daskdl[tune]"``).
 
 The client drives Optuna by ask-and-tell: a :class:`Study` asks for a trial, turns the
 parameters ``space(trial)`` returns into a :func:`daskdl.fit` on a free group of
