@@ -1,17 +1,11 @@
-"""Following a run's rank tasks from the client: :class:`Coordinator`, a state machine.
-
-::
-
-    running ──► regrouping ──► running        a worker lost (within max_failures) or joined
-    running ──► finished | stopped            rank 0 returned (stopped: by run.stop())
-    running ──► failed | cancelled            a rank raised, too many workers lost, cancel()
+"""Following a run's rank tasks from the client: :class:`Coordinator` observes them, asks
+:func:`daskdl.runs.policy.decide` what to do, and does it (the state machine is drawn there).
 
 Only :meth:`Coordinator.follow` moves it on, from the thread that waits for the run.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import time
@@ -26,6 +20,8 @@ from daskdl import events
 from daskdl.checkpoint import rundir
 from daskdl.cluster import workers_info
 from daskdl.collectives import comm
+from daskdl.runs import policy
+from daskdl.runs.policy import ENDED, State
 
 if TYPE_CHECKING:
     from daskdl.runs.launching import Launch
@@ -38,16 +34,7 @@ class RunError(RuntimeError):
     """A rank failed; the message names the rank and its worker."""
 
 
-class State(enum.Enum):
-    RUNNING = "running"
-    REGROUPING = "regrouping"
-    FINISHED = "finished"
-    STOPPED = "stopped"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ENDED = (State.FINISHED, State.STOPPED, State.FAILED, State.CANCELLED)
+__all__ = ["ENDED", "Coordinator", "RunError", "State"]
 
 
 class Coordinator:
@@ -69,7 +56,7 @@ class Coordinator:
         self._join_asked = False
         # Heartbeats: when each worker's last one changed (the client's clock), and the comm
         # id of the membership an unresponsive worker was dropped from.
-        self._heard: dict[str, tuple[float, float]] = {}
+        self._heard: dict[str, policy.Heard] = {}
         self._silent: dict[str, str] = {}
 
     @property
@@ -85,7 +72,7 @@ class Coordinator:
     def check_client(self) -> None:
         """A run whose client closed cannot be followed any more: the scheduler released its
         rank tasks (they stop after the same step), so it ends as cancelled, saying why."""
-        if self.ended or self.client.status not in ("closing", "closed"):
+        if self.ended or not self._client_closed():
             return
         self.state = State.CANCELLED
         self.error = RunError(
@@ -94,6 +81,9 @@ class Coordinator:
             "run.wait() returns; resume= continues the run from its last checkpoint."
         )
         self.recorder.close(self.state.value)
+
+    def _client_closed(self) -> bool:
+        return self.client.status in ("closing", "closed")
 
     def follow(self, deadline: float | None, timeout: float | None) -> None:
         """Watch the rank tasks until the run ends (raising its error) or ``deadline``."""
@@ -113,85 +103,97 @@ class Coordinator:
             wait(self.futures, timeout=1.0)
         except TimeoutError:
             pass
-        self.check_client()
-        if self.ended:
-            return
-        if any(f.status == "cancelled" for f in self.futures):
-            self.fail(
-                RunError(
-                    f"run {self.run_id} was cancelled: its rank tasks were cancelled "
-                    "(client.cancel, or the scheduler released them)."
-                ),
-                State.CANCELLED,
-            )
-        failed = [i for i, f in enumerate(self.futures) if f.status == "error"]
+        match policy.decide(self.observe()):
+            case policy.Wait():
+                pass
+            case policy.AskToGrow():
+                self._ask_to_grow()
+            case policy.Regroup(gone=gone, joined=False):
+                self._regroup(list(gone))
+            case policy.Regroup(joined=True):
+                self._regroup([], sorted(self.live_workers() - set(self.workers)))
+            case policy.ConfirmLoss():
+                self._confirm_loss()  # a rank saw a peer vanish before the scheduler did
+            case policy.Finish(state=state):
+                self.result = self.futures[0].result()
+                self.finish(state)
+            case policy.Fail(why="client closed"):
+                self.check_client()
+            case policy.Fail(why=why, state=state, ranks=ranks):
+                self.fail(self._failure(why, list(ranks)), state)
+
+    def observe(self) -> policy.Observation:
+        """The run as :func:`daskdl.runs.policy.decide` sees it."""
+        if self._client_closed():
+            return policy.Observation(ranks=len(self.workers), client_closed=True)
         live = self.live_workers()
-        gone = [i for i, w in enumerate(self.workers) if w not in live]
-        if failed and not gone:
-            self.fail(self._rank_error(failed))
-        if gone:
-            return self._regroup(gone)
-        self._ask_to_grow(live)
-        if not all(f.done() for f in self.futures):
-            return
-        if self._returned("join"):
-            return self._regroup([], sorted(self.live_workers() - set(self.workers)))
-        if self._peer_lost():
-            return  # a rank saw a peer vanish before the scheduler did: look again
-        self.result = self.futures[0].result()
-        self.finish(State.STOPPED if self.result["stopped"] else State.FINISHED)
+        all_done = all(f.done() for f in self.futures)
+        returned = all(f.status == "finished" for f in self.futures)
+        handed_back = tuple(r["elastic"] for r in self._returned()) if all_done else ()
+        plan = self.launch.plan
+        return policy.Observation(
+            ranks=len(self.workers),
+            cancelled=any(f.status == "cancelled" for f in self.futures),
+            failed=tuple(i for i, f in enumerate(self.futures) if f.status == "error"),
+            gone=tuple(i for i, w in enumerate(self.workers) if w not in live),
+            all_done=all_done,
+            handed_back=handed_back,
+            newcomers=bool(live - set(self.workers)),
+            may_grow=plan.grow and plan.elastic and not self._join_asked,
+            lost_before=len(self.lost),
+            max_failures=plan.max_failures,
+            stopped=returned and not handed_back and self.futures[0].result()["stopped"],
+        )
 
-    def _returned(self, reason: str | None = None) -> list[dict]:
-        """The states ranks handed back to regroup (for ``reason``, or any but a join)."""
+    def _failure(self, why: str, ranks: list[int]) -> BaseException:
+        """The error a failed run raises, in the user's terms."""
+        names = ", ".join(f"rank {i} ({self.workers[i]})" for i in ranks)
+        if why == "cancelled":
+            return RunError(
+                f"run {self.run_id} was cancelled: its rank tasks were cancelled "
+                "(client.cancel, or the scheduler released them)."
+            )
+        if why == "rank failed":
+            return self._rank_error(ranks)
+        if why == "too many lost":
+            so_far = f"; lost before: {self.lost}" if self.lost else ""
+            return RunError(
+                f"run {self.run_id}: worker of {names} left the cluster{so_far} "
+                f"(max_failures={self.launch.plan.max_failures})."
+            )
+        return RunError(f"run {self.run_id}: every worker is gone ({names}).")
+
+    def _returned(self) -> list[dict]:
+        """The states ranks handed back to regroup (``elastic``: why)."""
         results = [f.result() for f in self.futures if f.status == "finished"]
-        states = [r for r in results if isinstance(r, dict) and "elastic" in r]
-        if reason is None:
-            return [r for r in states if r["elastic"] != "join"]
-        return [r for r in states if r["elastic"] == reason]
+        return [r for r in results if isinstance(r, dict) and "elastic" in r]
 
-    def _ask_to_grow(self, live: set[str]) -> None:
+    def _ask_to_grow(self) -> None:
         """Workers that joined the cluster get ranks from the next epoch on (runs that were
         given all workers, and may regroup)."""
-        plan = self.launch.plan
-        if not plan.grow or not plan.elastic or self._join_asked or not live - set(self.workers):
-            return
         self.client.run(
             comm.request_regroup, self.launch.comm_id, workers=self.workers, on_error="ignore"
         )
         self._join_asked = True
 
-    def _peer_lost(self) -> bool:
+    def _confirm_loss(self) -> None:
         """Ranks that returned a regroup request while every worker is still there: wait a
-        little for the scheduler to notice the loss; a collective that failed with every
-        worker alive is an error."""
-        results = self._returned()
-        if not results:
-            return False
+        little for the scheduler to notice the loss (the next look regroups); a collective
+        that failed with every worker alive is an error."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if set(self.workers) - self.live_workers():
-                return True
+                return
             time.sleep(0.2)
-        self.fail(RunError(f"run {self.run_id}: a collective failed ({results[0]['elastic']})."))
-        return False
+        why = self._returned()[0]["elastic"]
+        self.fail(RunError(f"run {self.run_id}: a collective failed ({why})."))
 
     def _regroup(self, gone: list[int], joined: Sequence[str] = ()) -> None:
-        """running -> regrouping -> running: go on without the workers of ranks ``gone`` (or
-        fail past max_failures), and with the workers that ``joined``."""
-        plan = self.launch.plan
+        """running -> regrouping -> running: go on without the workers of ranks ``gone``, and
+        with the workers that ``joined`` (the policy has checked that it may)."""
         lost = [self.workers[i] for i in gone]
         names = ", ".join(f"rank {i} ({self.workers[i]})" for i in gone)
         survivors = [w for i, w in enumerate(self.workers) if i not in gone]
-        if gone and len(self.lost) + len(lost) > plan.max_failures:
-            so_far = f"; lost before: {self.lost}" if self.lost else ""
-            self.fail(
-                RunError(
-                    f"run {self.run_id}: worker of {names} left the cluster{so_far} "
-                    f"(max_failures={plan.max_failures})."
-                )
-            )
-        if not survivors:
-            self.fail(RunError(f"run {self.run_id}: every worker is gone ({names})."))
         self.state = State.REGROUPING
         states = self._states_of(survivors, gone, names)
         if not states:
@@ -283,22 +285,14 @@ class Coordinator:
         as gone at once, so its peers regroup without waiting for it to close; so does one
         whose heartbeats stopped for twice the comm timeout (a stopped process, a frozen
         machine), long before the scheduler's own ``worker-ttl`` removes it."""
-        workers = workers_info(self.client)
-        leaving = ("closing", "closing_gracefully", "closed")
-        now, silence = time.monotonic(), 2 * self.launch.plan.comm_timeout
-        live = set()
-        for addr, info in workers.items():
-            seen = info.get("last_seen", 0.0)
-            if self._heard.get(addr, (None,))[0] != seen:
-                self._heard[addr] = (seen, now)
-            if info.get("status") in leaving:
-                continue
-            if now - self._heard[addr][1] > silence:
-                self._silent.setdefault(addr, self.launch.comm_id)
-                continue
-            if addr in self._silent:
-                self._wake(addr)
-            live.add(addr)
+        silence = 2 * self.launch.plan.comm_timeout
+        live, silent, self._heard = policy.liveness(
+            workers_info(self.client), self._heard, time.monotonic(), silence
+        )
+        for addr in silent:
+            self._silent.setdefault(addr, self.launch.comm_id)
+        for addr in live & self._silent.keys():
+            self._wake(addr)
         return live
 
     def _wake(self, addr: str) -> None:
