@@ -13,7 +13,7 @@ from daskdl import models
 from daskdl.checkpoint import files as checkpoint
 from daskdl.config.options import TrainConfig
 from daskdl.data.preprocess import augment_images
-from daskdl.rank.context import load_state
+from daskdl.parallel.layouts import layout_of
 from daskdl.rank.loader import ShardLoader, epoch_order
 from daskdl.training.engine import lr_at, make_optimizer
 
@@ -102,7 +102,7 @@ def test_loading_a_resumed_state_leaves_it_as_it_was():
 
     model = models.mlp((6,), 3)
     opt = make_optimizer(model.parameters(), cfg)
-    load_state(model, opt, resume)
+    layout_of(model, opt).load(resume)
     for _ in range(2):
         opt.zero_grad()
         F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.int64)).backward()

@@ -144,10 +144,16 @@ class GradientAveraging:
         if self._on_step is not None:
             self._on_step(self)
 
+    skips_together = True  # the flags travel with the gradients: every rank skips at once
+
     @property
     def stop_agreed(self) -> bool:
         """Whether every rank agreed, at the last backward, to stop."""
         return self._stop
+
+    def skip_step(self) -> None:
+        for p in self.params:
+            p.grad = None  # optimizer.step() leaves every parameter as it is
 
     def _launch_ready(self) -> None:
         # The last bucket holds the stop slot: it goes in backward_done.
@@ -315,10 +321,16 @@ class LocalSGD:
         self._stop = bool(flat[-1] > 0)
         return self._stop
 
+    skips_together = False  # ranks step on their own between synchronisations
+
     @property
     def stop_agreed(self) -> bool:
         """Whether every rank agreed, at the last synchronisation, to stop."""
         return self._stop
+
+    def skip_step(self) -> None:
+        for p in self.params:
+            p.grad = None  # this rank's optimizer.step() leaves its parameters as they are
 
     def _outer_step(self) -> None:
         average = torch.cat([p.detach().reshape(-1) for p in self.params])

@@ -38,6 +38,7 @@ import torch
 from daskdl.checkpoint import files as checkpoint
 from daskdl.collectives.base import Group
 from daskdl.parallel import pipeline
+from daskdl.parallel.base import Averager
 
 SHARDS = (None, "optimizer", "full")
 
@@ -213,7 +214,7 @@ class ShardedOptimizer:
         shard: str = "optimizer",
         wire: str = "fp32",
         unit_bytes: int = 25 * 2**20,
-        on_bad: Callable[[ShardedOptimizer], None] | None = None,
+        on_bad: Callable[[Averager], None] | None = None,
     ):
         params = [p for p in model.parameters() if p.requires_grad]
         if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
@@ -234,7 +235,7 @@ class ShardedOptimizer:
         self.params = params
         self.optimizer = make([u.shard for u in self.units])
         self.bad_ranks: list[int] = []
-        self.pending_bad = None  # fit's loop reads it: the ranks always agree on the host
+        self.pending_bad: torch.Tensor | None = None  # the ranks always agree on the host
         self._bad = torch.zeros((), dtype=torch.bool)
         self._stop = False
         self._agreed = False
@@ -317,10 +318,15 @@ class ShardedOptimizer:
         """The chunks' optimizer's groups: set ``lr`` here, as on any optimizer."""
         return self.optimizer.param_groups
 
+    skips_together = True  # the flags travel with the reduce-scatter
+
     @property
     def stop_agreed(self) -> bool:
         """Whether every rank agreed, before the last update, to stop."""
         return self._stop
+
+    def skip_step(self) -> None:
+        pass  # its own step() skips when any rank's gradients were not finite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._bad = torch.zeros((), dtype=torch.bool)

@@ -15,7 +15,6 @@ import gc
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast, overload
 
@@ -32,7 +31,8 @@ from daskdl.config import options as config_
 from daskdl.config.options import TrainConfig
 from daskdl.data.streaming import PartitionReader, Shard
 from daskdl.parallel import averaging
-from daskdl.parallel.averaging import GradientAveraging, LocalSGD
+from daskdl.parallel.base import Averager
+from daskdl.parallel.layouts import layout_of
 from daskdl.parallel.pipeline import Pipeline, Stage, split_layers
 from daskdl.parallel.sharding import SHARDS, ShardedOptimizer
 from daskdl.rank.loader import ShardLoader, StreamLoader, concat
@@ -249,17 +249,16 @@ class RankContext:
 
     def averaging(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | ShardedOptimizer
-    ) -> GradientAveraging | LocalSGD | ShardedOptimizer:
+    ) -> Averager:
         """For a loop that drives the averaging step by step, as ``fit``'s does: the run's
         averager for ``model`` (its ``sync_every``: every step's gradients, or local SGD),
         whose ``zero_grad()``, ``backward_done(stop, loss)`` and ``step_done(step, last)`` the
         loop calls around each step (see :mod:`daskdl.parallel.averaging`); a
         :class:`daskdl.parallel.sharding.ShardedOptimizer` is its own. The model must start alike on
         every rank, as it does when built from the context's seeded random state."""
-        if isinstance(optimizer, ShardedOptimizer):
-            return optimizer
-        sync = averaging.make(model, optimizer, self.group, self.options)
-        self._averaging.append(sync)
+        sync = layout_of(model, optimizer).averager(self.group, self.options)
+        if sync is not optimizer:  # a sharded optimizer is the loop's to close
+            self._averaging.append(sync)
         return sync
 
     def _broadcast_parameters(self, model: torch.nn.Module) -> None:
@@ -276,7 +275,7 @@ class RankContext:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def _after_backward(self, sync: GradientAveraging | ShardedOptimizer) -> None:
+    def _after_backward(self, sync: Averager) -> None:
         if not sync.bad_ranks:
             return
         where = f"step {self.steps_done} (rank(s) {sync.bad_ranks})"
@@ -285,9 +284,7 @@ class RankContext:
                 f"Non-finite loss or gradient at {where}. Lower the learning rate, check the "
                 "data, or launch with on_nonfinite='skip' to skip such steps."
             )
-        if isinstance(sync, averaging.GradientAveraging):
-            for p in sync.params:
-                p.grad = None  # optimizer.step() leaves every parameter as it is
+        sync.skip_step()
         if self.rank == sync.bad_ranks[0]:
             self.emit("nonfinite", step=self.steps_done, ranks=sync.bad_ranks)
 
@@ -515,7 +512,7 @@ class RankContext:
         model: torch.nn.Module | Stage,
         optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
         *,
-        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
+        averaging: Averager | None = None,
         step: int | None = None,
     ) -> None:
         """Keep ``model`` and ``optimizer`` as they are after ``epoch`` (from 0): rank 0
@@ -530,7 +527,7 @@ class RankContext:
         so a sharded or pipelined run keeps none: it regroups from the checkpoint on disk
         (with ``out=``), else from its start (a pipeline whose stage is followed, :meth:`follow`,
         goes on from a complete replica among the survivors first)."""
-        sharded = isinstance(optimizer, ShardedOptimizer) or isinstance(model, Stage)
+        sharded = layout_of(model, optimizer).spread
         keep = self.spec.elastic and self._live is None and not sharded
         writes = self.is_main and self.spec.out
         if not keep and not (self.spec.out if sharded else writes):
@@ -561,7 +558,7 @@ class RankContext:
         model: torch.nn.Module | Stage,
         optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
         *,
-        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
+        averaging: Averager | None = None,
     ) -> None:
         """Hand ``model`` and ``optimizer`` back as they are when the run regroups, instead of
         the last checkpoint: the survivors of a lost worker go on from the last step every
@@ -572,25 +569,12 @@ class RankContext:
         on from a complete replica among the survivors (every stage's part at the same step;
         stages that read no batches count their steps with :meth:`idle_batches`), else from
         its last checkpoint on disk."""
-        if isinstance(optimizer, ShardedOptimizer):
-            raise ValueError(
-                "A ShardedOptimizer's state is spread over the ranks, and a lost rank takes its "
-                "chunk with it: such a run goes on from its last ctx.checkpoint, so do not "
-                "follow it."
-            )
+        layout_of(model, optimizer).check_followable()
         self._live = (model, optimizer, averaging)
 
     def _state(self, model, optimizer, averaging_) -> dict:
         outer = averaging_.state_tensors() if averaging_ is not None else None
-        if isinstance(model, Stage):  # the stages, gathered on rank 0
-            whole = model.gather(optimizer, keep=self.is_main) or {}
-            tensors, opt = whole.get("model"), whole.get("optimizer")
-        elif isinstance(optimizer, ShardedOptimizer):  # gathered by every rank, kept by rank 0
-            opt = optimizer.state_dict(keep=self.is_main)
-            tensors = optimizer.model_tensors(model, keep=self.is_main)
-        else:
-            tensors = checkpoint.model_tensors(model)
-            opt = optimizer.state_dict() if optimizer is not None else None
+        tensors, opt = layout_of(model, optimizer).state(keep=self.is_main)
         return {
             "model": tensors,
             "optimizer": checkpoint.state_tensors(opt, outer) if opt is not None else None,
@@ -602,7 +586,7 @@ class RankContext:
         model: torch.nn.Module | Stage,
         optimizer: torch.optim.Optimizer | ShardedOptimizer | None = None,
         *,
-        averaging: LocalSGD | GradientAveraging | ShardedOptimizer | None = None,
+        averaging: Averager | None = None,
     ) -> int:
         """Load the state this run starts from (``resume=``, or where the survivors were after
         a regroup) into ``model`` (and ``optimizer``, and ``averaging``'s outer state); the
@@ -610,7 +594,7 @@ class RankContext:
         state = self.resume_state
         if state is None:
             return 0
-        load_state(model, optimizer, state)
+        layout_of(model, optimizer).load(state)
         if averaging is not None and state.get("optimizer"):
             averaging.load_state(state["optimizer"].get("outer", {}))
         return int(state["epoch"])
@@ -635,7 +619,8 @@ class RankContext:
         every rank; an all-reduce, so call it on every rank, at an epoch's end)."""
         if not self.spec.elastic:
             return False
-        followed = self._live is not None and isinstance(self._live[0], Stage)
+        # A followed spread state is a pipeline's: its stages hand back their parts.
+        followed = self._live is not None and layout_of(*self._live[:2]).spread
         if self._spread and not followed and (self._saved or {}).get("epoch") != self._position[0]:
             # Sharded state regroups from disk: only from this epoch's checkpoint (with out=,
             # written now), or the joiners would cost the epochs since the last.
@@ -651,11 +636,11 @@ class RankContext:
     def elastic_state(self, error: Exception | None) -> dict:
         """What the coordinator needs to start the loop again on a new set of workers."""
         epoch, step = self._position
-        if self._live is not None and isinstance(self._live[0], Stage):
-            stage, optimizer, _ = self._live
+        part = layout_of(*self._live[:2]).handed_back() if self._live is not None else None
+        if part is not None:
             # Its own part only: gathering the replica would need the peer that is gone.
             state: dict[str, Any] = {"model": None, "optimizer": None}
-            state.update(history=list(self.history), stage=stage.handed_back(optimizer))
+            state.update(history=list(self.history), stage=part)
             saved = self._saved or {}
             if saved.get("on_disk"):  # if no replica is whole among the survivors
                 state["disk"] = {"epoch": saved["epoch"], "history": saved["history"]}
@@ -681,36 +666,6 @@ class RankContext:
         # hands freed memory back: the context itself outlives the loop a little.
         self._averaging, self._saved, self._live = [], None, None
         self.group.close()
-
-
-def load_state(model: torch.nn.Module | Stage, optimizer, state: dict) -> None:
-    """Load a resumed or regrouped run's model (and optimizer) state, leaving ``state`` as it
-    was.
-
-    ``state`` is a task input, one object on the worker that holds it, which Dask sends to the
-    other ranks' workers when they ask for it; the optimizer keeps (and steps in place) the
-    tensors it is given, so it gets copies, or a peer could start from this rank's steps.
-    """
-    if isinstance(model, Stage):  # its part of the whole model's checkpoint
-        tensors, opt_state = model.stage_state(state)
-        model.module.load_state_dict(tensors)
-        if optimizer is not None and opt_state:
-            optimizer.load_state_dict(opt_state)
-        return
-    with _whole(optimizer, gather=False):
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in state["model"].items()})
-    opt_state = state.get("optimizer")
-    if optimizer is not None and opt_state:
-        optimizer.load_state_dict(
-            copy.deepcopy({k: opt_state[k] for k in ("state", "param_groups")})
-        )
-
-
-def _whole(optimizer, gather: bool = True):
-    """The model's parameters whole meanwhile, where ``optimizer`` shards them."""
-    if isinstance(optimizer, ShardedOptimizer):
-        return optimizer.gathered(gather)
-    return nullcontext()
 
 
 def _loggable(name: str, value):

@@ -263,7 +263,7 @@ class Trainer:
             metrics["train_accuracy"] = float(sums[1] / ctx.world_size)
         # Per-step averaging skips a step on every rank at once: count it once. Local SGD
         # ranks skip on their own: count every rank's.
-        shared = isinstance(self.sync, averaging.GradientAveraging)
+        shared = self.sync.skips_together
         metrics["skipped_steps"] = int(round(sums[4] / (ctx.world_size if shared else 1)))
         if self.has_val:
             metrics["val_loss"] = float(sums[2] / sums[3])
