@@ -113,7 +113,7 @@ def test_load_latest_skips_a_corrupt_newest_checkpoint(tmp_path):
 _WRITER = """
 import sys
 import numpy as np
-from daskdl import checkpoint
+from daskdl.checkpoint import files as checkpoint
 
 root, start = sys.argv[1], int(sys.argv[2])
 model = {"w": np.random.default_rng(0).normal(size=25_000_000).astype(np.float32)}  # 100 MB
