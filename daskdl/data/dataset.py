@@ -277,6 +277,12 @@ class Dataset:
         return self._n_classes
 
     @property
+    def known_n_classes(self) -> int | None:
+        """The number of classes given, or counted so far; ``None`` where neither (nothing is
+        computed to answer)."""
+        return self._n_classes
+
+    @property
     def n_outputs(self) -> int:
         """Outputs a model needs: one per class, per label, or per regression target."""
         if self.task == "classification":

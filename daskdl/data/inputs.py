@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from daskdl.data import frames, preprocess
+from daskdl.data import frames, preprocess, validate
 from daskdl.data.dataset import Dataset
 from daskdl.data.preprocess import Standardization
 
@@ -103,23 +103,12 @@ class Trained:
         )  # fmt: skip
 
 
-def check_categories(data: Dataset, categories: dict | None, name: str) -> None:
-    """``data`` encodes its categorical features with the codes the model learned."""
-    if data.categories != categories:
-        raise ValueError(
-            f"{name}'s categorical codes are not the training data's (categories "
-            f"{sorted(data.categories or {})} vs {sorted(categories or {})}, or other values): "
-            "build it with Dataset.from_dataframe(..., categories=train.categories), or split "
-            "it from the same data set."
-        )
-
-
 def samples(client: Client, data, trained: Trained, what: str = "data"):
     """``data``'s samples as the model takes them, and the index to give predictions (a
     dataframe's, or None): ``data`` is a :class:`Dataset`, a Dask array of raw samples, or a
     pandas or Dask dataframe holding the training features by name."""
     if isinstance(data, Dataset):
-        check_categories(data, trained.categories, name=what)
+        validate.check_categories(data, trained.categories, name=what)
         return conform(client, data, trained, what).X, data.index
     if isinstance(data, da.Array):
         return conform_array(client, data, None, None, trained, what), None

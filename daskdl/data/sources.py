@@ -240,7 +240,7 @@ def _parts(ds: Dataset) -> dict:
         "y": ds.y,
         "target_scale": list(ds.target_scale) if ds.target_scale is not None else None,
         "task": ds.task,
-        "n_classes": ds._n_classes,
+        "n_classes": ds.known_n_classes,
         "classes": ds.classes,
         "features": ds.features,
         "categories": ds.categories,

@@ -136,7 +136,7 @@ def save(ds, path: str | os.PathLike, key=None, overwrite: bool = False) -> Path
             "format": FORMAT,
             "version": VERSION,
             "id": dataset_id,
-            "n_classes": ds._n_classes,
+            "n_classes": ds.known_n_classes,
             "task": ds.task,
             "classes": ds.classes,
             "features": ds.features,

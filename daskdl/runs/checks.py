@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
-import numpy as np
 import psutil
 import torch
 from distributed import Client
@@ -187,19 +186,6 @@ def train_config(config, options: dict) -> TrainConfig:
     cfg.comm_timeout = cfg.timeout
     cfg.validate()  # the configured default too: a NaN or infinite timeout is an endless wait
     return cfg
-
-
-def check_parts(parts: dict[str, tuple[np.ndarray | None, str]]) -> dict:
-    """Check each named data set's targets (for its task) and features from a few numbers
-    of each of its partitions, counted where they are (:func:`daskdl.models.preflight.value_counts`,
-    ``parts[name] = (counts, task)``). Returns each data set's totals."""
-    uncounted = [name for name, (c, _) in parts.items() if c is None]
-    if uncounted:
-        raise RuntimeError(f"the partitions of {uncounted} were not counted on the cluster")
-    counts = {name: preflight.total_counts(c) for name, (c, _) in parts.items() if c is not None}
-    for name, (_, task) in parts.items():
-        preflight.check_values(name, counts[name], task)
-    return counts
 
 
 def check_memory(client: Client, model: torch.nn.Module, cfg: TrainConfig, ranks: list[str]):

@@ -22,9 +22,8 @@ from daskdl import events
 from daskdl.checkpoint import files as checkpoint
 from daskdl.checkpoint import rundir
 from daskdl.collectives import comm
-from daskdl.data import preprocess, streaming
+from daskdl.data import preprocess, streaming, validate
 from daskdl.data.dataset import Dataset
-from daskdl.models import preflight
 from daskdl.parallel import pipeline
 from daskdl.rank.context import LoopSpec, loop_main
 from daskdl.runs import trackers
@@ -39,7 +38,7 @@ logger = logging.getLogger(__name__)
 class Held:
     """A data set as a run holds it: persisted on the workers (its blocks' futures ``xs``
     and ``ys``), or streamed (``stream``: its partitions' graphs); and every partition's
-    :func:`daskdl.models.preflight.value_counts`."""
+    :func:`daskdl.data.validate.value_counts`."""
 
     ds: Dataset
     xs: list = field(default_factory=list)
@@ -346,7 +345,7 @@ def persist(client: Client, *datasets: Dataset) -> list[Held]:
         if len(rest) > len(scale):  # the same statistics (the same keys), held on the cluster
             persisted.standardized = preprocess.Standardization(*rest[len(scale) :])
         out.append(Held(persisted, _block_futures(persisted.X), _block_futures(persisted.y)))
-    counts = client.gather([client.map(preflight.value_counts, h.xs, h.ys) for h in out])
+    counts = client.gather([client.map(validate.value_counts, h.xs, h.ys) for h in out])
     for h, c in zip(out, counts):
         h.counts = np.asarray(c, dtype=np.float64)
     return out
@@ -386,7 +385,7 @@ def stream_data(client: Client, *datasets: Dataset) -> list[Held]:
     sources = streaming.sources(client, datasets)
     graph, keys = {}, []
     for n, source in enumerate(sources):
-        dsk, ks = source.map_partitions(preflight.value_counts, f"daskdl-count-{n}")
+        dsk, ks = source.map_partitions(validate.value_counts, f"daskdl-count-{n}")
         graph.update(dsk)
         keys.append(ks)
     flat = client.gather(client.get(graph, [k for ks in keys for k in ks], sync=False))

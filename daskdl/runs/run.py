@@ -22,10 +22,8 @@ from distributed import Client
 from daskdl import events, models
 from daskdl.collectives import comm
 from daskdl.config import options as config
-from daskdl.data import inputs
+from daskdl.data import inputs, validate
 from daskdl.data.dataset import Dataset
-from daskdl.data.inputs import check_categories
-from daskdl.models import preflight
 from daskdl.objective import metrics as metrics_
 from daskdl.objective.task import Scale
 from daskdl.runs.coordinator import Coordinator, RunError, State
@@ -217,8 +215,8 @@ class Run:
             )
         batch_size = config.integer("batch_size", batch_size, minimum=1)
         objective = self.spec["objective"]
-        check_compatible(data, None, name="data", task=objective.task)
-        check_categories(data, self.spec.get("categories"), name="data")
+        validate.check_compatible(data, None, name="data", task=objective.task)
+        validate.check_categories(data, self.spec.get("categories"), name="data")
         data = inputs.conform(self.client, data, self._trained())
         self._scatter_weights()
         X_parts = data.X.to_delayed(optimize_graph=False).ravel()
@@ -228,10 +226,10 @@ class Run:
         spec["data_scale"] = target_scale(self.client, data)
         parts = [score(spec, self._state, x, y, batch_size) for x, y in zip(X_parts, y_parts)]
         parts = self.client.compute(parts, sync=True)
-        counts = preflight.total_counts([p[0] for p in parts])
-        preflight.check_values("data", counts, objective.task)
+        counts = validate.total_counts([p[0] for p in parts])
+        validate.check_values("data", counts, objective.task)
         if objective.is_classifier:
-            preflight.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
+            validate.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
         loss, n = np.sum([p[1] for p in parts], axis=0)
         scores = metrics_.values(metrics_.merge([p[2] for p in parts]))
         return {"loss": float(loss / n), **scores}
@@ -301,15 +299,15 @@ class Run:
 
 
 def _score_partition(spec: dict, state: dict, X: np.ndarray, y: np.ndarray, batch_size: int):
-    """A partition's checks (:func:`daskdl.models.preflight.value_counts`), then its summed loss and
+    """A partition's checks (:func:`daskdl.data.validate.value_counts`), then its summed loss and
     count and its metrics (updated); only scored when the checks pass."""
     objective = spec["objective"]
-    counts = preflight.value_counts(X, y)
+    counts = validate.value_counts(X, y)
     scores = metrics_.build(spec["metrics"], objective, "cpu")
     try:  # the client raises the error, from every partition's counts
-        preflight.check_values("data", counts, objective.task)
+        validate.check_values("data", counts, objective.task)
         if objective.is_classifier:
-            preflight.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
+            validate.class_count("data", counts[0], counts[1], counts[4], objective.n_outputs)
     except ValueError:
         return counts, np.zeros(2), scores
     model = models.trained(spec["model"], spec["input_shape"], objective.n_outputs, state)
@@ -328,25 +326,6 @@ def target_scale(client: Client, data: Dataset) -> Scale | None:
         return None
     stats = client.compute(list(data.target_scale), sync=True, optimize_graph=False)
     return Scale.from_arrays(*stats)
-
-
-def check_compatible(data, input_shape, name: str, task: str | None = None) -> None:
-    """``data`` is a Dataset whose samples (and task, when given) are the model's."""
-    if not isinstance(data, Dataset):
-        raise TypeError(
-            f"{name} must be a daskdl.Dataset, got {type(data).__name__}. "
-            "Wrap arrays with daskdl.Dataset.from_numpy(X, y) or Dataset.from_dask(X, y)."
-        )
-    if task is not None and data.task != task:
-        raise ValueError(
-            f"{name} is a {data.task} data set, but the model learns {task}. Give it the "
-            f"same kind of targets (Dataset(..., task={task!r}))."
-        )
-    if input_shape is not None and tuple(data.sample_shape) != tuple(input_shape):
-        raise ValueError(
-            f"{name} has samples of shape {data.sample_shape}, but the model takes "
-            f"{tuple(input_shape)}."
-        )
 
 
 def deprecated_dashboard(call: str, keyword: str, client: Client, *args, **kwargs) -> Any:

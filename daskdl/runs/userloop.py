@@ -18,6 +18,7 @@ from distributed import Client
 
 from daskdl import security
 from daskdl.config import options as config_
+from daskdl.data import validate
 from daskdl.data.dataset import Dataset
 from daskdl.models import preflight
 from daskdl.objective.task import target_dtype
@@ -125,7 +126,7 @@ def launch(
     names = tuple(data)
     with Starting(client, folder, data.values(), ranks, cfg.stream) as starting:
         held = starting.held
-        checks.check_parts({n: (h.counts, h.ds.task) for n, h in zip(names, held)})
+        validate.check_parts({n: (h.counts, h.ds.task) for n, h in zip(names, held)})
         starting.claim()
         plan = starting.plan(
             train_fn=train_fn,

@@ -19,15 +19,14 @@ from daskdl import models, security
 from daskdl.config import options as config_
 from daskdl.config.options import TrainConfig
 from daskdl.config.pipeline import Pipeline
-from daskdl.data import categorical, inputs
+from daskdl.data import categorical, inputs, validate
 from daskdl.data.dataset import Dataset
-from daskdl.data.inputs import check_categories
 from daskdl.models import preflight
 from daskdl.objective import metrics as metrics_
 from daskdl.objective.task import Objective, check_loss, describe_loss
 from daskdl.runs import checks, trackers
 from daskdl.runs.launching import Launch, Starting, read_resume, start
-from daskdl.runs.run import Run, check_compatible, target_scale
+from daskdl.runs.run import Run, target_scale
 from daskdl.training.fitloop import FitLoop
 
 logger = logging.getLogger(__name__)
@@ -263,10 +262,10 @@ def _json_spec(model: models.ModelSpec):
 def _what_to_learn(train, val, model, loss, metrics, cfg: TrainConfig):
     """The data sets, the model, the loss and the metrics, checked before the cluster is
     touched; the model (the mlp told of categorical features) and the metrics by name."""
-    check_compatible(train, getattr(train, "sample_shape", None), name="train")
+    validate.check_compatible(train, getattr(train, "sample_shape", None), name="train")
     if val is not None:
-        check_compatible(val, train.sample_shape, name="val", task=train.task)
-        check_categories(val, train.categories, name="val")
+        validate.check_compatible(val, train.sample_shape, name="val", task=train.task)
+        validate.check_categories(val, train.categories, name="val")
     model = _with_embeddings(model, train)
     check_loss(loss, train.task)
     metric_specs = metrics_.normalize(metrics, train.task)
@@ -337,9 +336,9 @@ def _validate_labels(held: dict, train: Dataset) -> int:
     """Check targets and features from each partition's counts (as ``Run.evaluate`` checks
     them); ``held`` maps "train" (and "val") to them. Returns the number of model outputs
     (classes, labels or targets)."""
-    counts = checks.check_parts({which: (h.counts, train.task) for which, h in held.items()})
+    counts = validate.check_parts({which: (h.counts, train.task) for which, h in held.items()})
     if train.task != "classification":
         return train.n_outputs
     lo = min(c[0] for c in counts.values())
     hi = max(c[1] for c in counts.values())
-    return preflight.class_count("train", lo, hi, counts["train"][4], train._n_classes)
+    return validate.class_count("train", lo, hi, counts["train"][4], train.known_n_classes)
