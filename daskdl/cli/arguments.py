@@ -89,8 +89,12 @@ def data_arguments(p) -> None:
 def config_arguments(p) -> None:
     """One flag per :class:`daskdl.TrainConfig` field, with its type, default, choices and
     help: the options are defined there once."""
-    group = p.add_argument_group("training options (daskdl.TrainConfig; see fit)")
+    groups = {
+        name: p.add_argument_group(f"{name} options (daskdl.TrainConfig): {sec.about}")
+        for name, sec in config.SECTIONS.items()
+    }
     for f in config.fields():
+        group = groups[f.metadata["section"]]
         flag = "--" + f.name.replace("_", "-")
         kind = config.base_type(f)
         kwargs = {"dest": f.name, "default": f.default}

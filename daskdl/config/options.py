@@ -20,10 +20,40 @@ with open(_defaults_file) as f:
     dask.config.update_defaults(yaml.safe_load(f))
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A :class:`TrainConfig` field: its default, its help (for ``fit``'s docstring, the
-    command line and the dashboard) and, for a choice, its choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Section:
+    """A group of options that belong to one owner: its name, what it is about, and whether
+    every run's contract uses it (``launch`` takes those; the others are ``fit``'s loop's)."""
+
+    name: str
+    about: str
+    contract: bool = False
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def section(name: str, about: str, contract: bool = False):
+    """A section, and the function that declares its options: each a :class:`TrainConfig`
+    field with its default, its help (for ``fit``'s docstring, the command line, the
+    dashboard and the docs) and, for a choice, its choices."""
+    SECTIONS[name] = Section(name, about, contract)
+
+    def option(default, help: str, choices: tuple | None = None):
+        meta = {"help": help, "choices": choices, "section": name}
+        return dataclasses.field(default=default, metadata=meta)
+
+    return option
+
+
+in_optimisation = section(
+    "optimisation", "the optimizer, its schedule, the steps and the model's speed"
+)
+in_layout = section("layout", "how the training state is spread over the ranks")
+in_pipeline = section("pipeline", "a model cut into stages, one rank each (daskdl.Pipeline)")
+in_averaging = section("averaging", "how the ranks agree, in every run", contract=True)
+in_data = section("data", "how each rank reads its shard", contract=True)
+in_run = section("run", "the run itself: seed, device, waits and failures", contract=True)
 
 
 @dataclass
@@ -41,111 +71,122 @@ class TrainConfig:
     ``outer_momentum``) on the averaged change.
     """
 
-    epochs: int = option(10, "passes over the training data")
-    batch_size: int = option(32, "samples per step and rank (the global batch is this x ranks)")
-    lr: float = option(0.05, "peak learning rate")
-    optimizer: str = option("sgd", "the optimizer", ("sgd", "adamw"))
-    momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool = option(False, "Nesterov momentum (SGD)")
-    weight_decay: float = option(5e-4, "L2 penalty (SGD) or decoupled weight decay (AdamW)")
-    schedule: str = option(
+    epochs: int = in_optimisation(10, "passes over the training data")
+    batch_size: int = in_optimisation(
+        32, "samples per step and rank (the global batch is this x ranks)"
+    )
+    lr: float = in_optimisation(0.05, "peak learning rate")
+    optimizer: str = in_optimisation("sgd", "the optimizer", ("sgd", "adamw"))
+    momentum: float = in_optimisation(0.9, "SGD momentum")
+    nesterov: bool = in_optimisation(False, "Nesterov momentum (SGD)")
+    weight_decay: float = in_optimisation(
+        5e-4, "L2 penalty (SGD) or decoupled weight decay (AdamW)"
+    )
+    schedule: str = in_optimisation(
         "cosine", "learning-rate schedule after warm-up", ("constant", "cosine", "onecycle")
     )
-    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up")
-    precision: str = option("fp32", "bf16: bfloat16 autocast on the forward pass", ("fp32", "bf16"))
-    augment: bool | None = option(
+    warmup_epochs: float = in_optimisation(0.0, "epochs of linear learning-rate warm-up")
+    precision: str = in_optimisation(
+        "fp32", "bf16: bfloat16 autocast on the forward pass", ("fp32", "bf16")
+    )
+    augment: bool | None = in_optimisation(
         None, "random crops and flips of images (default: on for colour images of >= 16 px)"
     )
-    shuffle: bool = option(True, "reshuffle each rank's shard every epoch (seeded)")
-    seed: int = option(0, "seeds the weights, the shuffles and the augmentation")
-    stream: bool | None = option(
-        None,
-        "compute each rank's partitions as it trains instead of holding its shard in memory "
-        "(default: when the data would take over half the workers' memory limits)",
+    shuffle: bool = in_optimisation(True, "reshuffle each rank's shard every epoch (seeded)")
+    eval_batch_size: int = in_optimisation(512, "samples per batch when scoring the validation set")
+    checkpoint_every: int = in_optimisation(1, "epochs between checkpoints (with out=)")
+    channels_last: bool | None = in_optimisation(
+        None, "channels-last memory for conv nets (default: on for images on CUDA)"
     )
-    prefetch: int = option(2, "streamed partitions each rank computes ahead of training")
-    shuffle_buffer: int = option(
-        4096, "streamed samples each batch is drawn from, across the partitions in flight"
+    compile: bool = in_optimisation(False, "torch.compile the model on each rank (speed only)")
+    fused: bool | None = in_optimisation(
+        None, "the optimizer's fused kernel (default: on CUDA); skips non-finite steps on the GPU"
     )
-    eval_batch_size: int = option(512, "samples per batch when scoring the validation set")
-    checkpoint_every: int = option(1, "epochs between checkpoints (with out=)")
-    backend: str = option(
-        "dask",
-        "dask: all-reduce over Dask's worker-to-worker comms (TLS where the cluster has it); "
-        "torch: a torch.distributed gloo group",
-        ("dask", "torch"),
-    )
-    sync_every: int = option(
-        1, "1: average gradients every step; H > 1: local SGD, average parameters every H"
-    )
-    wire_dtype: str = option(
-        "fp32", "bf16 sends gradients between ranks as bfloat16: half the bytes", ("fp32", "bf16")
-    )
-    allreduce: str = option(
-        "auto",
-        "the dask backend's all-reduce: auto (two-level, within each host then across hosts, "
-        "where the ranks span hosts with as many on each; else one ring) or ring",
-        ("auto", "ring"),
-    )
-    bucket_mb: float = option(
-        25.0, "gradients are all-reduced in buckets of about this many MB, as backward makes them"
-    )
-    shard: str | None = option(
+
+    shard: str | None = in_layout(
         None,
         "spread the training state over the ranks: optimizer (ZeRO-1: each rank keeps 1/P of "
         "the optimizer's state) or full (ZeRO-3: parameters and gradients too, gathered per "
         "module as forward and backward reach it)",
         (None, "optimizer", "full"),
     )
-    pipeline_stages: int = option(
+
+    pipeline_stages: int = in_pipeline(
         1, "cut the model into this many stages, one rank each (daskdl.Pipeline); 1: none"
     )
-    microbatches: int = option(4, "microbatches per step and replica of a pipeline")
-    pipeline_schedule: str = option(
+    microbatches: int = in_pipeline(4, "microbatches per step and replica of a pipeline")
+    pipeline_schedule: str = in_pipeline(
         "1f1b",
         "a pipeline's order of passes: 1f1b (one forward, one backward) or gpipe",
         ("1f1b", "gpipe"),
     )
-    pipeline_balance: str = option(
+    pipeline_balance: str = in_pipeline(
         "params", "cut a pipeline by parameters or by the layers' measured time", ("params", "time")
     )
-    pipeline_split: str | None = option(
+    pipeline_split: str | None = in_pipeline(
         None, "a pipeline's cut points: the layers that start pieces 1, 2, ... ('3,7')"
     )
-    pipeline_chunks: int = option(
+    pipeline_chunks: int = in_pipeline(
         1,
         "pieces of the model each pipeline stage holds, interleaved (stage s: pieces s, "
         "s + stages, ...): a bubble that many times smaller, for that many times the messages",
     )
-    outer_optimizer: str | None = option(
+
+    backend: str = in_averaging(
+        "dask",
+        "dask: all-reduce over Dask's worker-to-worker comms (TLS where the cluster has it); "
+        "torch: a torch.distributed gloo group",
+        ("dask", "torch"),
+    )
+    sync_every: int = in_averaging(
+        1, "1: average gradients every step; H > 1: local SGD, average parameters every H"
+    )
+    wire_dtype: str = in_averaging(
+        "fp32", "bf16 sends gradients between ranks as bfloat16: half the bytes", ("fp32", "bf16")
+    )
+    allreduce: str = in_averaging(
+        "auto",
+        "the dask backend's all-reduce: auto (two-level, within each host then across hosts, "
+        "where the ranks span hosts with as many on each; else one ring) or ring",
+        ("auto", "ring"),
+    )
+    bucket_mb: float = in_averaging(
+        25.0, "gradients are all-reduced in buckets of about this many MB, as backward makes them"
+    )
+    outer_optimizer: str | None = in_averaging(
         None, "nesterov: a DiLoCo-style outer step at each local-SGD average", (None, "nesterov")
     )
-    outer_lr: float = option(0.7, "outer step's learning rate (outer_optimizer)")
-    outer_momentum: float = option(0.9, "outer step's momentum (outer_optimizer)")
-    comm_timeout: float | None = option(
-        None, "seconds a rank waits for a peer before giving up (default: daskdl.comm-timeout)"
+    outer_lr: float = in_averaging(0.7, "outer step's learning rate (outer_optimizer)")
+    outer_momentum: float = in_averaging(0.9, "outer step's momentum (outer_optimizer)")
+
+    stream: bool | None = in_data(
+        None,
+        "compute each rank's partitions as it trains instead of holding its shard in memory "
+        "(default: when the data would take over half the workers' memory limits)",
     )
-    torch_threads: int | None = option(None, "torch threads per rank (default: worker threads)")
-    device: str = option(
+    prefetch: int = in_data(2, "streamed partitions each rank computes ahead of training")
+    shuffle_buffer: int = in_data(
+        4096, "streamed samples each batch is drawn from, across the partitions in flight"
+    )
+
+    seed: int = in_run(0, "seeds the weights, the shuffles and the augmentation")
+    device: str = in_run(
         "auto",
         "auto: each rank on its worker's GPU (cuda:0 under dask-cuda) where it has one, else "
         "the CPU",
         ("auto", "cpu", "cuda"),
     )
-    channels_last: bool | None = option(
-        None, "channels-last memory for conv nets (default: on for images on CUDA)"
+    torch_threads: int | None = in_run(None, "torch threads per rank (default: worker threads)")
+    comm_timeout: float | None = in_run(
+        None, "seconds a rank waits for a peer before giving up (default: daskdl.comm-timeout)"
     )
-    compile: bool = option(False, "torch.compile the model on each rank (speed only)")
-    fused: bool | None = option(
-        None, "the optimizer's fused kernel (default: on CUDA); skips non-finite steps on the GPU"
-    )
-    on_nonfinite: str = option(
+    on_nonfinite: str = in_run(
         "raise",
         "a NaN or infinite loss or gradient: raise (end the run naming the step) or skip it on "
         "every rank",
         ("raise", "skip"),
     )
-    max_failures: int = option(
+    max_failures: int = in_run(
         2, "workers the run may lose (and regroup without) before it fails; 0: none"
     )
 
@@ -276,6 +317,16 @@ def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(TrainConfig)
 
 
+def names_in(*sections: str) -> tuple[str, ...]:
+    """The options of ``sections``, in their order."""
+    return tuple(f.name for f in fields() if f.metadata["section"] in sections)
+
+
+def contract_options() -> tuple[str, ...]:
+    """The options every run's contract uses: what ``launch`` takes."""
+    return names_in(*(name for name, sec in SECTIONS.items() if sec.contract))
+
+
 def base_type(f: dataclasses.Field) -> str:
     """A field's type without ``| None``: ``"int"``, ``"float"``, ``"bool"`` or ``"str"``
     (what the command line parses and the dashboard shows it as)."""
@@ -308,16 +359,24 @@ def options_doc() -> str:
 
 
 def options_table() -> str:
-    """The options as a Markdown table (docs/options.md's, which a test keeps equal to this)."""
-    rows = ["| option | default | |", "| --- | --- | --- |"]
-    for f in fields():
-        choices = f.metadata["choices"]
-        default = repr(f.default)
-        what = f.metadata["help"]
-        if choices:
-            what += "; one of " + ", ".join(f"`{c!r}`" for c in choices)
-        rows.append(f"| `{f.name}` | `{default}` | {what} |")
-    return "\n".join(rows)
+    """The options as Markdown, a table per section (docs/options.md's, which a test keeps
+    equal to this)."""
+    parts = []
+    for sec in SECTIONS.values():
+        who = "every run (`fit` and `launch`)" if sec.contract else "`fit`'s loop"
+        about = f"{sec.about[0].upper()}{sec.about[1:]}: options of {who}."
+        rows = [f"### {sec.name.capitalize()}", "", about, "", "| option | default | |"]
+        rows.append("| --- | --- | --- |")
+        for f in fields():
+            if f.metadata["section"] != sec.name:
+                continue
+            choices = f.metadata["choices"]
+            what = f.metadata["help"]
+            if choices:
+                what += "; one of " + ", ".join(f"`{c!r}`" for c in choices)
+            rows.append(f"| `{f.name}` | `{f.default!r}` | {what} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
 
 
 def _type_name(annotation) -> str:

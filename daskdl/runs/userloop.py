@@ -26,26 +26,8 @@ from daskdl.runs import checks, trackers
 from daskdl.runs.launching import Launch, Starting, read_resume, start
 from daskdl.runs.run import Run
 
-# The TrainConfig fields that the contract itself uses; the others are fit's loop's.
-LOOP_OPTIONS = (
-    "seed",
-    "stream",
-    "prefetch",
-    "shuffle_buffer",
-    "device",
-    "backend",
-    "wire_dtype",
-    "allreduce",
-    "bucket_mb",
-    "sync_every",
-    "outer_optimizer",
-    "outer_lr",
-    "outer_momentum",
-    "on_nonfinite",
-    "comm_timeout",
-    "torch_threads",
-    "max_failures",
-)
+# The TrainConfig sections that the contract itself uses; the others are fit's loop's.
+LOOP_OPTIONS = config_.contract_options()
 
 
 def launch(
