@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import dask
+import dask.utils
 import torch
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -125,6 +126,7 @@ def local_cluster(
     """
     if dashboard_address is not None:
         _check_address("dashboard_address", dashboard_address)
+    _check_memory_limit(memory_limit)
     if gpus is not False and n_workers is not None:
         raise ValueError(
             f"n_workers={n_workers!r} with gpus={gpus!r}: a GPU cluster has one worker per GPU. "
@@ -152,6 +154,20 @@ def _check_address(name: str, address) -> None:
             f"{name} must be 'host:port' (such as '127.0.0.1:8787', or '127.0.0.1:0' for any "
             f"free port) or None for none, got {address!r}."
         )
+
+
+def _check_memory_limit(memory_limit) -> None:
+    # Dask finds a bad limit only when it starts the workers, after the client has made itself
+    # the default one: every later computation in the process would wait on it forever.
+    if not isinstance(memory_limit, str) or memory_limit == "auto":
+        return
+    try:
+        dask.utils.parse_bytes(memory_limit)
+    except ValueError as e:
+        raise ValueError(
+            f"memory_limit={memory_limit!r}: {e}. Give bytes ('4GB', '512MiB'), a fraction of "
+            "this machine's memory (0.5), or 'auto'."
+        ) from None
 
 
 def _cpu_cluster(

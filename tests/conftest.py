@@ -121,7 +121,17 @@ def digits_split():
     return train.standardize(), test.standardize(like=train)
 
 
+# The fixtures that start a cluster: a test that takes one is an integration test. Tests that
+# start their own (clusters, dask scheduler/worker processes, the CLI, a browser, a notebook)
+# are marked `integration` where they are defined.
+CLUSTER_FIXTURES = {"client", "fresh_client", "three_workers"}
+
+
 def pytest_collection_modifyitems(config, items):
+    integration = pytest.mark.integration
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")

@@ -34,6 +34,7 @@ def _areas(report, severity):
     return {f.area for f in report.at_or_above(severity)}
 
 
+@pytest.mark.integration
 def test_plain_local_cluster_lacks_tls_and_a_secure_one_does_not():
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1) as client:
         plain = audit.audit(client)
@@ -84,6 +85,7 @@ def _stop(procs):
             p.kill()
 
 
+@pytest.mark.integration
 def test_cli_flags_a_cluster_open_to_the_network(tmp_path):
     # `dask scheduler` and `dask worker` with their defaults listen on every interface.
     port = _free_port()
@@ -155,6 +157,7 @@ def _certificates(folder):
     return [str(folder / name) for name in files]
 
 
+@pytest.mark.integration
 def test_cli_passes_a_tls_cluster_started_with_certificate_files(tmp_path):
     ca, cert, key = _certificates(tmp_path)
     tls = ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]

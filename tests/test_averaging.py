@@ -89,6 +89,7 @@ def test_local_sgd_replicas_agree_after_every_synchronisation(client, outer):
     assert not np.allclose(a, grads[0])  # H=4 is a different algorithm
 
 
+@pytest.mark.integration
 def test_outer_nesterov_step():
     """delta = global - average; v = m v + delta; global -= lr (delta + m v)."""
     model = torch.nn.Linear(1, 1, bias=False)

@@ -124,6 +124,7 @@ for epoch in range(start, start + 1000):
 """
 
 
+@pytest.mark.integration
 def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
     import random
     import signal

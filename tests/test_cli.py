@@ -16,6 +16,9 @@ import pytest
 
 from daskdl.checkpoint import files as checkpoint
 
+# Every test here starts processes (clusters, the CLI, a build): the slow tier.
+pytestmark = pytest.mark.integration
+
 DASKDL = [sys.executable, "-m", "daskdl"]
 
 

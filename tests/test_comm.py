@@ -66,6 +66,7 @@ def _assert_sums(results, n, tol):
             np.testing.assert_array_equal(rank_results[k], results[0][k])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 1001, 30_000])
@@ -74,6 +75,7 @@ def test_allreduce_sums_exactly_like_numpy(three, ranks, n, algorithm):
     _assert_sums(_run_allreduce(three, peers, n, algorithm=algorithm), n, 1e-12)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["ring", "direct", "pieces"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_bf16_on_the_wire(three, ranks, algorithm):
@@ -86,6 +88,7 @@ def test_bf16_on_the_wire(three, ranks, algorithm):
     assert all(rounds.dtype == np.float32 for rounds in results[0])
 
 
+@pytest.mark.integration
 def test_five_ranks_pipeline_through_every_hop():
     # Five ranks pass pieces on through three intermediate reduce-scatter hops and three
     # all-gather hops, each piece forwarded as soon as it arrives (6 to 8 pieces a chunk).
@@ -100,6 +103,7 @@ def test_five_ranks_pipeline_through_every_hop():
     _assert_sums(bf16, 50_003, 5e-2)
 
 
+@pytest.mark.integration
 def test_a_missing_peer_times_out(three):
     peers = sorted(workers_info(three))[:2]
     run_id = uuid.uuid4().hex
@@ -111,6 +115,7 @@ def test_a_missing_peer_times_out(three):
     assert time.monotonic() - start < 15
 
 
+@pytest.mark.integration
 def test_abort_wakes_a_waiting_rank(three):
     peers = sorted(workers_info(three))[:2]
     run_id = uuid.uuid4().hex
@@ -138,6 +143,7 @@ def _send_then_overwrite(run_id, rank, peers, n):
         group.close()
 
 
+@pytest.mark.integration
 def test_a_sent_buffer_can_be_changed_at_once(three):
     # Dask's Comm.write returns once a message is queued; daskdl's send is done only when the
     # socket has taken every byte, so the ring may write into a piece it has just sent.
@@ -150,6 +156,7 @@ def test_a_sent_buffer_can_be_changed_at_once(three):
     assert three.gather(futures) == [True, True]
 
 
+@pytest.mark.integration
 def test_allreduce_over_websocket_comms():
     # A comm without a tornado stream (Dask's ws://) cannot say when a message has left: such
     # sends carry a copy, and the sums are as exact as over tcp://.
@@ -221,6 +228,7 @@ def test_reduce_scatter_and_all_gather_are_the_rings_halves(three, ranks, wire, 
     _check_halves(three, peers, 10_001, wire, tol)
 
 
+@pytest.mark.integration
 def test_the_collectives_hold_at_eight_ranks():
     with daskdl.local_cluster(n_workers=8, threads_per_worker=1) as client:
         comm.ensure_plugin(client)
@@ -259,6 +267,7 @@ def _allreduce_two_level(run_id, rank, peers, n, wire, algorithm):
         group.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("wire,tol", [("fp32", 1e-5), ("bf16", 5e-2)])
 def test_two_level_allreduce_across_hosts(two_hosts, wire, tol):
     # Ranks interleaved over the hosts: the layout groups them by host, not by rank order.
@@ -300,6 +309,7 @@ def test_two_level_layout_groups_ranks_by_host():
         hierarchy.two_level_layout([f"{a}:1"], "tree")
 
 
+@pytest.mark.integration
 def test_a_post_overtaken_by_its_message_does_not_keep_the_buffer_alive():
     # The link began reading the message into an array of its own before the ring posted
     # where it should go: the post must go with the message, or it keeps the caller's whole

@@ -266,6 +266,7 @@ def _status(page) -> str | None:
     not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
     reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)",
 )
+@pytest.mark.integration
 def test_start_watch_stop_and_resume_from_the_page(served, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -323,6 +324,7 @@ def test_start_watch_stop_and_resume_from_the_page(served, tmp_path):
     not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
     reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)",
 )
+@pytest.mark.integration
 def test_panel_serve_runs_the_app_script(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -360,6 +362,7 @@ def test_panel_serve_runs_the_app_script(tmp_path):
         _stop_server(proc, log)
 
 
+@pytest.mark.integration
 def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
     import http.cookiejar
     import urllib.parse
@@ -425,6 +428,7 @@ def test_beyond_loopback_the_dashboard_needs_a_password(tmp_path):
         _stop_server(proc, log)
 
 
+@pytest.mark.integration
 def test_insecure_serves_beyond_loopback_without_a_password_and_says_so(tmp_path):
     import urllib.request
 

@@ -667,6 +667,7 @@ def _housekeeping_intervals(dask_worker=None, dask_scheduler=None) -> tuple[floa
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("quiet, expected", [(True, (200, 2000)), (False, (20, 500))])
 def test_local_cluster_quiets_dask_housekeeping(quiet, expected):
     with dask.config.set({"daskdl.quiet-housekeeping": quiet}):

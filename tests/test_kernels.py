@@ -36,6 +36,7 @@ def _values(n: int, seed: int) -> np.ndarray:
     return x
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("divide_by", [1, 2, 3, 8])
 def test_add_divide_round_is_torchs_add_divide_round(divide_by):
     n = 100_003

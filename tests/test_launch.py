@@ -281,15 +281,17 @@ def test_fits_loop_asks_its_context_only_what_any_loop_may():
     import inspect
 
     from daskdl import RankContext
-    from daskdl.training import fitloop
+    from daskdl.training import fitloop, replica, stages
 
     def is_ctx(node) -> bool:
         return (isinstance(node, ast.Name) and node.id == "ctx") or (
             isinstance(node, ast.Attribute) and node.attr == "ctx"
         )
 
-    tree = ast.parse(inspect.getsource(fitloop))
-    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_ctx(n.value)}
+    used = set()
+    for module in (fitloop, replica, stages):  # the loop and its step runners
+        tree = ast.parse(inspect.getsource(module))
+        used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_ctx(n.value)}
     members = {name for name in vars(RankContext) if not name.startswith("_")}
     documented = {name for name in used if f"``{name}``" in RankContext.__doc__}
     assert {"averaging", "batches", "restore", "follow", "log", "checkpoint"} <= used

@@ -68,6 +68,7 @@ def test_only_entry_points_and_leaves_sit_at_the_top():
         assert graph[f"daskdl.{leaf}"] <= {"daskdl.config.options", "daskdl.config"}, leaf
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("package", sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py")))
 def test_each_subpackage_imports_in_a_fresh_interpreter(package):
     done = subprocess.run(

@@ -19,7 +19,11 @@ from distributed import get_worker
 from daskdl import models
 from daskdl.worker.extension import manager
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
+# Every test here starts processes (clusters): the slow tier.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator"),
+]
 
 
 def _faults_per_step(steps: int = 8) -> float:

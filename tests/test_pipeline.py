@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_mid_epoch
+from conftest import kill_mid_epoch, poll_for
 from distributed import get_worker
 
 import daskdl
-from daskdl import Dataset, Pipeline, events
+from daskdl import Dataset, Pipeline, events, models
 from daskdl.parallel.pipeline import PipelineError, cut, order, parameter_costs
 
 STEPS, BATCH = 3, 24
@@ -133,6 +133,7 @@ def test_an_interleaved_pipeline_trains_as_one_rank_with_the_whole_model(
     assert [r["alive"] for r in results] == (alive if schedule == "1f1b" else [2 * m] * stages)
 
 
+@pytest.mark.integration
 def test_two_replicas_of_two_stages_average_each_stages_gradients(tmp_path):
     with daskdl.local_cluster(n_workers=4, threads_per_worker=1) as client:
         results = _run(client, tmp_path, 4, stages=2, microbatches=3)
@@ -425,6 +426,7 @@ def test_pipeline_settings_are_checked(options, match):
         daskdl.TrainConfig(pipeline_chunks=2)
 
 
+@pytest.mark.integration
 def test_a_replica_that_loses_a_stage_goes_on_from_the_survivors_last_step(caplog):
     caplog.set_level(logging.WARNING, logger="daskdl.runs.launching")
     train, test = daskdl.datasets.train_test("digits")
@@ -473,3 +475,18 @@ def test_a_pipeline_that_loses_its_only_copy_of_a_stage_goes_on_from_disk(
     assert "no survivor holds stage(s) [1]" in caplog.text
     assert f"regroups from {tmp_path / 'run'}" in caplog.text
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
+
+
+def test_a_pipelined_run_stops_after_the_same_step_on_every_stage(client):
+    data = _blobs()
+    run = daskdl.fit(
+        client, MLP, data, val=data, epochs=200, pipeline=Pipeline(stages=2), block=False, **FIT
+    )
+    poll_for(lambda: len(run.history) >= 1, timeout=120)
+    run.stop()
+    assert run.status == "stopped"
+    done = len(run.history)
+    assert 1 <= done < 200
+    # Every stage stopped after the same step: the whole model was gathered and evaluates.
+    assert set(run.model.state_dict()) == set(models.build(MLP, (8,), 3).state_dict())
+    assert np.isfinite(run.evaluate(data)["loss"])

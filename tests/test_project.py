@@ -8,6 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def _run_example(page: str, checks: str, tmp_path, section: str = "") -> None:
     assert proc.stdout.strip().endswith("ok")
 
 
+@pytest.mark.integration
 def test_readme_python_example_runs_as_written(tmp_path):
     checks = (
         "\nassert run.history['val_accuracy'].iloc[-1] >= 0.97, run.history"
@@ -83,6 +85,7 @@ def test_readme_python_example_runs_as_written(tmp_path):
     _run_example("README.md", checks, tmp_path, "## In Python")
 
 
+@pytest.mark.integration
 def test_the_regression_example_runs_as_written(tmp_path):
     checks = (
         "\nscores = run.evaluate(test)"
@@ -93,6 +96,7 @@ def test_the_regression_example_runs_as_written(tmp_path):
     _run_example("docs/targets.md", checks, tmp_path)
 
 
+@pytest.mark.integration
 def test_the_launch_example_runs_as_written(tmp_path):
     checks = (
         "\nassert run.status == 'finished' and list(run.history['epoch']) == [1, 2, 3, 4, 5]"
@@ -102,6 +106,7 @@ def test_the_launch_example_runs_as_written(tmp_path):
     _run_example("docs/custom-loops.md", checks, tmp_path)
 
 
+@pytest.mark.integration
 def test_the_streaming_example_runs_as_written(tmp_path):
     checks = (
         "\nassert run.info['streamed'] == ['train', 'val'], run.info"
@@ -110,6 +115,7 @@ def test_the_streaming_example_runs_as_written(tmp_path):
     _run_example("docs/streaming.md", checks, tmp_path)
 
 
+@pytest.mark.integration
 def test_the_prediction_example_runs_as_written(tmp_path):
     checks = (
         "\nassert accuracy > 0.9, accuracy"
@@ -119,6 +125,7 @@ def test_the_prediction_example_runs_as_written(tmp_path):
     _run_example("docs/prediction.md", checks, tmp_path)
 
 
+@pytest.mark.integration
 def test_the_model_parallel_example_runs_as_written(tmp_path):
     checks = (
         "\nassert piped.history['val_accuracy'].iloc[-1] >= 0.9, piped.history"
@@ -129,6 +136,7 @@ def test_the_model_parallel_example_runs_as_written(tmp_path):
     _run_example("docs/model-parallelism.md", checks, tmp_path)
 
 
+@pytest.mark.integration
 def test_the_tuning_example_runs_as_written(tmp_path):
     checks = (
         "\nassert study.best.value >= 0.9, study.trials"

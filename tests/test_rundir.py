@@ -17,6 +17,9 @@ import daskdl
 from daskdl import Dataset
 from daskdl.checkpoint import files as checkpoint
 
+# Every test here starts processes (clusters, the CLI, a build): the slow tier.
+pytestmark = pytest.mark.integration
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
 
 X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)

@@ -180,6 +180,7 @@ def test_fit_signs_and_resume_refuses_a_checkpoint_tampered_by_hand(client, tmp_
         checkpoint.load(ckpt)
 
 
+@pytest.mark.integration
 def test_cli_train_signs_and_resume_checks(tmp_path):
     key_file, pub_file = security.keygen(tmp_path / "keys")
     out = tmp_path / "run"
@@ -201,12 +202,14 @@ def test_cli_train_signs_and_resume_checks(tmp_path):
     assert resumed.returncode == 2 and "is not signed" in resumed.stderr
 
 
+@pytest.mark.integration
 def test_verify_without_a_key_says_how_to_give_one(tmp_path):
     path = _checkpoint(tmp_path)
     proc = subprocess.run([*DASKDL, "verify", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no key to verify with" in proc.stderr
 
 
+@pytest.mark.integration
 def test_keygen_cli(tmp_path):
     proc = subprocess.run(
         [*DASKDL, "keygen", str(tmp_path), "--hmac"], capture_output=True, text=True
@@ -233,6 +236,7 @@ def test_the_hmac_secret_from_the_environment_signs_and_verifies(client, tmp_pat
 # --- TLS ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_training_on_a_tls_cluster_and_plain_tcp_is_refused(digits_split):
     train, test = digits_split
     with daskdl.local_cluster(n_workers=2, threads_per_worker=1, secure=True) as client:
@@ -251,6 +255,7 @@ def test_training_on_a_tls_cluster_and_plain_tcp_is_refused(digits_split):
             daskdl.fit(client, "mlp", train, backend="torch", epochs=1, progress=False)
 
 
+@pytest.mark.integration
 def test_tls_flags_are_checked(tmp_path):
     with pytest.raises(ValueError, match="missing --tls-cert, --tls-key"):
         security.tls(ca_file=str(tmp_path / "ca.pem"))
@@ -262,6 +267,7 @@ def test_tls_flags_are_checked(tmp_path):
     assert proc.returncode == 2 and "give --scheduler tls://" in proc.stderr
 
 
+@pytest.mark.integration
 def test_keys_sent_to_workers_without_tls_over_the_network_warn(tmp_path, digits_split):
     import warnings
 

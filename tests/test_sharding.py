@@ -310,6 +310,7 @@ def _too_big(input_shape, n_outputs):
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, n_outputs))
 
 
+@pytest.mark.integration
 def test_a_model_too_big_for_one_worker_fails_early_and_trains_sharded_or_pipelined():
     """A worker starts at about 0.46 GB (Python, torch, Dask); Dask restarts it at 95% of
     its 1.15 GB limit, which leaves 0.63 GB: not the 0.72 GB the whole state needs, but room

@@ -54,6 +54,7 @@ def _write(fmt: str, folder) -> tuple[str, list[str]]:
     return str(folder / "houses.npz"), []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "zarr", "npz"])
 def test_train_on_your_own_files(tmp_path, fmt):
     path, label = _write(fmt, tmp_path)
@@ -102,6 +103,7 @@ def test_bad_paths_say_what_is_wrong(tmp_path, args, message):
         sources.read(tmp_path / args[0], args[1])
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_mixed_sources(tmp_path):
     proc = subprocess.run(
         [*DASKDL, "train", "--data", "x.npz", "--dataset", "digits"],

@@ -127,6 +127,7 @@ def _id_parts(sizes):
     shuffle=st.booleans(),
     seed=st.integers(0, 3),
 )
+@pytest.mark.integration
 def test_a_streamed_epoch_draws_every_sample_as_often_as_in_memory(
     sizes, batch, buffer, extra_steps, shuffle, seed
 ):
@@ -210,6 +211,7 @@ def _peak_rss(dask_worker=None) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
+@pytest.mark.integration
 def test_a_streamed_rank_holds_a_few_partitions_of_data_three_times_its_memory(tmp_path):
     limit, part = 1_000_000_000, 1000  # bytes per worker; samples per partition (12 MB)
     n = 3 * limit // (3072 * 4)

@@ -219,6 +219,7 @@ def test_language_model_beats_unigram_perplexity(client):
     assert perplexity < 0.6 * unigram
 
 
+@pytest.mark.integration
 def test_words_cli(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(LINES) + "\n")

@@ -18,6 +18,9 @@ import daskdl
 from daskdl import events
 from daskdl.tuning import parts as tuning
 
+# Every test here starts processes (clusters, the CLI): the slow tier.
+pytestmark = pytest.mark.integration
+
 
 def _space(trial):
     return {

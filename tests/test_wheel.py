@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts processes (clusters, the CLI, a build): the slow tier.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -110,8 +110,9 @@ class StageSteps:
         return self._stop
 
     def stop(self) -> bool:
-        self.ctx.stopped = True  # agreed already, by the step's all-reduce
-        return True
+        # The step's all-reduce told every rank; the context's agreement (one more
+        # all-reduce, once) records it as any loop's would.
+        return self.ctx.should_stop
 
     def step_event(self, fields: dict) -> dict:
         stats = self.stage.stats
