@@ -44,7 +44,9 @@ def test_round_trip_keeps_partitions_classes_and_trains(client, digits, tmp_path
     assert run.history["val_accuracy"].iloc[-1] >= 0.9
 
 
-@pytest.mark.parametrize("key", [os.urandom(32), "a passphrase for the cache"])
+@pytest.mark.parametrize(
+    "key", [os.urandom(32), "a passphrase for the cache"], ids=["raw", "passphrase"]
+)
 def test_encrypted_partitions_are_unreadable_without_the_key(client, digits, tmp_path, key):
     train, _ = digits
     path = train.save(tmp_path / "enc", key=key)
