@@ -20,7 +20,7 @@ if [ "$has_cuda" = 1 ]; then
   "$PYTHON" -c "import torch; print('CUDA:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
   # Only the files that hold gpu tests: the others import the dashboard's and notebooks' test
   # dependencies, which a bare GPU machine lacks. A failing test still lets the benchmark run.
-  "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py) \
+  "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" --include="test_*.py" tests) \
     || tests_failed=1
 else
   echo "No CUDA device: gpu-marked tests skip; the benchmark runs its CPU fallback."

@@ -112,3 +112,10 @@ if __name__ == "__main__":
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     LAYOUT.write_text(f"{head}{BEGIN}\n\n{modules_table()}\n\n{END}{tail}")
+
+
+def test_the_tests_mirror_the_packages():
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name[0] != "_"}
+    folders.discard("__pycache__")
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders <= packages, f"tests/{sorted(folders - packages)} have no daskdl package"

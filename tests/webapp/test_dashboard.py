@@ -330,7 +330,7 @@ def test_panel_serve_runs_the_app_script(tmp_path):
 
     from daskdl.webapp.serve import free_port
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     port = free_port("127.0.0.1")
     log = open(tmp_path / "panel.log", "w")
     proc = subprocess.Popen(

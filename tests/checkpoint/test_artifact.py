@@ -21,7 +21,7 @@ import daskdl
 from daskdl import Dataset, models
 from daskdl.checkpoint import files as checkpoint
 from daskdl.data import sources
-from tests.test_fit import QUICK, blobs
+from tests.training.test_fit import QUICK, blobs
 
 DASKDL = [sys.executable, "-m", "daskdl"]
 FEATURES = ["a", "b", "c", "d", "e", "f"]

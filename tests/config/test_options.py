@@ -15,7 +15,7 @@ from daskdl.cli import main as cli
 from daskdl.config import options as config
 from daskdl.config.options import TrainConfig
 
-OPTIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+OPTIONS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import torch
 # Every test here starts processes (clusters, the CLI, a build): the slow tier.
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_daskdl_bench_summarises_the_benchmarks(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import daskdl
 from daskdl import Dataset
 from daskdl.worker.extension import manager
-from tests.test_fit import QUICK, blobs
+from tests.training.test_fit import QUICK, blobs
 
 QUIET = {"progress": False}
 
