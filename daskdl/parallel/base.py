@@ -83,6 +83,11 @@ class StateLayout(Protocol):
         """Raise, naming why, where the survivors cannot go on from this rank's memory."""
         ...
 
+    def trained_model(self, keep: bool) -> dict | None:
+        """The whole model's tensors once training is over (``keep``: on this rank, else
+        ``None``); its optimizer's state may go first, to make room."""
+        ...
+
     def averager(self, group: Group, cfg: TrainConfig) -> Averager:
         """How this state agrees with the other ranks' step by step (``cfg.sync_every``)."""
         ...

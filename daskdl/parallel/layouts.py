@@ -56,6 +56,9 @@ class Replica:
     def check_followable(self) -> None:
         pass
 
+    def trained_model(self, keep: bool) -> dict | None:
+        return checkpoint.model_tensors(self.model) if keep else None
+
     def averager(self, group: Group, cfg: TrainConfig) -> Averager:
         return averaging.make(self.model, self.optimizer, group, cfg)
 
@@ -88,6 +91,12 @@ class Shard:
             "follow it."
         )
 
+    def trained_model(self, keep: bool) -> dict | None:
+        # Gathered by every rank a unit at a time: the optimizer's state goes first.
+        self.optimizer.optimizer.state.clear()
+        self.optimizer.zero_grad()
+        return self.optimizer.model_tensors(self.model, keep=keep)
+
     def averager(self, group: Group, cfg: TrainConfig) -> Averager:
         return self.optimizer  # it averages as it reduce-scatters the gradients
 
@@ -116,6 +125,12 @@ class StagePart:
 
     def check_followable(self) -> None:
         pass
+
+    def trained_model(self, keep: bool) -> dict | None:
+        # Every rank of replica 0 sends its stage; the gradients go first, to make room.
+        self.stage.module.zero_grad(set_to_none=True)
+        whole = self.stage.gather(None, keep=keep)
+        return whole["model"] if whole else None
 
     def averager(self, group: Group, cfg: TrainConfig) -> Averager:
         raise ValueError(

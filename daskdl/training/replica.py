@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from daskdl import models
-from daskdl.checkpoint import files as checkpoint
 from daskdl.objective import metrics as metrics_
 from daskdl.parallel import averaging
+from daskdl.parallel.layouts import layout_of
 from daskdl.parallel.sharding import ShardedOptimizer
 from daskdl.rank.context import RankContext
 from daskdl.training.base import Step, TrainingSpec
@@ -118,13 +118,8 @@ class ReplicaSteps:
         self.ctx.checkpoint(epoch, self.model, self.opt, averaging=self.sync, step=step)
 
     def model_tensors(self) -> dict | None:
-        """The trained model's state on rank 0 (sharded: gathered by every rank, once
-        training is over: the optimizer's state goes first, to make room)."""
-        if isinstance(self.opt, ShardedOptimizer):  # shard=
-            self.opt.optimizer.state.clear()
-            self.opt.zero_grad()
-            return self.opt.model_tensors(self.model, keep=self.ctx.is_main)
-        return checkpoint.model_tensors(self.model) if self.ctx.is_main else None
+        """The trained model's state on rank 0 (sharded: gathered by every rank)."""
+        return layout_of(self.model, self.opt).trained_model(keep=self.ctx.is_main)
 
 
 def _free(device: torch.device) -> int:

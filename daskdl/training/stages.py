@@ -16,6 +16,7 @@ import torch
 
 from daskdl import models
 from daskdl.objective import metrics as metrics_
+from daskdl.parallel.layouts import layout_of
 from daskdl.rank.context import RankContext
 from daskdl.training.base import Step, TrainingSpec
 from daskdl.training.engine import make_optimizer
@@ -154,6 +155,4 @@ class StageSteps:
         """The whole trained model on rank 0 (every rank of replica 0 takes part), once
         training is over: the optimizer's state and the gradients go first, to make room."""
         self.opt = None
-        self.stage.module.zero_grad(set_to_none=True)
-        whole = self.stage.gather(None, keep=self.ctx.is_main)
-        return whole["model"] if whole else None
+        return layout_of(self.stage).trained_model(keep=self.ctx.is_main)
