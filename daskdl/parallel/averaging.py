@@ -25,6 +25,21 @@ def _float_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tens
     return [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
 
 
+# Which ranks saw a non-finite loss or gradient travels as bits of one float of a step's
+# all-reduce: exact up to 2**24, so ranks from 23 on share the last bit.
+_FLAG_BITS = 23
+
+
+def rank_flag(rank: int) -> float:
+    """This rank's bit, to add to the all-reduced flags when its step was not finite."""
+    return 2.0 ** min(rank, _FLAG_BITS)
+
+
+def flagged_ranks(flags: int, size: int) -> list[int]:
+    """The ranks whose bits are set in the summed ``flags`` (23 and above share one)."""
+    return [r for r in range(size) if flags >> min(r, _FLAG_BITS) & 1]
+
+
 class GradientAveraging:
     """Synchronous data-parallel SGD: gradients averaged over all ranks after every backward.
 
@@ -204,7 +219,7 @@ class GradientAveraging:
         control[2:] = torch.tensor(self._used, dtype=torch.float32)
         if self._executor is None:
             self._check(self.grads)
-            control[1] = self._bad.float() * 2.0 ** min(rank, 23)
+            control[1] = self._bad.float() * rank_flag(rank)
             self._reduce(self.flat)
         else:
             # Parameters that took no part in this backward keep zero gradients.
@@ -212,14 +227,14 @@ class GradientAveraging:
             self._launch_ready()
             last = self.buckets[-1]
             self._check(last[: len(last) - len(control)])
-            control[1] = self._bad.float() * 2.0 ** min(rank, 23)
+            control[1] = self._bad.float() * rank_flag(rank)
             self._pending.append(self._executor.submit(self._reduce, last))
             for fut in self._pending:
                 fut.result()  # re-raises a peer timeout or an abort from the comm thread
         values = control.tolist()  # one read of the agreed flags
         self._stop = values[0] > 0
         flags = round(values[1] * self.group.size)
-        self.bad_ranks = [r for r in range(self.group.size) if flags >> min(r, 23) & 1]
+        self.bad_ranks = flagged_ranks(flags, self.group.size)
         used = [v > 0 for v in values[2:]]
         if not all(used):
             self._leave_unused_alone(used)

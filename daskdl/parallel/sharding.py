@@ -38,6 +38,7 @@ import torch
 from daskdl.checkpoint import files as checkpoint
 from daskdl.collectives.base import Group
 from daskdl.parallel import pipeline
+from daskdl.parallel.averaging import flagged_ranks, rank_flag
 from daskdl.parallel.base import Averager
 
 SHARDS = (None, "optimizer", "full")
@@ -349,12 +350,12 @@ class ShardedOptimizer:
         if loss is not None:
             self._bad |= ~torch.isfinite(loss)
         rank, size = self.group.rank, self.group.size
-        control = np.array([float(stop_requested), float(self._bad) * 2.0 ** min(rank, 23)])
+        control = np.array([float(stop_requested), float(self._bad) * rank_flag(rank)])
         if size > 1:
             self.group.allreduce_(control)
         self._stop = control[0] > 0
         flags = round(control[1])
-        self.bad_ranks = [r for r in range(size) if flags >> min(r, 23) & 1]
+        self.bad_ranks = flagged_ranks(flags, size)
         self._agreed = True
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:

@@ -16,15 +16,12 @@ import torch
 
 from daskdl import models
 from daskdl.objective import metrics as metrics_
+from daskdl.parallel.averaging import flagged_ranks, rank_flag
 from daskdl.parallel.layouts import layout_of
 from daskdl.rank.context import RankContext
 from daskdl.training.base import Step, TrainingSpec
 from daskdl.training.engine import make_optimizer
 from daskdl.worker import process
-
-# Non-finite flags travel as bits of one float of the step's all-reduce: exact up to 2**24,
-# so ranks from 23 on share the last bit (named as rank 23 and above).
-_FLAG_BITS = 23
 
 
 class StageSteps:
@@ -98,13 +95,11 @@ class StageSteps:
         for p in self.stage.parameters():
             bad = bad or (p.grad is not None and not torch.isfinite(p.grad).all())
         rank = self.ctx.rank
-        control = np.array([float(stop_requested), float(bad) * 2 ** min(rank, _FLAG_BITS), 0.0])
+        control = np.array([float(stop_requested), float(bad) * rank_flag(rank), 0.0])
         if loss is not None:
             control[2] = float(loss)
         control = self.ctx.all_reduce(control)
-        flags = int(control[1])
-        size = self.ctx.world_size
-        bad_ranks = [r for r in range(size) if flags >> min(r, _FLAG_BITS) & 1]
+        bad_ranks = flagged_ranks(round(control[1]), self.ctx.world_size)
         return control[0] > 0, bad_ranks, float(control[2])
 
     def step_done(self, global_step: int, end_of_epoch: bool) -> bool:
