@@ -54,6 +54,8 @@ class Coordinator:
         self.error: BaseException | None = None
         self.lost: list[str] = []  # workers lost during the run, in order
         self._join_asked = False
+        self._first: dict | None = None  # rank 0's result, once every rank returned
+        self._handed_back: tuple[str, ...] = ()  # why ranks returned states at the last look
         # Heartbeats: when each worker's last one changed (the client's clock), and the comm
         # id of the membership an unresponsive worker was dropped from.
         self._heard: dict[str, policy.Heard] = {}
@@ -115,7 +117,7 @@ class Coordinator:
             case policy.ConfirmLoss():
                 self._confirm_loss()  # a rank saw a peer vanish before the scheduler did
             case policy.Finish(state=state):
-                self.result = self.futures[0].result()
+                self.result = self._first  # fetched by observe(): rank 0's model
                 self.finish(state)
             case policy.Fail(why="client closed"):
                 self.check_client()
@@ -129,7 +131,11 @@ class Coordinator:
         live = self.live_workers()
         all_done = all(f.done() for f in self.futures)
         returned = all(f.status == "finished" for f in self.futures)
-        handed_back = tuple(r["elastic"] for r in self._returned()) if all_done else ()
+        # The ranks' results (rank 0's holds the trained model) cross from the workers once.
+        results = [f.result() for f in self.futures if f.status == "finished"] if all_done else []
+        states = [r for r in results if isinstance(r, dict) and "elastic" in r]
+        self._handed_back = handed_back = tuple(r["elastic"] for r in states)
+        self._first = results[0] if returned and not states else None
         plan = self.launch.plan
         return policy.Observation(
             ranks=len(self.workers),
@@ -142,7 +148,7 @@ class Coordinator:
             may_grow=plan.grow and plan.elastic and not self._join_asked,
             lost_before=len(self.lost),
             max_failures=plan.max_failures,
-            stopped=returned and not handed_back and self.futures[0].result()["stopped"],
+            stopped=self._first is not None and self._first["stopped"],
         )
 
     def _failure(self, why: str, ranks: list[int]) -> BaseException:
@@ -163,11 +169,6 @@ class Coordinator:
             )
         return RunError(f"run {self.run_id}: every worker is gone ({names}).")
 
-    def _returned(self) -> list[dict]:
-        """The states ranks handed back to regroup (``elastic``: why)."""
-        results = [f.result() for f in self.futures if f.status == "finished"]
-        return [r for r in results if isinstance(r, dict) and "elastic" in r]
-
     def _ask_to_grow(self) -> None:
         """Workers that joined the cluster get ranks from the next epoch on (runs that were
         given all workers, and may regroup)."""
@@ -185,7 +186,7 @@ class Coordinator:
             if set(self.workers) - self.live_workers():
                 return
             time.sleep(0.2)
-        why = self._returned()[0]["elastic"]
+        why = self._handed_back[0]  # as observed: the ranks returned a regroup request
         self.fail(RunError(f"run {self.run_id}: a collective failed ({why})."))
 
     def _regroup(self, gone: list[int], joined: Sequence[str] = ()) -> None:
